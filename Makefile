@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Everything else here prepares for them.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lock deps clean
+
+demo: $(STAMP)
+	$(BIN)/smsctl demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# mysqlclient compiles against the MariaDB client headers; a fresh Debian machine may lack them.
+deps:
+	@pkg-config --exists libmariadb 2>/dev/null || pkg-config --exists mysqlclient 2>/dev/null || { \
+	  echo "installing the MariaDB client headers that mysqlclient builds against"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libmariadb-dev pkg-config >/dev/null; }
+
+$(STAMP): requirements.lock pyproject.toml | deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Re-pin every dependency after editing pyproject.toml (needs `uv` on the PATH).
+lock:
+	uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 -q -o requirements.lock
+
+clean:
+	rm -rf $(VENV) var

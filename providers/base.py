@@ -1,0 +1,108 @@
+"""The contract every provider client keeps: plain values in, plain values out, a few typed errors.
+
+A provider client is a pure protocol client. It knows its provider's wire format and error codes and
+nothing of Celery, the database or Redis. The send task hands it an `OutgoingMessage` and gets back
+`Accepted`, or one of the `ProviderError` subclasses below, which decide what the workflow does next:
+
+| error               | the workflow                                                          |
+| ------------------- | --------------------------------------------------------------------- |
+| `PermanentError`    | this message can never be sent: asterCC `failed`, `error_msg` = reason |
+| `TransientError`    | retry with backoff inside the retry window, then `error`              |
+| `AccountError`      | pause the whole account, retry slowly, never burn the queue to failed |
+| `ThrottledError`    | the provider asked us to slow down: retry after `retry_after` seconds |
+
+Error messages are shown to call-centre operators in asterCC's `error_msg`: plain words, and never a phone
+number, a message text or a secret.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One SMS to one recipient.
+
+    `reference` is our row id (asterCC's `cc10_batchcontacts.id`), unique and stable across retries, so
+    providers that deduplicate by our id (Mobilgroup) can recognise a resend. `recipient` is in
+    international format, digits only, no `+`. `callback_url` is where a provider that reports delivery
+    by HTTP should send its report, or None.
+    """
+
+    reference: int
+    recipient: str
+    text: str
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The provider took the message. `provider_message_id` is its id for later reports (one per part
+    for multi-part SMPP messages, comma-joined), or None when the provider gives none."""
+
+    provider_message_id: str | None = None
+    parts: int = 1
+    already_sent: bool = False
+    """True when the provider said it had this request already (a resend after a lost answer)."""
+
+
+Outcome = Literal["delivered", "undelivered", "accepted"]
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What a provider later says about a message, from any source (webhook, SMPP receipt, poll).
+
+    Identify the message by `reference` (our row id) when the source carries it, else by
+    `provider_message_id`. `outcome`: `delivered` (final, keeps `success`), `undelivered` (final,
+    `failed` with `reason`), `accepted` (still on its way; changes no status). `reply_text` carries a
+    recipient's reply (an MO message) for `responsenote`.
+    """
+
+    outcome: Outcome
+    reference: int | None = None
+    provider_message_id: str | None = None
+    reason: str = ""
+    reply_text: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class ProviderError(Exception):
+    """Base of every error a provider client raises; `str(err)` is operator-readable."""
+
+
+class PermanentError(ProviderError):
+    """This message cannot be delivered as it is (bad number, too long, rejected content)."""
+
+
+class TransientError(ProviderError):
+    """A failure that may pass (network, timeout, HTTP 5xx, unreadable answer): retry later."""
+
+
+class AccountError(ProviderError):
+    """The account cannot send (credentials, blocked, out of money): pause the account, alert."""
+
+
+class ThrottledError(ProviderError):
+    """The provider refused because we send too fast or repeat ourselves; retry after `retry_after` s."""
+
+    def __init__(self, message: str, retry_after: float = 60.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Provider(Protocol):
+    """What the send task needs of a provider client."""
+
+    name: str
+
+    def check(self, message: OutgoingMessage) -> int:
+        """Raise `PermanentError` if the message can never be sent by this provider (too long, a
+        character it cannot carry); else return how many SMS parts it will be billed as. Sends nothing."""
+
+    def send(self, message: OutgoingMessage) -> Accepted:
+        """Send one message; return `Accepted` or raise a `ProviderError`."""
+
+    def close(self) -> None:
+        """Release connections (HTTP sessions, SMPP binds)."""

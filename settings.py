@@ -1,0 +1,207 @@
+"""Every setting of the dispatcher, read from the environment (or a `.env` file) and validated once.
+
+`get_settings()` is the one entry point. A bad or missing value raises `ConfigError`, whose message names
+the environment variable to fix; processes let it stop them at start-up. Secrets are `SecretStr`, so they
+never appear in a repr, a log line or Flower.
+
+The variable names are a contract with operators (see `../shared/DESIGN.md`, "Configuration contract"):
+add new ones in the same style, never rename.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
+ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
+
+VAR_DIR = Path(os.environ.get("SMS_VAR_DIR", "var")).resolve()
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+def _env_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else f"SMS_{field.upper()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SMS_", env_file=".env", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    # --- storage and broker -------------------------------------------------------------------
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{VAR_DIR / 'sms.db'}")
+    broker_url: str = Field(default="filesystem://", validation_alias="CELERY_BROKER_URL")
+    redis_url: str | None = None
+    """Redis for the fleet-wide rate limits; defaults to the broker when the broker is Redis."""
+
+    # --- routing ------------------------------------------------------------------------------
+    default_provider: ProviderName | None = None
+    routes: str = ""
+    """Prefix routes such as `7=mobilgroup,40=accolades`; the longest matching prefix wins."""
+    default_region: str = "RU"
+    """Where a number typed without a country code is assumed to be (ISO 3166 code)."""
+
+    # --- dispatch, retries, healing -----------------------------------------------------------
+    dispatch_interval_s: float = Field(default=2.0, gt=0)
+    dispatch_batch: int = Field(default=500, ge=1, le=10_000)
+    retry_window_s: int = Field(default=3600, ge=0)
+    """How long transient failures (network, 5xx) are retried before a message ends as `error`."""
+    retry_base_s: float = Field(default=2.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    account_retry_s: float = Field(default=300.0, gt=0)
+    """Pause before retrying after an account-level error (bad credentials, blocked, no money)."""
+    account_retry_window_s: int = Field(default=86_400, ge=0)
+    """How long messages wait through account-level errors before they end as `error`."""
+    send_lease_s: int = Field(default=180, ge=10)
+    """A send not finished after this long is considered lost (worker killed) and is retried."""
+    reap_interval_s: float = Field(default=60.0, gt=0)
+    report_timeout_s: int = Field(default=3 * 86_400, ge=60)
+    """Stop waiting for a delivery report after this long; the row keeps `success`."""
+    http_timeout_s: float = Field(default=15.0, gt=0)
+
+    # --- webhooks -----------------------------------------------------------------------------
+    public_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    # --- Mobilgroup ---------------------------------------------------------------------------
+    mobilgroup_url: str = "https://sms.mobilgroup.ru/extxml.php"
+    mobilgroup_user_id: str | None = None
+    mobilgroup_user: str | None = None
+    mobilgroup_password: SecretStr | None = None
+    mobilgroup_sender: str | None = None
+    mobilgroup_valid_hours: int = Field(default=1, ge=1, le=48)
+    mobilgroup_unicode: Literal["auto", "0", "1"] = "auto"
+    """`rus_sms`: 0 transliterates (140 chars), 1 sends Unicode (64 chars), auto picks per text."""
+    mobilgroup_unicode_tag: Literal["rus_sms", "translit"] = "rus_sms"
+    """The seed's table calls the flag `rus_sms`, its sample request `translit`."""
+    mobilgroup_rate: float = Field(default=10.0, gt=0)
+    mobilgroup_poll_after_s: int | None = Field(default=None, ge=0)
+    """Seconds after acceptance before the status is asked; default is the lifetime (valid hours)."""
+    mobilgroup_poll_retry_s: int = Field(default=1800, ge=1)
+    mobilgroup_poll_max: int = Field(default=6, ge=1)
+    mobilgroup_poll_interval_s: float = Field(default=60.0, gt=0)
+
+    # --- Accolades ----------------------------------------------------------------------------
+    accolades_url: str = "https://client.voipit.ro"
+    accolades_account: str | None = None
+    accolades_password: SecretStr | None = None
+    accolades_rate: float = Field(default=10.0, gt=0)
+
+    # --- Ozeki --------------------------------------------------------------------------------
+    ozeki_url: str | None = None
+    ozeki_username: str | None = None
+    ozeki_password: SecretStr | None = None
+    ozeki_sender: str | None = None
+    ozeki_rate: float = Field(default=10.0, gt=0)
+
+    # --- smsc.ru (SMPP) -----------------------------------------------------------------------
+    smsc_host: str = "smpp.smsc.ru"
+    smsc_port: int = Field(default=3700, ge=1, le=65535)
+    smsc_system_id: str | None = None
+    smsc_password: SecretStr | None = None
+    smsc_system_type: str = ""
+    smsc_source_addr: str | None = None
+    smsc_rate: float = Field(default=30.0, gt=0)
+
+    # --- identical-request rule, per provider -------------------------------------------------
+    mobilgroup_identical_s: float = Field(default=60.0, ge=0)
+    accolades_identical_s: float = Field(default=60.0, ge=0)
+    ozeki_identical_s: float = Field(default=60.0, ge=0)
+    smsc_identical_s: float = Field(default=60.0, ge=0)
+    """Minimum seconds between two requests with the same account, recipient and text; 0 turns it off."""
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: str) -> str:
+        parse_routes(value)
+        return value
+
+    @model_validator(mode="after")
+    def _default_redis(self) -> "Settings":
+        if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
+            object.__setattr__(self, "redis_url", self.broker_url)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def route_table(self) -> list[tuple[str, str]]:
+        """`SMS_ROUTES` as (prefix, provider) pairs, longest prefix first."""
+        return parse_routes(self.routes)
+
+    @property
+    def providers_in_use(self) -> set[str]:
+        used = {provider for _, provider in self.route_table}
+        if self.default_provider:
+            used.add(self.default_provider)
+        return used
+
+    def poll_after_s(self) -> int:
+        if self.mobilgroup_poll_after_s is not None:
+            return self.mobilgroup_poll_after_s
+        return self.mobilgroup_valid_hours * 3600
+
+    def require(self, *fields: str) -> None:
+        """Raise `ConfigError` naming every variable among `fields` that is unset."""
+        missing = [_env_name(f) for f in fields if getattr(self, f) in (None, "")]
+        if missing:
+            raise ConfigError(f"set {', '.join(missing)} in the environment or .env")
+
+    def require_sending(self) -> None:
+        """Check what a worker or beat needs before it starts: a provider, and its credentials."""
+        if not self.default_provider:
+            raise ConfigError(
+                "set SMS_DEFAULT_PROVIDER to one of " + ", ".join(PROVIDERS)
+                + " (and optionally SMS_ROUTES for prefix routes)"
+            )
+        for provider in sorted(self.providers_in_use):
+            self.require(*REQUIRED_BY_PROVIDER[provider])
+
+
+REQUIRED_BY_PROVIDER = {
+    "mobilgroup": ("mobilgroup_url", "mobilgroup_user_id", "mobilgroup_user", "mobilgroup_password"),
+    "accolades": ("accolades_url", "accolades_account", "accolades_password"),
+    "ozeki": ("ozeki_url", "ozeki_username", "ozeki_password"),
+    "smsc": ("smsc_host", "smsc_port", "smsc_system_id", "smsc_password"),
+}
+
+
+def parse_routes(value: str) -> list[tuple[str, str]]:
+    """Parse `7=mobilgroup,40=accolades` into pairs sorted longest prefix first."""
+    routes = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        prefix, sep, provider = item.partition("=")
+        prefix, provider = prefix.strip().lstrip("+"), provider.strip()
+        if not sep or not prefix.isdigit() or provider not in PROVIDERS:
+            raise ValueError(
+                f"route {item!r} must look like DIGITS=PROVIDER with PROVIDER one of {', '.join(PROVIDERS)}"
+            )
+        routes.append((prefix, provider))
+    return sorted(routes, key=lambda route: -len(route[0]))
+
+
+def load_settings(**overrides) -> Settings:
+    """Read the settings now, raising `ConfigError` that names each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            name = _env_name(field) if field in Settings.model_fields else field or "settings"
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
