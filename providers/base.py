@@ -57,7 +57,8 @@ class DeliveryReport:
     Identify the message by `reference` (our row id) when the source carries it, else by
     `provider_message_id`. `outcome`: `delivered` (final, keeps `success`), `undelivered` (final,
     `failed` with `reason`), `accepted` (still on its way; changes no status). `reply_text` carries a
-    recipient's reply (an MO message) for `responsenote`.
+    recipient's reply (an MO message) for `responsenote`; a reply that names no message of ours is matched
+    to the latest message sent to `recipient` (international digits, no `+`) by that provider.
     """
 
     outcome: Outcome
@@ -65,6 +66,7 @@ class DeliveryReport:
     provider_message_id: str | None = None
     reason: str = ""
     reply_text: str | None = None
+    recipient: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
