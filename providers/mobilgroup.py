@@ -1,0 +1,287 @@
+"""Mobilgroup's XML-over-HTTP API (`extxml.php`): send one SMS, poll its delivery status, read the balance.
+
+The request is raw XML in windows-1251, POSTed as `application/xml`; the answer is XML wrapped in
+`<response>` with `<result>` OK/ERROR and an `<error>` code (see `PROVIDERS.md`, seed `003`). Our request
+`id` is the asterCC row id, so a resend after a lost answer is answered with error 7 ("already sent"),
+which means the first attempt arrived: `send` returns `Accepted(already_sent=True)`.
+
+The provider's answers are not well-formed XML as its document prints them (`<id>1</ id>`,
+`</response >`, line breaks inside values). `parse_answer` repairs exactly those defects, then parses
+with defusedxml with every DTD forbidden, so an answer carrying a DOCTYPE or entity declaration is refused
+(`TransientError`) without expanding anything.
+
+HTTP outcomes: network errors, timeouts, 5xx, 408 and unreadable answers are `TransientError` (a resend
+is safe thanks to error 7). 429 is `ThrottledError` (honouring `Retry-After`). Redirects are not followed
+(a redirected POST may arrive as a GET and fail every message) and, like 401, 403, 404 and 405, they
+mean the configured URL or the account's access is wrong for every message: `AccountError`. Any other
+4xx is `TransientError`: the seed defines no HTTP-level errors, so we cannot tell that this message, rather
+than something in between, is at fault.
+"""
+from __future__ import annotations
+
+import re
+from xml.etree.ElementTree import Element, ParseError
+from xml.sax.saxutils import escape
+
+import defusedxml.ElementTree as safe_xml
+import requests
+from defusedxml import DefusedXmlException
+
+from providers.base import (
+    Accepted,
+    AccountError,
+    DeliveryReport,
+    OutgoingMessage,
+    PermanentError,
+    ProviderError,
+    ThrottledError,
+    TransientError,
+)
+
+TRANSLIT_LIMIT = 140
+"""Characters allowed with `rus_sms` 0 (the provider transliterates the text)."""
+UNICODE_LIMIT = 64
+"""Characters allowed with `rus_sms` 1 (sent as Unicode)."""
+MAX_VALID_HOURS = 48
+
+class AlreadySentError(PermanentError):
+    """Error 7: the provider already has a request with this id. `send` turns it into success; any
+    other command treats it as the `PermanentError` it is."""
+
+
+ERRORS: dict[int, tuple[type[ProviderError], str]] = {
+    1: (PermanentError, "the provider could not parse the request"),
+    2: (PermanentError, "the provider says a mandatory parameter is missing"),
+    3: (AccountError, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
+    4: (AccountError, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
+                      "SMS_MOBILGROUP_PASSWORD)"),
+    5: (AccountError, "the account is blocked by the provider"),
+    6: (PermanentError, "the provider does not know the command"),
+    7: (AlreadySentError, "the provider already has a request with this id"),
+    8: (PermanentError, "the provider rejected the recipient number"),
+    9: (AccountError, "not enough money on the account"),
+    10: (PermanentError, "the message is too long for the provider"),
+    11: (PermanentError, "the provider rejected the schedule time"),
+    12: (PermanentError, "the provider has no request with this id"),
+}
+"""Mobilgroup error code -> (what we raise, operator-readable words)."""
+
+DEST_STATUSES: dict[str, tuple[str, str]] = {
+    "0": ("accepted", ""),
+    "1": ("delivered", ""),
+    "2": ("undelivered", "not delivered: unreachable, lifetime expired, or subscriber blocked"),
+    "8": ("accepted", ""),
+    "16": ("undelivered", "provider error"),
+}
+"""Per-recipient status (`extended=1`) -> (DeliveryReport outcome, reason). 0 queued, 8 sent."""
+
+_SENDER = re.compile(r"[A-Za-z0-9 -]{1,9}")
+_DIGITS = re.compile(r"[0-9]+")
+# Characters XML 1.0 cannot carry at all, not even as character references.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_DECLARED_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+# The seed's answers close tags with blanks inside: `</ id>`, `</response >`.
+_LOOSE_END_TAG = re.compile(r"</\s*([A-Za-z_][\w.-]*)\s*>")
+
+
+def parse_answer(body: bytes) -> Element:
+    """Parse a Mobilgroup answer as the seed prints them; raise `TransientError` if it is unreadable or
+    declares a DTD or entities (refused, never expanded)."""
+    match = _DECLARED_ENCODING.match(body)
+    try:
+        text = body.decode(match.group(1).decode("ascii") if match else "windows-1251")
+    except (LookupError, UnicodeDecodeError) as exc:
+        raise TransientError("unreadable answer from Mobilgroup (bad encoding)") from exc
+    try:
+        root = safe_xml.fromstring(_LOOSE_END_TAG.sub(r"</\1>", text.strip()), forbid_dtd=True)
+    except DefusedXmlException as exc:
+        raise TransientError("Mobilgroup's answer declares a DTD or entities; refused") from exc
+    except ParseError as exc:
+        raise TransientError("unreadable answer from Mobilgroup (not XML)") from exc
+    if root.tag != "response":
+        raise TransientError("unreadable answer from Mobilgroup (no <response>)")
+    return root
+
+
+def _value(element: Element, tag: str) -> str | None:
+    """The text of `element`'s child `tag`, with the seed's stray blanks and line breaks collapsed."""
+    child = element.find(tag)
+    if child is None:
+        return None
+    return " ".join((child.text or "").split())
+
+
+class MobilgroupClient:
+    """A client for one Mobilgroup account. Configuration is validated here (`ValueError`).
+
+    `unicode` is the `rus_sms` flag: "0" transliterates (140 characters), "1" sends Unicode (64),
+    "auto" sends Unicode when the text has non-ASCII characters and fits 64, else transliterated.
+    `unicode_tag` names the flag's XML tag: the seed's table says `rus_sms`, its sample `translit`.
+    `password` is plain text; it goes into request bodies only. A `session` passed in stays the caller's
+    to close; otherwise `close()` closes the client's own.
+    """
+
+    name = "mobilgroup"
+
+    def __init__(self, *, url: str, user_id: str, user: str, password: str, sender: str | None = None,
+                 valid_hours: int = 1, unicode: str = "auto", unicode_tag: str = "rus_sms",
+                 timeout: float = 15.0, session: requests.Session | None = None):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("Mobilgroup URL must start with http:// or https://")
+        if not _DIGITS.fullmatch(str(user_id)):
+            raise ValueError("Mobilgroup user_id must be digits")
+        if not user:
+            raise ValueError("Mobilgroup user (login) must not be empty")
+        if not password:
+            raise ValueError("Mobilgroup password must not be empty")
+        if sender and not _SENDER.fullmatch(sender):
+            raise ValueError("Mobilgroup sender must be at most 9 Latin letters, digits, spaces or hyphens")
+        if isinstance(valid_hours, bool) or not isinstance(valid_hours, int) \
+                or not 1 <= valid_hours <= MAX_VALID_HOURS:
+            raise ValueError(f"Mobilgroup valid_hours must be a whole number from 1 to {MAX_VALID_HOURS}")
+        if unicode not in ("auto", "0", "1"):
+            raise ValueError('Mobilgroup unicode must be "auto", "0" or "1"')
+        if unicode_tag not in ("rus_sms", "translit"):
+            raise ValueError('Mobilgroup unicode_tag must be "rus_sms" or "translit"')
+        if not timeout > 0:
+            raise ValueError("Mobilgroup timeout must be positive")
+        self.url = url
+        self.user_id = str(user_id)
+        self.user = user
+        self._password = password
+        self.sender = sender or None
+        self.valid_hours = valid_hours
+        self.unicode = unicode
+        self.unicode_tag = unicode_tag
+        self.timeout = timeout
+        self._owns_session = session is None
+        self.session = session or requests.Session()
+
+    def __repr__(self) -> str:
+        return f"MobilgroupClient(url={self.url!r}, user_id={self.user_id!r}, user={self.user!r})"
+
+    def check(self, message: OutgoingMessage) -> int:
+        """Raise `PermanentError` if Mobilgroup cannot take `message`; else return 1 (one SMS)."""
+        self._unicode_flag(message)
+        return 1
+
+    def _unicode_flag(self, message: OutgoingMessage) -> str:
+        """The `rus_sms` value for `message`, or `PermanentError` saying why it cannot be sent."""
+        if not _DIGITS.fullmatch(message.recipient):
+            raise PermanentError("the recipient number must be digits only, in international format")
+        text = message.text
+        if not text.strip():
+            raise PermanentError("the message text is empty")
+        if _NOT_XML.search(text):
+            raise PermanentError("the message text contains a control character that cannot be sent")
+        if self.unicode == "1":
+            if len(text) > UNICODE_LIMIT:
+                raise PermanentError(f"the message is too long: {len(text)} characters, at most "
+                                     f"{UNICODE_LIMIT} when sent in Unicode")
+            return "1"
+        if self.unicode == "auto" and not text.isascii() and len(text) <= UNICODE_LIMIT:
+            return "1"
+        if len(text) > TRANSLIT_LIMIT:
+            raise PermanentError(f"the message is too long: {len(text)} characters, at most "
+                                 f"{TRANSLIT_LIMIT} (or {UNICODE_LIMIT} in Unicode)")
+        return "0"
+
+    def send(self, message: OutgoingMessage) -> Accepted:
+        """Send `message` with our row id as the request id; a resend of an id the provider already has
+        returns `Accepted(already_sent=True)`."""
+        fields = [("phone", message.recipient), ("message", message.text), ("id", str(message.reference))]
+        if self.sender:
+            fields.append(("sender", self.sender))
+        fields += [(self.unicode_tag, self._unicode_flag(message)), ("valid", str(self.valid_hours))]
+        try:
+            self._call("send", fields, expect_id=message.reference)
+        except AlreadySentError:
+            return Accepted(provider_message_id=str(message.reference), already_sent=True)
+        return Accepted(provider_message_id=str(message.reference))
+
+    def status(self, reference: int) -> DeliveryReport:
+        """Ask what became of the request `reference` (ask once its lifetime has passed, as the provider
+        wishes). We send one recipient per request, so the first `<dest>` is the message's; without one,
+        the report is `accepted` (no detail yet). Raises `PermanentError` if the provider has no such
+        request (error 12)."""
+        answer = self._call("status", [("id", str(reference)), ("extended", "1")], expect_id=reference)
+        dest = answer.find("extended/dest")
+        extra = {"status": _value(answer, "status") or ""}
+        if dest is None:
+            outcome, reason = "accepted", ""
+        else:
+            code = _value(dest, "status") or ""
+            outcome, reason = DEST_STATUSES.get(code, ("accepted", ""))
+            extra.update(dest_status=code, time=_value(dest, "time") or "")
+        return DeliveryReport(outcome=outcome, reference=reference, provider_message_id=str(reference),
+                              reason=reason, extra=extra)
+
+    def balance(self) -> str:
+        """The account balance as the provider writes it."""
+        balance = _value(self._call("balance", []), "balance")
+        if not balance:
+            raise TransientError("unreadable answer from Mobilgroup (no balance)")
+        return balance
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+    def _request_body(self, command: str, fields: list[tuple[str, str]]) -> bytes:
+        lines = [f"<{tag}>{escape(value)}</{tag}>" for tag, value in
+                 [("user_id", self.user_id), ("user", self.user), ("pwd", self._password),
+                  ("command", command), *fields]]
+        xml = '<?xml version="1.0" encoding="windows-1251"?>\n<request>\n' + "\n".join(lines) + "\n</request>\n"
+        return xml.encode("windows-1251", errors="xmlcharrefreplace")
+
+    def _call(self, command: str, fields: list[tuple[str, str]], expect_id: int | None = None) -> Element:
+        """POST one command; return the parsed answer or raise the `ProviderError` its outcome means."""
+        try:
+            response = self.session.post(
+                self.url, data=self._request_body(command, fields), timeout=self.timeout,
+                allow_redirects=False, headers={"Content-Type": "application/xml", "Accept": "*/*"})
+        except requests.Timeout as exc:
+            raise TransientError(f"Mobilgroup did not answer within {self.timeout:g} s") from exc
+        except requests.RequestException as exc:
+            raise TransientError(f"cannot reach Mobilgroup ({type(exc).__name__})") from exc
+        _raise_for_http_status(response)
+        answer = parse_answer(response.content)
+        code_text = _value(answer, "error") or "0"
+        if not _DIGITS.fullmatch(code_text):
+            raise TransientError("unreadable answer from Mobilgroup (bad error code)")
+        code = int(code_text)
+        if code:
+            kind, words = ERRORS.get(code, (TransientError, "unknown error"))
+            raise kind(f"Mobilgroup error {code}: {words}")
+        if _value(answer, "result") != "OK":
+            raise TransientError("unreadable answer from Mobilgroup (result is not OK)")
+        answered_id = _value(answer, "id")
+        if expect_id is not None and answered_id and answered_id != str(expect_id):
+            raise TransientError("Mobilgroup answered for another request id")
+        return answer
+
+
+def _raise_for_http_status(response: requests.Response) -> None:
+    status = response.status_code
+    if status == 200:
+        return
+    if 300 <= status < 400:
+        raise AccountError(f"Mobilgroup URL redirects (HTTP {status}) to "
+                           f"{response.headers.get('Location', 'elsewhere')}; set SMS_MOBILGROUP_URL to "
+                           "the final address")
+    if status in (401, 403):
+        raise AccountError(f"Mobilgroup refused access (HTTP {status})")
+    if status in (404, 405):
+        raise AccountError(f"Mobilgroup URL is wrong (HTTP {status}); check SMS_MOBILGROUP_URL")
+    if status == 429:
+        raise ThrottledError("Mobilgroup asks us to slow down (HTTP 429)",
+                             retry_after=_retry_after(response.headers.get("Retry-After")))
+    raise TransientError(f"Mobilgroup answered HTTP {status}")
+
+
+def _retry_after(header: str | None) -> float:
+    """Seconds from a `Retry-After` header given in seconds; a minute when absent or a date."""
+    try:
+        return max(float(header), 1.0) if header else 60.0
+    except ValueError:
+        return 60.0
