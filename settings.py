@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     send_lease_s: int = Field(default=180, ge=10)
     """A send not finished after this long is considered lost (worker killed) and is retried."""
     reap_interval_s: float = Field(default=60.0, gt=0)
+    requeue_after_s: int = Field(default=600, ge=5)
+    """A claimed row whose send task has not started after this long is enqueued again (broker lost it)."""
+    dispatch_max_inflight: int = Field(default=5000, ge=1)
+    """Dispatch claims no more rows while this many are claimed but not yet sent (backpressure)."""
     report_timeout_s: int = Field(default=3 * 86_400, ge=60)
     """Stop waiting for a delivery report after this long; the row keeps `success`."""
     http_timeout_s: float = Field(default=15.0, gt=0)

@@ -1,0 +1,75 @@
+"""Every Celery setting of the dispatcher: broker, queues and routes, beat schedule, acks, prefetch, events.
+
+Values come from `settings` (the environment); nothing else of ours is imported here. Queues: `dispatch`
+for the housekeeping beat tasks, and one `send.<provider>` queue per provider so that a slow or paused
+provider never holds up the others and each can get its own workers (`celery -A tasks worker -Q send.smsc`).
+"""
+from kombu import Queue
+
+from settings import PROVIDERS, VAR_DIR, get_settings
+
+_s = get_settings()
+
+DISPATCH_QUEUE = "dispatch"
+SEND_QUEUES = {provider: f"send.{provider}" for provider in PROVIDERS}
+
+broker_url = _s.broker_url
+if broker_url.startswith("filesystem://"):
+    _folder = VAR_DIR / "broker"
+    for _sub in ("queue", "processed", "control"):
+        (_folder / _sub).mkdir(parents=True, exist_ok=True)
+    broker_transport_options = {
+        "data_folder_in": str(_folder / "queue"),
+        "data_folder_out": str(_folder / "queue"),
+        "control_folder": str(_folder / "control"),
+        "processed_folder": str(_folder / "processed"),
+        "store_processed": False,
+    }
+else:
+    # A message whose worker died unacknowledged comes back after this long; the reaper usually
+    # re-enqueues such rows much sooner, and a duplicate delivery is a no-op anyway.
+    broker_transport_options = {"visibility_timeout": 1800}
+broker_connection_retry_on_startup = True
+
+task_queues = [Queue(DISPATCH_QUEUE)] + [Queue(q) for q in SEND_QUEUES.values()]
+task_default_queue = DISPATCH_QUEUE
+task_routes = {
+    "sms.dispatch": {"queue": DISPATCH_QUEUE},
+    "sms.poll_due": {"queue": DISPATCH_QUEUE},
+    "sms.reap": {"queue": DISPATCH_QUEUE},
+    "sms.poll": {"queue": SEND_QUEUES["mobilgroup"]},
+    # sms.send is routed per message to its provider's queue by the dispatcher.
+}
+
+task_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+
+# A task is acknowledged only after it ran, and given back if its worker process dies, so a killed worker
+# loses nothing; the send task's compare-and-set on the dispatch record makes the redelivery harmless.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# Sends are I/O-bound and may wait for a rate-limit slot: take one message at a time so that a backlog
+# spreads over every worker instead of piling up in one worker's prefetch.
+worker_prefetch_multiplier = 1
+worker_max_tasks_per_child = 10_000
+
+# Events on, so Flower shows every task by its readable name (arguments are row ids only).
+worker_send_task_events = True
+task_send_sent_event = True
+
+timezone = "UTC"
+enable_utc = True
+worker_hijack_root_logger = True
+worker_redirect_stdouts = False
+
+beat_schedule_filename = str(VAR_DIR / "celerybeat-schedule")
+beat_schedule = {
+    "dispatch-due-rows": {"task": "sms.dispatch", "schedule": _s.dispatch_interval_s,
+                          "options": {"expires": _s.dispatch_interval_s * 2}},
+    "poll-mobilgroup-status": {"task": "sms.poll_due", "schedule": _s.mobilgroup_poll_interval_s,
+                               "options": {"expires": _s.mobilgroup_poll_interval_s * 2}},
+    "reap-stuck-rows": {"task": "sms.reap", "schedule": _s.reap_interval_s,
+                        "options": {"expires": _s.reap_interval_s * 2}},
+}

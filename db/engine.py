@@ -1,0 +1,74 @@
+"""Engines and the database clock.
+
+`engine_for(url)` gives one engine per URL per process, made safe across `fork()` (Celery's prefork pool
+forks after the parent may have connected). `db_now()` and `db_now_plus(seconds)` are SQL expressions for
+the database's own clock: due-ness, leases and poll times are judged by it, never by a worker's clock,
+because asterCC writes local times and workers may run elsewhere with skewed clocks.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def engine_for(url: str) -> Engine:
+    """The process's engine for `url`, created on first use."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create(url)
+        return engine
+
+
+def _create(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        # pool_recycle: MariaDB closes idle connections after wait_timeout; pre_ping catches restarts.
+        engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=5, max_overflow=5)
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Beat, workers and the demo share one SQLite file: WAL lets readers run beside the one writer.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class db_now_plus(FunctionElement):  # noqa: N801 - reads as a SQL function
+    """The database's local time plus `seconds` (may be negative or zero)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0):
+        self.seconds = int(round(seconds))
+        super().__init__()
+
+
+def db_now() -> db_now_plus:
+    return db_now_plus(0)
+
+
+@compiles(db_now_plus)
+def _now_default(element, compiler, **kw):
+    return f"(NOW() + INTERVAL {element.seconds} SECOND)" if element.seconds else "NOW()"
+
+
+@compiles(db_now_plus, "sqlite")
+def _now_sqlite(element, compiler, **kw):
+    # asterCC's times are local; SQLite's 'now' is UTC unless asked for 'localtime'.
+    return f"datetime('now', 'localtime', '{element.seconds:+d} seconds')"

@@ -1,0 +1,65 @@
+"""Creating tables: ours through Alembic migrations, asterCC's (development, tests and demo only) the
+way asterCC creates them.
+
+asterCC publishes no DDL; its open-source sibling asterCRM uses MyISAM tables with `NOT NULL default ''`
+strings and zero-date defaults, so `create_astercc` makes exactly that on MySQL/MariaDB: the code must work
+on such tables, not on the friendlier ones our models would create.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from .models import AsterccBase
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+ASTERCC_MYSQL_DDL = (
+    """CREATE TABLE IF NOT EXISTS cc10_batchcontact_archives (
+        id int(11) NOT NULL AUTO_INCREMENT,
+        archivetype varchar(30) NOT NULL default '',
+        content text NOT NULL,
+        PRIMARY KEY (id)
+    ) ENGINE=MyISAM DEFAULT CHARSET=utf8""",
+    """CREATE TABLE IF NOT EXISTS cc10_batchcontacts (
+        id int(11) NOT NULL AUTO_INCREMENT,
+        batchcontact_archive_id int(11) NOT NULL default 0,
+        target varchar(50) NOT NULL default '',
+        status varchar(30) NOT NULL default 'new',
+        schedulertime datetime NOT NULL default '0000-00-00 00:00:00',
+        contacttime datetime NOT NULL default '0000-00-00 00:00:00',
+        creby varchar(50) NOT NULL default '',
+        created datetime NOT NULL default '0000-00-00 00:00:00',
+        error_msg varchar(255) NOT NULL default '',
+        responsenote varchar(255) NOT NULL default '',
+        PRIMARY KEY (id)
+    ) ENGINE=MyISAM DEFAULT CHARSET=utf8""",
+)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Create or migrate our own tables in the database at `url`."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def create_astercc(engine: Engine) -> None:
+    """Create asterCC's two tables if they do not exist (never touches existing ones)."""
+    if engine.dialect.name == "mysql":
+        with engine.begin() as conn:
+            # asterCC's zero-date defaults need a permissive sql_mode for this session.
+            conn.execute(text("SET SESSION sql_mode = ''"))
+            for ddl in ASTERCC_MYSQL_DDL:
+                conn.execute(text(ddl))
+    else:
+        AsterccBase.metadata.create_all(engine)

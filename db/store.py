@@ -1,0 +1,355 @@
+"""Every read and write of the workflow, as short statements that hold no connection between them.
+
+The claim works without transactions or row locks on asterCC's tables (they may be MyISAM): candidates are
+read from asterCC, then inserted into `sms_dispatch`, whose primary key on the row id lets exactly one
+claimer win each row; the winners are found by their claim token and only then marked `pending` in asterCC
+by a conditional `UPDATE … WHERE status='new'`. Every later change of a row goes through a compare-and-set
+on `sms_dispatch.state`, so a redelivered task, a second beat or a late report changes nothing it should not.
+
+Functions take an `Engine` and return plain values; callers never hold a session across a provider call.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from .engine import db_now, db_now_plus
+from .models import (
+    ERROR_MSG_MAX,
+    RESPONSENOTE_MAX,
+    BatchContact,
+    BatchContactArchive,
+    Dispatch,
+    DispatchState as S,
+    MessageId,
+)
+
+# An operator who sets a finished row back to `new` in asterCC asks for a resend; a row must have been
+# final this long before that is believed, so that a slower second beat cannot resend a row just finished.
+RESEND_AFTER_S = 60
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A row this claimer won: its id and asterCC's `target` exactly as typed."""
+
+    id: int
+    target: str
+
+
+@dataclass(frozen=True)
+class SendJob:
+    """What a send needs, loaded in one query after the lease was taken."""
+
+    id: int
+    provider: str
+    recipient: str
+    text: str | None          # None: the archive row is missing
+    attempts: int
+    age_s: int                # seconds since the first attempt
+
+
+def _insert_ignore(conn: Connection):
+    if conn.dialect.name == "mysql":
+        return mysql.insert(Dispatch).prefix_with("IGNORE")
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(Dispatch).on_conflict_do_nothing()
+    return insert(Dispatch)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- dispatch -------------------------------------------------------------------------------------
+
+def claim_due(engine: Engine, limit: int) -> list[Claimed]:
+    """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
+    due first; mark them `pending`; return the ones this call won. Safe with several claimers at once."""
+    token = uuid.uuid4().hex
+    bc, arc = BatchContact.__table__, BatchContactArchive.__table__
+    due = (
+        select(bc.c.id)
+        .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
+        .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),
+               or_(arc.c.archivetype == "sms", arc.c.id.is_(None)))
+        .order_by(bc.c.schedulertime, bc.c.id)
+        .limit(limit)
+    )
+    with engine.begin() as conn:
+        ids = list(conn.scalars(due))
+        if not ids:
+            return []
+        conn.execute(_insert_ignore(conn).values(created_at=db_now(), updated_at=db_now()), [
+            {"batchcontact_id": i, "claim_token": token, "state": S.QUEUED, "attempts": 0, "polls": 0,
+             "parts": 1} for i in ids
+        ])
+        # Rows already in sms_dispatch and final for a while, yet `new` again in asterCC: a resend.
+        conn.execute(
+            update(Dispatch)
+            .where(Dispatch.batchcontact_id.in_(ids),
+                   Dispatch.state.in_(S.FINAL + (S.ACCEPTED,)),
+                   Dispatch.updated_at <= db_now_plus(-RESEND_AFTER_S))
+            .values(claim_token=token, state=S.QUEUED, attempts=0, polls=0, provider=None,
+                    provider_message_id=None, last_error=None, first_attempt_at=None,
+                    next_attempt_at=None, lease_until=None, accepted_at=None, poll_at=None,
+                    updated_at=db_now())
+        )
+    with engine.begin() as conn:
+        won = list(conn.scalars(select(Dispatch.batchcontact_id).where(Dispatch.claim_token == token)))
+        if not won:
+            return []
+        conn.execute(update(BatchContact).where(BatchContact.id.in_(won), BatchContact.status == "new")
+                     .values(status="pending"))
+        rows = conn.execute(select(bc.c.id, bc.c.target).where(bc.c.id.in_(won)).order_by(bc.c.id))
+        return [Claimed(r.id, r.target or "") for r in rows]
+
+
+def count_inflight(engine: Engine) -> int:
+    """Rows claimed but not yet handed to a provider (queued, sending, waiting to retry)."""
+    with engine.connect() as conn:
+        return conn.scalar(select(func.count()).select_from(Dispatch)
+                           .where(Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY))))
+
+
+def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
+    """Record each claimed row's provider and normalised recipient: {row id: (provider, recipient)}."""
+    if not routes:
+        return
+    with engine.begin() as conn:
+        conn.execute(
+            update(Dispatch.__table__).where(Dispatch.__table__.c.batchcontact_id == bindparam("p_id"))
+            .values(provider=bindparam("p_provider"), recipient=bindparam("p_recipient")),
+            [{"p_id": i, "p_provider": p, "p_recipient": r} for i, (p, r) in routes.items()],
+        )
+
+
+# --- send -----------------------------------------------------------------------------------------
+
+def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
+    """Take the send lease on a row (compare-and-set) and load what the send needs.
+
+    Returns None when the row is not ours to send now: already sending under a live lease, accepted,
+    final, or scheduled for a later retry. That is what makes a redelivered or duplicated task a no-op."""
+    d = Dispatch
+    with engine.begin() as conn:
+        taken = conn.execute(
+            update(d)
+            .where(d.batchcontact_id == row_id, d.provider.is_not(None), or_(
+                and_(d.state.in_(S.SENDABLE),
+                     or_(d.next_attempt_at.is_(None), d.next_attempt_at <= db_now_plus(2))),
+                and_(d.state == S.SENDING, d.lease_until < db_now()),
+            ))
+            .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
+                    first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())
+        ).rowcount
+        if not taken:
+            return None
+        bc, arc = BatchContact.__table__, BatchContactArchive.__table__
+        row = conn.execute(
+            select(d.provider, d.recipient, d.attempts, d.first_attempt_at, db_now().label("now"),
+                   arc.c.content)
+            .select_from(d.__table__.join(bc, bc.c.id == d.batchcontact_id)
+                         .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
+            .where(d.batchcontact_id == row_id)
+        ).one_or_none()
+    if row is None:  # asterCC's row vanished under us
+        finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
+        return None
+    age = int((row.now - row.first_attempt_at).total_seconds()) if row.first_attempt_at else 0
+    return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, age)
+
+
+def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str], parts: int,
+                    poll_after_s: int | None) -> None:
+    """The provider took the message: asterCC `success` with `contacttime`; remember the provider's ids.
+
+    A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
+    and only `contacttime` is filled in."""
+    d = Dispatch
+    with engine.begin() as conn:
+        if provider_message_ids:
+            provider = conn.scalar(select(d.provider).where(d.batchcontact_id == row_id))
+            conn.execute(_insert_ids(conn), [
+                {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
+                for m in provider_message_ids
+            ])
+        done = conn.execute(
+            update(d).where(d.batchcontact_id == row_id, d.state == S.SENDING)
+            .values(state=S.ACCEPTED, provider_message_id=_cut(",".join(provider_message_ids), 255) or None,
+                    parts=parts, accepted_at=db_now(), lease_until=None, last_error=None, updated_at=db_now(),
+                    poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
+        ).rowcount
+        values = {"contacttime": db_now()}
+        if done:
+            values.update(status="success", error_msg="")
+        conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(**values))
+
+
+def _insert_ids(conn: Connection):
+    if conn.dialect.name == "mysql":
+        return mysql.insert(MessageId).prefix_with("IGNORE")
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(MessageId).on_conflict_do_nothing()
+    return insert(MessageId)
+
+
+def finish_failed(engine: Engine, row_id: int, reason: str) -> None:
+    """The message can never be sent as it is: asterCC `failed` with the reason."""
+    _finish(engine, row_id, S.FAILED, "failed", reason)
+
+
+def finish_error(engine: Engine, row_id: int, reason: str) -> None:
+    """We gave up on a technical failure: asterCC `error` with the reason."""
+    _finish(engine, row_id, S.ERROR, "error", reason)
+
+
+def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
+                     .values(state=state, last_error=_cut(reason, 255), lease_until=None, updated_at=db_now()))
+        conn.execute(update(BatchContact).where(BatchContact.id == row_id)
+                     .values(status=status, error_msg=_cut(reason, ERROR_MSG_MAX)))
+
+
+def schedule_retry(engine: Engine, row_id: int, delay_s: float, reason: str, *, count_attempt: bool) -> None:
+    """Give the lease back; the row may be sent again after `delay_s`. A throttled or paused send is not
+    a failed attempt (`count_attempt=False` takes back the attempt `begin_send` counted)."""
+    d = Dispatch
+    values = dict(state=S.RETRY, next_attempt_at=db_now_plus(delay_s), lease_until=None,
+                  last_error=_cut(reason, 255), updated_at=db_now())
+    if not count_attempt:
+        values["attempts"] = case((d.attempts > 0, d.attempts - 1), else_=0)
+    with engine.begin() as conn:
+        conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.SENDING).values(**values))
+
+
+# --- delivery reports -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportTarget:
+    id: int
+    state: str
+
+
+def find_report_target(engine: Engine, provider: str, *, reference: int | None = None,
+                       provider_message_id: str | None = None, recipient: str | None = None) -> ReportTarget | None:
+    """The dispatch record a report is about: by our row id, else by the provider's id, else (replies) the
+    latest message this provider sent to `recipient`."""
+    d = Dispatch
+    query = select(d.batchcontact_id, d.state).where(d.provider == provider)
+    with engine.connect() as conn:
+        if reference is not None:
+            row = conn.execute(query.where(d.batchcontact_id == reference)).first()
+        elif provider_message_id:
+            row = conn.execute(query.join(MessageId, MessageId.batchcontact_id == d.batchcontact_id)
+                               .where(MessageId.provider == provider,
+                                      MessageId.provider_message_id == provider_message_id)).first()
+        elif recipient:
+            row = conn.execute(query.where(d.recipient == recipient, d.accepted_at.is_not(None))
+                               .order_by(d.accepted_at.desc(), d.batchcontact_id.desc()).limit(1)).first()
+        else:
+            row = None
+    return ReportTarget(row.batchcontact_id, row.state) if row else None
+
+
+def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str) -> bool:
+    """Move a row forward to `delivered` or `failed`; False when it was already final (forward-only)."""
+    d = Dispatch
+    with engine.begin() as conn:
+        moved = conn.execute(
+            update(d).where(d.batchcontact_id == row_id, d.state.in_((S.ACCEPTED, S.SENDING, S.RETRY)))
+            .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
+                    last_error=None if delivered else _cut(reason, 255))
+        ).rowcount
+        if moved:
+            values = {"status": "success"} if delivered else {"status": "failed",
+                                                             "error_msg": _cut(reason, ERROR_MSG_MAX)}
+            conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(**values))
+    return bool(moved)
+
+
+def record_reply(engine: Engine, row_id: int, text: str) -> None:
+    """A recipient's reply goes to asterCC's `responsenote`."""
+    with engine.begin() as conn:
+        conn.execute(update(BatchContact).where(BatchContact.id == row_id)
+                     .values(responsenote=_cut(text, RESPONSENOTE_MAX)))
+
+
+# --- polling (Mobilgroup) -------------------------------------------------------------------------
+
+def claim_due_polls(engine: Engine, provider: str, limit: int, lease_s: int) -> list[int]:
+    """Rows of `provider` accepted and past their poll time; their poll time is pushed `lease_s` ahead so
+    that a second poller does not ask again meanwhile."""
+    d = Dispatch
+    with engine.begin() as conn:
+        ids = list(conn.scalars(
+            select(d.batchcontact_id)
+            .where(d.provider == provider, d.state == S.ACCEPTED, d.poll_at <= db_now())
+            .order_by(d.poll_at).limit(limit)
+        ))
+        if ids:
+            conn.execute(update(d).where(d.batchcontact_id.in_(ids), d.poll_at <= db_now())
+                         .values(poll_at=db_now_plus(lease_s)))
+    return ids
+
+
+def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int) -> bool:
+    """The status is still open: ask again after `after_s`, or stop at `max_polls` (the row keeps
+    `success`, marked unconfirmed). Returns True when another poll is scheduled."""
+    d = Dispatch
+    with engine.begin() as conn:
+        conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED)
+                     .values(polls=d.polls + 1, updated_at=db_now(), poll_at=db_now_plus(after_s)))
+        gave_up = conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED,
+                                               d.polls >= max_polls)
+                               .values(state=S.UNCONFIRMED, poll_at=None)).rowcount
+    return not gave_up
+
+
+# --- self-healing ---------------------------------------------------------------------------------
+
+def find_stuck(engine: Engine, grace_s: int, limit: int) -> list[tuple[int, str]]:
+    """Rows whose send task must have been lost: queued or due for retry more than `grace_s` ago, or
+    sending with an expired lease (worker killed). Returns (row id, provider) and marks them retry-now so
+    the next sweep does not pick them up again before their task ran."""
+    d = Dispatch
+    stuck = or_(
+        and_(d.state == S.QUEUED, d.updated_at <= db_now_plus(-grace_s)),
+        and_(d.state == S.RETRY, d.next_attempt_at <= db_now_plus(-grace_s)),
+        and_(d.state == S.SENDING, d.lease_until < db_now()),
+    )
+    with engine.begin() as conn:
+        rows = conn.execute(select(d.batchcontact_id, d.provider)
+                            .where(stuck, d.provider.is_not(None)).limit(limit)).all()
+        if rows:
+            conn.execute(update(d).where(d.batchcontact_id.in_([r[0] for r in rows]), stuck)
+                         .values(state=S.RETRY, next_attempt_at=db_now(), lease_until=None,
+                                 updated_at=db_now()))
+    return [(r[0], r[1]) for r in rows]
+
+
+def expire_unreported(engine: Engine, timeout_s: int) -> int:
+    """Accepted rows that waited `timeout_s` for a report that never came become unconfirmed (asterCC
+    keeps `success`). Mobilgroup rows are left to the poller, which has its own bound."""
+    d = Dispatch
+    with engine.begin() as conn:
+        return conn.execute(
+            update(d).where(d.state == S.ACCEPTED, d.poll_at.is_(None),
+                            d.accepted_at <= db_now_plus(-timeout_s))
+            .values(state=S.UNCONFIRMED, updated_at=db_now())
+        ).rowcount
+
+
+def counts(engine: Engine, ids: Iterable[int] | None = None) -> dict[str, int]:
+    """asterCC status counts (of `ids`, or of every row): for progress displays and checks."""
+    query = select(BatchContact.status, func.count()).group_by(BatchContact.status)
+    if ids is not None:
+        query = query.where(BatchContact.id.in_(list(ids)))
+    with engine.connect() as conn:
+        return {status: n for status, n in conn.execute(query)}

@@ -1,0 +1,103 @@
+"""`smsctl`: the operator's command line (database set-up, webhooks, SMPP receiver, simulators, demo).
+
+The Celery processes themselves are started with `celery -A tasks worker|beat|flower`. Every command reads
+the same environment as they do; a bad setting stops it with a message naming the variable.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from settings import ConfigError, get_settings
+
+
+def _settings():
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def main(verbose: bool) -> None:
+    """Send asterCC's outgoing SMS through Mobilgroup, Accolades, Ozeki and smsc.ru."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def db() -> None:
+    """Create or migrate tables."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate our own tables (Alembic), beside asterCC's."""
+    from db import schema
+
+    schema.upgrade(_settings().database_url)
+    click.echo("our tables are up to date")
+
+
+@db.command("create-astercc")
+def db_create_astercc() -> None:
+    """Create asterCC's two tables, as asterCC has them (development, tests, demo)."""
+    from db import schema
+    from db.engine import engine_for
+
+    schema.create_astercc(engine_for(_settings().database_url))
+    click.echo("asterCC's tables exist")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+def webhooks(host: str, port: int) -> None:
+    """Serve the delivery-report app (development; use gunicorn in production)."""
+    from webhooks.app import serve
+
+    _settings().require("public_url", "webhook_secret")
+    serve(host, port)
+
+
+@main.command("smpp-receiver")
+def smpp_receiver() -> None:
+    """Stay bound to smsc.ru as a receiver and apply delivery receipts and replies."""
+    from tasks.smpp_receiver import run_receiver
+
+    settings = _settings()
+    settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
+    run_receiver(settings)
+
+
+@main.command()
+@click.argument("provider", type=click.Choice(["mobilgroup", "accolades", "ozeki", "smsc"]))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", required=True, type=int)
+@click.option("--fail-rate", default=0.0, show_default=True, type=float, help="Share of requests answered 503.")
+@click.option("--latency", default=0.0, show_default=True, type=float, help="Seconds before each answer.")
+def simulate(provider: str, host: str, port: int, fail_rate: float, latency: float) -> None:
+    """Run a local stand-in for PROVIDER (demo, tests, staging)."""
+    import importlib
+
+    module = importlib.import_module(f"simulators.{provider}")
+    options = {"fail_rate": fail_rate, "latency_s": latency} if provider != "smsc" else {}
+    click.echo(f"{provider} simulator on {host}:{port}", err=True)
+    module.serve(host=host, port=port, **options)
+
+
+@main.command()
+@click.option("--rows", default=40, show_default=True, help="How many sample asterCC rows to seed.")
+@click.option("--timeout", default=180, show_default=True, help="Give up after this many seconds.")
+def demo(rows: int, timeout: int) -> None:
+    """Run the whole job on the embedded default: SQLite, Celery's filesystem broker, local simulators."""
+    from smsctl.demo import run_demo
+
+    sys.exit(run_demo(rows=rows, timeout_s=timeout))
+
+
+if __name__ == "__main__":
+    main()
