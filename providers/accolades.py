@@ -1,0 +1,169 @@
+"""Accolades (voipit.ro) HTTP client: the `sms/send` command and its delivery-report callback.
+
+Per the seed (`002_…txt`) a message is a form POST to `<url>/<account>/sms/send` with `password`,
+`phoneNumber`, `message`, and optionally `messageId` (echoed in the report) and `sendResultTo` (where the
+report goes). Success is `{"type": "ok"}` and carries no id of the provider's, so reports are matched by
+our row id, which we send as `messageId`.
+
+Answers and what the workflow does with them (`providers.base` explains the error types):
+
+| answer                                   | error            | why                                            |
+| ---------------------------------------- | ---------------- | ---------------------------------------------- |
+| 200 `{"type": "ok"}`                     | -                | accepted                                       |
+| 400, 413                                 | `PermanentError` | this message is invalid or too large           |
+| 401 (bad account/password, API off)      | `AccountError`   | every message would fail the same way          |
+| 403, incl. code `403.6` (IP blacklisted) | `AccountError`   | the whole account must slow down, not hammer   |
+| 404, 3xx (redirects are not followed)    | `AccountError`   | our URL is fixed, so it means a wrong account  |
+|                                          |                  | number or base URL: a configuration problem    |
+| 429                                      | `ThrottledError` | honour `Retry-After`                           |
+| other 4xx                                | `AccountError`   | unexplained refusal of our requests            |
+| 5xx, network errors, timeouts, non-JSON  | `TransientError` | may pass                                       |
+
+The recipient goes out as international digits (`4072…`); the seed does not say whether Accolades
+wants a leading `+`, so `plus_prefix=True` adds one.
+
+Length: GSM-7 texts take 160 characters in one part and 153 per part beyond (extension characters
+count double), UCS-2 texts 70 and 67; a text needing more than `max_parts` parts (6 by default) is
+refused before sending.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import requests
+
+from providers.base import (
+    Accepted,
+    AccountError,
+    DeliveryReport,
+    OutgoingMessage,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from providers.text import check_recipient, count_parts, redact
+
+DEFAULT_URL = "https://client.voipit.ro"
+
+
+class AccoladesClient:
+    """Sends one message per call to Accolades; see the module docstring for the error mapping."""
+
+    name = "accolades"
+
+    def __init__(self, *, url: str = DEFAULT_URL, account: str, password: str, timeout: float = 15.0,
+                 session: requests.Session | None = None, max_parts: int = 6, plus_prefix: bool = False):
+        if not account or not password:
+            raise ValueError("Accolades needs an account number and an API password")
+        self.endpoint = f"{url.rstrip('/')}/{account}/sms/send"
+        self._password = password
+        self.timeout = timeout
+        self.max_parts = max_parts
+        self.plus_prefix = plus_prefix
+        self._session = session or requests.Session()
+        self._own_session = session is None
+
+    def __repr__(self) -> str:
+        return f"AccoladesClient(endpoint={self.endpoint!r})"
+
+    def check(self, message: OutgoingMessage) -> int:
+        """Raise `PermanentError` for a recipient that is not international digits, an empty text, or a
+        text over `max_parts` parts; else return the number of parts."""
+        check_recipient(message.recipient)
+        return count_parts(message.text, self.max_parts)
+
+    def send(self, message: OutgoingMessage) -> Accepted:
+        parts = self.check(message)
+        form = {
+            "password": self._password,
+            "phoneNumber": ("+" if self.plus_prefix else "") + message.recipient,
+            "message": message.text,
+            "messageId": str(message.reference),
+        }
+        if message.callback_url:
+            form["sendResultTo"] = message.callback_url
+        try:
+            response = self._session.post(self.endpoint, data=form, timeout=self.timeout, allow_redirects=False)
+        except requests.Timeout:
+            raise TransientError("Accolades did not answer in time") from None
+        except requests.RequestException as exc:
+            # `from None`: the library's message names the host and could grow to quote the request.
+            raise TransientError(f"could not reach Accolades ({type(exc).__name__})") from None
+        _raise_for_answer(response)
+        return Accepted(provider_message_id=None, parts=parts)
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+
+def _raise_for_answer(response: requests.Response) -> None:
+    """Return if Accolades said ok; raise the error its answer stands for."""
+    status = response.status_code
+    if status >= 500:
+        raise TransientError(f"Accolades is unavailable (HTTP {status})")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        if status == 200:
+            raise TransientError("Accolades answered with something that is not its JSON reply")
+        body = {}
+    kind = str(body.get("type", "")).lower()
+    if status == 200 and kind == "ok":
+        return
+    code = str(body.get("code", "") or status)
+    said = redact(body.get("message") or "no reason given")
+    if status == 200:
+        # An error package with HTTP 200: its own code decides.
+        status = int(code.split(".")[0]) if code.split(".")[0].isdigit() else 0
+    if status in (400, 413):
+        raise PermanentError(f"Accolades refused the message: {said} (code {code})")
+    if status == 401:
+        raise AccountError(f"Accolades refused the account (wrong account, API off or wrong password): "
+                           f"{said} (code {code})")
+    if status == 403:
+        if code == "403.6":
+            raise AccountError("Accolades has temporarily blacklisted our IP address after invalid requests "
+                               f"(code {code}); check the account settings and wait")
+        raise AccountError(f"Accolades forbids this request: {said} (code {code})")
+    if status == 404 or 300 <= status < 400:
+        raise AccountError(f"Accolades does not know this address: check SMS_ACCOLADES_URL and "
+                           f"SMS_ACCOLADES_ACCOUNT ({said}, code {code})")
+    if status == 429:
+        raise ThrottledError(f"Accolades asks us to slow down: {said}",
+                             retry_after=_retry_after(response.headers.get("Retry-After")))
+    if 400 <= status < 500:
+        raise AccountError(f"Accolades refused our request: {said} (HTTP {status}, code {code})")
+    raise TransientError(f"Accolades gave an answer we do not understand (HTTP {response.status_code})")
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(1.0, float(value)) if value else 60.0
+    except ValueError:
+        return 60.0
+
+
+def parse_report(fields: Mapping[str, str]) -> DeliveryReport:
+    """Turn the fields of an Accolades status notification into a `DeliveryReport`.
+
+    `id` (our `messageId`, i.e. the row id) becomes `reference`. `status=sent` means handed to the
+    carrier, which is as far as Accolades reports: `delivered` (the row keeps `success`). `status=error`
+    is `undelivered` with `errorMessage` (redacted) as the reason. Raises `ValueError` for anything that
+    is not a well-formed SMS delivery report.
+    """
+    if fields.get("apiName", "sms") != "sms" or fields.get("type", "deliveryReport") != "deliveryReport":
+        raise ValueError("not an SMS delivery report")
+    echoed = (fields.get("id") or "").strip()
+    if not (echoed.isascii() and echoed.isdigit()):
+        raise ValueError("the report carries no message id of ours")
+    status = (fields.get("status") or "").strip().lower()
+    if status == "sent":
+        return DeliveryReport(outcome="delivered", reference=int(echoed))
+    if status == "error":
+        reason = redact(fields.get("errorMessage") or "") or "no reason given"
+        return DeliveryReport(outcome="undelivered", reference=int(echoed),
+                              reason=f"Accolades could not send the message: {reason}")
+    raise ValueError("unknown report status")

@@ -1,0 +1,138 @@
+"""The delivery-report app: Accolades and Ozeki call the signed URL we gave them, and the row moves on.
+
+Routes:
+
+- `POST|GET /reports/<provider>/<token>` for `accolades` and `ozeki`. The token (see `tasks.callbacks`)
+  names the row and is signed for that provider. Answers: 403 for a forged or altered token, another
+  provider's token, or an Accolades report whose echoed `id` is not the token's row; 400 for a malformed
+  report; 404 when no dispatch record of that provider exists for the row; 200 once applied, and also
+  for a duplicate or a stale report (forward-only: nothing changes, and the provider must not retry);
+  503 when the database is unreachable, so that a provider that retries will.
+- `GET /healthz`: 200 `ok` (process alive; it does not touch the database).
+
+Fields are read from a form POST body and the query string alike: Accolades posts a form, and Ozeki's
+reports are read either way (see `providers.ozeki`). The app logs provider, row id and result only:
+never a number, a text, or the token (a capability for its row).
+
+Production: `gunicorn 'webhooks.app:create_app()'`; development: `smsctl webhooks` (`serve`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler, run_simple
+
+from providers import accolades, ozeki
+from providers.base import DeliveryReport
+from settings import Settings, get_settings
+from tasks.callbacks import BadToken, verify_token
+
+log = logging.getLogger(__name__)
+
+ApplyReport = Callable[[str, DeliveryReport], str]
+
+PARSERS: dict[str, Callable[[Mapping[str, str]], DeliveryReport]] = {
+    "accolades": accolades.parse_report,
+    "ozeki": ozeki.parse_report,
+}
+MAX_REPORT_BYTES = 16 * 1024
+"""A report is a handful of short fields; anything bigger is refused (413) before it is parsed."""
+
+
+def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | None = None) -> Flask:
+    """The WSGI app. `settings` default to the environment's; `SMS_WEBHOOK_SECRET` must be set.
+    `apply_report(provider, report) -> "applied" | "duplicate" | "stale" | "unknown"` defaults to
+    `tasks.reports.apply_report` on these settings' database."""
+    settings = settings or get_settings()
+    settings.require("webhook_secret")
+    if apply_report is None:
+        apply_report = _database_apply(settings)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        # Flask's own handler would log the path, and with it the token.
+        if isinstance(exc, HTTPException):
+            return exc
+        log.error("report route failed: %s", type(exc).__name__)
+        return _answer(500, "internal error")
+
+    @app.get("/healthz")
+    def healthz():
+        return "ok\n", 200, {"Content-Type": "text/plain"}
+
+    @app.route("/reports/<provider>/<token>", methods=["GET", "POST"])
+    def report(provider: str, token: str):
+        parse = PARSERS.get(provider)
+        if parse is None:
+            return _answer(404, "no such report route")
+        try:
+            row = verify_token(settings, provider, token)
+        except BadToken:
+            log.warning("%s report refused: bad token", provider)
+            return _answer(403, "bad token")
+        try:
+            fields = _fields()
+            parsed = parse(fields)
+        except ValueError as exc:
+            log.warning("%s report for row %d refused as malformed: %s", provider, row, exc)
+            return _answer(400, "malformed report")
+        if parsed.reference is not None and parsed.reference != row:
+            log.warning("%s report refused: it names another row than its URL (%d)", provider, row)
+            return _answer(403, "the report names another message")
+        try:
+            result = apply_report(provider, replace(parsed, reference=row))
+        except Exception as exc:  # noqa: BLE001 - the provider gets a retryable answer, never a crash
+            log.error("%s report for row %d not applied: %s", provider, row, type(exc).__name__)
+            return _answer(503, "try again later")
+        log.info("%s report for row %d: %s (%s)", provider, row, parsed.outcome, result)
+        if result == "unknown":
+            return _answer(404, "no such message")
+        return _answer(200, result)
+
+    return app
+
+
+def _fields() -> dict[str, str]:
+    """The report's fields: query string, overlaid by a form body. Repeated fields keep their first value.
+    A body we cannot read as a form is `ValueError` (400)."""
+    if request.content_length and not request.mimetype.startswith(
+            ("application/x-www-form-urlencoded", "multipart/form-data")):
+        raise ValueError("the body is not a form")
+    fields = request.args.to_dict(flat=True)
+    fields.update(request.form.to_dict(flat=True))
+    return fields
+
+
+def _answer(status: int, word: str):
+    return word + "\n", status, {"Content-Type": "text/plain; charset=utf-8"}
+
+
+def _database_apply(settings: Settings) -> ApplyReport:
+    from tasks.reports import apply_report
+    from tasks.runtime import Runtime
+
+    runtime = Runtime(settings)
+    return lambda provider, report: apply_report(provider, report, rt=runtime)
+
+
+class _TokenlessLogHandler(WSGIRequestHandler):
+    """The development server's access log, with the token cut from report paths."""
+
+    def log_request(self, code="-", size="-"):
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/reports/"):
+            path = path.rsplit("/", 1)[0] + "/…"
+        self.log("info", '"%s %s" %s %s', self.command, path, code, size)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve the app with Werkzeug's threaded server until interrupted (development only)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_simple(host, port, create_app(), threaded=True, request_handler=_TokenlessLogHandler)
