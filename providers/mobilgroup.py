@@ -43,6 +43,9 @@ TRANSLIT_LIMIT = 140
 UNICODE_LIMIT = 64
 """Characters allowed with `rus_sms` 1 (sent as Unicode)."""
 MAX_VALID_HOURS = 48
+MAX_ANSWER_BYTES = 64 * 1024
+"""A status answer for one recipient is a few hundred bytes; anything far larger is refused unread."""
+
 
 class AlreadySentError(PermanentError):
     """Error 7: the provider already has a request with this id. `send` turns it into success; any
@@ -237,15 +240,21 @@ class MobilgroupClient:
     def _call(self, command: str, fields: list[tuple[str, str]], expect_id: int | None = None) -> Element:
         """POST one command; return the parsed answer or raise the `ProviderError` its outcome means."""
         try:
-            response = self.session.post(
-                self.url, data=self._request_body(command, fields), timeout=self.timeout,
-                allow_redirects=False, headers={"Content-Type": "application/xml", "Accept": "*/*"})
+            with self.session.post(
+                    self.url, data=self._request_body(command, fields), timeout=self.timeout, stream=True,
+                    allow_redirects=False, headers={"Content-Type": "application/xml", "Accept": "*/*"},
+            ) as response:
+                _raise_for_http_status(response)
+                body = b""
+                for chunk in response.iter_content(8192):
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise TransientError("unreadable answer from Mobilgroup (far too large)")
         except requests.Timeout as exc:
             raise TransientError(f"Mobilgroup did not answer within {self.timeout:g} s") from exc
         except requests.RequestException as exc:
             raise TransientError(f"cannot reach Mobilgroup ({type(exc).__name__})") from exc
-        _raise_for_http_status(response)
-        answer = parse_answer(response.content)
+        answer = parse_answer(body)
         code_text = _value(answer, "error") or "0"
         if not _DIGITS.fullmatch(code_text):
             raise TransientError("unreadable answer from Mobilgroup (bad error code)")

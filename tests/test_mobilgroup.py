@@ -340,6 +340,7 @@ def test_external_entity_is_refused_and_never_fetched(canned):
     b"<response><result>OK</result",
     b"<response><result>ERROR</result></response>",
     b"<response><result>OK</result><error>x</error></response>",
+    b"<response><result>OK</result><error>0</error><balance>" + b"9" * 70_000 + b"</balance></response>",
 ])
 def test_unreadable_answers_are_transient(body, canned):
     with pytest.raises(TransientError, match="unreadable"):
