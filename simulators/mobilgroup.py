@@ -15,8 +15,8 @@ ahead, and 8 (sent) while the request is younger than `pending_s`. The whole req
 any recipient is 0 or 8, else 4 (finished).
 
 Each command is journalled: `kind` = the command (`send`, `status`, `balance`, or `request` when the XML
-could not be read or the command is unknown), `id`, `outcome` (`accepted`, `duplicate`, `ok` or `error N`), and for `send` the
-decoded `phone`, `message`, `unicode` flag, `sender`, `valid`, `schedule`.
+could not be read or the command is unknown), `id`, `outcome` (`accepted`, `duplicate`, `ok` or
+`error N`), and for `send` the decoded `phone`, `message`, `unicode` flag, `sender`, `valid`, `schedule`.
 """
 from __future__ import annotations
 
