@@ -222,7 +222,8 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
     # --- control --------------------------------------------------------------------------------
     def start(self) -> "SmscSimulator":
         self._scheduler = _Scheduler()
-        self._thread = threading.Thread(target=self.serve_forever, name="smsc-simulator", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="smsc-simulator",
+                                        daemon=True)
         self._thread.start()
         return self
 

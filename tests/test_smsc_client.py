@@ -1,0 +1,203 @@
+"""The smsc.ru SMPP client against the SMSC simulator over real sockets on 127.0.0.1."""
+import time
+
+import pytest
+
+from providers import smsc_text
+from providers.base import AccountError, OutgoingMessage, PermanentError, ThrottledError, TransientError
+from providers.smsc import SmscClient
+from simulators.smsc import SmscSimulator
+
+NUMBER = "79001234567"
+
+
+@pytest.fixture
+def sim():
+    simulator = SmscSimulator(receipts=False).start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def make_client():
+    clients = []
+
+    def make(simulator, **options):
+        options = {"system_id": "smsc", "password": "secret", "timeout": 3.0, "rebind_min_s": 0.05,
+                   **options}
+        client = SmscClient(host="127.0.0.1", port=simulator.port, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def msg(text: str, reference: int = 1, recipient: str = NUMBER) -> OutgoingMessage:
+    return OutgoingMessage(reference=reference, recipient=recipient, text=text)
+
+
+def test_gsm_message_is_one_submit_with_receipt_requested(sim, make_client):
+    accepted = make_client(sim, source_addr="ACME").send(msg("Your order is ready @ 5pm"))
+    (submit,) = sim.events("submit")
+    assert accepted.provider_message_id == submit["message_id"] and accepted.parts == 1
+    assert (submit["data_coding"], submit["esm_class"], submit["udh"]) == (0, 0, b"")
+    assert submit["registered_delivery"] == 1 and submit["destination_addr"] == NUMBER
+    assert submit["source_addr"] == "ACME"
+    assert smsc_text.decode(submit["short_message"], 0) == "Your order is ready @ 5pm"
+
+
+def test_long_cyrillic_message_goes_as_udh_parts(sim, make_client):
+    text = "Здравствуйте! Ваш заказ готов к выдаче. " * 5  # 200 characters: 3 UCS-2 parts
+    accepted = make_client(sim).send(msg(text, reference=0x1234))
+    submits = sim.events("submit")
+    assert accepted.parts == 3
+    assert accepted.provider_message_id == ",".join(s["message_id"] for s in submits)
+    assert [s["udh"] for s in submits] == [bytes((5, 0, 3, 0x34, 3, seq)) for seq in (1, 2, 3)]
+    assert {(s["data_coding"], s["esm_class"]) for s in submits} == {(8, 0x40)}
+    assert "".join(smsc_text.decode(s["text"], 8) for s in submits) == text
+
+
+def test_long_gsm_message_with_comment(sim, make_client):
+    text = "x" * 200 + "\n~~~\nrow 42"
+    accepted = make_client(sim).send(msg(text))
+    submits = sim.events("submit")
+    assert accepted.parts == 2 and len(submits) == 2
+    parts = [smsc_text.decode(s["text"], 0) for s in submits]
+    assert parts == ["x" * 153, "x" * 47 + "\n~~~\nrow 42"]
+
+
+def test_oversize_part_travels_in_message_payload(sim, make_client):
+    text = "y" * 160 + "\n~~~\n" + "a long comment for the history " * 4
+    make_client(sim).send(msg(text))
+    (submit,) = sim.events("submit")
+    assert submit["payload"] and smsc_text.decode(submit["short_message"], 0) == text
+
+
+def test_one_bind_serves_many_sends(sim, make_client):
+    client = make_client(sim)
+    for n in range(5):
+        client.send(msg(f"message {n}", reference=n))
+    assert len(sim.events("bind")) == 1 and client.binds == 1
+    assert sim.events("bind")[0]["mode"] == "tx"
+
+
+def test_bad_password_is_an_account_error_and_binds_are_spaced(sim, make_client):
+    client = make_client(sim, password="wrong", rebind_min_s=30.0)
+    with pytest.raises(AccountError, match="SMS_SMSC_PASSWORD"):
+        client.send(msg("hi"))
+    with pytest.raises(AccountError):
+        client.send(msg("hi again"))
+    assert [b["status"] for b in sim.events("bind")] == [0x0E]
+    assert sim.events("submit") == []
+
+
+def test_identical_request_within_a_minute_is_throttled(sim, make_client):
+    client = make_client(sim)
+    client.send(msg("same text"))
+    with pytest.raises(ThrottledError) as caught:
+        client.send(msg("same text"))
+    assert caught.value.retry_after == 60.0
+    assert [s["identical"] for s in sim.events("submit")] == [False, True]
+    client.send(msg("same text", recipient="79001234568"))  # another recipient is another request
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (0x0B, PermanentError), (0x08, TransientError), (0x14, ThrottledError), (0x58, ThrottledError),
+    (0x0A, AccountError), (0x45, TransientError), (0x400, TransientError),
+])
+def test_submit_statuses_are_mapped(sim, make_client, status, error):
+    sim.fail_next(status)
+    with pytest.raises(error, match=f"0x{status:02X}"):
+        make_client(sim).send(msg("hi"))
+
+
+def test_a_later_part_failing_is_not_retried(sim, make_client):
+    client = make_client(sim)
+    client.send(msg("warm-up"))
+    sim.fail_next(0, 1)
+    sim.fail_next(0x58, 1)
+    with pytest.raises(PermanentError, match="only 1 of 2 parts"):
+        client.send(msg("z" * 200))
+
+
+def test_peer_restart_mid_batch(make_client):
+    first = SmscSimulator(receipts=False).start()
+    port = first.port
+    client = make_client(first)
+    try:
+        for n in range(3):
+            client.send(msg(f"before {n}", reference=n))
+    finally:
+        first.stop()
+    with pytest.raises(TransientError):  # the server is down: refused, then no new bind for a while
+        client.send(msg("while down"))
+    second = SmscSimulator(port, receipts=False).start()
+    try:
+        time.sleep(0.2)  # past the client's rebind backoff
+        for n in range(3):
+            client.send(msg(f"after {n}", reference=n))
+        assert len(second.events("submit")) == 3 and client.binds == 2
+    finally:
+        client.close()
+        second.stop()
+
+
+def test_peer_restart_between_sends_is_invisible(make_client):
+    first = SmscSimulator(receipts=False).start()
+    client = make_client(first)
+    client.send(msg("one"))
+    first.stop()
+    second = SmscSimulator(first.port, receipts=False).start()
+    try:
+        client.send(msg("two"))  # the closed session is noticed before the submit is written
+        assert [s["status"] for s in second.events("submit")] == [0]
+    finally:
+        client.close()
+        second.stop()
+
+
+def test_keep_alive_outlives_the_idle_drop(make_client):
+    simulator = SmscSimulator(receipts=False, idle_timeout_s=0.6).start()
+    try:
+        client = make_client(simulator, enquire_link_s=0.2)
+        client.send(msg("first"))
+        time.sleep(1.5)
+        client.send(msg("second"))
+        assert client.binds == 1 and simulator.events("drop") == []
+    finally:
+        simulator.stop()
+
+
+def test_session_dropped_for_idleness_is_bound_again(make_client):
+    simulator = SmscSimulator(receipts=False, idle_timeout_s=0.3).start()
+    try:
+        client = make_client(simulator, enquire_link_s=30.0)
+        client.send(msg("first"))
+        time.sleep(0.8)
+        client.send(msg("second"))
+        assert client.binds == 2 and len(simulator.events("drop")) == 1
+    finally:
+        simulator.stop()
+
+
+def test_close_unbinds(sim, make_client):
+    client = make_client(sim)
+    client.send(msg("hi"))
+    assert sim.sessions("tx") == 1
+    client.close()
+    deadline = time.monotonic() + 2
+    while sim.sessions() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sim.sessions() == 0
+
+
+def test_threads_sharing_a_client_take_turns_on_one_session(sim, make_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = make_client(sim)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: client.send(msg(f"parallel {n}", reference=n)), range(20)))
+    assert len({r.provider_message_id for r in results}) == 20
+    assert client.binds == 1 and len(sim.events("submit")) == 20

@@ -1,0 +1,84 @@
+"""Reading smsc.ru deliver_sm PDUs: receipts in text, HLR and TLV form, and recipients' replies."""
+import pytest
+
+from providers.smsc import parse_deliver_sm, parse_receipt_text
+
+
+def receipt(text: str, **tlvs) -> dict:
+    return {"esm_class": 0x04, "source_addr": b"79001234567", "data_coding": 0,
+            "short_message": text.encode("latin-1"), **tlvs}
+
+
+def test_text_receipt_delivered():
+    report = parse_deliver_sm(receipt(
+        "id:300697496 sub:001 dlvrd:001 submit date:2406011200 done date:2406011201 stat:DELIVRD err:000 "
+        "text:Hello: world stat:x"))
+    assert (report.outcome, report.provider_message_id, report.reason) == ("delivered", "300697496", "")
+    assert report.reply_text is None
+
+
+@pytest.mark.parametrize(("stat", "err", "reason"), [
+    ("UNDELIV", "001", "not delivered: the network could not deliver it (the number does not exist, error 1)"),
+    ("EXPIRED", "006", "not delivered: the phone was unreachable until the message expired "
+                       "(the phone is off or out of coverage, error 6)"),
+    ("REJECTD", "253", "not delivered: rejected by the operator or by smsc.ru (rejected by the spam filter, "
+                       "error 253)"),
+    ("DELETED", "000", "not delivered: deleted before delivery"),
+    ("UNKNOWN", "999", "not delivered: the final status is unknown (error 999)"),
+])
+def test_text_receipt_undelivered_has_reason_in_words(stat, err, reason):
+    report = parse_deliver_sm(receipt(f"id:55 sub:001 dlvrd:000 submit date:2406011200 "
+                                      f"done date:2406011201 stat:{stat} err:{err} text:"))
+    assert (report.outcome, report.reason) == ("undelivered", reason)
+
+
+@pytest.mark.parametrize("stat", ["ENROUTE", "ACCEPTD"])
+def test_intermediate_states_change_nothing(stat):
+    assert parse_deliver_sm(receipt(f"id:55 stat:{stat} err:000")).outcome == "accepted"
+
+
+def test_hlr_receipt_with_url_encoded_strings():
+    text = ("id:855469 stat:DELIVRD err:000 imsi:250023012345678 msc:79010000000 mcc:250 mnc:02 "
+            "cn:%D0%EE%F1%F1%E8%FF net:MegaFon+Moscow rcn: rnet:")
+    fields = parse_receipt_text(text)
+    assert fields["net"] == "MegaFon Moscow" and fields["mcc"] == "250" and fields["rcn"] == ""
+    report = parse_deliver_sm(receipt(text))
+    assert (report.outcome, report.provider_message_id) == ("delivered", "855469")
+    assert report.extra["mnc"] == "02" and "imsi" not in report.extra
+
+
+def test_seed_hlr_example():
+    report = parse_deliver_sm(receipt("id:855469 stat:DELIVRD err:000 imsi:250023012345678"))
+    assert (report.outcome, report.provider_message_id) == ("delivered", "855469")
+
+
+def test_tlvs_win_over_the_text():
+    report = parse_deliver_sm(receipt("id:1 stat:DELIVRD err:000", receipted_message_id=b"777",
+                                      message_state=5, network_error_code=b"\x03\x00\x0d"))
+    assert (report.outcome, report.provider_message_id) == ("undelivered", "777")
+    assert "the recipient is blocked by the operator" in report.reason
+
+
+def test_tlvs_alone_make_a_receipt():
+    report = parse_deliver_sm({"esm_class": 0, "short_message": b"", "receipted_message_id": "42",
+                               "message_state": 2})
+    assert (report.outcome, report.provider_message_id) == ("delivered", "42")
+
+
+def test_receipt_without_id_is_refused():
+    with pytest.raises(ValueError):
+        parse_deliver_sm(receipt("stat:DELIVRD err:000"))
+
+
+def test_mo_reply_gsm():
+    report = parse_deliver_sm({"esm_class": 0, "source_addr": b"+79001234567", "data_coding": 0,
+                               "short_message": b"Yes, call me at 5 \x11 ok"})
+    assert report.outcome == "accepted" and report.provider_message_id is None
+    assert (report.reply_text, report.recipient) == ("Yes, call me at 5 _ ok", "79001234567")
+
+
+def test_mo_reply_ucs2_with_udh():
+    data = bytes((5, 0, 3, 9, 2, 1)) + "Да, перезвоните".encode("utf-16-be")
+    report = parse_deliver_sm({"esm_class": 0x40, "source_addr": "79001234567", "data_coding": 8,
+                               "short_message": data})
+    assert report.reply_text == "Да, перезвоните"
