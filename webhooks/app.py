@@ -122,7 +122,7 @@ def _database_apply(settings: Settings) -> ApplyReport:
     return lambda provider, report: apply_report(provider, report, rt=runtime)
 
 
-class _TokenlessLogHandler(WSGIRequestHandler):
+class TokenlessLogHandler(WSGIRequestHandler):
     """The development server's access log, with the token cut from report paths."""
 
     def log_request(self, code="-", size="-"):
@@ -135,4 +135,4 @@ class _TokenlessLogHandler(WSGIRequestHandler):
 def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve the app with Werkzeug's threaded server until interrupted (development only)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_simple(host, port, create_app(), threaded=True, request_handler=_TokenlessLogHandler)
+    run_simple(host, port, create_app(), threaded=True, request_handler=TokenlessLogHandler)
