@@ -6,10 +6,11 @@ it refuses a second identical request (same login, sender, recipient, data_codin
 `identical_window_s` (with `identical_status`, ESME_RTHROTTLED by default), and drops a session that
 sent nothing for `idle_timeout_s` (two minutes at smsc.ru). After `receipt_delay_s` it sends a delivery
 receipt in the text form (`id:… sub:001 dlvrd:001 submit date:… done date:… stat:DELIVRD err:000 text:…`,
-and the TLVs too when `receipt_tlvs`) for every accepted part to a bound receiver or transceiver, holding
-receipts while none is bound and resending those a receiver did not answer before it went away. Numbers
-ending in `undeliverable_suffix` get `stat:UNDELIV err:001`. `send_reply(from_number, text)` delivers a
-recipient's reply (an MO message). `fail_next(status, count)` makes the next submits fail.
+and the TLVs too when `receipt_tlvs`) for every accepted part to a bound receiver or transceiver. It holds
+receipts while none is bound, and sends again those a receiver answered with an error status or left
+unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat:UNDELIV err:001`.
+`send_reply(from_number, text)` delivers a recipient's reply (an MO message). `fail_next(status, count)`
+makes the next submits fail.
 
 Everything is recorded in `journal` (dicts with a `kind`: `bind`, `submit`, `deliver`, `deliver_resp`,
 `drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes.
@@ -146,8 +147,10 @@ class _Session(socketserver.BaseRequestHandler):
             status, message_id = self.server._submit(self, pdu)
             self._answer(pdu, "submit_sm_resp", status=status, message_id=message_id or "")
         elif command == "deliver_sm_resp":
-            self.unacked.pop(pdu.sequence, None)
+            fields = self.unacked.pop(pdu.sequence, None)
             self.server.record(kind="deliver_resp", status=pdu.status, sequence=pdu.sequence)
+            if fields and pdu.status != consts.SMPP_ESME_ROK:
+                self.server._redeliver(fields)
         elif not pdu.is_response():
             self._answer(pdu, "generic_nack", status=ESME_RINVCMDID)
         return True
@@ -316,7 +319,7 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
                     registered_delivery=pdu.registered_delivery, payload=bool(pdu.message_payload))
         if message_id and self.receipts and pdu.registered_delivery and self._scheduler:
             receipt = self._receipt(message_id, source, destination, pdu.data_coding, data[len(udh):])
-            self._scheduler.call_later(self.receipt_delay_s, lambda: self._deliver(receipt))
+            self._redeliver(receipt)
         return status, message_id
 
     def _receipt(self, message_id: str, source: str, destination: str, coding: int, text: bytes) -> dict:
@@ -348,6 +351,10 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
                 self._pending.append(fields)
             return
         self.record(kind="deliver", esm_class=fields["esm_class"], short_message=fields["short_message"])
+
+    def _redeliver(self, fields: dict) -> None:
+        if self._scheduler:
+            self._scheduler.call_later(self.receipt_delay_s, lambda: self._deliver(fields))
 
     def _flush_pending(self) -> None:
         with self.lock:

@@ -1,0 +1,127 @@
+"""The smsc.ru SMPP receiver (`smsctl smpp-receiver`): a long-running loop, bound as a receiver, that
+turns every `deliver_sm` (delivery receipts and recipients' replies) into a `DeliveryReport` and applies
+it through `tasks.reports.apply_report`.
+
+It keeps the session alive with `enquire_link` while idle (smsc.ru drops a session idle for two minutes),
+notices a dead peer when nothing at all came back for two keep-alive periods, and binds again after a
+broken connection or a failed bind with an exponential backoff. Every `deliver_sm` is answered:
+`ESME_ROK` once the report was applied, or when it names no message of ours or cannot be read (sending it
+again would not help); `ESME_RX_T_APPN` (temporary error, so that smsc.ru delivers it again later) only
+when applying it failed, e.g. the database was down.
+
+A reply sent as several concatenated parts arrives as several `deliver_sm`; each part is applied as it
+comes (they are not reassembled).
+"""
+from __future__ import annotations
+
+import logging
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from smpplib import client as smpp_client
+from smpplib import consts, exceptions, smpp
+
+from providers.base import DeliveryReport
+from providers.smsc import parse_deliver_sm
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[str, DeliveryReport], str]
+ESME_RX_T_APPN = 0x64
+_POLL_S = 0.5
+_BROKEN = (exceptions.ConnectionError, exceptions.PDUError, exceptions.UnknownCommandError, OSError,
+           struct.error)
+
+
+def _default_apply(provider: str, report: DeliveryReport) -> str:
+    from tasks.reports import apply_report
+
+    return apply_report(provider, report)
+
+
+def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
+                 enquire_link_s: float = 30.0, reconnect_min_s: float = 1.0,
+                 reconnect_max_s: float = 60.0) -> None:
+    """Receive smsc.ru receipts and replies until `stop_event` is set (forever when None). `apply` is
+    called as `apply("smsc", report)`; it defaults to `tasks.reports.apply_report`."""
+    settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
+    stop = stop_event or threading.Event()
+    apply = apply or _default_apply
+    failures = 0
+    while not stop.is_set():
+        conn = smpp_client.Client(settings.smsc_host, settings.smsc_port, timeout=settings.http_timeout_s,
+                                  allow_unknown_opt_params=True, logger_name=f"{__name__}.smpplib")
+        try:
+            conn.connect()
+            conn.bind_receiver(system_id=settings.smsc_system_id,
+                               password=settings.smsc_password.get_secret_value(),
+                               system_type=settings.smsc_system_type)
+        except _BROKEN as exc:
+            conn.disconnect()
+            failures += 1
+            delay = min(reconnect_max_s, reconnect_min_s * 2 ** (failures - 1))
+            log.warning("smsc SMPP receiver could not bind (%s); next try in %.1f s", exc, delay)
+            stop.wait(delay)
+            continue
+        failures = 0
+        log.info("smsc SMPP receiver bound")
+        try:
+            _serve_session(conn, stop, apply, enquire_link_s)
+        except _BROKEN as exc:
+            log.warning("smsc SMPP receiver session lost (%s); binding again", type(exc).__name__)
+        finally:
+            conn.disconnect()
+
+
+def _serve_session(conn: smpp_client.Client, stop: threading.Event, apply: Apply,
+                   enquire_link_s: float) -> None:
+    """Serve one bound session until the peer goes away (raises) or `stop` is set (unbinds)."""
+    last_rx = last_tx = time.monotonic()
+    while not stop.is_set():
+        now = time.monotonic()
+        if now - last_rx > 2 * enquire_link_s + conn.timeout:
+            raise exceptions.ConnectionError("smsc.ru stopped answering")
+        if now - max(last_rx, last_tx) > enquire_link_s:
+            conn.send_pdu(smpp.make_pdu("enquire_link", client=conn))
+            last_tx = now
+        if not select.select([conn._socket], [], [], _POLL_S)[0]:  # smpplib has no readiness check
+            continue
+        pdu = conn.read_pdu()
+        last_rx = time.monotonic()
+        if pdu.command == "deliver_sm":
+            _reply(conn, pdu, "deliver_sm_resp", _handle_deliver(pdu, apply))
+        elif pdu.command == "enquire_link":
+            _reply(conn, pdu, "enquire_link_resp")
+        elif pdu.command == "unbind":
+            _reply(conn, pdu, "unbind_resp")
+            raise exceptions.ConnectionError("smsc.ru unbound the session")
+    try:
+        conn.unbind()
+    except _BROKEN:
+        pass
+
+
+def _handle_deliver(pdu, apply: Apply) -> int:
+    """Apply one deliver_sm; return the command_status of its deliver_sm_resp."""
+    try:
+        report = parse_deliver_sm(vars(pdu))
+    except ValueError as exc:
+        log.warning("smsc deliver_sm ignored: %s", exc)
+        return consts.SMPP_ESME_ROK
+    kind = "reply" if report.reply_text is not None else f"receipt ({report.outcome})"
+    try:
+        result = apply("smsc", report)
+    except Exception:
+        log.exception("smsc %s could not be applied; smsc.ru will deliver it again", kind)
+        return ESME_RX_T_APPN
+    log.info("smsc %s: %s", kind, result)
+    return consts.SMPP_ESME_ROK
+
+
+def _reply(conn: smpp_client.Client, request, command: str, status: int = consts.SMPP_ESME_ROK) -> None:
+    resp = smpp.make_pdu(command, client=conn, status=status)
+    resp.sequence = request.sequence
+    conn.send_pdu(resp)
