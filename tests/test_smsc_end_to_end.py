@@ -1,0 +1,116 @@
+"""smsc.ru end to end on real MariaDB: asterCC rows sent by the real workflow through the SMPP client to
+the simulator, and the receiver applying the receipts and a reply with the real `apply_report`."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import datetime
+
+import pytest
+from sqlalchemy import create_engine, insert, select, text
+
+from db import schema
+from db.engine import engine_for
+from db.models import BatchContact, BatchContactArchive
+from settings import load_settings
+from simulators.smsc import SmscSimulator
+from tasks import workflow
+from tasks.reports import apply_report
+from tasks.runtime import Runtime
+from tasks.smpp_receiver import run_receiver
+
+MARIADB = "mysql+mysqldb://root@127.0.0.1:3306"
+
+
+@pytest.fixture(scope="module")
+def database_url():
+    name = f"sms_smsc_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(MARIADB + "/", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    url = f"{MARIADB}/{name}?charset=utf8mb4"
+    schema.create_astercc(engine_for(url))
+    schema.upgrade(url)
+    yield url
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name}"))
+    admin.dispose()
+
+
+@pytest.fixture
+def sim():
+    simulator = SmscSimulator(receipt_delay_s=0.05).start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def rt(database_url, sim):
+    settings = load_settings(database_url=database_url, default_provider="smsc", routes="",
+                             redis_url="redis://127.0.0.1:6379/0", smsc_host="127.0.0.1",
+                             smsc_port=sim.port, smsc_system_id="smsc", smsc_password="secret")
+    runtime = Runtime(settings)
+    yield runtime
+    runtime.client("smsc").close()
+
+
+def insert_new(engine, target: str, content: str) -> int:
+    now = datetime.now().replace(microsecond=0)
+    with engine.begin() as conn:
+        archive = conn.execute(insert(BatchContactArchive).values(archivetype="sms", content=content))
+        return conn.execute(insert(BatchContact).values(
+            batchcontact_archive_id=archive.inserted_primary_key[0], target=target, status="new",
+            schedulertime=now, created=now, creby="test", error_msg="", responsenote="",
+        )).inserted_primary_key[0]
+
+
+def row(engine, row_id: int):
+    with engine.connect() as conn:
+        return conn.execute(select(BatchContact.status, BatchContact.error_msg, BatchContact.responsenote)
+                            .where(BatchContact.id == row_id)).one()
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def test_receipts_and_a_reply_land_in_astercc(rt, sim):
+    engine, tag = rt.engine, uuid.uuid4().hex[:8]
+    delivered = insert_new(engine, "79001234567", f"Ваш заказ {tag} готов. " * 4)  # 104 characters: 2 UCS-2 parts
+    failed = insert_new(engine, "79001230013", f"Order {tag} is ready")
+    queued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: queued.extend(ids), budget_s=5)
+    assert sorted(queued) == sorted([delivered, failed])
+    assert [workflow.send(rt, row_id) for row_id in (delivered, failed)] == ["accepted", "accepted"]
+    assert len(sim.events("submit")) == 3
+
+    stop = threading.Event()
+    results: list[str] = []
+
+    def apply(provider, report):
+        results.append(apply_report(provider, report, rt=rt))
+        return results[-1]
+
+    receiver = threading.Thread(target=run_receiver, args=(rt.settings, stop, apply),
+                                kwargs={"reconnect_min_s": 0.05}, daemon=True)
+    receiver.start()
+    try:
+        wait_for(lambda: row(engine, failed).status == "failed" and len(results) == 3)
+        sim.send_reply("79001234567", "Спасибо, заберу завтра")
+        wait_for(lambda: row(engine, delivered).responsenote != "")
+    finally:
+        stop.set()
+        receiver.join(timeout=5)
+    assert not receiver.is_alive()
+    assert row(engine, delivered) == ("success", "", "Спасибо, заберу завтра")
+    status, error_msg, _ = row(engine, failed)
+    assert status == "failed" and "the number does not exist" in error_msg
+    # one receipt per part of the long message: the first moves the row, the second is a duplicate
+    assert sorted(results) == ["applied", "applied", "applied", "duplicate"]
