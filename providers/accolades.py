@@ -7,17 +7,19 @@ our row id, which we send as `messageId`.
 
 Answers and what the workflow does with them (`providers.base` explains the error types):
 
-| answer                                   | error            | why                                            |
-| ---------------------------------------- | ---------------- | ---------------------------------------------- |
-| 200 `{"type": "ok"}`                     | -                | accepted                                       |
-| 400, 413                                 | `PermanentError` | this message is invalid or too large           |
-| 401 (bad account/password, API off)      | `AccountError`   | every message would fail the same way          |
-| 403, incl. code `403.6` (IP blacklisted) | `AccountError`   | the whole account must slow down, not hammer   |
-| 404, 3xx (redirects are not followed)    | `AccountError`   | our URL is fixed, so it means a wrong account  |
-|                                          |                  | number or base URL: a configuration problem    |
-| 429                                      | `ThrottledError` | honour `Retry-After`                           |
-| other 4xx                                | `AccountError`   | unexplained refusal of our requests            |
-| 5xx, network errors, timeouts, non-JSON  | `TransientError` | may pass                                       |
+| answer                                 | error            | why                                          |
+| -------------------------------------- | ---------------- | -------------------------------------------- |
+| 200 `{"type": "ok"}`                   | -                | accepted                                     |
+| 400, 413                               | `PermanentError` | this message is invalid or too large         |
+| 401 (bad account/password, API off)    | `AccountError`   | every message would fail the same way        |
+| 403, incl. `403.6` (IP blacklisted)    | `AccountError`   | the whole account must slow down             |
+| 404, 3xx (redirects are not followed)  | `AccountError`   | our path is fixed, so the account number or  |
+|                                        |                  | base URL is wrong: a configuration problem   |
+| 429                                    | `ThrottledError` | honour `Retry-After`                         |
+| other 4xx                              | `AccountError`   | unexplained refusal of all our requests      |
+| 5xx, network errors, timeouts, non-JSON| `TransientError` | may pass                                     |
+
+An error package (`"type": "Error"`) that comes with HTTP 200 is judged by its own `code`.
 
 The recipient goes out as international digits (`4072…`); the seed does not say whether Accolades
 wants a leading `+`, so `plus_prefix=True` adds one.
@@ -83,7 +85,8 @@ class AccoladesClient:
         if message.callback_url:
             form["sendResultTo"] = message.callback_url
         try:
-            response = self._session.post(self.endpoint, data=form, timeout=self.timeout, allow_redirects=False)
+            response = self._session.post(self.endpoint, data=form, timeout=self.timeout,
+                                          allow_redirects=False)
         except requests.Timeout:
             raise TransientError("Accolades did not answer in time") from None
         except requests.RequestException as exc:

@@ -1,9 +1,9 @@
 """Signed callback URLs for the providers that report delivery by calling us back (Accolades, Ozeki).
 
-`callback_url` builds `{SMS_PUBLIC_URL}/reports/{provider}/{token}` for one row; the token carries the row
-id and an HMAC-SHA256 over it keyed with `SMS_WEBHOOK_SECRET` and salted with the provider's name, so it cannot be
-forged, altered to name another row, or moved to another provider's route. `verify_token` gives the row
-id back or raises `BadToken`.
+`callback_url` builds `{SMS_PUBLIC_URL}/reports/{provider}/{token}` for one row; the token carries the
+row id and an HMAC-SHA256 over it keyed with `SMS_WEBHOOK_SECRET` and salted with the provider's name,
+so it cannot be forged, altered to name another row, or moved to another provider's route.
+`verify_token` gives the row id back or raises `BadToken`.
 
 Tokens do not expire: a provider may report days later, and a replayed genuine report is harmless because
 reports are applied forward-only. They are, however, a capability for their one row, so the webhook app

@@ -240,7 +240,8 @@ def test_simulator_calls_back_with_the_seed_fields():
     assert {(r["id"], r["report_status"], r["status"]) for r in reports} == {("7", "sent", 200),
                                                                               ("8", "error", 200)}
     assert bodies == [
-        b"apiName=sms&type=deliveryReport&status=error&id=8&errorMessage=The+destination+number+is+not+reachable",
+        b"apiName=sms&type=deliveryReport&status=error&id=8"
+        b"&errorMessage=The+destination+number+is+not+reachable",
         b"apiName=sms&type=deliveryReport&status=sent&id=7",
     ]
 
