@@ -50,6 +50,9 @@ from providers.base import (
 from providers.text import check_recipient
 
 log = logging.getLogger(__name__)
+SMPPLIB_LOGGER = f"{__name__}.smpplib"
+# smpplib dumps every PDU in hex at DEBUG, numbers and texts included: keep it at INFO whatever the root.
+logging.getLogger(SMPPLIB_LOGGER).setLevel(logging.INFO)
 
 ESM_UDHI = 0x40
 # What a failed submit_sm_resp means. Anything not listed is TransientError (retried, then `error`).
@@ -233,7 +236,7 @@ class SmscClient:
         if self._bind_error is not None and now < self._bind_retry_at:
             raise type(self._bind_error)(str(self._bind_error))
         conn = smpp_client.Client(self.host, self.port, timeout=self.timeout, allow_unknown_opt_params=True,
-                                  logger_name=f"{__name__}.smpplib")
+                                  logger_name=SMPPLIB_LOGGER)
         try:
             conn.connect()
             conn.bind_transmitter(system_id=self._system_id, password=self._password,

@@ -13,7 +13,7 @@ unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat
 makes the next submits fail.
 
 Everything is recorded in `journal` (dicts with a `kind`: `bind`, `submit`, `deliver`, `deliver_resp`,
-`drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes.
+`unbind`, `drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes.
 """
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ class _Session(socketserver.BaseRequestHandler):
         if command == "enquire_link":
             self._answer(pdu, "enquire_link_resp")
         elif command == "unbind":
+            self.server.record(kind="unbind", mode=self.mode, system_id=self.system_id)
             self._answer(pdu, "unbind_resp")
             return False
         elif self.mode is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import select
+import signal
 import struct
 import threading
 import time
@@ -25,7 +26,7 @@ from smpplib import client as smpp_client
 from smpplib import consts, exceptions, smpp
 
 from providers.base import DeliveryReport
-from providers.smsc import parse_deliver_sm
+from providers.smsc import SMPPLIB_LOGGER, parse_deliver_sm
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,19 @@ def _default_apply(provider: str, report: DeliveryReport) -> str:
 def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
                  enquire_link_s: float = 30.0, reconnect_min_s: float = 1.0,
                  reconnect_max_s: float = 60.0) -> None:
-    """Receive smsc.ru receipts and replies until `stop_event` is set (forever when None). `apply` is
-    called as `apply("smsc", report)`; it defaults to `tasks.reports.apply_report`."""
+    """Receive smsc.ru receipts and replies until `stop_event` is set; without one, until SIGTERM or
+    SIGINT (the session is then unbound cleanly). `apply` is called as `apply("smsc", report)`; it
+    defaults to `tasks.reports.apply_report`."""
     settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
     stop = stop_event or threading.Event()
+    if stop_event is None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
     apply = apply or _default_apply
     failures = 0
     while not stop.is_set():
         conn = smpp_client.Client(settings.smsc_host, settings.smsc_port, timeout=settings.http_timeout_s,
-                                  allow_unknown_opt_params=True, logger_name=f"{__name__}.smpplib")
+                                  allow_unknown_opt_params=True, logger_name=SMPPLIB_LOGGER)
         try:
             conn.connect()
             conn.bind_receiver(system_id=settings.smsc_system_id,

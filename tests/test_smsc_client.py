@@ -190,7 +190,7 @@ def test_close_unbinds(sim, make_client):
     deadline = time.monotonic() + 2
     while sim.sessions() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sim.sessions() == 0
+    assert sim.sessions() == 0 and [e["mode"] for e in sim.events("unbind")] == ["tx"]
 
 
 def test_threads_sharing_a_client_take_turns_on_one_session(sim, make_client):

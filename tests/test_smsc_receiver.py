@@ -125,3 +125,27 @@ def test_receiver_survives_idle_drop_and_server_restart(sim, client):
             receiver.stop.set()
             receiver.thread.join(timeout=5)
             second.stop()
+
+
+def test_smsctl_smpp_receiver_unbinds_on_sigterm(sim):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    smsctl = Path(sys.executable).with_name("smsctl")
+    env = {**os.environ, "SMS_SMSC_HOST": "127.0.0.1", "SMS_SMSC_PORT": str(sim.port),
+           "SMS_SMSC_SYSTEM_ID": "smsc", "SMS_SMSC_PASSWORD": "secret"}
+    process = subprocess.Popen([str(smsctl), "smpp-receiver"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: sim.sessions("rx") == 1, timeout=15)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+        process.stderr.close()
+    assert [e["mode"] for e in sim.events("unbind")] == ["rx"]
