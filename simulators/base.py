@@ -56,7 +56,9 @@ class SimulatorServer(ThreadingHTTPServer):
 
     def start(self) -> "SimulatorServer":
         """Serve in a daemon thread; returns self."""
-        self._thread = threading.Thread(target=self.serve_forever, name=type(self).__name__, daemon=True)
+        # A short poll interval makes stop() quick; tests start and stop many simulators.
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
 

@@ -226,7 +226,7 @@ def poll(rt: Runtime, row_id: int) -> str:
         report = DeliveryReport(outcome="undelivered", reference=row_id, reason=str(exc))
     except ProviderError as exc:
         log.warning("status poll of row %d failed, asking again later: %s", row_id, exc)
-        store.poll_again(rt.engine, row_id, min(s.mobilgroup_poll_retry_s, 300), s.mobilgroup_poll_max)
+        store.poll_again(rt.engine, row_id, int(min(s.mobilgroup_poll_retry_s, s.retry_max_s)), s.mobilgroup_poll_max)
         return "retry"
     if report.outcome == "accepted":
         more = store.poll_again(rt.engine, row_id, s.mobilgroup_poll_retry_s, s.mobilgroup_poll_max)

@@ -1,0 +1,166 @@
+"""`make demo`: the whole job on the embedded default, with no services to install.
+
+It makes a fresh SQLite database under `var/demo/`, creates asterCC's tables and ours, seeds sample asterCC
+rows (most due now, some scheduled a little later, some invalid, some to numbers the simulator will report
+undeliverable), starts local provider simulators, a Celery beat and a Celery worker on the filesystem
+broker, shows progress once a second, and exits 0 with a summary once every row reached a final status
+(1 if it did not within the time limit).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from sqlalchemy import text
+
+DEMO_DIR = Path("var/demo").resolve()
+FINAL = ("success", "failed", "error")
+OPEN_DISPATCH = ("queued", "sending", "retry", "accepted")
+
+
+def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:
+    """(target, text, schedule, what it shows): mostly good rows, then the cases an operator meets."""
+    special = [
+        ("+7 903 555-00-13", "Your order has shipped.", "now", "undeliverable (reported by the poll)"),
+        ("12", "Hello", "now", "not a phone number"),
+        ("+7 903 555-01-01", "", "now", "empty text"),
+        ("+7 903 555-01-02", None, "now", "missing archive row"),
+        ("+7 903 555-01-03", "x" * 200, "now", "too long for the provider"),
+        ("8 (903) 555-01-04", "Reminder: your appointment is tomorrow at 10:00.", "later", "scheduled later"),
+        ("+7 903 555 01 05", "Ваш код: 4711", "later", "scheduled later, Cyrillic"),
+    ]
+    rows = [(f"+7 903 {500 + i // 100:03d}-{i % 100:02d}-{10 + i % 80:02d}",
+             f"Demo message {i}: thank you for calling.", "now", "due now") for i in range(max(n - len(special), 0))]
+    return rows + special
+
+
+def _seed(engine, rows) -> None:
+    with engine.begin() as conn:
+        for target, body, schedule, _ in rows:
+            archive_id = 999_999
+            if body is not None:
+                archive_id = conn.execute(
+                    text("INSERT INTO cc10_batchcontact_archives (archivetype, content) VALUES ('sms', :c)"),
+                    {"c": body}).lastrowid
+            when = ("'0000-00-00 00:00:00'" if schedule == "now"
+                    else "datetime('now', 'localtime', '+8 seconds')")
+            conn.execute(text(
+                "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime, creby,"
+                f" error_msg, responsenote) VALUES (:a, :t, 'new', {when}, 'demo', '', '')"),
+                {"a": archive_id, "t": target})
+
+
+def _snapshot(engine) -> tuple[Counter, Counter]:
+    with engine.connect() as conn:
+        statuses = Counter(dict(conn.execute(text(
+            "SELECT status, COUNT(*) FROM cc10_batchcontacts GROUP BY status")).all()))
+        states = Counter(dict(conn.execute(text(
+            "SELECT state, COUNT(*) FROM sms_dispatch GROUP BY state")).all()))
+    return statuses, states
+
+
+def _finished(statuses: Counter, states: Counter, total: int) -> bool:
+    return sum(statuses[s] for s in FINAL) == total and not any(states[s] for s in OPEN_DISPATCH)
+
+
+def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True)
+    from simulators.mobilgroup import MobilgroupSimulator
+
+    mobilgroup = MobilgroupSimulator(fail_rate=0.15, seed=7).start()
+    env = {
+        **os.environ,
+        "SMS_VAR_DIR": str(DEMO_DIR),
+        "SMS_DATABASE_URL": f"sqlite:///{DEMO_DIR / 'sms.db'}",
+        "CELERY_BROKER_URL": "filesystem://",
+        "SMS_DEFAULT_PROVIDER": "mobilgroup",
+        "SMS_MOBILGROUP_URL": mobilgroup.api_url,
+        "SMS_MOBILGROUP_USER_ID": mobilgroup.user_id,
+        "SMS_MOBILGROUP_USER": mobilgroup.user,
+        "SMS_MOBILGROUP_PASSWORD": mobilgroup.password,
+        # The simulator's messages "expire" at once, so the demo can show the status poll.
+        "SMS_MOBILGROUP_POLL_AFTER_S": "3",
+        "SMS_MOBILGROUP_POLL_INTERVAL_S": "1",
+        "SMS_MOBILGROUP_RATE": "50",
+        # A retry of a message is an identical request too; the production default of 60 s would make a
+        # message hit by one of the simulator's 503s wait a minute, which is right but slow to watch.
+        "SMS_MOBILGROUP_IDENTICAL_S": "5",
+        "SMS_DISPATCH_INTERVAL_S": "1",
+        "SMS_RETRY_BASE_S": "0.5",
+        "SMS_RETRY_MAX_S": "2",
+    }
+    os.environ.update(env)  # this process reads the same database
+    from db import schema
+    from db.engine import engine_for
+
+    engine = engine_for(env["SMS_DATABASE_URL"])
+    schema.upgrade(env["SMS_DATABASE_URL"])
+    schema.create_astercc(engine)
+    sample = _sample_rows(rows)
+    _seed(engine, sample)
+    print(f"seeded {len(sample)} asterCC rows into {DEMO_DIR / 'sms.db'}; Mobilgroup simulator at "
+          f"{mobilgroup.api_url} answering 15% of requests with HTTP 503")
+
+    celery = [sys.executable, "-m", "celery", "-A", "tasks"]
+    procs = [
+        subprocess.Popen(celery + ["worker", "-l", "warning", "-c", "4", "-n", "demo@%h",
+                                   "-Q", "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"],
+                         env=env, stdout=open(DEMO_DIR / "worker.log", "w"), stderr=subprocess.STDOUT),
+        subprocess.Popen(celery + ["beat", "-l", "warning"], env=env,
+                         stdout=open(DEMO_DIR / "beat.log", "w"), stderr=subprocess.STDOUT),
+    ]
+    started = time.monotonic()
+    code = 1
+    try:
+        while time.monotonic() - started < timeout_s:
+            time.sleep(1)
+            statuses, states = _snapshot(engine)
+            line = "  ".join(f"{s}={statuses[s]}" for s in ("new", "pending", "success", "failed", "error"))
+            print(f"[{time.monotonic() - started:5.1f}s] {line}  (awaiting status poll: {states['accepted']})",
+                  flush=True)
+            if any(p.poll() is not None for p in procs):
+                print("a Celery process stopped unexpectedly; see var/demo/*.log", file=sys.stderr)
+                break
+            if _finished(statuses, states, len(sample)):
+                code = 0
+                break
+        else:
+            print(f"not every row reached a final status within {timeout_s} s", file=sys.stderr)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        mobilgroup.stop()
+    _summary(engine, sample, mobilgroup)
+    return code
+
+
+def _summary(engine, sample, simulator) -> None:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT b.id, b.status, b.error_msg, d.state, d.attempts FROM cc10_batchcontacts b "
+            "LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id ORDER BY b.id")).all()
+    sends = Counter(e["outcome"] for e in simulator.events("send"))
+    shown = [(row, what) for row, (_, _, _, what) in zip(rows, sample)]
+    ordinary = [pair for pair in shown if pair[1] == "due now"]
+    print("\n  id  what it shows                            status   attempts  error_msg")
+    print("  --  ---------------------------------------  -------  --------  ---------")
+    for row, what in ordinary[:3] + [pair for pair in shown if pair[1] != "due now"]:
+        print(f"  {row.id:>2}  {what:<39}  {row.status:<7}  {row.attempts or 0:>8}  {row.error_msg}")
+    print(f"  (and {len(ordinary) - 3} more 'due now' rows)")
+    totals = Counter(r.status for r in rows)
+    print("\nasterCC statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    print(f"the Mobilgroup simulator took {sends['accepted']} messages, refused {sends['duplicate']} resends "
+          f"as already sent, and answered {len(simulator.events('fault'))} requests with HTTP 503")
