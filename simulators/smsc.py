@@ -10,7 +10,7 @@ and the TLVs too when `receipt_tlvs`) for every accepted part to a bound receive
 receipts while none is bound, and sends again those a receiver answered with an error status or left
 unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat:UNDELIV err:001`.
 `send_reply(from_number, text)` delivers a recipient's reply (an MO message). `fail_next(status, count)`
-makes the next submits fail.
+makes the next submits fail; `latency_s` delays every `submit_sm_resp` (a slow link, per session).
 
 Everything is recorded in `journal` (dicts with a `kind`: `bind`, `submit`, `deliver`, `deliver_resp`,
 `unbind`, `drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes.
@@ -146,6 +146,7 @@ class _Session(socketserver.BaseRequestHandler):
             self._answer(pdu, "generic_nack", status=consts.SMPP_ESME_RINVBNDSTS)
         elif command == "submit_sm":
             status, message_id = self.server._submit(self, pdu)
+            time.sleep(self.server.latency_s)
             self._answer(pdu, "submit_sm_resp", status=status, message_id=message_id or "")
         elif command == "deliver_sm_resp":
             fields = self.unacked.pop(pdu.sequence, None)
@@ -199,7 +200,7 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
                  password: str = "secret", identical_window_s: float = 60.0,
                  identical_status: int = consts.SMPP_ESME_RTHROTTLED, receipt_delay_s: float = 0.5,
                  receipts: bool = True, receipt_tlvs: bool = False, undeliverable_suffix: str = "13",
-                 idle_timeout_s: float | None = 120.0):
+                 idle_timeout_s: float | None = 120.0, latency_s: float = 0.0):
         super().__init__((host, port), _Session)
         self.system_id, self.password = system_id, password
         self.identical_window_s = identical_window_s
@@ -208,6 +209,7 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
         self.receipts, self.receipt_tlvs = receipts, receipt_tlvs
         self.undeliverable_suffix = undeliverable_suffix
         self.idle_timeout_s = idle_timeout_s
+        self.latency_s = latency_s
         self.sequence = SimpleSequenceGenerator()
         self.lock = threading.Lock()
         self.journal: list[dict] = []

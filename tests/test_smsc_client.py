@@ -201,3 +201,29 @@ def test_threads_sharing_a_client_take_turns_on_one_session(sim, make_client):
         results = list(pool.map(lambda n: client.send(msg(f"parallel {n}", reference=n)), range(20)))
     assert len({r.provider_message_id for r in results}) == 20
     assert client.binds == 1 and len(sim.events("submit")) == 20
+
+
+def test_each_send_is_one_round_trip_and_processes_send_in_parallel(make_client):
+    """With 50 ms per answer, one client does ~20 one-part sends a second, and two clients (two worker
+    processes) twice that: no per-message bind, no extra round trip, sessions not serialised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    simulator = SmscSimulator(receipts=False, latency_s=0.05).start()
+    try:
+        clients = [make_client(simulator) for _ in range(2)]
+        for number, client in enumerate(clients):
+            client.send(msg("bind first", recipient=f"7900111000{number}"))
+
+        def batch(pair):
+            number, client = pair
+            for n in range(10):
+                client.send(msg(f"n{n}", reference=n, recipient=f"7900111000{number}"))
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(batch, enumerate(clients)))
+        elapsed = time.monotonic() - started
+        assert 0.5 <= elapsed < 0.9  # 10 round trips of 50 ms in each session, side by side
+        assert len(simulator.events("bind")) == 2 and simulator.sessions("tx") == 2
+    finally:
+        simulator.stop()
