@@ -38,6 +38,7 @@ If the store cannot be reached, `ThrottleUnavailable` is raised: the caller must
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
@@ -133,7 +134,7 @@ def _permit(wait_us: int, reserved: bool, reason: str) -> Permit:
     return Permit(max(0, wait_us) / _MICRO, reserved, reason)
 
 
-# KEYS: 1 slots (zset: member "slot:weight", score slot), 2 pause, 3 identical mark ("" when unused),
+# KEYS: 1 slots (zset: member "slot:weight", score slot), 2 pause, 3 identical mark (read only with an identity),
 #       4 throttled counter.
 # ARGV: 1 interval_us, 2 window_us, 3 capacity, 4 weight, 5 identical_us, 6 max_wait_us, 7 horizon_us,
 #       8 counter ttl s.
@@ -269,7 +270,8 @@ class RedisThrottle:
 class LocalThrottle:
     """The same rules for the worker processes of one host, in a SQLite file, on this host's clock.
 
-    SQLite's own file locking (`BEGIN IMMEDIATE`) makes each decision atomic across processes.
+    SQLite's own file locking (`BEGIN IMMEDIATE`) makes each decision atomic across processes; the file is
+    `path`, with `path.lock` beside it for setting it up.
     """
 
     _SCHEMA = """
@@ -294,8 +296,15 @@ class LocalThrottle:
         if self._db is None or self._pid != os.getpid():
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(self._SCHEMA)
+            # Switching to WAL fails at once ("database is locked", no busy wait) while another process uses
+            # the file, so processes set up one at a time and only the first one switches.
+            with open(self._path.with_name(self._path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(self._SCHEMA)
+            # Losing the last grants in a power cut costs nothing; an fsync per grant costs arrival jitter.
+            db.execute("PRAGMA synchronous=NORMAL")
             self._db, self._pid = db, os.getpid()
         return self._db
 
@@ -310,7 +319,7 @@ class LocalThrottle:
                 raise
             db.execute("COMMIT")
             return result
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise ThrottleUnavailable(
                 f"cannot {what}: the throttle file {self._path} failed ({exc}); not sending, will retry"
             ) from exc
@@ -320,31 +329,34 @@ class LocalThrottle:
         db.execute("INSERT INTO counters VALUES (?, 1) ON CONFLICT (account) DO UPDATE SET throttled = throttled + 1",
                    (account,))
 
-    def _refuse(self, db: sqlite3.Connection, account: str, wait_us: int, reason: str) -> Permit:
+    def _refuse(self, db: sqlite3.Connection, account: str, until_us: int, reason: str) -> tuple[int, bool, str]:
         self._count_throttled(db, account)
-        return _permit(wait_us, False, reason)
+        return until_us, False, reason
 
     def acquire(self, account: str, rate: float, *, cost: int = 1, identity: str | None = None,
                 identical_s: float = 60.0, max_wait_s: float = 2.0) -> Permit:
         schedule = _Schedule.of(rate, cost, self._guard_s)
         identical_us = round(identical_s * _MICRO) if identity else 0
-        return self._transaction("check the rate limit",
-                                 lambda db, now: self._decide(db, now, account, schedule, identity, identical_us,
-                                                              round(max_wait_s * _MICRO)))
+        until_us, reserved, reason = self._transaction(
+            "check the rate limit",
+            lambda db, now: self._decide(db, now, account, schedule, identity, identical_us,
+                                         round(max_wait_s * _MICRO)))
+        # The wait counts from when the caller gets it, not from before the commit: same clock, less jitter.
+        return _permit(until_us - time.time_ns() // 1000, reserved, reason)
 
     def _decide(self, db: sqlite3.Connection, now: int, account: str, schedule: _Schedule,
-                identity: str | None, identical_us: int, max_wait_us: int) -> Permit:
-        """The Redis script's decision, step for step (see `_ACQUIRE_LUA`)."""
+                identity: str | None, identical_us: int, max_wait_us: int) -> tuple[int, bool, str]:
+        """The Redis script's decision, step for step (see `_ACQUIRE_LUA`), as (until when, reserved, reason)."""
         db.execute("DELETE FROM marks WHERE expires_us <= ?", (now,))
         if identical_us:
             row = db.execute("SELECT slot_us FROM marks WHERE account = ? AND identity = ?",
                              (account, identity)).fetchone()
             if row and row[0] + identical_us > now:
-                return self._refuse(db, account, row[0] + identical_us - now, "identical")
+                return self._refuse(db, account, row[0] + identical_us, "identical")
 
         row = db.execute("SELECT until_us FROM pauses WHERE account = ?", (account,)).fetchone()
         if row and row[0] > now:
-            return self._refuse(db, account, row[0] - now, "paused")
+            return self._refuse(db, account, row[0], "paused")
 
         db.execute("DELETE FROM grants WHERE account = ? AND slot_us < ?", (account, now - schedule.horizon_us))
         grants = db.execute("SELECT slot_us, weight FROM grants WHERE account = ? ORDER BY slot_us",
@@ -363,14 +375,14 @@ class LocalThrottle:
 
         wait = slot - now
         if wait > max_wait_us:
-            return self._refuse(db, account, wait, "rate")
+            return self._refuse(db, account, slot, "rate")
         db.execute("INSERT INTO grants VALUES (?, ?, ?)", (account, slot, schedule.weight))
         if identical_us:
             db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?, ?, ?)",
                        (account, identity, slot, slot + identical_us))
         if wait > 0:
             self._count_throttled(db, account)
-        return _permit(wait, True, "ok")
+        return slot, True, "ok"
 
     def pause(self, account: str, seconds: float) -> None:
         def pause(db: sqlite3.Connection, now: int) -> None:

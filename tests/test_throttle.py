@@ -1,0 +1,290 @@
+"""The fleet-wide rate limit and identical-request rule (`tasks.throttle`), on real Redis and a real SQLite file.
+
+Redis must be running on 127.0.0.1:6379 (DB 2 is used, under a random key prefix that is deleted
+afterwards); the tests fail, not skip, without it. Several tests start OS processes, as Celery's prefork
+workers are, and read the time each grant's slot begins.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import random
+import socket
+import time
+import traceback
+import uuid
+from functools import partial
+
+import pytest
+import redis
+
+from settings import load_settings
+from tasks.throttle import (
+    LocalThrottle, RedisThrottle, ThrottleUnavailable, identity_of, make_throttle,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+REDIS_URL = "redis://127.0.0.1:6379/2"
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def redis_prefix():
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    client.ping()  # Redis down: an error here, never a skip
+    prefix = f"sms:throttle:test-{uuid.uuid4().hex}:"
+    yield prefix
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(params=["redis", "local"])
+def new_throttle(request, tmp_path):
+    """A factory of throttles sharing one store: call it once per process, as each worker would."""
+    if request.param == "redis":
+        return partial(RedisThrottle, REDIS_URL, prefix=request.getfixturevalue("redis_prefix"))
+    return partial(LocalThrottle, tmp_path / "throttle.sqlite3")
+
+
+@pytest.fixture
+def throttle(new_throttle):
+    t = new_throttle()
+    yield t
+    t.close()
+
+
+def largest_window(times: list[float], weights: list[int] | None = None, length: float = 1.0) -> int:
+    """The largest total weight of events in any half-open window [t, t + length)."""
+    events = sorted(zip(times, weights or [1] * len(times)))
+    best = total = start = 0
+    for at, weight in events:
+        total += weight
+        while events[start][0] <= at - length:
+            total -= events[start][1]
+            start += 1
+        best = max(best, total)
+    return best
+
+
+def _send_loop(new_throttle, account, rate, count, go, results):
+    """One worker: acquire, sleep as told, record when the reserved slot began (or why it stopped)."""
+    throttle = new_throttle()
+    go.wait(10)
+    times = []
+    deadline = time.monotonic() + 45
+    try:
+        while len(times) < count and time.monotonic() < deadline:
+            permit = throttle.acquire(account, rate, max_wait_s=2.0)
+            time.sleep(permit.wait_s)
+            if permit.reserved:
+                times.append(time.time())
+    except Exception:
+        results.put(traceback.format_exc())
+        raise
+    finally:
+        throttle.close()
+    results.put(times)
+
+
+def run_workers(new_throttle, processes: int, per_process: int, rate: float) -> tuple[float, list[float]]:
+    """Start `processes` workers on one account; return the start time and every grant's slot time."""
+    go, results = FORK.Event(), FORK.Queue()
+    workers = [FORK.Process(target=_send_loop, args=(new_throttle, "mobilgroup:1", rate, per_process, go, results))
+               for _ in range(processes)]
+    try:
+        for worker in workers:
+            worker.start()
+        started = time.time()
+        go.set()
+        times = []
+        for _ in workers:
+            result = results.get(timeout=50)
+            assert isinstance(result, list), result
+            times += result
+    finally:
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    return started, times
+
+
+@pytest.mark.parametrize("backend, processes, per_process", [("redis", 8, 38), ("local", 4, 40)])
+def test_many_processes_never_exceed_the_rate_and_keep_close_to_it(request, tmp_path, backend, processes,
+                                                                      per_process):
+    rate = 20
+    if backend == "redis":
+        new_throttle = partial(RedisThrottle, REDIS_URL, prefix=request.getfixturevalue("redis_prefix"))
+    else:
+        new_throttle = partial(LocalThrottle, tmp_path / "throttle.sqlite3")
+
+    started, times = run_workers(new_throttle, processes, per_process, rate)
+
+    count = processes * per_process
+    assert len(times) == count
+    assert largest_window(times) <= rate
+    assert max(times) - started <= 1.1 * count / rate
+
+
+def reserve_all(throttle, rate: float, costs: list[int]) -> list[float]:
+    """Reserve a slot for each message in turn (far ahead, no sleeping); return the slot times."""
+    slots = []
+    for cost in costs:
+        permit = throttle.acquire("smsc:1", rate, cost=cost, max_wait_s=60)
+        assert permit.reserved
+        slots.append(time.time() + permit.wait_s)
+    return slots
+
+
+def test_multi_part_messages_count_every_part(throttle):
+    costs = [random.Random(5).choice([1, 1, 1, 2, 3, 5]) for _ in range(40)]
+    assert largest_window(reserve_all(throttle, 10, costs), costs) <= 10
+
+
+def test_two_part_messages_flow_close_to_the_rate(throttle):
+    costs = [2] * 30
+    slots = reserve_all(throttle, 10, costs)
+    assert largest_window(slots, costs) <= 10
+    assert slots[-1] - slots[0] <= 1.1 * sum(costs[:-1]) / 10
+
+
+def test_a_message_longer_than_the_limit_goes_alone(throttle):
+    first = throttle.acquire("smsc:1", 3, cost=7, max_wait_s=10)
+    second = throttle.acquire("smsc:1", 3, max_wait_s=10)
+    assert first.reserved and first.wait_s == 0
+    assert second.reserved and second.wait_s >= 1.0
+
+
+def test_identical_request_waits_without_taking_a_rate_slot_then_goes(throttle):
+    same = identity_of("79991234567", "Your code is 1234")
+    before = time.time()
+    first = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
+    blocked = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
+    other = throttle.acquire("smsc:1", 1, identity=identity_of("79991234567", "other"), identical_s=2,
+                             max_wait_s=5)
+
+    assert (first.reserved, first.reason, first.wait_s) == (True, "ok", 0.0)
+    assert (blocked.reserved, blocked.reason) == (False, "identical")
+    assert 1.9 <= blocked.wait_s <= 2.0
+    # At 1/s the next slot is one (guarded) second away; it would be two had the blocked request taken one.
+    assert other.reserved and 1.0 <= other.wait_s <= 1.1
+
+    time.sleep(blocked.wait_s)
+    again = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
+    assert again.reserved and again.reason == "ok"
+    assert time.time() + again.wait_s - before >= 2.0
+
+
+def test_identical_gap_is_measured_from_the_reserved_slot(throttle):
+    same = identity_of("79991234567", "hello")
+    throttle.acquire("smsc:1", 1, max_wait_s=5)
+    reserved = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
+    blocked = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
+
+    assert reserved.reserved and 1.0 <= reserved.wait_s <= 1.1
+    assert blocked.reason == "identical"
+    assert reserved.wait_s + 1.95 <= blocked.wait_s <= reserved.wait_s + 2.0
+
+
+def test_identical_rule_is_per_account_and_off_at_zero(throttle):
+    same = identity_of("79991234567", "hello")
+    assert throttle.acquire("smsc:1", 10, identity=same, identical_s=2).reason == "ok"
+    assert throttle.acquire("smsc:2", 10, identity=same, identical_s=2).reason == "ok"
+    assert throttle.acquire("smsc:1", 10, identity=same, identical_s=0).reason == "ok"
+
+
+def test_rate_refusal_reserves_nothing_and_reports_the_wait(throttle):
+    for _ in range(3):
+        assert throttle.acquire("ozeki:1", 2, max_wait_s=1.1).reserved
+    refused = throttle.acquire("ozeki:1", 2, max_wait_s=1.1)
+    after = throttle.acquire("ozeki:1", 2, max_wait_s=5)
+
+    assert (refused.reserved, refused.reason) == (False, "rate")
+    assert 1.5 <= refused.wait_s <= 1.6
+    assert after.reserved and after.wait_s == pytest.approx(refused.wait_s, abs=0.02)
+    assert throttle.throttled_count("ozeki:1") == 4  # two reserved waits, one refusal, one more reserved wait
+    assert throttle.throttled_count("ozeki:2") == 0
+
+
+def test_pause_holds_the_account_until_it_ends(throttle):
+    throttle.pause("accolades:1", 1.0)
+    throttle.pause("accolades:1", 0.1)  # a shorter pause does not cut the first one short
+    paused = throttle.acquire("accolades:1", 10)
+
+    assert (paused.reserved, paused.reason) == (False, "paused")
+    assert 0.9 <= paused.wait_s <= 1.0
+    assert throttle.acquire("accolades:2", 10).reason == "ok"
+
+    time.sleep(paused.wait_s)
+    again = throttle.acquire("accolades:1", 10)
+    assert again.reserved and again.reason == "ok"
+
+
+def test_redis_keys_expire_and_hold_no_number_or_text(redis_prefix):
+    throttle = RedisThrottle(REDIS_URL, prefix=redis_prefix)
+    throttle.acquire("smsc:1", 5, identity=identity_of("79991234567", "secret text"), identical_s=2)
+    throttle.acquire("smsc:1", 5)
+    throttle.pause("smsc:2", 1)
+    throttle.close()
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=redis_prefix + "*"))
+    assert len(keys) >= 4
+    for key in keys:
+        assert client.pttl(key) > 0, key
+        assert b"79991234567" not in key and b"secret" not in key
+        if client.type(key) == b"string":
+            assert b"79991234567" not in client.get(key)
+    client.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_redis_raises_and_says_where_without_the_password():
+    port = _closed_port()
+    throttle = RedisThrottle(f"redis://:hunter2@127.0.0.1:{port}/2")
+    started = time.monotonic()
+    for call in (lambda: throttle.acquire("smsc:1", 10), lambda: throttle.pause("smsc:1", 5),
+                 lambda: throttle.throttled_count("smsc:1")):
+        with pytest.raises(ThrottleUnavailable) as caught:
+            call()
+        assert f"127.0.0.1:{port}" in str(caught.value)
+        assert "hunter2" not in str(caught.value)
+    assert time.monotonic() - started < 5
+
+
+def test_silent_redis_times_out_within_the_bound():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # accepts connections into the backlog, never answers
+        throttle = RedisThrottle(f"redis://127.0.0.1:{server.getsockname()[1]}/2", timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(ThrottleUnavailable, match="Timeout"):
+            throttle.acquire("smsc:1", 10)
+        assert time.monotonic() - started < 3
+
+
+def test_unusable_local_file_raises(tmp_path):
+    (tmp_path / "not-a-dir").write_text("")
+    throttle = LocalThrottle(tmp_path / "not-a-dir" / "throttle.sqlite3")
+    with pytest.raises(ThrottleUnavailable, match="throttle file"):
+        throttle.acquire("smsc:1", 10)
+
+
+def test_identity_is_a_stable_digest():
+    digest = identity_of("79991234567", "hello")
+    assert digest == identity_of("79991234567", "hello")
+    assert digest != identity_of("79991234567", "hello!") != identity_of("79991234568", "hello")
+    assert len(digest) == 64 and "79991234567" not in digest
+
+
+def test_make_throttle_uses_redis_when_configured_else_a_local_file():
+    assert isinstance(make_throttle(load_settings(redis_url=REDIS_URL)), RedisThrottle)
+    assert isinstance(make_throttle(load_settings(redis_url=None, broker_url="filesystem://")), LocalThrottle)
