@@ -13,7 +13,9 @@ allows, and sends meanwhile fail fast with the same kind of error. A one-part me
 
 A long text goes as UDH-concatenated parts, submitted one after another (see `providers.smsc_text` for
 encodings, the comment after `"\n~~~\n"`, and channel prefixes). If a later part fails after earlier parts
-were accepted, the message is reported as `PermanentError`: a retry would send the first parts twice.
+were accepted, the message is reported as `PermanentError`: a retry would send the first parts twice. A
+connection lost after a submit was written but before its answer is a `TransientError`; whether that
+part arrived is unknown, so a retry may deliver it twice (at-least-once, as with any SMPP client).
 
 `parse_deliver_sm` turns the fields of a `deliver_sm` into a `DeliveryReport`: a delivery receipt in the
 text form (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:… text:…`), the HLR form (`id:… stat:…
@@ -325,7 +327,8 @@ class SmscClient:
     def _keep_alive(self) -> None:
         """Background thread: an enquire_link whenever the session has been idle for enquire_link_s."""
         while not self._stop.wait(max(0.05, self.enquire_link_s / 4)):
-            if time.monotonic() - self._last_io < self.enquire_link_s or not self._lock.acquire(blocking=False):
+            idle = time.monotonic() - self._last_io >= self.enquire_link_s
+            if not idle or not self._lock.acquire(blocking=False):  # a busy session needs no keep-alive
                 continue
             try:
                 if self._smpp is not None:
@@ -336,14 +339,6 @@ class SmscClient:
                 self._drop()
             finally:
                 self._lock.release()
-
-    @classmethod
-    def from_settings(cls, settings, **options) -> "SmscClient":
-        """A client from the `SMS_SMSC_*` settings."""
-        password = settings.smsc_password.get_secret_value() if settings.smsc_password else ""
-        return cls(host=settings.smsc_host, port=settings.smsc_port, system_id=settings.smsc_system_id or "",
-                   password=password, system_type=settings.smsc_system_type,
-                   source_addr=settings.smsc_source_addr, **options)
 
 
 # --- receipts and replies ---------------------------------------------------------------------------

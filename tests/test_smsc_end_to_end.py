@@ -83,7 +83,8 @@ def wait_for(predicate, timeout: float = 10.0):
 
 def test_receipts_and_a_reply_land_in_astercc(rt, sim):
     engine, tag = rt.engine, uuid.uuid4().hex[:8]
-    delivered = insert_new(engine, "79001234567", f"Ваш заказ {tag} готов. " * 4)  # 104 characters: 2 UCS-2 parts
+    # 104 characters of Cyrillic: two UCS-2 parts, so two receipts
+    delivered = insert_new(engine, "79001234567", f"Ваш заказ {tag} готов. " * 4)
     failed = insert_new(engine, "79001230013", f"Order {tag} is ready")
     queued: list[int] = []
     workflow.dispatch_due(rt, lambda ids, provider: queued.extend(ids), budget_s=5)

@@ -18,7 +18,8 @@ def test_text_receipt_delivered():
 
 
 @pytest.mark.parametrize(("stat", "err", "reason"), [
-    ("UNDELIV", "001", "not delivered: the network could not deliver it (the number does not exist, error 1)"),
+    ("UNDELIV", "001", "not delivered: the network could not deliver it "
+                       "(the number does not exist, error 1)"),
     ("EXPIRED", "006", "not delivered: the phone was unreachable until the message expired "
                        "(the phone is off or out of coverage, error 6)"),
     ("REJECTD", "253", "not delivered: rejected by the operator or by smsc.ru (rejected by the spam filter, "
