@@ -1,0 +1,174 @@
+"""Shared fixtures: a throw-away MariaDB database with asterCC's tables (made as asterCC makes them) and
+ours, a Redis database for the broker and the throttle, and real `celery worker` / `celery beat`
+subprocesses started with the environment a deployment would give them.
+
+Nothing here skips: when MariaDB or Redis is missing, the fixtures raise and the tests fail, as they must
+in CI. Every process started is stopped, every wait has a timeout, and the databases are dropped or
+flushed afterwards.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from db import schema
+from db.engine import engine_for
+
+MARIADB = os.environ.get("SMS_TEST_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306")
+REDIS = os.environ.get("SMS_TEST_REDIS", "redis://127.0.0.1:6379/11")
+ROOT = Path(__file__).resolve().parent.parent
+CELERY_QUEUES = "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"
+
+
+@pytest.fixture(scope="session")
+def mariadb_url():
+    """A fresh MariaDB database with asterCC's tables (MyISAM, zero dates) and ours, dropped at the end."""
+    name = f"sms_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(MARIADB + "/", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    url = f"{MARIADB}/{name}?charset=utf8mb4"
+    schema.create_astercc(engine_for(url))
+    schema.upgrade(url)
+    yield url
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name}"))
+    admin.dispose()
+
+
+@pytest.fixture
+def db(mariadb_url):
+    """The test database's engine, with every table emptied before the test."""
+    engine = engine_for(mariadb_url)
+    with engine.begin() as conn:
+        for table in ("cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids"):
+            conn.execute(text(f"TRUNCATE TABLE {table}"))
+    return engine
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis database for broker and throttle, empty before and after the test."""
+    client = redis.Redis.from_url(REDIS, socket_timeout=5)
+    client.flushdb()
+    yield REDIS
+    client.flushdb()
+    client.close()
+
+
+def insert_rows(engine, rows, schedule_sql: str = "'0000-00-00 00:00:00'") -> list[int]:
+    """Insert asterCC rows as asterCC would: `rows` are (target, text or None for a missing archive)."""
+    ids = []
+    with engine.begin() as conn:
+        for target, body in rows:
+            archive = 0
+            if body is not None:
+                archive = conn.execute(text(
+                    "INSERT INTO cc10_batchcontact_archives (archivetype, content) VALUES ('sms', :c)"),
+                    {"c": body}).lastrowid
+            ids.append(conn.execute(text(
+                "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime, creby,"
+                f" created) VALUES (:a, :t, 'new', {schedule_sql}, 'agent', NOW())"),
+                {"a": archive, "t": target}).lastrowid)
+    return ids
+
+
+def rows_by_id(engine) -> dict[int, dict]:
+    with engine.connect() as conn:
+        result = conn.execute(text(
+            "SELECT b.id, b.status, b.error_msg, b.contacttime, b.responsenote, d.state, d.attempts,"
+            " d.provider, d.accepted_at FROM cc10_batchcontacts b"
+            " LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id"))
+        return {row.id: row._asdict() for row in result}
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.25, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def app_env(database_url: str, broker_url: str, **settings) -> dict[str, str]:
+    """The environment of a deployment: our settings only, on top of this process's PATH and such."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
+    env.update({"SMS_DATABASE_URL": database_url, "CELERY_BROKER_URL": broker_url,
+                "PYTHONUNBUFFERED": "1"})
+    env.update({k: str(v) for k, v in settings.items()})
+    return env
+
+
+class CeleryProcess:
+    """A `celery -A tasks …` subprocess in its own process group, logging to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args], env=env,
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the worker and every pool child, mid-task."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def celery(tmp_path):
+    """Start Celery processes: `celery("worker", env=…)`; all are stopped after the test."""
+    started: list[CeleryProcess] = []
+
+    def start(kind: str, env: dict[str, str], *extra: str) -> CeleryProcess:
+        args = [kind, "-l", "info"]
+        if kind == "worker":
+            args += ["-Q", CELERY_QUEUES, "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h",
+                     "--without-mingle", "--without-gossip"]
+        else:
+            args += ["-s", str(tmp_path / f"beat-{len(started)}")]
+        process = CeleryProcess(args + list(extra), env, tmp_path / f"{kind}-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@contextmanager
+def started(server):
+    """Run a simulator for the duration of a `with` block."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
