@@ -12,12 +12,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# mysqlclient compiles against the MariaDB client headers; a fresh Debian machine may lack them.
+# System packages: the MariaDB client headers mysqlclient compiles against, and docker-compose, which
+# the tests use to validate docker-compose.yml (no Docker engine needed). A fresh Debian machine may lack both.
 deps:
-	@pkg-config --exists libmariadb 2>/dev/null || pkg-config --exists mysqlclient 2>/dev/null || { \
-	  echo "installing the MariaDB client headers that mysqlclient builds against"; \
+	@missing=""; \
+	pkg-config --exists libmariadb 2>/dev/null || pkg-config --exists mysqlclient 2>/dev/null \
+	  || missing="libmariadb-dev pkg-config"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libmariadb-dev pkg-config >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 $(STAMP): requirements.lock pyproject.toml | deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -1,0 +1,69 @@
+"""What an operator meets when deploying: settings validated at start-up with the variable named, the
+commands of the command-line contract, and a docker-compose.yml that Compose accepts."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import inspect
+
+from db.engine import engine_for
+from settings import ConfigError, load_settings
+from tests.conftest import ROOT, app_env
+
+
+def test_a_bad_value_names_its_variable(monkeypatch):
+    monkeypatch.setenv("SMS_DISPATCH_BATCH", "lots")
+    with pytest.raises(ConfigError, match="SMS_DISPATCH_BATCH"):
+        load_settings()
+
+
+def test_a_bad_route_names_the_variable_and_the_expected_form(monkeypatch):
+    monkeypatch.setenv("SMS_ROUTES", "7=mobilgroup,40=twilio")
+    with pytest.raises(ConfigError, match=r"SMS_ROUTES.*'40=twilio' must look like DIGITS=PROVIDER"):
+        load_settings()
+
+
+def test_missing_credentials_of_a_routed_provider_are_named(monkeypatch):
+    monkeypatch.setenv("SMS_DEFAULT_PROVIDER", "mobilgroup")
+    monkeypatch.setenv("SMS_ROUTES", "40=accolades")
+    monkeypatch.setenv("SMS_MOBILGROUP_USER_ID", "1")
+    monkeypatch.setenv("SMS_MOBILGROUP_USER", "u")
+    monkeypatch.setenv("SMS_MOBILGROUP_PASSWORD", "p")
+    with pytest.raises(ConfigError) as error:
+        load_settings().require_sending()
+    assert "SMS_ACCOLADES_ACCOUNT" in str(error.value) and "SMS_ACCOLADES_PASSWORD" in str(error.value)
+
+
+def test_secrets_never_appear_in_the_settings_repr(monkeypatch):
+    monkeypatch.setenv("SMS_MOBILGROUP_PASSWORD", "hunter2-secret")
+    assert "hunter2-secret" not in repr(load_settings())
+
+
+def test_a_worker_without_a_provider_refuses_to_start_and_says_what_to_set(mariadb_url, redis_url):
+    env = app_env(mariadb_url, redis_url)
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "set SMS_DEFAULT_PROVIDER" in result.stdout + result.stderr
+
+
+def test_smsctl_creates_both_sets_of_tables_and_upgrading_twice_is_harmless(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = app_env(url, "filesystem://", SMS_VAR_DIR=str(tmp_path))
+    for args in (["db", "create-astercc"], ["db", "upgrade"], ["db", "upgrade"]):
+        subprocess.run([sys.executable, "-m", "smsctl.cli", *args], env=env, cwd=ROOT, check=True,
+                       capture_output=True, timeout=60)
+    assert {"cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids"} <= set(
+        inspect(engine_for(url)).get_table_names())
+
+
+def test_compose_accepts_the_compose_file(tmp_path):
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is missing: `make deps` installs it"
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")  # the README's first deployment step
+    result = subprocess.run([compose, "config", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
