@@ -17,6 +17,7 @@ from functools import partial
 import pytest
 import redis
 
+from bench.throttle_bench import largest_window
 from settings import load_settings
 from tasks.throttle import (
     LocalThrottle, RedisThrottle, ThrottleUnavailable, identity_of, make_throttle,
@@ -55,19 +56,6 @@ def throttle(new_throttle):
     t.close()
 
 
-def largest_window(times: list[float], weights: list[int] | None = None, length: float = 1.0) -> int:
-    """The largest total weight of events in any half-open window [t, t + length)."""
-    events = sorted(zip(times, weights or [1] * len(times)))
-    best = total = start = 0
-    for at, weight in events:
-        total += weight
-        while events[start][0] <= at - length:
-            total -= events[start][1]
-            start += 1
-        best = max(best, total)
-    return best
-
-
 def _send_loop(new_throttle, account, rate, count, go, results):
     """One worker: acquire, sleep as told, record when the reserved slot began (or why it stopped)."""
     throttle = new_throttle()
@@ -88,40 +76,33 @@ def _send_loop(new_throttle, account, rate, count, go, results):
     results.put(times)
 
 
-def run_workers(new_throttle, processes: int, per_process: int, rate: float) -> tuple[float, list[float]]:
-    """Start `processes` workers on one account; return the start time and every grant's slot time."""
+def run_processes(target, args: tuple, processes: int, timeout_s: float) -> tuple[float, list]:
+    """Run `processes` copies of `target(*args, go, results)` released together by `go`; return the
+    release time and what each put on `results`."""
     go, results = FORK.Event(), FORK.Queue()
-    workers = [FORK.Process(target=_send_loop, args=(new_throttle, "mobilgroup:1", rate, per_process, go, results))
-               for _ in range(processes)]
+    workers = [FORK.Process(target=target, args=(*args, go, results)) for _ in range(processes)]
     try:
         for worker in workers:
             worker.start()
         started = time.time()
         go.set()
-        times = []
-        for _ in workers:
-            result = results.get(timeout=50)
-            assert isinstance(result, list), result
-            times += result
+        return started, [results.get(timeout=timeout_s) for _ in workers]
     finally:
         for worker in workers:
             worker.join(timeout=5)
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-    return started, times
 
 
-@pytest.mark.parametrize("backend, processes, per_process", [("redis", 8, 38), ("local", 4, 40)])
-def test_many_processes_never_exceed_the_rate_and_keep_close_to_it(request, tmp_path, backend, processes,
-                                                                      per_process):
+@pytest.mark.parametrize("new_throttle, processes, per_process", [("redis", 8, 38), ("local", 4, 40)],
+                         indirect=["new_throttle"])
+def test_many_processes_never_exceed_the_rate_and_keep_close_to_it(new_throttle, processes, per_process):
     rate = 20
-    if backend == "redis":
-        new_throttle = partial(RedisThrottle, REDIS_URL, prefix=request.getfixturevalue("redis_prefix"))
-    else:
-        new_throttle = partial(LocalThrottle, tmp_path / "throttle.sqlite3")
-
-    started, times = run_workers(new_throttle, processes, per_process, rate)
+    started, results = run_processes(_send_loop, (new_throttle, "mobilgroup:1", rate, per_process), processes,
+                                     timeout_s=50)
+    assert all(isinstance(result, list) for result in results), results
+    times = [at for result in results for at in result]
 
     count = processes * per_process
     assert len(times) == count
@@ -176,6 +157,20 @@ def test_identical_request_waits_without_taking_a_rate_slot_then_goes(throttle):
     again = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
     assert again.reserved and again.reason == "ok"
     assert time.time() + again.wait_s - before >= 2.0
+
+
+def _acquire_once(new_throttle, identity, go, results):
+    throttle = new_throttle()
+    go.wait(10)
+    try:
+        results.put(throttle.acquire("smsc:1", 100, identity=identity, identical_s=2).reason)
+    finally:
+        throttle.close()
+
+
+def test_identical_requests_from_many_processes_at_once_get_one_grant(new_throttle):
+    _, reasons = run_processes(_acquire_once, (new_throttle, identity_of("7999", "hi")), 6, timeout_s=20)
+    assert sorted(reasons) == ["identical"] * 5 + ["ok"]
 
 
 def test_identical_gap_is_measured_from_the_reserved_slot(throttle):
