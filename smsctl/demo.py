@@ -1,18 +1,23 @@
 """`make demo`: the whole job on the embedded default, with no services to install.
 
 It makes a fresh SQLite database under `var/demo/`, creates asterCC's tables and ours, seeds sample asterCC
-rows (most due now, some scheduled a little later, some invalid, some to numbers the simulator will report
-undeliverable), starts local provider simulators, a Celery beat and a Celery worker on the filesystem
-broker, shows progress once a second, and exits 0 with a summary once every row reached a final status
-(1 if it did not within the time limit).
+rows (most due now, some scheduled a little later, some invalid, some to numbers the simulators will report
+undeliverable), starts the four provider simulators, the webhook app and the SMPP receiver in this process,
+and a Celery beat and a Celery worker on the filesystem broker; it shows progress once a second and exits 0
+with a summary once every row reached a final status (1 if it did not within the time limit).
+
+Routing: Russian numbers (+7) go to Mobilgroup (the default), Romanian (+40) to Accolades, British (+44)
+to Ozeki, German (+49) to smsc.ru over SMPP.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +33,9 @@ def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:
     """(target, text, schedule, what it shows): mostly good rows, then the cases an operator meets."""
     special = [
         ("+7 903 555-00-13", "Your order has shipped.", "now", "undeliverable (reported by the poll)"),
+        ("+40 721 555 013", "Comanda dvs. a fost expediată.", "now", "Accolades, undeliverable (webhook)"),
+        ("+44 7700 900013", "Your parcel is delayed.", "now", "Ozeki, undeliverable (webhook)"),
+        ("+49 1512 3456013", "Ihr Termin ist morgen.", "now", "smsc.ru, undeliverable (SMPP receipt)"),
         ("12", "Hello", "now", "not a phone number"),
         ("+7 903 555-01-01", "", "now", "empty text"),
         ("+7 903 555-01-02", None, "now", "missing archive row"),
@@ -35,8 +43,11 @@ def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:
         ("8 (903) 555-01-04", "Reminder: your appointment is tomorrow at 10:00.", "later", "scheduled later"),
         ("+7 903 555 01 05", "Ваш код: 4711", "later", "scheduled later, Cyrillic"),
     ]
-    rows = [(f"+7 903 {500 + i // 100:03d}-{i % 100:02d}-{10 + i % 80:02d}",
-             f"Demo message {i}: thank you for calling.", "now", "due now") for i in range(max(n - len(special), 0))]
+    # One template per route; ending in 2 keeps ordinary numbers clear of the simulators' "undeliverable" 13.
+    countries = ["+7 903 {:03d}-{:02d}-12", "+40 721 {:03d} {:02d}2", "+44 7700 {:03d}{:02d}2",
+                 "+49 1512 3{:03d}{:02d}2"]
+    rows = [(countries[i % 4].format(i, i % 100), f"Demo message {i}: thank you for calling.", "now", "due now")
+            for i in range(max(n - len(special), 0))]
     return rows + special
 
 
@@ -69,22 +80,89 @@ def _finished(statuses: Counter, states: Counter, total: int) -> bool:
     return sum(statuses[s] for s in FINAL) == total and not any(states[s] for s in OPEN_DISPATCH)
 
 
+class StandIns:
+    """The four provider simulators, the webhook app and the SMPP receiver, run in this process."""
+
+    def __init__(self):
+        from werkzeug.serving import make_server
+
+        from simulators.accolades import AccoladesSimulator
+        from simulators.mobilgroup import MobilgroupSimulator
+        from simulators.ozeki import OzekiSimulator
+        from simulators.smsc import SmscSimulator
+
+        self.mobilgroup = MobilgroupSimulator(fail_rate=0.15, seed=7).start()
+        self.accolades = AccoladesSimulator(report_delay_s=1.0).start()
+        self.ozeki = OzekiSimulator(report_delay_s=1.0).start()
+        self.smsc = SmscSimulator(receipt_delay_s=1.0)
+        self.smsc.start()
+        self._make_server = make_server
+        self._web = None
+        self._receiver_stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.public_url = ""
+
+    def env(self) -> dict[str, str]:
+        # The webhook app's port is taken now so that the workers can be told the callback URL.
+        from webhooks.app import TokenlessLogHandler
+
+        self._web_handler = TokenlessLogHandler
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.public_url = f"http://127.0.0.1:{port}"
+        m, a, o = self.mobilgroup, self.accolades, self.ozeki
+        return {
+            "SMS_DEFAULT_PROVIDER": "mobilgroup",
+            "SMS_ROUTES": "40=accolades,44=ozeki,49=smsc",
+            "SMS_PUBLIC_URL": self.public_url,
+            "SMS_WEBHOOK_SECRET": secrets.token_hex(16),
+            "SMS_MOBILGROUP_URL": m.api_url, "SMS_MOBILGROUP_USER_ID": m.user_id,
+            "SMS_MOBILGROUP_USER": m.user, "SMS_MOBILGROUP_PASSWORD": m.password,
+            "SMS_ACCOLADES_URL": a.url, "SMS_ACCOLADES_ACCOUNT": a.account, "SMS_ACCOLADES_PASSWORD": a.password,
+            "SMS_OZEKI_URL": o.url + "/api", "SMS_OZEKI_USERNAME": o.username, "SMS_OZEKI_PASSWORD": o.password,
+            "SMS_SMSC_HOST": "127.0.0.1", "SMS_SMSC_PORT": str(self.smsc.port),
+            "SMS_SMSC_SYSTEM_ID": self.smsc.system_id, "SMS_SMSC_PASSWORD": self.smsc.password,
+        }
+
+    def start_receivers(self) -> None:
+        """The webhook app and the SMPP receiver; they write to the database, so they start after it exists."""
+        from settings import get_settings
+        from tasks.smpp_receiver import run_receiver
+        from webhooks.app import create_app
+
+        port = int(self.public_url.rsplit(":", 1)[1])
+        self._web = self._make_server("127.0.0.1", port, create_app(), threaded=True,
+                                      request_handler=self._web_handler)
+        self._threads = [
+            threading.Thread(target=self._web.serve_forever, daemon=True),
+            threading.Thread(target=run_receiver, args=(get_settings(), self._receiver_stop), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._receiver_stop.set()
+        if self._web:
+            self._web.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for simulator in (self.mobilgroup, self.accolades, self.ozeki, self.smsc):
+            simulator.stop()
+
+
 def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
-    from simulators.mobilgroup import MobilgroupSimulator
-
-    mobilgroup = MobilgroupSimulator(fail_rate=0.15, seed=7).start()
+    stand_ins = StandIns()
     env = {
         **os.environ,
+        **stand_ins.env(),
         "SMS_VAR_DIR": str(DEMO_DIR),
         "SMS_DATABASE_URL": f"sqlite:///{DEMO_DIR / 'sms.db'}",
         "CELERY_BROKER_URL": "filesystem://",
-        "SMS_DEFAULT_PROVIDER": "mobilgroup",
-        "SMS_MOBILGROUP_URL": mobilgroup.api_url,
-        "SMS_MOBILGROUP_USER_ID": mobilgroup.user_id,
-        "SMS_MOBILGROUP_USER": mobilgroup.user,
-        "SMS_MOBILGROUP_PASSWORD": mobilgroup.password,
         # The simulator's messages "expire" at once, so the demo can show the status poll.
         "SMS_MOBILGROUP_POLL_AFTER_S": "3",
         "SMS_MOBILGROUP_POLL_INTERVAL_S": "1",
@@ -105,8 +183,9 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     schema.create_astercc(engine)
     sample = _sample_rows(rows)
     _seed(engine, sample)
-    print(f"seeded {len(sample)} asterCC rows into {DEMO_DIR / 'sms.db'}; Mobilgroup simulator at "
-          f"{mobilgroup.api_url} answering 15% of requests with HTTP 503")
+    stand_ins.start_receivers()
+    print(f"seeded {len(sample)} asterCC rows into {DEMO_DIR / 'sms.db'}; routes: {env['SMS_ROUTES']}, "
+          "the rest to mobilgroup, whose simulator answers 15% of requests with HTTP 503")
 
     celery = [sys.executable, "-m", "celery", "-A", "tasks"]
     procs = [
@@ -142,25 +221,28 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
-        mobilgroup.stop()
-    _summary(engine, sample, mobilgroup)
+        stand_ins.stop()
+    _summary(engine, sample, stand_ins)
     return code
 
 
-def _summary(engine, sample, simulator) -> None:
+def _summary(engine, sample, stand_ins: StandIns) -> None:
     with engine.connect() as conn:
         rows = conn.execute(text(
-            "SELECT b.id, b.status, b.error_msg, d.state, d.attempts FROM cc10_batchcontacts b "
+            "SELECT b.id, b.status, b.error_msg, d.state, d.attempts, d.provider FROM cc10_batchcontacts b "
             "LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id ORDER BY b.id")).all()
-    sends = Counter(e["outcome"] for e in simulator.events("send"))
+    sends = Counter(e["outcome"] for e in stand_ins.mobilgroup.events("send"))
     shown = [(row, what) for row, (_, _, _, what) in zip(rows, sample)]
     ordinary = [pair for pair in shown if pair[1] == "due now"]
-    print("\n  id  what it shows                            status   attempts  error_msg")
-    print("  --  ---------------------------------------  -------  --------  ---------")
-    for row, what in ordinary[:3] + [pair for pair in shown if pair[1] != "due now"]:
-        print(f"  {row.id:>2}  {what:<39}  {row.status:<7}  {row.attempts or 0:>8}  {row.error_msg}")
-    print(f"  (and {len(ordinary) - 3} more 'due now' rows)")
+    print("\n  id  what it shows                            provider    status   attempts  error_msg")
+    print("  --  ---------------------------------------  ----------  -------  --------  ---------")
+    for row, what in ordinary[:4] + [pair for pair in shown if pair[1] != "due now"]:
+        print(f"  {row.id:>2}  {what:<39}  {row.provider or '-':<10}  {row.status:<7}  {row.attempts or 0:>8}"
+              f"  {row.error_msg}")
+    print(f"  (and {len(ordinary) - 4} more 'due now' rows)")
     totals = Counter(r.status for r in rows)
     print("\nasterCC statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    print("by provider: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(r.provider or "none (invalid number)"
+                                                                           for r in rows).items())))
     print(f"the Mobilgroup simulator took {sends['accepted']} messages, refused {sends['duplicate']} resends "
-          f"as already sent, and answered {len(simulator.events('fault'))} requests with HTTP 503")
+          f"as already sent, and answered {len(stand_ins.mobilgroup.events('fault'))} requests with HTTP 503")
