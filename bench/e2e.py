@@ -1,0 +1,640 @@
+"""End-to-end benchmark of the dispatcher, side by side with the cron-script approach asterCC suggests.
+
+One invocation, against MariaDB and Redis on this machine:
+
+1. creates a throw-away database (asterCC's MyISAM tables and ours) and a throw-away MariaDB user, so that
+   `information_schema.USER_STATISTICS` counts exactly the statements of the processes under test (other
+   people's tests on the same server do not blur the figures; `userstat` is switched on for the run);
+2. optionally buries everything under `--filler` finished rows, seeded with `INSERT … SELECT` from
+   MariaDB's sequence engine;
+3. starts the Mobilgroup simulator in this process (`--latency` seconds per answer), `celery beat` and
+   `--workers` `celery worker` processes (`--pool`, `--concurrency`) on Redis DB `--redis-db` (flushed);
+4. light load: `--light-rows` rows fall due at `--light-rate` per second; the due-to-provider latency is
+   measured (row due time → when the simulator received the request);
+5. burst: `--rows` rows fall due at one whole second; the run ends when every row is final. Measured:
+   messages/s, latency p50/p99, statements and commits per message (our user's `USER_STATISTICS`), peak
+   RSS of each worker process, CPU seconds per 1,000 messages of workers + beat (psutil), of MariaDB (our
+   user's `CPU_TIME`) and of this process (the simulator);
+6. stops Celery, sets the same rows back to `new` and runs the baseline: what the seed's PHP cron script
+   does (select the due rows, then per row mark it `pending`, POST it, write the outcome), in one thread,
+   with the same HTTP client, stopping after `--baseline-max-s` (its rate is measured on what it did);
+7. prints one table with both and their ratio, and drops the database and the user.
+
+    .venv/bin/python bench/e2e.py --rows 10000 --workers 2 --concurrency 8 --pool prefork --latency 0
+    .venv/bin/python bench/e2e.py --rows 10000 --pool threads --concurrency 64 --latency 0.2
+    .venv/bin/python bench/e2e.py --tick-only --filler 1000000          # the dispatch tick alone
+
+The provider's rate limit (`SMS_MOBILGROUP_RATE`) is raised and the identical-request rule turned off
+(`SMS_MOBILGROUP_IDENTICAL_S=0`) so that neither caps the figures; the table says so.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import MySQLdb
+import psutil
+import redis
+from celery import Celery
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from db import schema, store  # noqa: E402
+from db.engine import engine_for  # noqa: E402
+from providers.base import OutgoingMessage, PermanentError, ProviderError  # noqa: E402
+from providers.mobilgroup import MobilgroupClient  # noqa: E402
+from simulators.mobilgroup import MobilgroupHandler, MobilgroupSimulator  # noqa: E402
+
+FINAL = ("success", "failed", "error")
+QUEUES = "dispatch,send.mobilgroup"
+UNCAPPED_RATE = 100_000
+NOT_DUE = "2100-01-01 00:00:00"
+STAT_COLUMNS = ("SELECT_COMMANDS", "UPDATE_COMMANDS", "OTHER_COMMANDS", "COMMIT_TRANSACTIONS", "CPU_TIME",
+                "BUSY_TIME")
+
+
+# --- the database -------------------------------------------------------------------------------
+
+@dataclass
+class BenchDb:
+    name: str
+    admin_url: str      # root, on the bench database: seeding, progress, resets
+    app_url: str        # the bench user: everything measured
+    user: str
+
+    @property
+    def admin(self):
+        return engine_for(self.admin_url)
+
+    def user_stats(self) -> dict[str, float]:
+        """This run's user's counters (statements, commits, CPU seconds) in MariaDB."""
+        with self.admin.connect() as conn:
+            row = conn.execute(text(f"SELECT {', '.join(STAT_COLUMNS)} FROM information_schema.USER_STATISTICS"
+                                    " WHERE USER = :u"), {"u": self.user}).first()
+        return dict(zip(STAT_COLUMNS, map(float, row))) if row else dict.fromkeys(STAT_COLUMNS, 0.0)
+
+
+@contextmanager
+def bench_database(server_url: str):
+    """A fresh database with asterCC's tables and ours, and a user of its own; both dropped afterwards."""
+    name = f"sms_bench_{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    server = create_engine(server_url + "/", isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        userstat_was = conn.scalar(text("SELECT @@GLOBAL.userstat"))
+        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+        conn.execute(text(f"CREATE USER '{name}'@'127.0.0.1' IDENTIFIED BY '{password}'"))
+        conn.execute(text(f"GRANT ALL ON {name}.* TO '{name}'@'127.0.0.1'"))
+        conn.execute(text("SET GLOBAL userstat = 1"))
+    host = server_url.split("@", 1)[1]
+    bench = BenchDb(name, f"{server_url}/{name}?charset=utf8mb4",
+                    f"mysql+mysqldb://{name}:{password}@{host}/{name}?charset=utf8mb4", name)
+    try:
+        schema.create_astercc(bench.admin)
+        schema.upgrade(bench.admin_url)
+        yield bench
+    finally:
+        for url in (bench.admin_url, bench.app_url):
+            engine_for(url).dispose()
+        with server.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            conn.execute(text(f"DROP USER IF EXISTS '{name}'@'127.0.0.1'"))
+            if not userstat_was:
+                conn.execute(text("SET GLOBAL userstat = 0"))
+        server.dispose()
+
+
+def seed_filler(bench: BenchDb, count: int) -> None:
+    """`count` finished rows as a busy asterCC accumulates them: mostly zero-date `success`, some
+    failed or error, scheduled over the last 90 days, each with its own archive row."""
+    if count <= 0:
+        return
+    with bench.admin.begin() as conn:
+        conn.execute(text("SET SESSION sql_mode = ''"))
+        first = conn.execute(text(
+            "INSERT INTO cc10_batchcontact_archives (archivetype, content)"
+            f" SELECT 'sms', CONCAT('Your order ', seq, ' has shipped.') FROM seq_1_to_{count}")).lastrowid
+        conn.execute(text(
+            "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime,"
+            " contacttime, creby, created, error_msg)"
+            f" SELECT {first} + seq - 1, CONCAT('7915', LPAD(seq, 7, '0')),"
+            "  ELT(1 + (seq % 100 >= 90) + (seq % 100 >= 97), 'success', 'failed', 'error'),"
+            "  IF(seq % 10 < 7, '0000-00-00 00:00:00', NOW() - INTERVAL (seq % 129600) MINUTE),"
+            "  NOW() - INTERVAL (seq % 129600) MINUTE, 'agent', NOW() - INTERVAL (seq % 129600) MINUTE,"
+            "  IF(seq % 100 >= 90, 'not delivered', '')"
+            f" FROM seq_1_to_{count}"))
+
+
+def seed_rows(bench: BenchDb, count: int) -> list[int]:
+    """`count` rows waiting (scheduled far ahead) with distinct numbers and texts; returns their ids."""
+    with bench.admin.begin() as conn:
+        conn.execute(text("SET SESSION sql_mode = ''"))
+        first_archive = conn.execute(text(
+            "INSERT INTO cc10_batchcontact_archives (archivetype, content)"
+            f" SELECT 'sms', CONCAT('Order ', seq, ' is ready for pickup.') FROM seq_1_to_{count}")).lastrowid
+        first = conn.execute(text(
+            "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime, creby,"
+            f" created) SELECT {first_archive} + seq - 1, CONCAT('+7 916 ', LPAD(seq, 7, '0')), 'new',"
+            f" '{NOT_DUE}', 'agent', NOW() FROM seq_1_to_{count}")).lastrowid
+    return list(range(first, first + count))
+
+
+def make_due(bench: BenchDb, ids: list[int], rate: float | None = None) -> float:
+    """Set the rows `new` again, due from the next whole second on (all at once, or `rate` per second
+    in id order); forget any dispatch record. Returns the epoch second the first falls due."""
+    lo, hi = ids[0], ids[-1]
+    due = float(int(time.time()) + 1)
+    spread = f"FLOOR((id - {lo}) / {rate})" if rate else "0"
+    with bench.admin.begin() as conn:
+        conn.execute(text("SET SESSION sql_mode = ''"))
+        conn.execute(text(f"DELETE FROM sms_dispatch WHERE batchcontact_id BETWEEN {lo} AND {hi}"))
+        conn.execute(text(f"DELETE FROM sms_message_ids WHERE batchcontact_id BETWEEN {lo} AND {hi}"))
+        conn.execute(text(
+            "UPDATE cc10_batchcontacts SET status = 'new', error_msg = '', contacttime = '0000-00-00 00:00:00',"
+            f" schedulertime = FROM_UNIXTIME({due:.0f} + {spread}) WHERE id BETWEEN {lo} AND {hi}"))
+    return due
+
+
+def due_times(bench: BenchDb, ids: list[int]) -> dict[int, float]:
+    with bench.admin.connect() as conn:
+        return {r[0]: float(r[1]) for r in conn.execute(text(
+            "SELECT id, UNIX_TIMESTAMP(schedulertime) FROM cc10_batchcontacts"
+            f" WHERE id BETWEEN {ids[0]} AND {ids[-1]}"))}
+
+
+def open_rows(bench: BenchDb, ids: list[int]) -> int:
+    with bench.admin.connect() as conn:
+        return conn.scalar(text(
+            f"SELECT COUNT(*) FROM cc10_batchcontacts WHERE id BETWEEN {ids[0]} AND {ids[-1]}"
+            f" AND status NOT IN {FINAL}"))
+
+
+def wait_final(bench: BenchDb, ids: list[int], timeout_s: float, what: str) -> float:
+    """Poll until every row is final; returns when that was seen (epoch). Raises after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while open_rows(bench, ids):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {open_rows(bench, ids)} of {len(ids)} rows still open after "
+                               f"{timeout_s:g} s")
+        time.sleep(0.1)
+    return time.time()
+
+
+class PromptHandler(MobilgroupHandler):
+    """The simulator's handler with Nagle's algorithm off: it writes the headers and the body of an
+    answer separately, and on a keep-alive connection the body then waits for the client's delayed ACK
+    (40 ms on Linux), which would cap every client at 25 requests per second per connection."""
+
+    disable_nagle_algorithm = True
+
+
+def start_simulator(latency_s: float) -> MobilgroupSimulator:
+    sim = MobilgroupSimulator(latency_s=latency_s, undeliverable_suffix="")
+    sim.RequestHandlerClass = PromptHandler
+    return sim.start()
+
+
+# --- processes and their resources --------------------------------------------------------------
+
+class Sampler:
+    """Samples RSS and CPU time of process trees every `interval_s`; keeps each pid's peak RSS and
+    last CPU time, so processes that exit (pool children replaced) still count."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.roots: dict[int, str] = {}          # pid -> role ("worker", "beat")
+        self.peak_rss: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
+        self.role: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def watch(self, pid: int, role: str) -> None:
+        self.roots[pid] = role
+
+    def start(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        for pid, role in list(self.roots.items()):
+            try:
+                root = psutil.Process(pid)
+                tree = [root] + root.children(recursive=True)
+            except psutil.Error:
+                continue
+            for proc in tree:
+                try:
+                    with proc.oneshot():
+                        rss, times = proc.memory_info().rss, proc.cpu_times()
+                except psutil.Error:
+                    continue
+                self.peak_rss[proc.pid] = max(rss, self.peak_rss.get(proc.pid, 0))
+                self.cpu[proc.pid] = times.user + times.system
+                self.role[proc.pid] = role if proc.pid == pid else f"{role} child"
+
+    def cpu_total(self) -> float:
+        return sum(self.cpu.values())
+
+
+class CeleryProcess:
+    """A `celery -A tasks …` subprocess in its own process group, logging to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args], env=env, cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def app_env(args, bench: BenchDb, sim: MobilgroupSimulator, broker: str, var_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
+    env.update(
+        PYTHONUNBUFFERED="1", SMS_VAR_DIR=str(var_dir), SMS_DATABASE_URL=bench.app_url, CELERY_BROKER_URL=broker,
+        SMS_DEFAULT_PROVIDER="mobilgroup", SMS_MOBILGROUP_URL=sim.api_url, SMS_MOBILGROUP_USER_ID=sim.user_id,
+        SMS_MOBILGROUP_USER=sim.user, SMS_MOBILGROUP_PASSWORD=sim.password,
+        SMS_MOBILGROUP_RATE=str(UNCAPPED_RATE), SMS_MOBILGROUP_IDENTICAL_S="0",
+        SMS_DISPATCH_INTERVAL_S=str(args.dispatch_interval),
+    )
+    if args.dispatch_batch:
+        env["SMS_DISPATCH_BATCH"] = str(args.dispatch_batch)
+    return env
+
+
+def wait_workers(broker: str, count: int, timeout_s: float, processes: list[CeleryProcess]) -> None:
+    """Until `count` workers answer a ping (or one of the processes died)."""
+    control = Celery(broker=broker)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(control.control.ping(timeout=0.5)) < count:
+            dead = [p for p in processes if p.proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a Celery process exited; see {dead[0].log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} workers did not answer within {timeout_s:g} s")
+    finally:
+        control.close()
+
+
+# --- measuring a phase --------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    label: str
+    messages: int
+    seconds: float
+    latencies: list[float]
+    db: dict[str, float]
+    cpu_s: float                      # workers + beat (or the baseline's own thread)
+    sim_cpu_s: float                  # this process: simulator (and, for the baseline, the loop itself)
+    peak_rss: dict[str, int] = field(default_factory=dict)   # role -> largest peak RSS
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def per_msg(self, key: str) -> float:
+        return self.db[key] / self.messages if self.messages else float("nan")
+
+    @property
+    def statements_per_msg(self) -> float:
+        return sum(self.per_msg(k) for k in ("SELECT_COMMANDS", "UPDATE_COMMANDS", "OTHER_COMMANDS"))
+
+
+def provider_latencies(sim: MobilgroupSimulator, due: dict[int, float]) -> list[float]:
+    """Due time → the simulator's receipt of the first accepted send, per row. The journal stamps
+    the answer, after the simulated latency, so the latency is taken off."""
+    first: dict[int, float] = {}
+    for event in sim.events("send"):
+        if event["outcome"] == "accepted":
+            row = int(event["id"])
+            first.setdefault(row, event["time"] - sim.latency_s)
+    return [first[i] - due[i] for i in due if i in first]
+
+
+def reset_simulator(sim: MobilgroupSimulator) -> None:
+    """Forget what was sent, so the same ids are accepted again (not answered 'already sent')."""
+    with sim.lock:
+        sim.journal.clear()
+    with sim._state:
+        sim.requests.clear()
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
+def self_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def run_phase(label: str, bench: BenchDb, sim: MobilgroupSimulator, sampler: Sampler, ids: list[int],
+              rate: float | None, timeout_s: float) -> Result:
+    reset_simulator(sim)
+    sampler.sample()
+    db0, cpu0, sim0 = bench.user_stats(), sampler.cpu_total(), self_cpu()
+    start = make_due(bench, ids, rate)
+    done = wait_final(bench, ids, timeout_s, label)
+    sampler.sample()
+    latencies = provider_latencies(sim, due_times(bench, ids))
+    return Result(label, len(ids), done - start, latencies, delta(bench.user_stats(), db0),
+                  sampler.cpu_total() - cpu0, self_cpu() - sim0)
+
+
+def peak_by_role(sampler: Sampler) -> dict[str, int]:
+    peaks: dict[str, int] = {}
+    for pid, rss in sampler.peak_rss.items():
+        role = sampler.role[pid]
+        peaks[role] = max(rss, peaks.get(role, 0))
+    return peaks
+
+
+# --- the baseline: the seed's cron script -------------------------------------------------------
+
+def run_baseline(bench: BenchDb, sim: MobilgroupSimulator, ids: list[int], max_s: float) -> Result:
+    """What asterCC's PHP example does on each cron run: one SELECT of the due rows with their texts,
+    then one at a time: mark `pending`, POST to the provider, write `success`/`failed` and the time.
+    Plain mysqlclient with autocommit, one keep-alive HTTP session (kinder to it than PHP's curl_init per
+    message). Stops after `max_s`; unsent rows are left `new`."""
+    reset_simulator(sim)
+    db0, cpu0 = bench.user_stats(), self_cpu()
+    user, rest = bench.app_url.split("//", 1)[1].split(":", 1)
+    password, rest = rest.split("@", 1)
+    host_port, name = rest.split("/", 1)
+    host, port = host_port.split(":")
+    conn = MySQLdb.connect(host=host, port=int(port), user=user, password=password, database=name.split("?")[0],
+                           charset="utf8mb4", autocommit=True)
+    client = MobilgroupClient(url=sim.api_url, user_id=sim.user_id, user=sim.user, password=sim.password)
+    start = make_due(bench, ids)
+    sent = 0
+    try:
+        while time.time() < start:
+            time.sleep(0.01)
+        deadline = start + max_s
+        cur = conn.cursor()
+        cur.execute(
+            "SELECT b.id, b.target, a.content FROM cc10_batchcontacts b"
+            " LEFT JOIN cc10_batchcontact_archives a ON a.id = b.batchcontact_archive_id"
+            " WHERE b.status = 'new' AND b.schedulertime <= NOW()")
+        for row_id, target, content in cur.fetchall():
+            if time.time() >= deadline:
+                break
+            cur.execute("UPDATE cc10_batchcontacts SET status = 'pending' WHERE id = %s", (row_id,))
+            digits = "".join(ch for ch in target if ch.isdigit())
+            try:
+                client.send(OutgoingMessage(reference=row_id, recipient=digits, text=content or ""))
+                status, error = "success", ""
+            except PermanentError as exc:
+                status, error = "failed", str(exc)[:255]
+            except ProviderError as exc:
+                status, error = "error", str(exc)[:255]
+            cur.execute("UPDATE cc10_batchcontacts SET status = %s, error_msg = %s, contacttime = NOW()"
+                        " WHERE id = %s", (status, error, row_id))
+            sent += 1
+        end = time.time()
+    finally:
+        client.close()
+        conn.close()
+    latencies = provider_latencies(sim, {i: t for i, t in due_times(bench, ids).items()})
+    cpu = self_cpu() - cpu0
+    note = "" if sent == len(ids) else f"stopped after {max_s:g} s: {sent} of {len(ids)} rows sent"
+    return Result("baseline", sent, end - start, latencies, delta(bench.user_stats(), db0), cpu, 0.0, note=note)
+
+
+# --- the dispatch tick on its own ---------------------------------------------------------------
+
+def explain_due(bench: BenchDb) -> list[str]:
+    """EXPLAIN of the claim's candidate query, as `store.claim_due` issues it."""
+    from sqlalchemy.dialects import mysql as mysql_dialect
+
+    query = store.due_query(500) if hasattr(store, "due_query") else None
+    if query is None:
+        sql = ("SELECT b.id FROM cc10_batchcontacts b LEFT OUTER JOIN cc10_batchcontact_archives a"
+               " ON a.id = b.batchcontact_archive_id WHERE b.status = 'new' AND b.schedulertime <= NOW()"
+               " AND (a.archivetype = 'sms' OR a.id IS NULL) ORDER BY b.schedulertime, b.id LIMIT 500")
+    else:
+        sql = str(query.compile(dialect=mysql_dialect.dialect(), compile_kwargs={"literal_binds": True}))
+    with bench.admin.connect() as conn:
+        rows = conn.execute(text("EXPLAIN " + sql)).mappings().all()
+    cols = ("table", "type", "key", "rows", "Extra")
+    return ["  ".join(f"{k}={r[k]}" for k in cols) for r in rows]
+
+
+def time_ticks(bench: BenchDb, ids: list[int], repeats: int) -> tuple[float, float]:
+    """Median seconds of `claim_due` claiming `len(ids)` due rows, and of an empty tick (nothing due)."""
+    engine = engine_for(bench.app_url)
+    full, empty = [], []
+    for _ in range(repeats):
+        due = make_due(bench, ids)
+        time.sleep(max(0.0, due - time.time()) + 0.01)
+        t = time.perf_counter()
+        claimed = store.claim_due(engine, len(ids))
+        full.append(time.perf_counter() - t)
+        if len(claimed) != len(ids):
+            raise RuntimeError(f"claimed {len(claimed)} of {len(ids)} due rows")
+        t = time.perf_counter()
+        if store.claim_due(engine, len(ids)):
+            raise RuntimeError("an empty tick claimed rows")
+        empty.append(time.perf_counter() - t)
+    return statistics.median(full), statistics.median(empty)
+
+
+def tick_only(args, bench: BenchDb) -> None:
+    ids = seed_rows(bench, args.tick_rows)
+    print(f"dispatch tick: {args.filler:,} finished rows + {len(ids):,} due, claim_due(limit={len(ids)}),"
+          f" median of {args.tick_repeats}")
+    for label, indexed in (("without index", False), ("with index", True)):
+        if indexed:
+            t = time.perf_counter()
+            schema.add_astercc_index(bench.admin)
+            print(f"  (adding the index took {time.perf_counter() - t:.1f} s)")
+        print(f"  EXPLAIN ({label}):")
+        for line in explain_due(bench):
+            print("    " + line)
+        full, empty = time_ticks(bench, ids, args.tick_repeats)
+        print(f"  {label:<14} claim {len(ids)} due: {full * 1000:8.1f} ms   empty tick: {empty * 1000:8.1f} ms")
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def print_table(args, runs: list[Result], light: Result | None, peaks: dict[str, int]) -> None:
+    pipeline, baseline = runs[0], runs[1] if len(runs) > 1 else None
+    mb = 1024 * 1024
+
+    def cell(value, fmt):
+        return format(value, fmt) if value == value else "-"
+
+    rows = [
+        ("messages", lambda r: r.messages, "d", False),
+        ("messages/s", lambda r: r.rate, ".1f", True),
+        ("due→provider p50 (s)", lambda r: r.pct(0.5), ".3f", False),
+        ("due→provider p99 (s)", lambda r: r.pct(0.99), ".3f", False),
+        ("DB statements / message", lambda r: r.statements_per_msg, ".2f", False),
+        ("  selects", lambda r: r.per_msg("SELECT_COMMANDS"), ".2f", False),
+        ("  inserts/updates/deletes", lambda r: r.per_msg("UPDATE_COMMANDS"), ".2f", False),
+        ("  other (BEGIN, COMMIT, SET)", lambda r: r.per_msg("OTHER_COMMANDS"), ".2f", False),
+        ("DB commits / message", lambda r: r.per_msg("COMMIT_TRANSACTIONS"), ".2f", False),
+        ("CPU s / 1000 msg, ours", lambda r: r.cpu_s / r.messages * 1000, ".3f", False),
+        ("CPU s / 1000 msg, MariaDB", lambda r: r.db["CPU_TIME"] / r.messages * 1000, ".3f", False),
+        ("CPU s / 1000 msg, simulator", lambda r: r.sim_cpu_s / r.messages * 1000, ".3f", False),
+    ]
+    print()
+    print(f"workers={args.workers} pool={args.pool} concurrency={args.concurrency} latency={args.latency:g}s "
+          f"rows={args.rows} filler={args.filler:,} dispatch_interval={args.dispatch_interval:g}s "
+          f"loglevel={args.loglevel}")
+    print(f"SMS_MOBILGROUP_RATE={UNCAPPED_RATE} and SMS_MOBILGROUP_IDENTICAL_S=0 so that neither caps the run")
+    header = f"{'':30} {'pipeline':>12} {'baseline':>12} {'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, get, fmt, ratio in rows:
+        p = get(pipeline)
+        line = f"{name:30} {cell(p, fmt):>12}"
+        if baseline is not None:
+            b = get(baseline)
+            line += f" {cell(b, fmt):>12}"
+            if ratio and b:
+                line += f" {p / b:7.1f}x"
+        print(line)
+    for role in sorted(peaks):
+        print(f"{'peak RSS, ' + role + ' (MB)':30} {peaks[role] / mb:12.1f}")
+    if light is not None:
+        print(f"light load: {light.messages} rows due at {args.light_rate:g}/s: due→provider p50 "
+              f"{light.pct(0.5):.3f} s, p99 {light.pct(0.99):.3f} s; statements/message "
+              f"{light.statements_per_msg:.2f}")
+    print("ours = workers + beat (pipeline) or the script's own loop (baseline); the simulator runs in "
+          "the benchmark's process")
+    if baseline is not None:
+        print("baseline: loop started the moment the rows fell due; from cron (every minute) add 0–60 s "
+              "(30 s on average) to its latency")
+        if baseline.note:
+            print(f"baseline: {baseline.note}")
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=10_000, help="rows in the burst (default 10000)")
+    p.add_argument("--workers", type=int, default=2, help="celery worker processes")
+    p.add_argument("--concurrency", type=int, default=8, help="pool size of each worker")
+    p.add_argument("--pool", default="prefork", choices=("prefork", "threads", "solo"))
+    p.add_argument("--latency", type=float, default=0.0, help="simulator answer latency, seconds")
+    p.add_argument("--filler", type=int, default=0, help="finished rows already in the table")
+    p.add_argument("--light-rows", type=int, default=200, help="rows of the light-load phase (0: skip)")
+    p.add_argument("--light-rate", type=float, default=20.0, help="rows falling due per second, light load")
+    p.add_argument("--dispatch-interval", type=float, default=2.0, help="SMS_DISPATCH_INTERVAL_S")
+    p.add_argument("--dispatch-batch", type=int, default=0, help="SMS_DISPATCH_BATCH (0: the default)")
+    p.add_argument("--loglevel", default="warning", help="celery -l for workers and beat")
+    p.add_argument("--baseline-max-s", type=float, default=60.0, help="stop the baseline after this long")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up on a phase after this long")
+    p.add_argument("--tick-only", action="store_true", help="time the dispatch tick only")
+    p.add_argument("--tick-rows", type=int, default=1000, help="due rows for --tick-only")
+    p.add_argument("--tick-repeats", type=int, default=5)
+    p.add_argument("--mariadb", default=os.environ.get("SMS_BENCH_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306"))
+    p.add_argument("--redis", default=os.environ.get("SMS_BENCH_REDIS", "redis://127.0.0.1:6379"))
+    p.add_argument("--redis-db", type=int, default=12, help="flushed before and after")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    broker = f"{args.redis}/{args.redis_db}"
+    with ExitStack() as stack:
+        bench = stack.enter_context(bench_database(args.mariadb))
+        t = time.perf_counter()
+        seed_filler(bench, args.filler)
+        if args.filler:
+            print(f"seeded {args.filler:,} finished rows in {time.perf_counter() - t:.1f} s", flush=True)
+        if args.tick_only:
+            tick_only(args, bench)
+            return 0
+        light_ids = seed_rows(bench, args.light_rows) if args.light_rows else []
+        ids = seed_rows(bench, args.rows)
+        flush = redis.Redis.from_url(broker, socket_timeout=5)
+        flush.flushdb()
+        stack.callback(flush.close)
+        stack.callback(flush.flushdb)
+        sim = start_simulator(args.latency)
+        stack.callback(sim.stop)
+        var_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sms-bench-")))
+        env = app_env(args, bench, sim, broker, var_dir)
+        sampler = Sampler().start()
+        stack.callback(sampler.stop)
+        processes: list[CeleryProcess] = []
+        for n in range(args.workers):
+            worker = CeleryProcess(
+                ["worker", "-l", args.loglevel, "-Q", QUEUES, "-n", f"bench{n}-{uuid.uuid4().hex[:6]}@%h",
+                 "-P", args.pool, "-c", str(args.concurrency), "--without-mingle", "--without-gossip"],
+                env, var_dir / f"worker{n}.log")
+            processes.append(worker)
+            sampler.watch(worker.proc.pid, "worker")
+        for process in processes:
+            stack.callback(process.stop)
+        wait_workers(broker, args.workers, 60, processes)
+        beat = CeleryProcess(["beat", "-l", args.loglevel, "-s", str(var_dir / "beat-schedule")], env,
+                             var_dir / "beat.log")
+        stack.callback(beat.stop)
+        processes.append(beat)
+        sampler.watch(beat.proc.pid, "beat")
+        print(f"{args.workers} workers ready; beat started", flush=True)
+
+        light = None
+        if light_ids:
+            light = run_phase("light load", bench, sim, sampler, light_ids, args.light_rate, args.timeout)
+            print(f"light load done: p50 {light.pct(0.5):.3f} s", flush=True)
+        pipeline = run_phase("burst", bench, sim, sampler, ids, None, args.timeout)
+        print(f"burst done: {pipeline.rate:.1f} msg/s", flush=True)
+        peaks = peak_by_role(sampler)
+        for process in reversed(processes):
+            process.stop()
+        runs = [pipeline]
+        if not args.no_baseline:
+            runs.append(run_baseline(bench, sim, ids, args.baseline_max_s))
+        print_table(args, runs, light, peaks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
