@@ -146,7 +146,8 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
 def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: int) -> Retry | None:
     """Take a slot from the fleet-wide rate limit and the identical-request rule, sleeping briefly when
-    the slot is near; a far slot becomes a `Retry` so the task gives its worker slot back."""
+    the slot is near; a far slot becomes a `Retry` so the task gives its worker slot back. Its reason (logged,
+    and Flower's retry reason) says how long, why, and how many sends of the provider were throttled so far."""
     from tasks.throttle import ThrottleUnavailable, identity_of
 
     text_sent = message.text.split(SMSC_COMMENT, 1)[0] if provider == "smsc" else message.text
@@ -167,8 +168,12 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
         "identical": f"identical message to this recipient sent less than {rt.identical_s(provider):g} s ago",
         "paused": f"{provider} account paused after an account error",
     }.get(permit.reason, f"{provider} rate limit of {rt.rate(provider):g}/s")
-    log.info("send of row %d throttled for %.1f s: %s", message.reference, permit.wait_s, reason)
-    return Retry(max(permit.wait_s, 0.05), f"waiting {permit.wait_s:.1f} s: {reason}")
+    try:
+        throttled = f"{rt.throttle.throttled_count(account)} {provider} sends throttled so far"
+    except ThrottleUnavailable:  # only the figure is lost; the wait itself was decided
+        throttled = f"{provider} throttled count unavailable"
+    log.info("send of row %d throttled for %.1f s: %s (%s)", message.reference, permit.wait_s, reason, throttled)
+    return Retry(max(permit.wait_s, 0.05), f"waiting {permit.wait_s:.1f} s: {reason} ({throttled})")
 
 
 def backoff_s(attempts: int, base_s: float, max_s: float) -> float:
