@@ -8,10 +8,8 @@ import uuid
 from datetime import datetime
 
 import pytest
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import insert, select
 
-from db import schema
-from db.engine import engine_for
 from db.models import BatchContact, BatchContactArchive
 from settings import load_settings
 from simulators.smsc import SmscSimulator
@@ -19,24 +17,6 @@ from tasks import workflow
 from tasks.reports import apply_report
 from tasks.runtime import Runtime
 from tasks.smpp_receiver import run_receiver
-
-MARIADB = "mysql+mysqldb://root@127.0.0.1:3306"
-
-
-@pytest.fixture(scope="module")
-def database_url():
-    name = f"sms_smsc_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(MARIADB + "/", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    url = f"{MARIADB}/{name}?charset=utf8mb4"
-    schema.create_astercc(engine_for(url))
-    schema.upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name}"))
-    admin.dispose()
 
 
 @pytest.fixture
@@ -47,8 +27,8 @@ def sim():
 
 
 @pytest.fixture
-def rt(database_url, sim):
-    settings = load_settings(database_url=database_url, default_provider="smsc", routes="",
+def rt(mariadb_url, db, sim):
+    settings = load_settings(database_url=mariadb_url, default_provider="smsc", routes="",
                              redis_url="redis://127.0.0.1:6379/0", smsc_host="127.0.0.1",
                              smsc_port=sim.port, smsc_system_id="smsc", smsc_password="secret")
     runtime = Runtime(settings)

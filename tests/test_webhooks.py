@@ -15,11 +15,9 @@ from datetime import datetime
 
 import pytest
 import requests
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import insert, select
 from werkzeug.serving import make_server
 
-from db import schema
-from db.engine import engine_for
 from db.models import BatchContact, BatchContactArchive, Dispatch, DispatchState
 from providers.accolades import AccoladesClient
 from providers.base import OutgoingMessage
@@ -31,27 +29,10 @@ from tasks.callbacks import BadToken, callback_url, verify_token
 from webhooks.app import TokenlessLogHandler, create_app
 
 SECRET = "test-webhook-secret-0123456789abcdef"
-MARIADB = "mysql+mysqldb://root@127.0.0.1:3306"
 NUMBER = "40722555666"
 
 
-# --- fixtures: a database of our own, the app on a real port ----------------------------------------
-
-@pytest.fixture(scope="module")
-def database_url():
-    name = f"sms_webhooks_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(MARIADB + "/", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    url = f"{MARIADB}/{name}?charset=utf8mb4"
-    schema.create_astercc(engine_for(url))
-    schema.upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name}"))
-    admin.dispose()
-
+# --- fixtures: the app on a real port, over conftest's test database --------------------------------
 
 class Served:
     """The app served by Werkzeug's threaded server on 127.0.0.1 in a thread, logging as `serve` does."""
@@ -70,22 +51,17 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(database_url):
-    placeholder = load_settings(database_url=database_url, webhook_secret=SECRET)
+def served(mariadb_url):
+    placeholder = load_settings(database_url=mariadb_url, webhook_secret=SECRET)
     served = Served(create_app(placeholder))
     yield served
     served.stop()
 
 
 @pytest.fixture(scope="module")
-def settings(database_url, served):
+def settings(mariadb_url, served):
     """The settings the senders use: the public URL is where the test app listens."""
-    return load_settings(database_url=database_url, webhook_secret=SECRET, public_url=served.url + "/")
-
-
-@pytest.fixture
-def engine(database_url):
-    return engine_for(database_url)
+    return load_settings(database_url=mariadb_url, webhook_secret=SECRET, public_url=served.url + "/")
 
 
 def insert_accepted(engine, provider: str, recipient: str = NUMBER) -> int:
@@ -133,8 +109,8 @@ def accolades_report(row_id: int | str, status: str = "sent", **extra) -> dict:
 
 # --- tokens ---------------------------------------------------------------------------------------
 
-def test_callback_url_is_none_without_public_url_or_secret(database_url):
-    assert callback_url(load_settings(database_url=database_url, webhook_secret=SECRET), "ozeki", 1) is None
+def test_callback_url_is_none_without_public_url_or_secret(mariadb_url):
+    assert callback_url(load_settings(database_url=mariadb_url, webhook_secret=SECRET), "ozeki", 1) is None
     assert callback_url(load_settings(public_url="https://h.example"), "ozeki", 1) is None
 
 
@@ -150,125 +126,125 @@ def test_token_round_trip_and_binding(settings):
         verify_token(other_key, "accolades", token)
 
 
-def test_the_app_will_not_start_without_a_secret(database_url):
+def test_the_app_will_not_start_without_a_secret(mariadb_url):
     with pytest.raises(ConfigError, match="SMS_WEBHOOK_SECRET"):
-        create_app(load_settings(database_url=database_url))
+        create_app(load_settings(database_url=mariadb_url))
 
 
 # --- applying reports -----------------------------------------------------------------------------
 
-def test_accolades_sent_keeps_success_and_finishes_the_dispatch(settings, served, engine):
-    row = insert_accepted(engine, "accolades")
+def test_accolades_sent_keeps_success_and_finishes_the_dispatch(settings, served, db):
+    row = insert_accepted(db, "accolades")
     answer = requests.post(url_for(settings, "accolades", row), data=accolades_report(row), timeout=5)
     assert (answer.status_code, answer.text.strip()) == (200, "applied")
-    assert state(engine, row) == ("success", "", DispatchState.DELIVERED, None)
+    assert state(db, row) == ("success", "", DispatchState.DELIVERED, None)
 
 
-def test_accolades_error_sets_failed_with_the_reason(settings, served, engine):
-    row = insert_accepted(engine, "accolades")
+def test_accolades_error_sets_failed_with_the_reason(settings, served, db):
+    row = insert_accepted(db, "accolades")
     answer = requests.post(url_for(settings, "accolades", row), timeout=5,
                            data=accolades_report(row, "error", errorMessage="Number not in service"))
     assert answer.status_code == 200
-    status, error_msg, dispatch_state, _ = state(engine, row)
+    status, error_msg, dispatch_state, _ = state(db, row)
     assert (status, dispatch_state) == ("failed", DispatchState.FAILED)
     assert error_msg == "Accolades could not send the message: Number not in service"
 
 
-def test_ozeki_reports_by_post_and_by_get(settings, served, engine):
-    delivered, undelivered = insert_accepted(engine, "ozeki"), insert_accepted(engine, "ozeki")
+def test_ozeki_reports_by_post_and_by_get(settings, served, db):
+    delivered, undelivered = insert_accepted(db, "ozeki"), insert_accepted(db, "ozeki")
     one = requests.post(url_for(settings, "ozeki", delivered), timeout=5, data={
         "NotificationName": "SMSDeliveryReport", "SmsId": "id-1", "Delivered": "True"})
     two = requests.get(url_for(settings, "ozeki", undelivered), timeout=5, params={
         "NotificationName": "SMSDeliveryReport", "SmsId": "id-2", "Delivered": "False",
         "DeliveryStatus": "Undelivered"})
     assert (one.status_code, two.status_code) == (200, 200)
-    assert state(engine, delivered)[0::2] == ("success", DispatchState.DELIVERED)
-    assert state(engine, undelivered) == ("failed", "Ozeki reported the message undelivered (Undelivered)",
+    assert state(db, delivered)[0::2] == ("success", DispatchState.DELIVERED)
+    assert state(db, undelivered) == ("failed", "Ozeki reported the message undelivered (Undelivered)",
                                           DispatchState.FAILED,
                                           "Ozeki reported the message undelivered (Undelivered)")
 
 
-def test_duplicate_report_changes_nothing_the_second_time(settings, served, engine):
-    row = insert_accepted(engine, "accolades")
+def test_duplicate_report_changes_nothing_the_second_time(settings, served, db):
+    row = insert_accepted(db, "accolades")
     url = url_for(settings, "accolades", row)
     first = requests.post(url, data=accolades_report(row, "error", errorMessage="absent"), timeout=5)
-    after_first = state(engine, row)
+    after_first = state(db, row)
     second = requests.post(url, data=accolades_report(row, "error", errorMessage="absent"), timeout=5)
     assert (first.text.strip(), second.status_code, second.text.strip()) == ("applied", 200, "duplicate")
-    assert state(engine, row) == after_first
+    assert state(db, row) == after_first
 
 
-def test_a_late_contrary_final_report_never_overwrites_a_final_status(settings, served, engine):
-    row = insert_accepted(engine, "accolades")
+def test_a_late_contrary_final_report_never_overwrites_a_final_status(settings, served, db):
+    row = insert_accepted(db, "accolades")
     url = url_for(settings, "accolades", row)
     requests.post(url, data=accolades_report(row, "sent"), timeout=5)
     late = requests.post(url, data=accolades_report(row, "error", errorMessage="late"), timeout=5)
     assert (late.status_code, late.text.strip()) == (200, "stale")
-    assert state(engine, row) == ("success", "", DispatchState.DELIVERED, None)
+    assert state(db, row) == ("success", "", DispatchState.DELIVERED, None)
 
 
-def test_an_older_accepted_report_after_the_final_one_changes_nothing(settings, served, engine):
-    row = insert_accepted(engine, "ozeki")
+def test_an_older_accepted_report_after_the_final_one_changes_nothing(settings, served, db):
+    row = insert_accepted(db, "ozeki")
     url = url_for(settings, "ozeki", row)
     final = requests.post(url, data={"SmsId": "s-1", "Delivered": "False", "DeliveryStatus": "Expired"},
                           timeout=5)
-    after_final = state(engine, row)
+    after_final = state(db, row)
     older = requests.post(url, data={"SmsId": "s-1", "DeliveryStatus": "Enroute"}, timeout=5)
     assert (final.status_code, older.status_code, older.text.strip()) == (200, 200, "stale")
-    assert state(engine, row) == after_final == ("failed", "Ozeki reported the message undelivered (Expired)",
+    assert state(db, row) == after_final == ("failed", "Ozeki reported the message undelivered (Expired)",
                                                  DispatchState.FAILED,
                                                  "Ozeki reported the message undelivered (Expired)")
 
 
-def test_an_accepted_report_before_the_final_one_changes_nothing(settings, served, engine):
-    row = insert_accepted(engine, "ozeki")
+def test_an_accepted_report_before_the_final_one_changes_nothing(settings, served, db):
+    row = insert_accepted(db, "ozeki")
     answer = requests.post(url_for(settings, "ozeki", row), data={"SmsId": "s", "Status": "Sent"}, timeout=5)
     assert answer.status_code == 200
-    assert state(engine, row) == ("success", "", DispatchState.ACCEPTED, None)
+    assert state(db, row) == ("success", "", DispatchState.ACCEPTED, None)
 
 
 # --- refusals that change nothing -----------------------------------------------------------------
 
-def test_forged_token_is_refused(settings, served, engine):
-    row = insert_accepted(engine, "accolades")
-    before = state(engine, row)
+def test_forged_token_is_refused(settings, served, db):
+    row = insert_accepted(db, "accolades")
+    before = state(db, row)
     payload = base64.urlsafe_b64encode(str(row).encode()).decode().rstrip("=")
     forged = f"{payload}.{'A' * 43}"
     for token in (forged, "nonsense", "x" * 300):
         answer = requests.post(f"{served.url}/reports/accolades/{token}", data=accolades_report(row),
                                timeout=5)
         assert answer.status_code == 403
-    assert state(engine, row) == before
+    assert state(db, row) == before
 
 
-def test_token_altered_to_name_another_row_is_refused(settings, served, engine):
-    mine, victim = insert_accepted(engine, "accolades"), insert_accepted(engine, "accolades")
-    before = state(engine, victim)
+def test_token_altered_to_name_another_row_is_refused(settings, served, db):
+    mine, victim = insert_accepted(db, "accolades"), insert_accepted(db, "accolades")
+    before = state(db, victim)
     _, signature = url_for(settings, "accolades", mine).rsplit("/", 1)[1].split(".")
     altered = base64.urlsafe_b64encode(str(victim).encode()).decode().rstrip("=") + "." + signature
     answer = requests.post(f"{served.url}/reports/accolades/{altered}",
                            data=accolades_report(victim, "error", errorMessage="x"), timeout=5)
     assert answer.status_code == 403
-    assert state(engine, victim) == before
+    assert state(db, victim) == before
 
 
-def test_report_replayed_onto_another_rows_url_is_refused(settings, served, engine):
-    first, second = insert_accepted(engine, "accolades"), insert_accepted(engine, "accolades")
-    before = (state(engine, first), state(engine, second))
+def test_report_replayed_onto_another_rows_url_is_refused(settings, served, db):
+    first, second = insert_accepted(db, "accolades"), insert_accepted(db, "accolades")
+    before = (state(db, first), state(db, second))
     # A genuine report about `second`, sent to the URL we handed out for `first`.
     answer = requests.post(url_for(settings, "accolades", first),
                            data=accolades_report(second, "error", errorMessage="x"), timeout=5)
     assert answer.status_code == 403
-    assert (state(engine, first), state(engine, second)) == before
+    assert (state(db, first), state(db, second)) == before
 
 
-def test_another_providers_token_is_refused(settings, served, engine):
-    row = insert_accepted(engine, "ozeki")
-    before = state(engine, row)
+def test_another_providers_token_is_refused(settings, served, db):
+    row = insert_accepted(db, "ozeki")
+    before = state(db, row)
     token = url_for(settings, "ozeki", row).rsplit("/", 1)[1]
     answer = requests.post(f"{served.url}/reports/accolades/{token}", data=accolades_report(row), timeout=5)
     assert answer.status_code == 403
-    assert state(engine, row) == before
+    assert state(db, row) == before
 
 
 @pytest.mark.parametrize("provider, kwargs", [
@@ -280,42 +256,42 @@ def test_another_providers_token_is_refused(settings, served, engine):
     ("ozeki", {"data": {"SmsId": "x", "Delivered": "maybe"}}),
     ("ozeki", {"data": b"\xff\xfe\x00garbage", "headers": {"Content-Type": "application/octet-stream"}}),
 ])
-def test_malformed_reports_get_400_and_change_nothing(settings, served, engine, provider, kwargs):
-    row = insert_accepted(engine, provider)
-    before = state(engine, row)
+def test_malformed_reports_get_400_and_change_nothing(settings, served, db, provider, kwargs):
+    row = insert_accepted(db, provider)
+    before = state(db, row)
     for key in ("data", "json"):
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = {k: v.format(row=row) for k, v in kwargs[key].items()}
     answer = requests.post(url_for(settings, provider, row), timeout=5, **kwargs)
     assert answer.status_code == 400
-    assert state(engine, row) == before
+    assert state(db, row) == before
 
 
-def test_oversized_report_is_refused_unread(settings, served, engine):
-    row = insert_accepted(engine, "accolades")
-    before = state(engine, row)
+def test_oversized_report_is_refused_unread(settings, served, db):
+    row = insert_accepted(db, "accolades")
+    before = state(db, row)
     answer = requests.post(url_for(settings, "accolades", row), timeout=5,
                            data=accolades_report(row, "error", errorMessage="x" * 100_000))
     assert answer.status_code == 413
-    assert state(engine, row) == before
+    assert state(db, row) == before
 
 
-def test_unknown_row_is_404(settings, served, engine):
-    orphan = insert_unknown(engine)
+def test_unknown_row_is_404(settings, served, db):
+    orphan = insert_unknown(db)
     assert requests.post(url_for(settings, "accolades", orphan), data=accolades_report(orphan),
                          timeout=5).status_code == 404
-    assert state(engine, orphan) == ("new", "", None, None)
+    assert state(db, orphan) == ("new", "", None, None)
     never = 2_000_000_000
     assert requests.post(url_for(settings, "ozeki", never), data={"SmsId": "z", "Delivered": "True"},
                          timeout=5).status_code == 404
 
 
-def test_a_row_of_another_provider_is_unknown_here(settings, served, engine):
-    row = insert_accepted(engine, "ozeki")
-    before = state(engine, row)
+def test_a_row_of_another_provider_is_unknown_here(settings, served, db):
+    row = insert_accepted(db, "ozeki")
+    before = state(db, row)
     answer = requests.post(url_for(settings, "accolades", row), data=accolades_report(row), timeout=5)
     assert answer.status_code == 404
-    assert state(engine, row) == before
+    assert state(db, row) == before
 
 
 def test_unknown_route_and_health(served):
@@ -324,7 +300,7 @@ def test_unknown_route_and_health(served):
     assert requests.get(f"{served.url}/reports/accolades", timeout=5).status_code == 404
 
 
-def test_database_down_is_503_not_a_crash(database_url):
+def test_database_down_is_503_not_a_crash(mariadb_url):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
@@ -341,8 +317,8 @@ def test_database_down_is_503_not_a_crash(database_url):
         served.stop()
 
 
-def test_logs_carry_neither_numbers_texts_nor_tokens(settings, served, engine, caplog):
-    row = insert_accepted(engine, "accolades")
+def test_logs_carry_neither_numbers_texts_nor_tokens(settings, served, db, caplog):
+    row = insert_accepted(db, "accolades")
     url = url_for(settings, "accolades", row)
     token = url.rsplit("/", 1)[1]
     with caplog.at_level(logging.DEBUG):
@@ -355,8 +331,8 @@ def test_logs_carry_neither_numbers_texts_nor_tokens(settings, served, engine, c
     assert NUMBER not in logged and token not in logged and token.split(".")[1] not in logged
 
 
-def test_a_burst_of_reports_is_all_applied(settings, served, engine):
-    rows = [insert_accepted(engine, "accolades") for _ in range(60)]
+def test_a_burst_of_reports_is_all_applied(settings, served, db):
+    rows = [insert_accepted(db, "accolades") for _ in range(60)]
 
     def report(row: int) -> int:
         status = "error" if row % 3 == 0 else "sent"
@@ -367,8 +343,8 @@ def test_a_burst_of_reports_is_all_applied(settings, served, engine):
         answers = list(pool.map(report, rows + rows))     # every report twice, concurrently
     assert set(answers) == {200}
     for row in rows:
-        assert state(engine, row)[0] == ("failed" if row % 3 == 0 else "success")
-        assert state(engine, row)[2] == (DispatchState.FAILED if row % 3 == 0 else DispatchState.DELIVERED)
+        assert state(db, row)[0] == ("failed" if row % 3 == 0 else "success")
+        assert state(db, row)[2] == (DispatchState.FAILED if row % 3 == 0 else DispatchState.DELIVERED)
 
 
 # --- the simulators calling the app back ----------------------------------------------------------
@@ -383,7 +359,7 @@ def wait_final(engine, rows: list[int], timeout: float = 15.0) -> dict[int, tupl
 
 
 @pytest.mark.parametrize("report_method", ["POST", "GET"])
-def test_simulators_reports_reach_the_app_and_finish_every_message(settings, served, engine, report_method):
+def test_simulators_reports_reach_the_app_and_finish_every_message(settings, served, db, report_method):
     accolades_sim = AccoladesSimulator(account="77", password="pw", report_delay_s=0.05).start()
     ozeki_sim = OzekiSimulator(username="u", password="pw", report_delay_s=0.05,
                                report_method=report_method).start()
@@ -394,12 +370,12 @@ def test_simulators_reports_reach_the_app_and_finish_every_message(settings, ser
         for i in range(10):
             recipient = f"4072200{i:02d}" + ("13" if i % 4 == 0 else "00")
             for provider, client in (("accolades", accolades), ("ozeki", ozeki)):
-                row = insert_accepted(engine, provider, recipient)
+                row = insert_accepted(db, provider, recipient)
                 client.send(OutgoingMessage(reference=row, recipient=recipient, text="Hi",
                                             callback_url=callback_url(settings, provider, row)))
                 expected[row] = ("failed", DispatchState.FAILED) if i % 4 == 0 else \
                     ("success", DispatchState.DELIVERED)
-        states = wait_final(engine, list(expected))
+        states = wait_final(db, list(expected))
         reports = accolades_sim.events("report") + ozeki_sim.events("report")
     finally:
         accolades.close()
