@@ -30,6 +30,7 @@ refused before sending.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import requests
@@ -43,27 +44,27 @@ from providers.base import (
     ThrottledError,
     TransientError,
 )
-from providers.text import check_recipient, count_parts, redact
+from providers.http import Answer, HttpClient, retry_after
+from providers.text import check_parts, redact
 
 DEFAULT_URL = "https://client.voipit.ro"
 
 
-class AccoladesClient:
+class AccoladesClient(HttpClient):
     """Sends one message per call to Accolades; see the module docstring for the error mapping."""
 
     name = "accolades"
+    label = "Accolades"
 
     def __init__(self, *, url: str = DEFAULT_URL, account: str, password: str, timeout: float = 15.0,
                  session: requests.Session | None = None, max_parts: int = 6, plus_prefix: bool = False):
         if not account or not password:
             raise ValueError("Accolades needs an account number and an API password")
+        super().__init__(timeout=timeout, session=session)
         self.endpoint = f"{url.rstrip('/')}/{account}/sms/send"
         self._password = password
-        self.timeout = timeout
         self.max_parts = max_parts
         self.plus_prefix = plus_prefix
-        self._session = session or requests.Session()
-        self._own_session = session is None
 
     def __repr__(self) -> str:
         return f"AccoladesClient(endpoint={self.endpoint!r})"
@@ -71,8 +72,7 @@ class AccoladesClient:
     def check(self, message: OutgoingMessage) -> int:
         """Raise `PermanentError` for a recipient that is not international digits, an empty text, or a
         text over `max_parts` parts; else return the number of parts."""
-        check_recipient(message.recipient)
-        return count_parts(message.text, self.max_parts)
+        return check_parts(message, self.max_parts)
 
     def send(self, message: OutgoingMessage) -> Accepted:
         parts = self.check(message)
@@ -84,29 +84,17 @@ class AccoladesClient:
         }
         if message.callback_url:
             form["sendResultTo"] = message.callback_url
-        try:
-            response = self._session.post(self.endpoint, data=form, timeout=self.timeout,
-                                          allow_redirects=False)
-        except requests.Timeout:
-            raise TransientError("Accolades did not answer in time") from None
-        except requests.RequestException as exc:
-            # `from None`: the library's message names the host and could grow to quote the request.
-            raise TransientError(f"could not reach Accolades ({type(exc).__name__})") from None
-        _raise_for_answer(response)
+        _raise_for_answer(self._request("POST", self.endpoint, data=form))
         return Accepted(provider_message_id=None, parts=parts)
 
-    def close(self) -> None:
-        if self._own_session:
-            self._session.close()
 
-
-def _raise_for_answer(response: requests.Response) -> None:
+def _raise_for_answer(answer: Answer) -> None:
     """Return if Accolades said ok; raise the error its answer stands for."""
-    status = response.status_code
+    status = answer.status
     if status >= 500:
         raise TransientError(f"Accolades is unavailable (HTTP {status})")
     try:
-        body = response.json()
+        body = json.loads(answer.body)
     except ValueError:
         body = None
     if not isinstance(body, dict):
@@ -136,17 +124,10 @@ def _raise_for_answer(response: requests.Response) -> None:
                            f"SMS_ACCOLADES_ACCOUNT ({said}, code {code})")
     if status == 429:
         raise ThrottledError(f"Accolades asks us to slow down: {said}",
-                             retry_after=_retry_after(response.headers.get("Retry-After")))
+                             retry_after=retry_after(answer.headers.get("Retry-After")))
     if 400 <= status < 500:
         raise AccountError(f"Accolades refused our request: {said} (HTTP {status}, code {code})")
-    raise TransientError(f"Accolades gave an answer we do not understand (HTTP {response.status_code})")
-
-
-def _retry_after(value: str | None) -> float:
-    try:
-        return max(1.0, float(value)) if value else 60.0
-    except ValueError:
-        return 60.0
+    raise TransientError(f"Accolades gave an answer we do not understand (HTTP {answer.status})")
 
 
 def parse_report(fields: Mapping[str, str]) -> DeliveryReport:

@@ -37,14 +37,13 @@ from providers.base import (
     ThrottledError,
     TransientError,
 )
+from providers.http import Answer, HttpClient, retry_after
 
 TRANSLIT_LIMIT = 140
 """Characters allowed with `rus_sms` 0 (the provider transliterates the text)."""
 UNICODE_LIMIT = 64
 """Characters allowed with `rus_sms` 1 (sent as Unicode)."""
 MAX_VALID_HOURS = 48
-MAX_ANSWER_BYTES = 64 * 1024
-"""A status answer for one recipient is a few hundred bytes; anything far larger is refused unread."""
 
 
 class AlreadySentError(PermanentError):
@@ -114,7 +113,7 @@ def _value(element: Element, tag: str) -> str | None:
     return " ".join((child.text or "").split())
 
 
-class MobilgroupClient:
+class MobilgroupClient(HttpClient):
     """A client for one Mobilgroup account. Configuration is validated here (`ValueError`).
 
     `unicode` is the `rus_sms` flag: "0" transliterates (140 characters), "1" sends Unicode (64),
@@ -125,6 +124,7 @@ class MobilgroupClient:
     """
 
     name = "mobilgroup"
+    label = "Mobilgroup"
 
     def __init__(self, *, url: str, user_id: str, user: str, password: str, sender: str | None = None,
                  valid_hours: int = 1, unicode: str = "auto", unicode_tag: str = "rus_sms",
@@ -148,6 +148,7 @@ class MobilgroupClient:
             raise ValueError('Mobilgroup unicode_tag must be "rus_sms" or "translit"')
         if not timeout > 0:
             raise ValueError("Mobilgroup timeout must be positive")
+        super().__init__(timeout=timeout, session=session)
         self.url = url
         self.user_id = str(user_id)
         self.user = user
@@ -156,9 +157,6 @@ class MobilgroupClient:
         self.valid_hours = valid_hours
         self.unicode = unicode
         self.unicode_tag = unicode_tag
-        self.timeout = timeout
-        self._owns_session = session is None
-        self.session = session or requests.Session()
 
     def __repr__(self) -> str:
         return f"MobilgroupClient(url={self.url!r}, user_id={self.user_id!r}, user={self.user!r})"
@@ -226,10 +224,6 @@ class MobilgroupClient:
             raise TransientError("unreadable answer from Mobilgroup (no balance)")
         return balance
 
-    def close(self) -> None:
-        if self._owns_session:
-            self.session.close()
-
     def _request_body(self, command: str, fields: list[tuple[str, str]]) -> bytes:
         lines = [f"<{tag}>{escape(value)}</{tag}>" for tag, value in
                  [("user_id", self.user_id), ("user", self.user), ("pwd", self._password),
@@ -239,22 +233,10 @@ class MobilgroupClient:
 
     def _call(self, command: str, fields: list[tuple[str, str]], expect_id: int | None = None) -> Element:
         """POST one command; return the parsed answer or raise the `ProviderError` its outcome means."""
-        try:
-            with self.session.post(
-                    self.url, data=self._request_body(command, fields), timeout=self.timeout, stream=True,
-                    allow_redirects=False, headers={"Content-Type": "application/xml", "Accept": "*/*"},
-            ) as response:
-                _raise_for_http_status(response)
-                body = b""
-                for chunk in response.iter_content(8192):
-                    body += chunk
-                    if len(body) > MAX_ANSWER_BYTES:
-                        raise TransientError("unreadable answer from Mobilgroup (far too large)")
-        except requests.Timeout as exc:
-            raise TransientError(f"Mobilgroup did not answer within {self.timeout:g} s") from exc
-        except requests.RequestException as exc:
-            raise TransientError(f"cannot reach Mobilgroup ({type(exc).__name__})") from exc
-        answer = parse_answer(body)
+        reply = self._request("POST", self.url, data=self._request_body(command, fields),
+                              headers={"Content-Type": "application/xml", "Accept": "*/*"})
+        _raise_for_http_status(reply)
+        answer = parse_answer(reply.body)
         code_text = _value(answer, "error") or "0"
         if not _DIGITS.fullmatch(code_text):
             raise TransientError("unreadable answer from Mobilgroup (bad error code)")
@@ -270,8 +252,8 @@ class MobilgroupClient:
         return answer
 
 
-def _raise_for_http_status(response: requests.Response) -> None:
-    status = response.status_code
+def _raise_for_http_status(response: Answer) -> None:
+    status = response.status
     if status == 200:
         return
     if 300 <= status < 400:
@@ -284,13 +266,5 @@ def _raise_for_http_status(response: requests.Response) -> None:
         raise AccountError(f"Mobilgroup URL is wrong (HTTP {status}); check SMS_MOBILGROUP_URL")
     if status == 429:
         raise ThrottledError("Mobilgroup asks us to slow down (HTTP 429)",
-                             retry_after=_retry_after(response.headers.get("Retry-After")))
+                             retry_after=retry_after(response.headers.get("Retry-After")))
     raise TransientError(f"Mobilgroup answered HTTP {status}")
-
-
-def _retry_after(header: str | None) -> float:
-    """Seconds from a `Retry-After` header given in seconds; a minute when absent or a date."""
-    try:
-        return max(float(header), 1.0) if header else 60.0
-    except ValueError:
-        return 60.0

@@ -57,10 +57,10 @@ from providers.base import (
     ProviderError,
     TransientError,
 )
-from providers.text import check_recipient, count_parts
+from providers.http import HttpClient
+from providers.text import check_parts
 
 ROOT = "OzApi_CommandResult_SendSms"
-MAX_ANSWER_BYTES = 64 * 1024
 
 CODES: dict[int, tuple[type[ProviderError], str]] = {
     300: (PermanentError, "Ozeki could not parse the request (code 300)"),
@@ -128,25 +128,24 @@ def _child(root: Element, name: str) -> str | None:
     return None
 
 
-class OzekiClient:
+class OzekiClient(HttpClient):
     """Sends one message per call through an Ozeki HTTP API; see the module docstring for the codes."""
 
     name = "ozeki"
+    label = "Ozeki"
 
     def __init__(self, *, url: str, username: str, password: str, sender: str | None = None,
                  timeout: float = 15.0, session: requests.Session | None = None, max_parts: int = 6,
                  plus_prefix: bool = True):
         if not url or not username or not password:
             raise ValueError("Ozeki needs the API address, a username and a password")
+        super().__init__(timeout=timeout, session=session)
         self.url = url
         self.username = username
         self._password = password
         self.sender = sender or None
-        self.timeout = timeout
         self.max_parts = max_parts
         self.plus_prefix = plus_prefix
-        self._session = session or requests.Session()
-        self._own_session = session is None
 
     def __repr__(self) -> str:
         return f"OzekiClient(url={self.url!r}, username={self.username!r})"
@@ -154,8 +153,7 @@ class OzekiClient:
     def check(self, message: OutgoingMessage) -> int:
         """Raise `PermanentError` for a recipient that is not international digits, an empty text, or a
         text over `max_parts` parts; else return the number of parts."""
-        check_recipient(message.recipient)
-        return count_parts(message.text, self.max_parts)
+        return check_parts(message, self.max_parts)
 
     def send(self, message: OutgoingMessage) -> Accepted:
         parts = self.check(message)
@@ -166,16 +164,8 @@ class OzekiClient:
         params["Message"] = message.text
         if message.callback_url:
             params["DeliveryReportURL"] = message.callback_url
-        try:
-            with self._session.get(self.url, params=params, timeout=self.timeout, allow_redirects=False,
-                                   stream=True) as response:
-                body = _read_capped(response)
-        except requests.Timeout:
-            raise TransientError("Ozeki did not answer in time") from None
-        except requests.RequestException as exc:
-            # `from None`: the library's text would carry the URL, and with it the password.
-            raise TransientError(f"could not reach Ozeki ({type(exc).__name__})") from None
-        root = self._read(response.status_code, body)
+        answer = self._request("GET", self.url, params=params)
+        root = self._read(answer.status, answer.body)
         code_text = _child(root, "Code") or ""
         if not code_text.isdigit():
             raise TransientError("Ozeki's answer carries no result code")
@@ -195,20 +185,6 @@ class OzekiClient:
                                    "and the HTTP API's settings") from None
             raise TransientError(f"Ozeki gave an answer we cannot read (HTTP {status})") from None
 
-    def close(self) -> None:
-        if self._own_session:
-            self._session.close()
-
-
-def _read_capped(response: requests.Response) -> bytes:
-    """The answer's body; empty (hence unreadable) if it exceeds `MAX_ANSWER_BYTES`, since a real answer
-    is a few hundred bytes."""
-    body = b""
-    for chunk in response.iter_content(8192):
-        body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            return b""
-    return body
 
 
 def _error(code: int) -> ProviderError:

@@ -11,7 +11,7 @@ import re
 
 from smpplib.gsm import make_parts
 
-from providers.base import PermanentError
+from providers.base import OutgoingMessage, PermanentError
 
 _LONG_DIGITS = re.compile(r"\+?\d[\d \-]{4,}\d")
 _REASON_MAX = 200
@@ -25,6 +25,13 @@ def count_parts(text: str, max_parts: int) -> int:
     if parts > max_parts:
         raise PermanentError(f"the message text is too long: {parts} SMS parts, at most {max_parts} allowed")
     return parts
+
+
+def check_parts(message: OutgoingMessage, max_parts: int) -> int:
+    """`PermanentError` unless the recipient is international digits and the text fits `max_parts` parts;
+    else the number of parts."""
+    check_recipient(message.recipient)
+    return count_parts(message.text, max_parts)
 
 
 def check_recipient(recipient: str) -> None:

@@ -23,7 +23,7 @@ import threading
 import time
 from urllib.parse import parse_qs
 
-from simulators.base import SimulatorHandler, SimulatorServer
+from simulators.base import SimulatorHandler, SimulatorServer, run_until_interrupted
 from simulators.callbacks import ReportSender
 
 DEFAULT_PORT = 8102
@@ -130,12 +130,5 @@ class AccoladesSimulator(SimulatorServer):
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options) -> None:
     """Serve an Accolades stand-in until interrupted (Ctrl-C); `options` as for `AccoladesSimulator`."""
     simulator = AccoladesSimulator(port, host=host, **options)
-    print(f"Accolades simulator at {simulator.url} (account {simulator.account}; "
-          f"set SMS_ACCOLADES_URL={simulator.url})", flush=True)
-    try:
-        simulator.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        simulator.reports.stop()
-        simulator.server_close()
+    run_until_interrupted(simulator, f"Accolades simulator at {simulator.url} "
+                                     f"(account {simulator.account}; set SMS_ACCOLADES_URL={simulator.url})")

@@ -69,6 +69,19 @@ class SimulatorServer(ThreadingHTTPServer):
             self._thread.join(timeout=5)
 
 
+def run_until_interrupted(simulator, banner: str) -> None:
+    """Start `simulator` (anything with `start()` and `stop()`), print `banner`, serve until Ctrl-C, stop
+    it cleanly. What each simulator's `serve()` does for `smsctl simulate`."""
+    simulator.start()
+    print(banner, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        simulator.stop()
+
+
 class SimulatorHandler(BaseHTTPRequestHandler):
     server: SimulatorServer
     protocol_version = "HTTP/1.1"

@@ -29,7 +29,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as safe_xml
 from defusedxml import DefusedXmlException
 
-from simulators.base import SimulatorHandler, SimulatorServer
+from simulators.base import SimulatorHandler, SimulatorServer, run_until_interrupted
 
 API_PATH = "/extxml.php"
 """Where clients POST: `simulator.url + API_PATH` (the server also answers at `/`)."""
@@ -208,11 +208,5 @@ class MobilgroupSimulator(SimulatorServer):
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options) -> None:
     """Serve a Mobilgroup stand-in until interrupted (Ctrl-C); `options` as for `MobilgroupSimulator`."""
     simulator = MobilgroupSimulator(port, host=host, **options)
-    print(f"Mobilgroup simulator at {simulator.api_url} (user_id {simulator.user_id}, user "
-          f"{simulator.user})", flush=True)
-    try:
-        simulator.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        simulator.server_close()
+    run_until_interrupted(simulator, f"Mobilgroup simulator at {simulator.api_url} "
+                                     f"(user_id {simulator.user_id}, user {simulator.user})")

@@ -27,7 +27,7 @@ import uuid
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
-from simulators.base import SimulatorHandler, SimulatorServer
+from simulators.base import SimulatorHandler, SimulatorServer, run_until_interrupted
 from simulators.callbacks import ReportSender
 
 DEFAULT_PORT = 8103
@@ -152,12 +152,5 @@ class OzekiSimulator(SimulatorServer):
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options) -> None:
     """Serve an Ozeki stand-in until interrupted (Ctrl-C); `options` as for `OzekiSimulator`."""
     simulator = OzekiSimulator(port, host=host, **options)
-    print(f"Ozeki simulator at {simulator.api_url} (username {simulator.username}; "
-          f"set SMS_OZEKI_URL={simulator.api_url})", flush=True)
-    try:
-        simulator.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        simulator.reports.stop()
-        simulator.server_close()
+    run_until_interrupted(simulator, f"Ozeki simulator at {simulator.api_url} "
+                                     f"(username {simulator.username}; set SMS_OZEKI_URL={simulator.api_url})")

@@ -31,6 +31,8 @@ from smpplib import consts, exceptions, smpp
 from smpplib.client import SimpleSequenceGenerator
 from smpplib.gsm import gsm_encode
 
+from simulators.base import run_until_interrupted
+
 DEFAULT_PORT = 2775
 _BIND_MODES = {"bind_transmitter": "tx", "bind_receiver": "rx", "bind_transceiver": "trx"}
 ESME_RINVCMDID = 0x03
@@ -368,12 +370,5 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options) -> None:
     """Serve an smsc.ru SMPP stand-in until interrupted (Ctrl-C); `options` as for `SmscSimulator`."""
-    simulator = SmscSimulator(port, host=host, **options).start()
-    print(f"smsc.ru SMPP simulator at {host}:{simulator.port} (system_id {simulator.system_id})", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        simulator.stop()
+    simulator = SmscSimulator(port, host=host, **options)
+    run_until_interrupted(simulator, f"smsc.ru SMPP simulator at {host}:{simulator.port} (system_id {simulator.system_id})")

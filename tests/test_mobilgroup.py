@@ -374,7 +374,7 @@ def test_connection_refused_is_transient():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(TransientError, match="cannot reach Mobilgroup"):
+    with pytest.raises(TransientError, match="could not reach Mobilgroup"):
         client_for(f"http://127.0.0.1:{port}/extxml.php").send(sms())
 
 

@@ -1,6 +1,5 @@
 """Alembic environment for our own tables; `smsctl db upgrade` runs it with the configured database."""
 from alembic import context
-from sqlalchemy import pool
 
 from db.engine import engine_for
 from db.models import Base

@@ -1,0 +1,64 @@
+"""What the HTTP provider clients (Mobilgroup, Accolades, Ozeki) share: one keep-alive session per client,
+answers read with a size cap, and network failures reported as `TransientError` in words that never quote
+the request URL (Ozeki's carries the password).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import requests
+
+from providers.base import TransientError
+
+MAX_ANSWER_BYTES = 64 * 1024
+"""Real answers are a few hundred bytes; anything near this is not the provider's reply."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class HttpClient:
+    """Base of an HTTP provider client. `label` names the provider in error messages. A `session` passed
+    in stays the caller's to close; otherwise `close()` closes the client's own."""
+
+    label = "the provider"
+
+    def __init__(self, *, timeout: float, session: requests.Session | None = None):
+        self.timeout = timeout
+        self._own_session = session is None
+        self._session = session or requests.Session()
+
+    def _request(self, method: str, url: str, **kwargs) -> Answer:
+        """One request, redirects not followed; raises `TransientError` for a timeout, a network failure
+        or an oversized answer."""
+        try:
+            with self._session.request(method, url, timeout=self.timeout, allow_redirects=False, stream=True,
+                                       **kwargs) as response:
+                body = b""
+                for chunk in response.iter_content(8192):
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise TransientError(f"unreadable answer from {self.label} (far too large)")
+                return Answer(response.status_code, response.headers, body)
+        except requests.Timeout:
+            raise TransientError(f"{self.label} did not answer within {self.timeout:g} s") from None
+        except requests.RequestException as exc:
+            # `from None`: the library's message names the URL, and with it possibly a password.
+            raise TransientError(f"could not reach {self.label} ({type(exc).__name__})") from None
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+
+def retry_after(header: str | None) -> float:
+    """Seconds from a `Retry-After` header given in seconds; a minute when absent or given as a date."""
+    try:
+        return max(float(header), 1.0) if header else 60.0
+    except ValueError:
+        return 60.0
