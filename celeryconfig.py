@@ -28,7 +28,7 @@ if broker_url.startswith("filesystem://"):
 else:
     # A message whose worker died unacknowledged comes back after this long; the reaper usually
     # re-enqueues such rows much sooner, and a duplicate delivery is a no-op anyway.
-    broker_transport_options = {"visibility_timeout": 1800}
+    broker_transport_options = {"visibility_timeout": 1800, "global_keyprefix": _s.redis_prefix}
 broker_connection_retry_on_startup = True
 
 task_queues = [Queue(DISPATCH_QUEUE)] + [Queue(q) for q in SEND_QUEUES.values()]

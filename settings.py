@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     broker_url: str = Field(default="filesystem://", validation_alias="CELERY_BROKER_URL")
     redis_url: str | None = None
     """Redis for the fleet-wide rate limits; defaults to the broker when the broker is Redis."""
+    redis_prefix: str = ""
+    """Prefix of every Redis key we write (broker queues and rate limits): lets deployments share a Redis."""
 
     # --- routing ------------------------------------------------------------------------------
     default_provider: ProviderName | None = None

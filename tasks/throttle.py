@@ -404,7 +404,7 @@ class LocalThrottle:
 def make_throttle(settings) -> Throttle:
     """The fleet-wide `RedisThrottle` when `settings.redis_url` is set, else a `LocalThrottle` under var/."""
     if settings.redis_url:
-        return RedisThrottle(settings.redis_url)
+        return RedisThrottle(settings.redis_url, prefix=settings.redis_prefix + KEY_PREFIX)
     from settings import VAR_DIR
 
     return LocalThrottle(VAR_DIR / "throttle.sqlite3")

@@ -26,6 +26,8 @@ from db.engine import engine_for
 
 MARIADB = os.environ.get("SMS_TEST_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306")
 REDIS = os.environ.get("SMS_TEST_REDIS", "redis://127.0.0.1:6379/11")
+# Every Redis key of this test session carries this prefix, so two runs on one machine stay apart.
+REDIS_PREFIX = f"smstest-{uuid.uuid4().hex[:8]}:"
 ROOT = Path(__file__).resolve().parent.parent
 CELERY_QUEUES = "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"
 
@@ -59,11 +61,16 @@ def db(mariadb_url):
 
 @pytest.fixture
 def redis_url():
-    """A Redis database for broker and throttle, empty before and after the test."""
+    """Redis for broker and throttle; this session's keys are removed before and after the test."""
     client = redis.Redis.from_url(REDIS, socket_timeout=5)
-    client.flushdb()
+
+    def clear():
+        for key in client.scan_iter(match=REDIS_PREFIX + "*", count=1000):
+            client.delete(key)
+
+    clear()
     yield REDIS
-    client.flushdb()
+    clear()
     client.close()
 
 
@@ -109,7 +116,7 @@ def app_env(database_url: str, broker_url: str, **settings) -> dict[str, str]:
     """The environment of a deployment: our settings only, on top of this process's PATH and such."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
     env.update({"SMS_DATABASE_URL": database_url, "CELERY_BROKER_URL": broker_url,
-                "PYTHONUNBUFFERED": "1"})
+                "SMS_REDIS_PREFIX": REDIS_PREFIX, "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in settings.items()})
     return env
 
