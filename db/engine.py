@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy import DateTime, Integer, create_engine, event, literal
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -49,14 +49,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 class db_now_plus(FunctionElement):  # noqa: N801 - reads as a SQL function
-    """The database's local time plus `seconds` (may be negative or zero)."""
+    """The database's local time plus `seconds` (may be negative or zero).
+
+    The offset travels as a bound parameter, not as literal SQL: SQLAlchemy caches compiled statements
+    by their shape, and a literal would be cached with the first offset ever used."""
 
     type = DateTime()
     inherit_cache = True
 
     def __init__(self, seconds: float = 0):
-        self.seconds = int(round(seconds))
-        super().__init__()
+        super().__init__(literal(int(round(seconds)), Integer()))
 
 
 def db_now() -> db_now_plus:
@@ -65,10 +67,10 @@ def db_now() -> db_now_plus:
 
 @compiles(db_now_plus)
 def _now_default(element, compiler, **kw):
-    return f"(NOW() + INTERVAL {element.seconds} SECOND)" if element.seconds else "NOW()"
+    return f"(NOW() + INTERVAL {compiler.process(element.clauses, **kw)} SECOND)"
 
 
 @compiles(db_now_plus, "sqlite")
 def _now_sqlite(element, compiler, **kw):
     # asterCC's times are local; SQLite's 'now' is UTC unless asked for 'localtime'.
-    return f"datetime('now', 'localtime', '{element.seconds:+d} seconds')"
+    return f"datetime('now', 'localtime', {compiler.process(element.clauses, **kw)} || ' seconds')"

@@ -1,0 +1,148 @@
+"""The workflow's decisions, called directly (no Celery) against real MariaDB, Redis and the Mobilgroup
+simulator: what an operator sees in asterCC after each kind of trouble."""
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+from sqlalchemy import text
+
+from db import store
+from settings import load_settings
+from simulators.mobilgroup import MobilgroupSimulator
+from tasks import workflow
+from tasks.runtime import Runtime
+from tests.conftest import REDIS_PREFIX, insert_rows, rows_by_id, started
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sim():
+    with started(MobilgroupSimulator()) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def runtime(db, mariadb_url, redis_url, sim):
+    def make(**overrides) -> Runtime:
+        settings = load_settings(
+            database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
+            default_provider="mobilgroup", mobilgroup_url=sim.api_url, mobilgroup_user_id=sim.user_id,
+            mobilgroup_user=sim.user, mobilgroup_password=sim.password, mobilgroup_rate=1000,
+            mobilgroup_identical_s=0, **overrides)
+        return Runtime(settings)
+
+    return make
+
+
+def claim(rt: Runtime) -> list[int]:
+    enqueued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    return enqueued
+
+
+def test_a_blocked_account_keeps_messages_waiting_and_pauses_the_account(runtime, sim, db):
+    rt = runtime(account_retry_s=30)
+    first, second = insert_rows(db, [("+7 916 100-00-01", "one"), ("+7 916 100-00-02", "two")])
+    claim(rt)
+    sim.blocked = True
+
+    outcome = workflow.send(rt, first)
+    assert isinstance(outcome, workflow.Retry) and outcome.delay_s == 30
+    assert "account problem" in outcome.reason and "blocked" in outcome.reason
+    calls_after_first = len(sim.events("send"))
+    paused = workflow.send(rt, second)
+    assert isinstance(paused, workflow.Retry) and "paused" in paused.reason
+    assert len(sim.events("send")) == calls_after_first, "a paused account was called again"
+    rows = rows_by_id(db)
+    assert rows[first]["status"] == rows[second]["status"] == "pending"
+    assert rows[first]["state"] == rows[second]["state"] == "retry"
+    assert rows[second]["attempts"] == 0, "waiting for a paused account is not a failed attempt"
+
+
+def test_transient_failures_end_as_error_with_the_attempt_count_after_the_window(runtime, sim, db):
+    rt = runtime(retry_window_s=0)
+    (row,) = insert_rows(db, [("+7 916 100-00-03", "hello")])
+    claim(rt)
+    sim.fail_rate = 1.0
+    assert workflow.send(rt, row) == "error"
+    assert rows_by_id(db)[row]["status"] == "error"
+    assert rows_by_id(db)[row]["error_msg"] == "Mobilgroup answered HTTP 503 (gave up after 1 attempts)"
+
+
+def test_a_transient_failure_inside_the_window_is_retried_then_succeeds(runtime, sim, db):
+    rt = runtime(retry_base_s=0.1, retry_max_s=0.2)
+    (row,) = insert_rows(db, [("+7 916 100-00-04", "hello")])
+    claim(rt)
+    sim.fail_rate = 1.0
+    retry = workflow.send(rt, row)
+    assert isinstance(retry, workflow.Retry) and 0.05 <= retry.delay_s <= 0.2
+    assert "attempt 1 failed" in retry.reason
+    sim.fail_rate = 0.0
+    with db.begin() as conn:  # the countdown has passed
+        conn.execute(text("UPDATE sms_dispatch SET next_attempt_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
+    assert workflow.send(rt, row) == "accepted"
+    assert rows_by_id(db)[row]["status"] == "success" and rows_by_id(db)[row]["attempts"] == 2
+
+
+def test_a_duplicated_task_is_a_no_op(runtime, sim, db):
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-05", "hello")])
+    claim(rt)
+    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send(rt, row) == "skipped"
+    assert len(sim.events("send")) == 1
+
+
+def _claim_all(url: str, batch: int, barrier) -> list[int]:
+    from db.engine import engine_for
+
+    engine = engine_for(url)
+    barrier.wait(timeout=20)
+    won: list[int] = []
+    while got := store.claim_due(engine, batch):
+        won.extend(c.id for c in got)
+    return won
+
+
+def test_dispatchers_racing_in_four_processes_never_claim_a_row_twice(db, mariadb_url):
+    ids = insert_rows(db, [(f"+7 916 3{i % 100:02d}-{i // 100:02d}-00", f"m{i}") for i in range(800)])
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(4) as pool:
+        barrier = manager.Barrier(4)
+        results = [pool.apply_async(_claim_all, (mariadb_url, batch, barrier)) for batch in (30, 70, 110, 800)]
+        claimed = [r.get(timeout=120) for r in results]
+    everything = [row for won in claimed for row in won]
+    assert sorted(everything) == sorted(ids), "a row was claimed twice or not at all"
+    assert rows_by_id(db)[ids[0]]["status"] == "pending"
+
+
+def test_an_operator_resend_of_a_finished_row_is_sent_again(runtime, sim, db, monkeypatch):
+    monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-06", "hello")])
+    claim(rt)
+    assert workflow.send(rt, row) == "accepted"
+    with db.begin() as conn:
+        conn.execute(text("UPDATE cc10_batchcontacts SET status = 'new' WHERE id = :i"), {"i": row})
+    assert claim(rt) == [row]
+    # Mobilgroup refuses a second request with the same id; "already sent" counts as accepted.
+    assert workflow.send(rt, row) == "accepted"
+    assert [e["outcome"] for e in sim.events("send")] == ["accepted", "duplicate"]
+
+
+def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
+    rt = runtime(mobilgroup_poll_after_s=0, retry_max_s=1)
+    (row,) = insert_rows(db, [("+7 916 100-00-07", "hello")])
+    claim(rt)
+    workflow.send(rt, row)
+    assert workflow.claim_polls(rt) == [row]
+    sim.fail_rate = 1.0
+    assert workflow.poll(rt, row) == "retry"
+    sim.fail_rate = 0.0
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET poll_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
+    assert workflow.claim_polls(rt) == [row]
+    assert workflow.poll(rt, row) == "applied"
+    assert rows_by_id(db)[row]["state"] == "delivered"
