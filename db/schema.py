@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
+from sqlalchemy import Index, inspect, text
 from sqlalchemy.engine import Engine
 
 from .models import AsterccBase
@@ -63,3 +63,36 @@ def create_astercc(engine: Engine) -> None:
                 conn.execute(text(ddl))
     else:
         AsterccBase.metadata.create_all(engine)
+
+
+ASTERCC_DUE_INDEX = "sms_dispatcher_due"
+"""Our optional index on asterCC's `cc10_batchcontacts (status, schedulertime)`."""
+
+
+def add_astercc_index(engine: Engine) -> bool:
+    """Add `ASTERCC_DUE_INDEX` to asterCC's `cc10_batchcontacts`; False if it is already there.
+
+    Every dispatch tick looks for `status='new' AND schedulertime <= NOW()`; asterCC's table has only its
+    primary key, so without this index each tick reads the whole table (about 0.4 s per million rows on a
+    small server, every few seconds), and with it only the due rows. Optional and never run by `upgrade`,
+    because the table is asterCC's: on MyISAM, adding the index rebuilds the table under a write lock
+    (seconds per million rows: run it off hours), and an asterCC upgrade that rebuilds the table may drop
+    it again (add it again; this is idempotent)."""
+    if _has_due_index(engine):
+        return False
+    table = AsterccBase.metadata.tables["cc10_batchcontacts"]
+    Index(ASTERCC_DUE_INDEX, table.c.status, table.c.schedulertime).create(engine)
+    return True
+
+
+def drop_astercc_index(engine: Engine) -> bool:
+    """Remove `ASTERCC_DUE_INDEX` again; False if it was not there."""
+    if not _has_due_index(engine):
+        return False
+    table = AsterccBase.metadata.tables["cc10_batchcontacts"]
+    Index(ASTERCC_DUE_INDEX, table.c.status, table.c.schedulertime).drop(engine)
+    return True
+
+
+def _has_due_index(engine: Engine) -> bool:
+    return any(ix["name"] == ASTERCC_DUE_INDEX for ix in inspect(engine).get_indexes("cc10_batchcontacts"))

@@ -10,16 +10,13 @@ Functions take an `Engine` and return plain values; callers never hold a session
 """
 from __future__ import annotations
 
-import random
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
 
 from .engine import db_now, db_now_plus
 from .models import (
@@ -35,7 +32,6 @@ from .models import (
 # An operator who sets a finished row back to `new` in asterCC asks for a resend; a row must have been
 # final this long before that is believed, so that a slower second beat cannot resend a row just finished.
 RESEND_AFTER_S = 60
-DEADLOCK_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -89,36 +85,15 @@ def due_rows(limit: int):
 def claim_due(engine: Engine, limit: int) -> list[Claimed]:
     """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
     due first; mark them `pending`; return the ones this call won. Safe with several claimers at once."""
-    for attempt in range(DEADLOCK_RETRIES):
-        try:
-            return _claim_due(engine, limit)
-        except OperationalError as exc:
-            # Two claimers inserting overlapping batches can deadlock in InnoDB; the loser's whole
-            # transaction was rolled back, so trying again is safe.
-            if _errno(exc) not in (1205, 1213) or attempt == DEADLOCK_RETRIES - 1:
-                raise
-            time.sleep(random.uniform(0.01, 0.1))
-    return []
-
-
-def _errno(exc: OperationalError) -> int | None:
-    args = getattr(exc.orig, "args", ())
-    return args[0] if args and isinstance(args[0], int) else None
-
-
-def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
     token = uuid.uuid4().hex
     bc = BatchContact.__table__
     with engine.begin() as conn:
         ids = list(conn.scalars(due_rows(limit)))
         if not ids:
             return []
-        # The database's clock is read once and sent as a value: with a SQL function among the values,
-        # mysqlclient sends one INSERT per row instead of one for the whole batch.
-        now = conn.scalar(select(db_now()))
-        conn.execute(_insert_ignore(conn), [
+        conn.execute(_insert_ignore(conn).values(created_at=db_now(), updated_at=db_now()), [
             {"batchcontact_id": i, "claim_token": token, "state": S.QUEUED, "attempts": 0, "polls": 0,
-             "parts": 1, "created_at": now, "updated_at": now} for i in ids
+             "parts": 1} for i in ids
         ])
         # Rows already in sms_dispatch and final for a while, yet `new` again in asterCC: a resend.
         conn.execute(
@@ -152,15 +127,12 @@ def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
     """Record each claimed row's provider and normalised recipient: {row id: (provider, recipient)}."""
     if not routes:
         return
-    d = Dispatch.__table__
-    by_provider: dict[str, dict[int, str]] = {}
-    for row_id, (provider, recipient) in routes.items():
-        by_provider.setdefault(provider, {})[row_id] = recipient
-    # One statement per provider, not one per row (an executemany of UPDATEs is a round trip per row).
     with engine.begin() as conn:
-        for provider, recipients in by_provider.items():
-            conn.execute(update(d).where(d.c.batchcontact_id.in_(list(recipients)))
-                         .values(provider=provider, recipient=case(recipients, value=d.c.batchcontact_id)))
+        conn.execute(
+            update(Dispatch.__table__).where(Dispatch.__table__.c.batchcontact_id == bindparam("p_id"))
+            .values(provider=bindparam("p_provider"), recipient=bindparam("p_recipient")),
+            [{"p_id": i, "p_provider": p, "p_recipient": r} for i, (p, r) in routes.items()],
+        )
 
 
 # --- send -----------------------------------------------------------------------------------------
