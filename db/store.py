@@ -91,9 +91,12 @@ def claim_due(engine: Engine, limit: int) -> list[Claimed]:
         ids = list(conn.scalars(due_rows(limit)))
         if not ids:
             return []
-        conn.execute(_insert_ignore(conn).values(created_at=db_now(), updated_at=db_now()), [
+        # The database's clock is read once and sent as a value: with a SQL function among the values,
+        # mysqlclient sends one INSERT per row instead of one for the whole batch.
+        now = conn.scalar(select(db_now()))
+        conn.execute(_insert_ignore(conn), [
             {"batchcontact_id": i, "claim_token": token, "state": S.QUEUED, "attempts": 0, "polls": 0,
-             "parts": 1} for i in ids
+             "parts": 1, "created_at": now, "updated_at": now} for i in ids
         ])
         # Rows already in sms_dispatch and final for a while, yet `new` again in asterCC: a resend.
         conn.execute(
