@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -130,12 +130,15 @@ def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
     """Record each claimed row's provider and normalised recipient: {row id: (provider, recipient)}."""
     if not routes:
         return
+    d = Dispatch.__table__
+    by_provider: dict[str, dict[int, str]] = {}
+    for row_id, (provider, recipient) in routes.items():
+        by_provider.setdefault(provider, {})[row_id] = recipient
+    # One statement per provider, not one per row (an executemany of UPDATEs is a round trip per row).
     with engine.begin() as conn:
-        conn.execute(
-            update(Dispatch.__table__).where(Dispatch.__table__.c.batchcontact_id == bindparam("p_id"))
-            .values(provider=bindparam("p_provider"), recipient=bindparam("p_recipient")),
-            [{"p_id": i, "p_provider": p, "p_recipient": r} for i, (p, r) in routes.items()],
-        )
+        for provider, recipients in by_provider.items():
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(list(recipients)))
+                         .values(provider=provider, recipient=case(recipients, value=d.c.batchcontact_id)))
 
 
 # --- send -----------------------------------------------------------------------------------------
