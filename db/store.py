@@ -10,6 +10,8 @@ Functions take an `Engine` and return plain values; callers never hold a session
 """
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterable
@@ -17,6 +19,7 @@ from typing import Iterable
 from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 from .engine import db_now, db_now_plus
 from .models import (
@@ -32,6 +35,7 @@ from .models import (
 # An operator who sets a finished row back to `new` in asterCC asks for a resend; a row must have been
 # final this long before that is believed, so that a slower second beat cannot resend a row just finished.
 RESEND_AFTER_S = 60
+DEADLOCK_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,24 @@ def due_rows(limit: int):
 def claim_due(engine: Engine, limit: int) -> list[Claimed]:
     """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
     due first; mark them `pending`; return the ones this call won. Safe with several claimers at once."""
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            return _claim_due(engine, limit)
+        except OperationalError as exc:
+            # Two claimers inserting overlapping batches can deadlock in InnoDB; the loser's whole
+            # transaction was rolled back, so trying again is safe.
+            if _errno(exc) not in (1205, 1213) or attempt == DEADLOCK_RETRIES - 1:
+                raise
+            time.sleep(random.uniform(0.01, 0.1))
+    return []
+
+
+def _errno(exc: OperationalError) -> int | None:
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
     token = uuid.uuid4().hex
     bc = BatchContact.__table__
     with engine.begin() as conn:
