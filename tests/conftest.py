@@ -152,16 +152,17 @@ class CeleryProcess:
 
 @pytest.fixture
 def celery(tmp_path):
-    """Start Celery processes: `celery("worker", env=…)`; all are stopped after the test."""
+    """Start Celery processes: `celery("worker" | "beat" | "flower", env, *extra_args)`; all are stopped
+    after the test."""
     started: list[CeleryProcess] = []
 
     def start(kind: str, env: dict[str, str], *extra: str) -> CeleryProcess:
-        args = [kind, "-l", "info"]
+        args = [kind]
         if kind == "worker":
-            args += ["-Q", CELERY_QUEUES, "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h",
+            args += ["-l", "info", "-Q", CELERY_QUEUES, "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h",
                      "--without-mingle", "--without-gossip"]
-        else:
-            args += ["-s", str(tmp_path / f"beat-{len(started)}")]
+        elif kind == "beat":
+            args += ["-l", "info", "-s", str(tmp_path / f"beat-{len(started)}")]
         process = CeleryProcess(args + list(extra), env, tmp_path / f"{kind}-{len(started)}.log")
         started.append(process)
         return process

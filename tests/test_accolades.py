@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from httpstub import StubServer
+from tests.httpstub import StubServer
 
 from providers.accolades import AccoladesClient, parse_report
 from providers.base import (

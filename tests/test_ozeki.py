@@ -9,7 +9,7 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from httpstub import StubServer
+from tests.httpstub import StubServer
 
 from providers.base import AccountError, OutgoingMessage, PermanentError, TransientError
 from providers.ozeki import OzekiClient, parse_answer, parse_report
