@@ -1,7 +1,8 @@
 """The Celery application, configured from `celeryconfig` (itself from the environment).
 
-Start-up validates the settings: a worker or beat with a missing provider or credentials stops at once
-with a message naming the variable, instead of failing message by message later.
+Start-up validates the settings: a worker or beat with a missing provider, missing credentials or a
+provider setting its client refuses (a sender name too long, say) stops at once with a message naming the
+problem, instead of failing message by message later.
 """
 import logging
 
@@ -16,8 +17,16 @@ app.config_from_object("celeryconfig")
 @signals.worker_init.connect
 @signals.beat_init.connect
 def _check_settings(**_):
+    from tasks.runtime import build_client
+
     try:
-        get_settings().require_sending()
+        settings = get_settings()
+        settings.require_sending()
+        for provider in sorted(settings.providers_in_use):
+            try:
+                build_client(provider, settings).close()  # constructors validate; nothing is sent
+            except ValueError as exc:
+                raise ConfigError(f"{provider}: {exc}") from None
     except ConfigError as exc:
         logging.getLogger("tasks").critical("cannot start: %s", exc)
         raise SystemExit(f"cannot start: {exc}") from None

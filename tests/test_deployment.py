@@ -42,12 +42,18 @@ def test_secrets_never_appear_in_the_settings_repr(monkeypatch):
     assert "hunter2-secret" not in repr(load_settings())
 
 
-def test_a_worker_without_a_provider_refuses_to_start_and_says_what_to_set(mariadb_url, redis_url):
-    env = app_env(mariadb_url, redis_url)
+@pytest.mark.parametrize("settings, says", [
+    ({}, "set SMS_DEFAULT_PROVIDER"),
+    ({"SMS_DEFAULT_PROVIDER": "mobilgroup", "SMS_MOBILGROUP_USER_ID": "1", "SMS_MOBILGROUP_USER": "u",
+      "SMS_MOBILGROUP_PASSWORD": "p", "SMS_MOBILGROUP_SENDER": "FarTooLongSender"},
+     "mobilgroup: Mobilgroup sender must be at most 9"),
+], ids=["no provider", "bad sender"])
+def test_a_worker_with_bad_settings_refuses_to_start_and_says_why(settings, says, mariadb_url, redis_url):
+    env = app_env(mariadb_url, redis_url, **settings)
     result = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo"],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert "set SMS_DEFAULT_PROVIDER" in result.stdout + result.stderr
+    assert says in result.stdout + result.stderr
 
 
 def test_smsctl_creates_both_sets_of_tables_and_upgrading_twice_is_harmless(tmp_path):
