@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import random
 import time
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
@@ -170,33 +171,68 @@ def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
 
     Returns None when the row is not ours to send now: already sending under a live lease, accepted,
     final, or scheduled for a later retry. That is what makes a redelivered or duplicated task a no-op."""
-    d = Dispatch
     with engine.begin() as conn:
-        taken = conn.execute(
-            update(d)
-            .where(d.batchcontact_id == row_id, d.provider.is_not(None), or_(
-                and_(d.state.in_(S.SENDABLE),
-                     or_(d.next_attempt_at.is_(None), d.next_attempt_at <= db_now_plus(2))),
-                and_(d.state == S.SENDING, d.lease_until < db_now()),
-            ))
-            .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
-                    first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())
-        ).rowcount
-        if not taken:
+        if not conn.execute(_take_lease(lease_s), {"row_id": row_id}).rowcount:
             return None
-        bc, arc = BatchContact.__table__, BatchContactArchive.__table__
-        row = conn.execute(
-            select(d.provider, d.recipient, d.attempts, d.first_attempt_at, db_now().label("now"),
-                   arc.c.content)
-            .select_from(d.__table__.join(bc, bc.c.id == d.batchcontact_id)
-                         .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
-            .where(d.batchcontact_id == row_id)
-        ).one_or_none()
+        row = conn.execute(_send_job(), {"row_id": row_id}).one_or_none()
     if row is None:  # asterCC's row vanished under us
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
         return None
     age = int((row.now - row.first_attempt_at).total_seconds()) if row.first_attempt_at else 0
     return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, age)
+
+
+# The statements of every send are built once (per lease or poll delay) with the row id as a parameter:
+# building a statement costs more CPU than having MariaDB run it.
+
+@functools.lru_cache(maxsize=None)
+def _take_lease(lease_s: int):
+    d = Dispatch
+    return (
+        update(d)
+        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None), or_(
+            and_(d.state.in_(S.SENDABLE),
+                 or_(d.next_attempt_at.is_(None), d.next_attempt_at <= db_now_plus(2))),
+            and_(d.state == S.SENDING, d.lease_until < db_now()),
+        ))
+        .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
+                first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _send_job():
+    d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
+    return (
+        select(d.provider, d.recipient, d.attempts, d.first_attempt_at, db_now().label("now"), arc.c.content)
+        .select_from(d.__table__.join(bc, bc.c.id == d.batchcontact_id)
+                     .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
+        .where(d.batchcontact_id == bindparam("row_id"))
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _provider_of():
+    return select(Dispatch.provider).where(Dispatch.batchcontact_id == bindparam("row_id"))
+
+
+@functools.lru_cache(maxsize=None)
+def _accept(poll_after_s: int | None):
+    d = Dispatch
+    return (
+        update(d).where(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING)
+        .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"), parts=bindparam("p_parts"),
+                accepted_at=db_now(), lease_until=None, last_error=None, updated_at=db_now(),
+                poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _contacted(success: bool):
+    values = {"contacttime": db_now()}
+    if success:
+        values.update(status="success", error_msg="")
+    return update(BatchContact).where(BatchContact.id == bindparam("row_id")).values(**values)
 
 
 def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str], parts: int,
@@ -205,30 +241,24 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
 
     A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
     and only `contacttime` is filled in."""
-    d = Dispatch
     with engine.begin() as conn:
         if provider_message_ids:
-            provider = conn.scalar(select(d.provider).where(d.batchcontact_id == row_id))
-            conn.execute(_insert_ids(conn), [
+            provider = conn.scalar(_provider_of(), {"row_id": row_id})
+            conn.execute(_insert_ids(conn.dialect.name), [
                 {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
                 for m in provider_message_ids
             ])
-        done = conn.execute(
-            update(d).where(d.batchcontact_id == row_id, d.state == S.SENDING)
-            .values(state=S.ACCEPTED, provider_message_id=_cut(",".join(provider_message_ids), 255) or None,
-                    parts=parts, accepted_at=db_now(), lease_until=None, last_error=None, updated_at=db_now(),
-                    poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
-        ).rowcount
-        values = {"contacttime": db_now()}
-        if done:
-            values.update(status="success", error_msg="")
-        conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(**values))
+        done = conn.execute(_accept(poll_after_s), {
+            "row_id": row_id, "p_ids": _cut(",".join(provider_message_ids), 255) or None, "p_parts": parts,
+        }).rowcount
+        conn.execute(_contacted(bool(done)), {"row_id": row_id})
 
 
-def _insert_ids(conn: Connection):
-    if conn.dialect.name == "mysql":
+@functools.lru_cache(maxsize=None)
+def _insert_ids(dialect: str):
+    if dialect == "mysql":
         return mysql.insert(MessageId).prefix_with("IGNORE")
-    if conn.dialect.name == "sqlite":
+    if dialect == "sqlite":
         return sqlite.insert(MessageId).on_conflict_do_nothing()
     return insert(MessageId)
 
