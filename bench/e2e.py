@@ -8,9 +8,11 @@ One invocation, against MariaDB and Redis on this machine:
 2. optionally buries everything under `--filler` finished rows, seeded with `INSERT … SELECT` from
    MariaDB's sequence engine;
 3. starts the Mobilgroup simulator in this process (`--latency` seconds per answer), `celery beat` and
-   `--workers` `celery worker` processes (`--pool`, `--concurrency`) on Redis DB `--redis-db` (flushed);
+   `--workers` `celery worker` processes (`--pool`, `--concurrency`) on Redis DB `--redis-db`, every key
+   under a prefix of this run's own (`SMS_REDIS_PREFIX`), deleted at the end;
 4. light load: `--light-rows` rows fall due at `--light-rate` per second; the due-to-provider latency is
    measured (row due time → when the simulator received the request);
+   (before it, a warm-up batch that is not reported gives every pool process its first task);
 5. burst: `--rows` rows fall due at one whole second; the run ends when every row is final. Measured:
    messages/s, latency p50/p99, statements and commits per message (our user's `USER_STATISTICS`), peak
    RSS of each worker process, CPU seconds per 1,000 messages of workers + beat (psutil), of MariaDB (our
@@ -279,10 +281,12 @@ class CeleryProcess:
         self._log.close()
 
 
-def app_env(args, bench: BenchDb, sim: MobilgroupSimulator, broker: str, var_dir: Path) -> dict[str, str]:
+def app_env(args, bench: BenchDb, sim: MobilgroupSimulator, broker: str, prefix: str,
+            var_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
     env.update(
         PYTHONUNBUFFERED="1", SMS_VAR_DIR=str(var_dir), SMS_DATABASE_URL=bench.app_url, CELERY_BROKER_URL=broker,
+        SMS_REDIS_PREFIX=prefix,
         SMS_DEFAULT_PROVIDER="mobilgroup", SMS_MOBILGROUP_URL=sim.api_url, SMS_MOBILGROUP_USER_ID=sim.user_id,
         SMS_MOBILGROUP_USER=sim.user, SMS_MOBILGROUP_PASSWORD=sim.password,
         SMS_MOBILGROUP_RATE=str(UNCAPPED_RATE), SMS_MOBILGROUP_IDENTICAL_S="0",
@@ -293,9 +297,10 @@ def app_env(args, bench: BenchDb, sim: MobilgroupSimulator, broker: str, var_dir
     return env
 
 
-def wait_workers(broker: str, count: int, timeout_s: float, processes: list[CeleryProcess]) -> None:
+def wait_workers(broker: str, prefix: str, count: int, timeout_s: float, processes: list[CeleryProcess]) -> None:
     """Until `count` workers answer a ping (or one of the processes died)."""
     control = Celery(broker=broker)
+    control.conf.broker_transport_options = {"global_keyprefix": prefix}
     deadline = time.monotonic() + timeout_s
     try:
         while len(control.control.ping(timeout=0.5)) < count:
@@ -443,21 +448,12 @@ def run_baseline(bench: BenchDb, sim: MobilgroupSimulator, ids: list[int], max_s
 
 # --- the dispatch tick on its own ---------------------------------------------------------------
 
-def explain_due(bench: BenchDb) -> list[str]:
-    """EXPLAIN of the claim's candidate query, as `store.claim_due` issues it."""
-    from sqlalchemy.dialects import mysql as mysql_dialect
-
-    query = store.due_query(500) if hasattr(store, "due_query") else None
-    if query is None:
-        sql = ("SELECT b.id FROM cc10_batchcontacts b LEFT OUTER JOIN cc10_batchcontact_archives a"
-               " ON a.id = b.batchcontact_archive_id WHERE b.status = 'new' AND b.schedulertime <= NOW()"
-               " AND (a.archivetype = 'sms' OR a.id IS NULL) ORDER BY b.schedulertime, b.id LIMIT 500")
-    else:
-        sql = str(query.compile(dialect=mysql_dialect.dialect(), compile_kwargs={"literal_binds": True}))
+def explain_due(bench: BenchDb, limit: int) -> list[str]:
+    """EXPLAIN of the claim's search for due rows (`store.due_rows`), one line per table."""
     with bench.admin.connect() as conn:
-        rows = conn.execute(text("EXPLAIN " + sql)).mappings().all()
-    cols = ("table", "type", "key", "rows", "Extra")
-    return ["  ".join(f"{k}={r[k]}" for k in cols) for r in rows]
+        sql = store.due_rows(limit).compile(conn, compile_kwargs={"literal_binds": True})
+        rows = conn.execute(text(f"EXPLAIN {sql}")).mappings().all()
+    return ["  ".join(f"{k}={r[k]}" for k in ("table", "type", "key", "rows", "Extra")) for r in rows]
 
 
 def time_ticks(bench: BenchDb, ids: list[int], repeats: int) -> tuple[float, float]:
@@ -489,7 +485,7 @@ def tick_only(args, bench: BenchDb) -> None:
             schema.add_astercc_index(bench.admin)
             print(f"  (adding the index took {time.perf_counter() - t:.1f} s)")
         print(f"  EXPLAIN ({label}):")
-        for line in explain_due(bench):
+        for line in explain_due(bench, len(ids)):
             print("    " + line)
         full, empty = time_ticks(bench, ids, args.tick_repeats)
         print(f"  {label:<14} claim {len(ids)} due: {full * 1000:8.1f} ms   empty tick: {empty * 1000:8.1f} ms")
@@ -566,6 +562,7 @@ def parse_args(argv=None):
     p.add_argument("--dispatch-interval", type=float, default=2.0, help="SMS_DISPATCH_INTERVAL_S")
     p.add_argument("--dispatch-batch", type=int, default=0, help="SMS_DISPATCH_BATCH (0: the default)")
     p.add_argument("--loglevel", default="warning", help="celery -l for workers and beat")
+    p.add_argument("--log-dir", help="keep the Celery logs here (default: a temporary folder)")
     p.add_argument("--baseline-max-s", type=float, default=60.0, help="stop the baseline after this long")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="give up on a phase after this long")
@@ -574,7 +571,7 @@ def parse_args(argv=None):
     p.add_argument("--tick-repeats", type=int, default=5)
     p.add_argument("--mariadb", default=os.environ.get("SMS_BENCH_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306"))
     p.add_argument("--redis", default=os.environ.get("SMS_BENCH_REDIS", "redis://127.0.0.1:6379"))
-    p.add_argument("--redis-db", type=int, default=12, help="flushed before and after")
+    p.add_argument("--redis-db", type=int, default=15, help="Redis database (keys under a prefix of the run's own)")
     return p.parse_args(argv)
 
 
@@ -590,16 +587,18 @@ def main(argv=None) -> int:
         if args.tick_only:
             tick_only(args, bench)
             return 0
+        warm_ids = seed_rows(bench, max(50, 3 * args.workers * args.concurrency))
         light_ids = seed_rows(bench, args.light_rows) if args.light_rows else []
         ids = seed_rows(bench, args.rows)
-        flush = redis.Redis.from_url(broker, socket_timeout=5)
-        flush.flushdb()
-        stack.callback(flush.close)
-        stack.callback(flush.flushdb)
+        prefix = f"{bench.name}:"
+        keys = redis.Redis.from_url(broker, socket_timeout=5)
+        stack.callback(keys.close)
+        stack.callback(lambda: [keys.delete(k) for k in keys.scan_iter(match=prefix + "*", count=1000)])
         sim = start_simulator(args.latency)
         stack.callback(sim.stop)
-        var_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sms-bench-")))
-        env = app_env(args, bench, sim, broker, var_dir)
+        var_dir = Path(args.log_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sms-bench-")))
+        var_dir.mkdir(parents=True, exist_ok=True)
+        env = app_env(args, bench, sim, broker, prefix, var_dir)
         sampler = Sampler().start()
         stack.callback(sampler.stop)
         processes: list[CeleryProcess] = []
@@ -612,7 +611,7 @@ def main(argv=None) -> int:
             sampler.watch(worker.proc.pid, "worker")
         for process in processes:
             stack.callback(process.stop)
-        wait_workers(broker, args.workers, 60, processes)
+        wait_workers(broker, prefix, args.workers, 60, processes)
         beat = CeleryProcess(["beat", "-l", args.loglevel, "-s", str(var_dir / "beat-schedule")], env,
                              var_dir / "beat.log")
         stack.callback(beat.stop)
@@ -620,6 +619,9 @@ def main(argv=None) -> int:
         sampler.watch(beat.proc.pid, "beat")
         print(f"{args.workers} workers ready; beat started", flush=True)
 
+        # Every pool process imports, connects and opens its HTTP session on its first task: warm them
+        # up, so that the phases measure a running service rather than its start.
+        run_phase("warm-up", bench, sim, sampler, warm_ids, None, args.timeout)
         light = None
         if light_ids:
             light = run_phase("light load", bench, sim, sampler, light_ids, args.light_rate, args.timeout)
