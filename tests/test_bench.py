@@ -1,0 +1,54 @@
+"""Smoke tests of the benchmark (`bench/e2e.py`) and of the optional asterCC index it measures.
+
+The benchmark is what an operator runs to size a deployment and what backs the README's figures, so it must
+keep running end to end: real MariaDB, Redis, simulator, beat and workers, and a table at the end. Speed is
+not asserted here (this machine is shared); only that every row went through both the pipeline and the
+baseline, and that the optional index is what the dispatch tick's query then uses.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from db import schema
+from tests.conftest import MARIADB, ROOT, insert_rows
+
+pytestmark = pytest.mark.integration
+
+
+def run_bench(*args: str, timeout: float = 240) -> str:
+    result = subprocess.run([sys.executable, "bench/e2e.py", "--mariadb", MARIADB, *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_the_benchmark_runs_pipeline_and_baseline_on_the_same_rows_and_prints_its_table():
+    out = run_bench("--rows", "200", "--light-rows", "20", "--workers", "1", "--concurrency", "4",
+                    "--baseline-max-s", "60", "--dispatch-interval", "1")
+    assert re.search(r"^messages\s+200\s+200\s*$", out, re.M), out
+    for label in ("messages/s", "due→provider p50 (s)", "due→provider p99 (s)", "DB statements / message",
+                  "CPU s / 1000 msg, ours", "peak RSS, worker (MB)"):
+        assert re.search(rf"^{re.escape(label)}\s+\d", out, re.M), f"no {label!r} figure in:\n{out}"
+    assert re.search(r"^messages/s\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), "no ratio printed"
+    assert "SMS_MOBILGROUP_RATE=100000 and SMS_MOBILGROUP_IDENTICAL_S=0" in out
+    assert "light load: 20 rows" in out
+
+
+def test_tick_only_shows_the_plan_without_and_with_the_optional_index():
+    out = run_bench("--tick-only", "--filler", "5000", "--tick-rows", "50", "--tick-repeats", "1")
+    without, with_index = out.split("EXPLAIN (with index)")
+    assert re.search(r"table=cc10_batchcontacts\s+type=ALL", without), out
+    assert re.search(r"table=cc10_batchcontacts\s+type=range\s+key=sms_dispatcher_due", with_index), out
+    assert re.search(r"with index\s+claim 50 due:\s+[\d.]+ ms\s+empty tick:\s+[\d.]+ ms", out), out
+
+
+def test_the_astercc_index_is_optional_idempotent_and_removable(db):
+    insert_rows(db, [("+7 916 100-00-01", "hello")])
+    assert schema.add_astercc_index(db) is True
+    assert schema.add_astercc_index(db) is False
+    assert schema.drop_astercc_index(db) is True
+    assert schema.drop_astercc_index(db) is False
