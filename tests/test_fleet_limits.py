@@ -22,7 +22,14 @@ from celery import Celery
 
 from bench.throttle_bench import largest_window, smallest_gap
 from simulators.mobilgroup import MobilgroupSimulator
-from tests.conftest import REDIS_PREFIX, app_env, insert_rows, rows_by_id, started, wait_until
+from tests.conftest import (
+    REDIS_PREFIX,
+    app_env,
+    insert_rows,
+    rows_by_id,
+    started,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +116,8 @@ def test_four_processes_keep_20_per_second_and_identical_messages_a_minute_apart
         older = insert_rows(db, [(number(i), f"Your order {i} has shipped.") for i in range(count // 2, count)],
                             schedule_sql="NOW() - INTERVAL 1 HOUR")
         # Two messages sent twice each: the second copy must wait for the default 60 s rule.
-        twins = insert_rows(db, [("+7 916 777-00-01", "Your code is 4711."), ("+7 916 777-00-02", "See you at 10.")] * 2,
+        twins = insert_rows(db, [("+7 916 777-00-01", "Your code is 4711."),
+                                 ("+7 916 777-00-02", "See you at 10.")] * 2,
                             schedule_sql="NOW() - INTERVAL 2 HOUR")
         env = fleet_env(mariadb_url, redis_url, sim, SMS_DISPATCH_BATCH=100)
         fleet = start_fleet(celery, env, workers=2, concurrency=2)
