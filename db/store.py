@@ -212,11 +212,6 @@ def _send_job():
 
 
 @functools.lru_cache(maxsize=None)
-def _provider_of():
-    return select(Dispatch.provider).where(Dispatch.batchcontact_id == bindparam("row_id"))
-
-
-@functools.lru_cache(maxsize=None)
 def _accept(poll_after_s: int | None):
     d = Dispatch
     return (
@@ -236,14 +231,13 @@ def _contacted(success: bool):
 
 
 def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str], parts: int,
-                    poll_after_s: int | None) -> None:
-    """The provider took the message: asterCC `success` with `contacttime`; remember the provider's ids.
+                    poll_after_s: int | None, *, provider: str) -> None:
+    """`provider` took the message: asterCC `success` with `contacttime`; remember the provider's ids.
 
     A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
     and only `contacttime` is filled in."""
     with engine.begin() as conn:
         if provider_message_ids:
-            provider = conn.scalar(_provider_of(), {"row_id": row_id})
             conn.execute(_insert_ids(conn.dialect.name), [
                 {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
                 for m in provider_message_ids

@@ -138,7 +138,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
-    store.record_accepted(rt.engine, row_id, ids, accepted.parts, poll_after)
+    store.record_accepted(rt.engine, row_id, ids, accepted.parts, poll_after, provider=job.provider)
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"
