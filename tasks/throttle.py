@@ -130,6 +130,12 @@ class _Schedule:
         return max(self.window_us, self.capacity * self.interval_us)
 
 
+def _identical_us(identity: str | None, identical_s: float, guard_s: float) -> int:
+    """The identical-request interval between slot times, with the same margin as the rate window so that
+    arrival jitter cannot bring two identical requests closer than `identical_s` at the provider."""
+    return round((identical_s + guard_s) * _MICRO) if identity and identical_s > 0 else 0
+
+
 def _permit(wait_us: int, reserved: bool, reason: str) -> Permit:
     return Permit(max(0, wait_us) / _MICRO, reserved, reason)
 
@@ -247,7 +253,7 @@ class RedisThrottle:
     def acquire(self, account: str, rate: float, *, cost: int = 1, identity: str | None = None,
                 identical_s: float = 60.0, max_wait_s: float = 2.0) -> Permit:
         schedule = _Schedule.of(rate, cost, self._guard_s)
-        identical_us = round(identical_s * _MICRO) if identity else 0
+        identical_us = _identical_us(identity, identical_s, self._guard_s)
         keys = [self._key(account, "slots"), self._key(account, "pause"),
                 self._key(account, f"same:{identity}") if identity else self._key(account, "same"),
                 self._key(account, "throttled")]
@@ -336,7 +342,7 @@ class LocalThrottle:
     def acquire(self, account: str, rate: float, *, cost: int = 1, identity: str | None = None,
                 identical_s: float = 60.0, max_wait_s: float = 2.0) -> Permit:
         schedule = _Schedule.of(rate, cost, self._guard_s)
-        identical_us = round(identical_s * _MICRO) if identity else 0
+        identical_us = _identical_us(identity, identical_s, self._guard_s)
         until_us, reserved, reason = self._transaction(
             "check the rate limit",
             lambda db, now: self._decide(db, now, account, schedule, identity, identical_us,
