@@ -138,7 +138,9 @@ def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
             return []
         conn.execute(update(BatchContact).where(BatchContact.id.in_(won), BatchContact.status == "new")
                      .values(status="pending"))
-        rows = conn.execute(select(bc.c.id, bc.c.target).where(bc.c.id.in_(won)).order_by(bc.c.id))
+        # Oldest due first, so that a backlog drains in due order within a batch too.
+        rows = conn.execute(select(bc.c.id, bc.c.target).where(bc.c.id.in_(won))
+                            .order_by(bc.c.schedulertime, bc.c.id))
         return [Claimed(r.id, r.target or "") for r in rows]
 
 
