@@ -30,3 +30,17 @@ def _check_settings(**_):
     except ConfigError as exc:
         logging.getLogger("tasks").critical("cannot start: %s", exc)
         raise SystemExit(f"cannot start: {exc}") from None
+
+
+@signals.worker_process_init.connect
+def _warm_up(**_):
+    """Build this pool process's provider clients, throttle and DB pool before its first task, so the
+    first send's set-up cost does not land between its rate-limit slot and its arrival at the provider."""
+    from tasks.runtime import runtime
+
+    rt = runtime()
+    for provider in sorted(rt.settings.providers_in_use):
+        rt.client(provider)
+    rt.throttle  # noqa: B018 - built on first access
+    with rt.engine.connect():
+        pass
