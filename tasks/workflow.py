@@ -24,13 +24,13 @@ from providers.base import (
     ThrottledError,
     TransientError,
 )
+from providers.smsc_text import COMMENT_SEPARATOR
 from tasks.reports import apply_report
 from tasks.routing import InvalidNumber, normalise, route
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-SMSC_COMMENT = "\n~~~\n"
 REPORTING_BY_CALLBACK = ("accolades", "ozeki")
 THROTTLE_MAX_WAIT_S = 2.0
 THROTTLE_DOWN_RETRY_S = 10.0
@@ -150,7 +150,8 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     and Flower's retry reason) says how long, why, and how many sends of the provider were throttled so far."""
     from tasks.throttle import ThrottleUnavailable, identity_of
 
-    text_sent = message.text.split(SMSC_COMMENT, 1)[0] if provider == "smsc" else message.text
+    # smsc.ru strips the comment after the separator: the request it compares is the text before it.
+    text_sent = message.text.partition(COMMENT_SEPARATOR)[0] if provider == "smsc" else message.text
     account = rt.account(provider)
     try:
         permit = rt.throttle.acquire(
