@@ -59,7 +59,7 @@ def webhooks(host: str, port: int) -> None:
     """Serve the delivery-report app (development; use gunicorn in production)."""
     from webhooks.app import serve
 
-    _settings().require("public_url", "webhook_secret")
+    _settings().require("webhook_secret")
     serve(host, port)
 
 
