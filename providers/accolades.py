@@ -44,13 +44,13 @@ from providers.base import (
     ThrottledError,
     TransientError,
 )
-from providers.http import Answer, HttpClient, retry_after
-from providers.text import check_parts, redact
+from providers.http import Answer, PartBilledClient, retry_after
+from providers.text import redact
 
 DEFAULT_URL = "https://client.voipit.ro"
 
 
-class AccoladesClient(HttpClient):
+class AccoladesClient(PartBilledClient):
     """Sends one message per call to Accolades; see the module docstring for the error mapping."""
 
     name = "accolades"
@@ -60,25 +60,18 @@ class AccoladesClient(HttpClient):
                  session: requests.Session | None = None, max_parts: int = 6, plus_prefix: bool = False):
         if not account or not password:
             raise ValueError("Accolades needs an account number and an API password")
-        super().__init__(timeout=timeout, session=session)
+        super().__init__(timeout=timeout, session=session, max_parts=max_parts, plus_prefix=plus_prefix)
         self.endpoint = f"{url.rstrip('/')}/{account}/sms/send"
         self._password = password
-        self.max_parts = max_parts
-        self.plus_prefix = plus_prefix
 
     def __repr__(self) -> str:
         return f"AccoladesClient(endpoint={self.endpoint!r})"
-
-    def check(self, message: OutgoingMessage) -> int:
-        """Raise `PermanentError` for a recipient that is not international digits, an empty text, or a
-        text over `max_parts` parts; else return the number of parts."""
-        return check_parts(message, self.max_parts)
 
     def send(self, message: OutgoingMessage) -> Accepted:
         parts = self.check(message)
         form = {
             "password": self._password,
-            "phoneNumber": ("+" if self.plus_prefix else "") + message.recipient,
+            "phoneNumber": self.number(message.recipient),
             "message": message.text,
             "messageId": str(message.reference),
         }

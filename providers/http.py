@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import requests
 
-from providers.base import TransientError
+from providers.base import OutgoingMessage, TransientError
+from providers.text import check_parts
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Real answers are a few hundred bytes; anything near this is not the provider's reply."""
@@ -54,6 +55,24 @@ class HttpClient:
     def close(self) -> None:
         if self._own_session:
             self._session.close()
+
+
+class PartBilledClient(HttpClient):
+    """An HTTP provider that bills by SMS part (Accolades, Ozeki): texts over `max_parts` parts are refused
+    before sending; numbers go out as international digits, with a leading `+` if `plus_prefix`."""
+
+    def __init__(self, *, timeout: float, session: requests.Session | None, max_parts: int, plus_prefix: bool):
+        super().__init__(timeout=timeout, session=session)
+        self.max_parts = max_parts
+        self.plus_prefix = plus_prefix
+
+    def check(self, message: OutgoingMessage) -> int:
+        """Raise `PermanentError` for a recipient that is not international digits, an empty text, or a
+        text over `max_parts` parts; else return the number of parts."""
+        return check_parts(message, self.max_parts)
+
+    def number(self, recipient: str) -> str:
+        return ("+" if self.plus_prefix else "") + recipient
 
 
 def retry_after(header: str | None) -> float:

@@ -57,8 +57,7 @@ from providers.base import (
     ProviderError,
     TransientError,
 )
-from providers.http import HttpClient
-from providers.text import check_parts
+from providers.http import PartBilledClient
 
 ROOT = "OzApi_CommandResult_SendSms"
 
@@ -128,7 +127,7 @@ def _child(root: Element, name: str) -> str | None:
     return None
 
 
-class OzekiClient(HttpClient):
+class OzekiClient(PartBilledClient):
     """Sends one message per call through an Ozeki HTTP API; see the module docstring for the codes."""
 
     name = "ozeki"
@@ -139,28 +138,21 @@ class OzekiClient(HttpClient):
                  plus_prefix: bool = True):
         if not url or not username or not password:
             raise ValueError("Ozeki needs the API address, a username and a password")
-        super().__init__(timeout=timeout, session=session)
+        super().__init__(timeout=timeout, session=session, max_parts=max_parts, plus_prefix=plus_prefix)
         self.url = url
         self.username = username
         self._password = password
         self.sender = sender or None
-        self.max_parts = max_parts
-        self.plus_prefix = plus_prefix
 
     def __repr__(self) -> str:
         return f"OzekiClient(url={self.url!r}, username={self.username!r})"
-
-    def check(self, message: OutgoingMessage) -> int:
-        """Raise `PermanentError` for a recipient that is not international digits, an empty text, or a
-        text over `max_parts` parts; else return the number of parts."""
-        return check_parts(message, self.max_parts)
 
     def send(self, message: OutgoingMessage) -> Accepted:
         parts = self.check(message)
         params = {"command": "SendSms", "Username": self.username, "Password": self._password}
         if self.sender:
             params["Sender"] = self.sender
-        params["Recipient"] = ("+" if self.plus_prefix else "") + message.recipient
+        params["Recipient"] = self.number(message.recipient)
         params["Message"] = message.text
         if message.callback_url:
             params["DeliveryReportURL"] = message.callback_url

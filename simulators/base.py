@@ -19,27 +19,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 
-class SimulatorServer(ThreadingHTTPServer):
-    """A provider stand-in. `fail_rate` (0..1) of API requests get HTTP 503 before any processing;
-    `latency_s` delays every API answer."""
+class Journal:
+    """What a simulator was asked, in order: `record(kind=…, …)` adds an event stamped with its time."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, handler, host: str = "127.0.0.1", port: int = 0, *, fail_rate: float = 0.0,
-                 latency_s: float = 0.0, seed: int | None = None):
-        super().__init__((host, port), handler)
-        self.fail_rate = fail_rate
-        self.latency_s = latency_s
-        self.random = random.Random(seed)
+    def __init__(self):
         self.lock = threading.Lock()
         self.journal: list[dict] = []
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
 
     def record(self, **event) -> None:
         event.setdefault("time", time.time())
@@ -49,6 +34,28 @@ class SimulatorServer(ThreadingHTTPServer):
     def events(self, kind: str | None = None) -> list[dict]:
         with self.lock:
             return [e for e in self.journal if kind is None or e.get("kind") == kind]
+
+
+class SimulatorServer(Journal, ThreadingHTTPServer):
+    """A provider stand-in. `fail_rate` (0..1) of API requests get HTTP 503 before any processing;
+    `latency_s` delays every API answer."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, handler, host: str = "127.0.0.1", port: int = 0, *, fail_rate: float = 0.0,
+                 latency_s: float = 0.0, seed: int | None = None):
+        Journal.__init__(self)
+        ThreadingHTTPServer.__init__(self, (host, port), handler)
+        self.fail_rate = fail_rate
+        self.latency_s = latency_s
+        self.random = random.Random(seed)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
 
     def should_fail(self) -> bool:
         with self.lock:

@@ -31,7 +31,7 @@ from smpplib import consts, exceptions, smpp
 from smpplib.client import SimpleSequenceGenerator
 from smpplib.gsm import gsm_encode
 
-from simulators.base import run_until_interrupted
+from simulators.base import Journal, run_until_interrupted
 
 DEFAULT_PORT = 2775
 _BIND_MODES = {"bind_transmitter": "tx", "bind_receiver": "rx", "bind_transceiver": "trx"}
@@ -191,7 +191,7 @@ class _Session(socketserver.BaseRequestHandler):
             raise
 
 
-class SmscSimulator(socketserver.ThreadingTCPServer):
+class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
     """The smsc.ru stand-in; see the module docstring. `start()` serves in a thread, `stop()` closes
     every connection (a client sees the peer go away)."""
 
@@ -203,7 +203,7 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
                  identical_status: int = consts.SMPP_ESME_RTHROTTLED, receipt_delay_s: float = 0.5,
                  receipts: bool = True, receipt_tlvs: bool = False, undeliverable_suffix: str = "13",
                  idle_timeout_s: float | None = 120.0, latency_s: float = 0.0):
-        super().__init__((host, port), _Session)
+        socketserver.ThreadingTCPServer.__init__(self, (host, port), _Session)
         self.system_id, self.password = system_id, password
         self.identical_window_s = identical_window_s
         self.identical_status = identical_status
@@ -213,8 +213,7 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
         self.idle_timeout_s = idle_timeout_s
         self.latency_s = latency_s
         self.sequence = SimpleSequenceGenerator()
-        self.lock = threading.Lock()
-        self.journal: list[dict] = []
+        Journal.__init__(self)
         self._sessions: set[_Session] = set()
         self._pending: list[dict] = []
         self._recent: dict[tuple, float] = {}
@@ -259,14 +258,6 @@ class SmscSimulator(socketserver.ThreadingTCPServer):
         with self.lock:
             self._failures.extend([status] * count)
 
-    def record(self, **event) -> None:
-        event.setdefault("time", time.time())
-        with self.lock:
-            self.journal.append(event)
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        with self.lock:
-            return [e for e in self.journal if kind is None or e["kind"] == kind]
 
     def sessions(self, mode: str | None = None) -> int:
         """How many bound sessions are open (of `mode` `tx`, `rx` or `trx`, or any)."""
