@@ -11,15 +11,16 @@ One invocation, against MariaDB and Redis on this machine:
    `--workers` `celery worker` processes (`--pool`, `--concurrency`) on Redis DB `--redis-db`, every key
    under a prefix of this run's own (`SMS_REDIS_PREFIX`), deleted at the end;
 4. light load: `--light-rows` rows fall due at `--light-rate` per second; the due-to-provider latency is
-   measured (row due time → when the simulator received the request);
-   (before it, a warm-up batch that is not reported gives every pool process its first task);
+   measured (row due time → when the simulator received the request); before it, a warm-up batch that
+   is not reported gives every pool process its first task (imports, connections);
 5. burst: `--rows` rows fall due at one whole second; the run ends when every row is final. Measured:
-   messages/s, latency p50/p99, statements and commits per message (our user's `USER_STATISTICS`), peak
+   messages/s, latency p50/p99, statements per message (our user's `USER_STATISTICS`), peak
    RSS of each worker process, CPU seconds per 1,000 messages of workers + beat (psutil), of MariaDB (our
-   user's `CPU_TIME`) and of this process (the simulator);
+   user's `CPU_TIME`) and of the simulator (this process);
 6. stops Celery, sets the same rows back to `new` and runs the baseline: what the seed's PHP cron script
    does (select the due rows, then per row mark it `pending`, POST it, write the outcome), in one thread,
-   with the same HTTP client, stopping after `--baseline-max-s` (its rate is measured on what it did);
+   with the same HTTP client, stopping after `--baseline-max-s` (its rate is measured on what it did,
+   its latency quantiles count the rows it never reached as later than that);
 7. prints one table with both and their ratio, and drops the database and the user.
 
     .venv/bin/python bench/e2e.py --rows 10000 --workers 2 --concurrency 8 --pool prefork --latency 0
