@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import MySQLdb
@@ -59,7 +59,7 @@ from db import schema, store  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from providers.base import OutgoingMessage, PermanentError, ProviderError  # noqa: E402
 from providers.mobilgroup import MobilgroupClient  # noqa: E402
-from simulators.mobilgroup import MobilgroupHandler, MobilgroupSimulator  # noqa: E402
+from simulators.mobilgroup import MobilgroupSimulator  # noqa: E402
 
 FINAL = ("success", "failed", "error")
 QUEUES = "dispatch,send.mobilgroup"
@@ -195,18 +195,8 @@ def wait_final(bench: BenchDb, ids: list[int], timeout_s: float, what: str) -> f
     return time.time()
 
 
-class PromptHandler(MobilgroupHandler):
-    """The simulator's handler with Nagle's algorithm off: it writes the headers and the body of an
-    answer separately, and on a keep-alive connection the body then waits for the client's delayed ACK
-    (40 ms on Linux), which would cap every client at 25 requests per second per connection."""
-
-    disable_nagle_algorithm = True
-
-
 def start_simulator(latency_s: float) -> MobilgroupSimulator:
-    sim = MobilgroupSimulator(latency_s=latency_s, undeliverable_suffix="")
-    sim.RequestHandlerClass = PromptHandler
-    return sim.start()
+    return MobilgroupSimulator(latency_s=latency_s, undeliverable_suffix="").start()
 
 
 # --- processes and their resources --------------------------------------------------------------

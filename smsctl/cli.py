@@ -52,6 +52,26 @@ def db_create_astercc() -> None:
     click.echo("asterCC's tables exist")
 
 
+@db.command("add-astercc-index")
+def db_add_astercc_index() -> None:
+    """Add our optional index on asterCC's cc10_batchcontacts (status, schedulertime); see README."""
+    from db import schema
+    from db.engine import engine_for
+
+    added = schema.add_astercc_index(engine_for(_settings().database_url))
+    click.echo(f"index {schema.ASTERCC_DUE_INDEX} " + ("added" if added else "already present"))
+
+
+@db.command("drop-astercc-index")
+def db_drop_astercc_index() -> None:
+    """Remove the optional index again (before an asterCC upgrade that wants its table untouched)."""
+    from db import schema
+    from db.engine import engine_for
+
+    dropped = schema.drop_astercc_index(engine_for(_settings().database_url))
+    click.echo(f"index {schema.ASTERCC_DUE_INDEX} " + ("dropped" if dropped else "was not there"))
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
