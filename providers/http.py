@@ -4,6 +4,7 @@ the request URL (Ozeki's carries the password).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -11,6 +12,10 @@ import requests
 
 from providers.base import OutgoingMessage, TransientError
 from providers.text import check_parts
+
+# urllib3 logs every request line, query string included, at DEBUG: Ozeki's carries the password and the
+# recipient's number. Debug logging (`smsctl -v`, `celery -l debug`) must not leak them.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Real answers are a few hundred bytes; anything near this is not the provider's reply."""

@@ -4,6 +4,7 @@ documented code mapped, the delivery-report notification read in both plausible 
 password in any error an operator sees."""
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -246,3 +247,11 @@ def test_undelivered_reason_never_echoes_free_text():
 def test_malformed_reports_are_refused(fields):
     with pytest.raises(ValueError):
         parse_report(fields)
+
+
+def test_debug_logging_never_shows_the_password_or_the_number(sim, caplog):
+    """An operator who turns on debug logs (`smsctl -v`, `celery -l debug`) must not leak the password,
+    which Ozeki takes in the query string, nor the recipient's number."""
+    with caplog.at_level(logging.DEBUG):
+        client_for(sim.api_url).send(message())
+    assert "qwe" not in caplog.text and NUMBER not in caplog.text
