@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,6 +58,7 @@ from db.engine import engine_for  # noqa: E402
 from providers.base import OutgoingMessage, PermanentError, ProviderError  # noqa: E402
 from providers.mobilgroup import MobilgroupClient  # noqa: E402
 from simulators.mobilgroup import MobilgroupSimulator  # noqa: E402
+from smsctl.processes import CeleryProcess, stop_all  # noqa: E402
 
 FINAL = ("success", "failed", "error")
 QUEUES = "dispatch,send.mobilgroup"
@@ -249,26 +248,6 @@ class Sampler:
 
     def cpu_total(self) -> float:
         return sum(self.cpu.values())
-
-
-class CeleryProcess:
-    """A `celery -A tasks …` subprocess in its own process group, logging to a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args], env=env, cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 def app_env(args, bench: BenchDb, sim: MobilgroupSimulator, broker: str, prefix: str,
@@ -624,8 +603,7 @@ def main(argv=None) -> int:
         pipeline = run_phase("burst", bench, sim, sampler, ids, None, args.timeout)
         print(f"burst done: {pipeline.rate:.1f} msg/s", flush=True)
         peaks = peak_by_role(sampler)
-        for process in reversed(processes):
-            process.stop()
+        stop_all(processes)
         runs = [pipeline]
         if not args.no_baseline:
             runs.append(run_baseline(bench, sim, ids, args.baseline_max_s))

@@ -24,8 +24,6 @@ import argparse
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.throttle_bench import largest_window, smallest_gap
 from db import schema
 from db.engine import engine_for
+from smsctl.processes import CeleryProcess, stop_all
 from tasks.throttle import KEY_PREFIX, RedisThrottle
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
@@ -128,29 +127,17 @@ def redis_prefix(url: str):
 @contextmanager
 def celery_processes(env: dict[str, str], args, log_dir: Path):
     """Beat and the workers, each in its own process group; all stopped on exit (SIGTERM, then SIGKILL)."""
-    procs = []
+    commands = [["beat", "-s", str(log_dir / "beat-schedule")]] + [
+        ["worker", "-P", args.pool, "-c", str(args.concurrency), "-Q", f"dispatch,send.{args.provider}",
+         "-n", f"fleet{i}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"]
+        for i in range(args.workers)]
+    procs: list[CeleryProcess] = []
     try:
-        commands = [["beat", "-s", str(log_dir / "beat-schedule")]] + [
-            ["worker", "-P", args.pool, "-c", str(args.concurrency), "-Q", f"dispatch,send.{args.provider}",
-             "-n", f"fleet{i}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"]
-            for i in range(args.workers)]
         for i, command in enumerate(commands):
-            log = open(log_dir / f"{command[0]}-{i}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *command, "-l", "info"],
-                                           env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True), log))
+            procs.append(CeleryProcess([*command, "-l", "info"], env, log_dir / f"{command[0]}-{i}.log"))
         yield
     finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, log in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            log.close()
+        stop_all(procs)
 
 
 def insert_rows(url: str, count: int, identical: int) -> None:

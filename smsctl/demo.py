@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 from sqlalchemy import text
+
+from smsctl.processes import CeleryProcess, stop_all
 
 DEMO_DIR = Path("var/demo").resolve()
 FINAL = ("success", "failed", "error")
@@ -187,13 +187,11 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     print(f"seeded {len(sample)} asterCC rows into {DEMO_DIR / 'sms.db'}; routes: {env['SMS_ROUTES']}, "
           "the rest to mobilgroup, whose simulator answers 15% of requests with HTTP 503")
 
-    celery = [sys.executable, "-m", "celery", "-A", "tasks"]
     procs = [
-        subprocess.Popen(celery + ["worker", "-l", "warning", "-c", "4", "-n", "demo@%h",
-                                   "-Q", "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"],
-                         env=env, stdout=open(DEMO_DIR / "worker.log", "w"), stderr=subprocess.STDOUT),
-        subprocess.Popen(celery + ["beat", "-l", "warning"], env=env,
-                         stdout=open(DEMO_DIR / "beat.log", "w"), stderr=subprocess.STDOUT),
+        CeleryProcess(["worker", "-l", "warning", "-c", "4", "-n", "demo@%h",
+                       "-Q", "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"],
+                      env, DEMO_DIR / "worker.log"),
+        CeleryProcess(["beat", "-l", "warning"], env, DEMO_DIR / "beat.log"),
     ]
     started = time.monotonic()
     code = 1
@@ -204,7 +202,7 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
             line = "  ".join(f"{s}={statuses[s]}" for s in ("new", "pending", "success", "failed", "error"))
             print(f"[{time.monotonic() - started:5.1f}s] {line}  (awaiting status poll: {states['accepted']})",
                   flush=True)
-            if any(p.poll() is not None for p in procs):
+            if not all(p.running() for p in procs):
                 print("a Celery process stopped unexpectedly; see var/demo/*.log", file=sys.stderr)
                 break
             if _finished(statuses, states, len(sample)):
@@ -213,14 +211,7 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
         else:
             print(f"not every row reached a final status within {timeout_s} s", file=sys.stderr)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        stop_all(procs)
         stand_ins.stop()
     _summary(engine, sample, stand_ins)
     return code

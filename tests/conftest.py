@@ -9,13 +9,9 @@ flushed afterwards.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import redis
@@ -23,12 +19,13 @@ from sqlalchemy import create_engine, text
 
 from db import schema
 from db.engine import engine_for
+from smsctl.processes import PROJECT_ROOT as ROOT  # noqa: F401 - the tests' name for it
+from smsctl.processes import CeleryProcess, stop_all
 
 MARIADB = os.environ.get("SMS_TEST_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306")
 REDIS = os.environ.get("SMS_TEST_REDIS", "redis://127.0.0.1:6379/11")
 # Every Redis key of this test session carries this prefix, so two runs on one machine stay apart.
 REDIS_PREFIX = f"smstest-{uuid.uuid4().hex[:8]}:"
-ROOT = Path(__file__).resolve().parent.parent
 CELERY_QUEUES = "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"
 
 
@@ -121,35 +118,6 @@ def app_env(database_url: str, broker_url: str, **settings) -> dict[str, str]:
     return env
 
 
-class CeleryProcess:
-    """A `celery -A tasks …` subprocess in its own process group, logging to a file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args], env=env,
-                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: the worker and every pool child, mid-task."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture
 def celery(tmp_path):
     """Start Celery processes: `celery("worker" | "beat" | "flower", env, *extra_args)`; all are stopped
@@ -168,8 +136,7 @@ def celery(tmp_path):
         return process
 
     yield start
-    for process in started:
-        process.stop()
+    stop_all(started)
 
 
 @contextmanager
