@@ -9,11 +9,18 @@ broken connection or a failed bind with an exponential backoff. Every `deliver_s
 again would not help); `ESME_RX_T_APPN` (temporary error, so that smsc.ru delivers it again later) only
 when applying it failed, e.g. the database was down.
 
+A receipt can overtake the worker that records its message id: smsc.ru may answer `submit_sm` and send
+an immediate receipt (a rejection, say) before the worker has written the id down. A receipt for an id we
+do not know is therefore acknowledged at once but applied again after `UNKNOWN_RETRY_S` before it is
+given up (kept in memory: a receiver restart in those seconds loses it, and the row keeps `success`).
+
 A reply sent as several concatenated parts arrives as several `deliver_sm`; each part is applied as it
 comes (they are not reassembled).
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import select
 import signal
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Apply = Callable[[str, DeliveryReport], str]
 ESME_RX_T_APPN = 0x64
+UNKNOWN_RETRY_S = (1.0, 4.0, 15.0)
 _POLL_S = 0.5
 _BROKEN = (exceptions.ConnectionError, exceptions.PDUError, exceptions.UnknownCommandError, OSError,
            struct.error)
@@ -43,9 +51,37 @@ def _default_apply(provider: str, report: DeliveryReport) -> str:
     return apply_report(provider, report)
 
 
+class _Overtaken:
+    """Receipts that named no known message yet, each applied again after the next of `delays`."""
+
+    def __init__(self, delays: tuple[float, ...]):
+        self.delays = delays
+        self._due: list[tuple[float, int, int, DeliveryReport]] = []
+        self._seq = itertools.count()
+
+    def add(self, report: DeliveryReport, attempt: int = 0) -> None:
+        if attempt < len(self.delays):
+            heapq.heappush(self._due, (time.monotonic() + self.delays[attempt], next(self._seq), attempt, report))
+
+    def run_due(self, apply: Apply) -> None:
+        while self._due and self._due[0][0] <= time.monotonic():
+            _, _, attempt, report = heapq.heappop(self._due)
+            try:
+                result = apply("smsc", report)
+            except Exception:
+                log.exception("smsc receipt could not be applied on its retry")
+                result = "unknown"
+            if result == "unknown":
+                if attempt + 1 == len(self.delays):
+                    log.info("smsc receipt for an id we never sent; ignored")
+                self.add(report, attempt + 1)
+            else:
+                log.info("smsc receipt (%s), applied on retry: %s", report.outcome, result)
+
+
 def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
                  enquire_link_s: float = 30.0, reconnect_min_s: float = 1.0,
-                 reconnect_max_s: float = 60.0) -> None:
+                 reconnect_max_s: float = 60.0, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S) -> None:
     """Receive smsc.ru receipts and replies until `stop_event` is set; without one, until SIGTERM or
     SIGINT (the session is then unbound cleanly). `apply` is called as `apply("smsc", report)`; it
     defaults to `tasks.reports.apply_report`."""
@@ -55,6 +91,7 @@ def run_receiver(settings, stop_event: threading.Event | None = None, apply: App
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     apply = apply or _default_apply
+    overtaken = _Overtaken(unknown_retry_s)
     failures = 0
     while not stop.is_set():
         conn = smpp_client.Client(settings.smsc_host, settings.smsc_port, timeout=settings.http_timeout_s,
@@ -74,7 +111,7 @@ def run_receiver(settings, stop_event: threading.Event | None = None, apply: App
         failures = 0
         log.info("smsc SMPP receiver bound")
         try:
-            _serve_session(conn, stop, apply, enquire_link_s)
+            _serve_session(conn, stop, apply, enquire_link_s, overtaken)
         except _BROKEN as exc:
             log.warning("smsc SMPP receiver session lost (%s); binding again", type(exc).__name__)
         finally:
@@ -82,10 +119,11 @@ def run_receiver(settings, stop_event: threading.Event | None = None, apply: App
 
 
 def _serve_session(conn: smpp_client.Client, stop: threading.Event, apply: Apply,
-                   enquire_link_s: float) -> None:
+                   enquire_link_s: float, overtaken: _Overtaken) -> None:
     """Serve one bound session until the peer goes away (raises) or `stop` is set (unbinds)."""
     last_rx = last_tx = time.monotonic()
     while not stop.is_set():
+        overtaken.run_due(apply)
         now = time.monotonic()
         if now - last_rx > 2 * enquire_link_s + conn.timeout:
             raise exceptions.ConnectionError("smsc.ru stopped answering")
@@ -97,7 +135,7 @@ def _serve_session(conn: smpp_client.Client, stop: threading.Event, apply: Apply
         pdu = conn.read_pdu()
         last_rx = time.monotonic()
         if pdu.command == "deliver_sm":
-            _reply(conn, pdu, "deliver_sm_resp", _handle_deliver(pdu, apply))
+            _reply(conn, pdu, "deliver_sm_resp", _handle_deliver(pdu, apply, overtaken))
         elif pdu.command == "enquire_link":
             _reply(conn, pdu, "enquire_link_resp")
         elif pdu.command == "unbind":
@@ -109,7 +147,7 @@ def _serve_session(conn: smpp_client.Client, stop: threading.Event, apply: Apply
         pass
 
 
-def _handle_deliver(pdu, apply: Apply) -> int:
+def _handle_deliver(pdu, apply: Apply, overtaken: _Overtaken) -> int:
     """Apply one deliver_sm; return the command_status of its deliver_sm_resp."""
     try:
         report = parse_deliver_sm(vars(pdu))
@@ -123,6 +161,8 @@ def _handle_deliver(pdu, apply: Apply) -> int:
         log.exception("smsc %s could not be applied; smsc.ru will deliver it again", kind)
         return ESME_RX_T_APPN
     log.info("smsc %s: %s", kind, result)
+    if result == "unknown" and report.reply_text is None:
+        overtaken.add(report)
     return consts.SMPP_ESME_ROK
 
 

@@ -24,7 +24,7 @@ def wait_for(predicate, timeout: float = 5.0):
 class Receiver:
     """run_receiver in a thread, recording what it applies; `answer` decides the result or raises."""
 
-    def __init__(self, port: int, answer=lambda report: "applied"):
+    def __init__(self, port: int, answer=lambda report: "applied", unknown_retry_s=(0.2, 0.4)):
         self.reports = []
         self.answer = answer
         self.stop = threading.Event()
@@ -32,7 +32,8 @@ class Receiver:
                                  smsc_password="secret")
         self.thread = threading.Thread(
             target=run_receiver, args=(settings, self.stop, self.apply),
-            kwargs={"enquire_link_s": 0.3, "reconnect_min_s": 0.05}, daemon=True)
+            kwargs={"enquire_link_s": 0.3, "reconnect_min_s": 0.05, "unknown_retry_s": unknown_retry_s},
+            daemon=True)
 
     def apply(self, provider, report):
         assert provider == "smsc"
@@ -89,6 +90,23 @@ def test_receipts_wait_for_a_receiver_and_unknown_ids_are_acknowledged(sim, clie
         wait_for(lambda: len(sim.events("deliver_resp")) == 1)
     assert receiver.reports[0].outcome == "delivered"
     assert sim.events("deliver_resp")[0]["status"] == 0
+
+
+def test_a_receipt_that_overtakes_its_message_id_is_applied_once_the_id_is_known(sim, client):
+    answers = iter(["unknown", "unknown", "applied"])
+    with Receiver(sim.port, answer=lambda report: next(answers)) as receiver:
+        client.send(OutgoingMessage(1, "79001230013", "rejected at once"))
+        wait_for(lambda: len(receiver.reports) == 3)
+    assert [r.provider_message_id for r in receiver.reports] == [receiver.reports[0].provider_message_id] * 3
+    assert [e["status"] for e in sim.events("deliver_resp")] == [0], "acknowledged once, at once"
+
+
+def test_a_receipt_for_an_id_never_sent_is_given_up_after_its_retries(sim, client):
+    with Receiver(sim.port, answer=lambda report: "unknown") as receiver:
+        client.send(OutgoingMessage(1, "79001234567", "not ours"))
+        wait_for(lambda: len(receiver.reports) == 3)
+        time.sleep(0.6)
+    assert len(receiver.reports) == 3
 
 
 def test_a_failed_apply_asks_for_redelivery(sim, client):
