@@ -39,8 +39,11 @@ def _warm_up(**_):
     from tasks.runtime import runtime
 
     rt = runtime()
-    for provider in sorted(rt.settings.providers_in_use):
-        rt.client(provider)
-    rt.throttle  # noqa: B018 - built on first access
-    with rt.engine.connect():
-        pass
+    try:
+        for provider in sorted(rt.settings.providers_in_use):
+            rt.client(provider)
+        rt.throttle  # noqa: B018 - built on first access
+        with rt.engine.connect():
+            pass
+    except Exception as exc:  # only an optimisation: the first task builds what is missing, or retries
+        logging.getLogger("tasks").warning("warm-up incomplete: %s", type(exc).__name__)
