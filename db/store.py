@@ -19,7 +19,7 @@ from typing import Iterable
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from .engine import db_now, db_now_plus
@@ -59,12 +59,14 @@ class SendJob:
     age_s: int                # seconds since the first attempt
 
 
-def _insert_ignore(conn: Connection):
-    if conn.dialect.name == "mysql":
-        return mysql.insert(Dispatch).prefix_with("IGNORE")
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert(Dispatch).on_conflict_do_nothing()
-    return insert(Dispatch)
+@functools.lru_cache(maxsize=None)
+def _insert_ignore(model, dialect: str):
+    """An INSERT into `model`'s table that skips rows whose key exists (the claim's arbiter)."""
+    if dialect == "mysql":
+        return mysql.insert(model).prefix_with("IGNORE")
+    if dialect == "sqlite":
+        return sqlite.insert(model).on_conflict_do_nothing()
+    return insert(model)
 
 
 def _cut(text: str, limit: int) -> str:
@@ -117,7 +119,7 @@ def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
         # The database's clock is read once and sent as a value: with a SQL function among the values,
         # mysqlclient sends one INSERT per row instead of one for the whole batch.
         now = conn.scalar(select(db_now()))
-        conn.execute(_insert_ignore(conn), [
+        conn.execute(_insert_ignore(Dispatch, conn.dialect.name), [
             {"batchcontact_id": i, "claim_token": token, "state": S.QUEUED, "attempts": 0, "polls": 0,
              "parts": 1, "created_at": now, "updated_at": now} for i in ids
         ])
@@ -240,7 +242,7 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
     and only `contacttime` is filled in."""
     with engine.begin() as conn:
         if provider_message_ids:
-            conn.execute(_insert_ids(conn.dialect.name), [
+            conn.execute(_insert_ignore(MessageId, conn.dialect.name), [
                 {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
                 for m in provider_message_ids
             ])
@@ -248,15 +250,6 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
             "row_id": row_id, "p_ids": _cut(",".join(provider_message_ids), 255) or None, "p_parts": parts,
         }).rowcount
         conn.execute(_contacted(bool(done)), {"row_id": row_id})
-
-
-@functools.lru_cache(maxsize=None)
-def _insert_ids(dialect: str):
-    if dialect == "mysql":
-        return mysql.insert(MessageId).prefix_with("IGNORE")
-    if dialect == "sqlite":
-        return sqlite.insert(MessageId).on_conflict_do_nothing()
-    return insert(MessageId)
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str) -> None:
