@@ -87,6 +87,8 @@ class Dispatch(Base):
     accepted_at: Mapped[datetime | None] = mapped_column(DateTime)
     poll_at: Mapped[datetime | None] = mapped_column(DateTime)
     polls: Mapped[int] = mapped_column(Integer, default=0)
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How often an operator sent this row again (set it back to `new` after it was final)."""
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 

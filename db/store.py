@@ -57,6 +57,7 @@ class SendJob:
     text: str | None          # None: the archive row is missing
     attempts: int
     age_s: int                # seconds since the first attempt
+    resends: int              # operator resends of this row so far
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,6 +131,7 @@ def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
                    Dispatch.state.in_(S.FINAL + (S.ACCEPTED,)),
                    Dispatch.updated_at <= db_now_plus(-RESEND_AFTER_S))
             .values(claim_token=token, state=S.QUEUED, attempts=0, polls=0, provider=None,
+                    resends=Dispatch.resends + 1,
                     provider_message_id=None, last_error=None, first_attempt_at=None,
                     next_attempt_at=None, lease_until=None, accepted_at=None, poll_at=None,
                     updated_at=db_now())
@@ -183,7 +185,7 @@ def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
         return None
     age = int((row.now - row.first_attempt_at).total_seconds()) if row.first_attempt_at else 0
-    return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, age)
+    return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, age, row.resends)
 
 
 # The statements of every send are built once (per lease or poll delay) with the row id as a parameter:
@@ -208,7 +210,8 @@ def _take_lease(lease_s: int):
 def _send_job():
     d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
     return (
-        select(d.provider, d.recipient, d.attempts, d.first_attempt_at, db_now().label("now"), arc.c.content)
+        select(d.provider, d.recipient, d.attempts, d.resends, d.first_attempt_at, db_now().label("now"),
+               arc.c.content)
         .select_from(d.__table__.join(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
         .where(d.batchcontact_id == bindparam("row_id"))
@@ -350,6 +353,12 @@ def claim_due_polls(engine: Engine, provider: str, limit: int, lease_s: int) -> 
             conn.execute(update(d).where(d.batchcontact_id.in_(ids), d.poll_at <= db_now())
                          .values(poll_at=db_now_plus(lease_s)))
     return ids
+
+
+def resends_of(engine: Engine, row_id: int) -> int:
+    """How often an operator sent the row again (0 for a row sent once)."""
+    with engine.connect() as conn:
+        return conn.scalar(select(Dispatch.resends).where(Dispatch.batchcontact_id == row_id)) or 0
 
 
 def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int) -> bool:

@@ -24,8 +24,9 @@ from typing import Literal, Protocol
 class OutgoingMessage:
     """One SMS to one recipient.
 
-    `reference` is our row id (asterCC's `cc10_batchcontacts.id`), unique and stable across retries, so
-    providers that deduplicate by our id (Mobilgroup) can recognise a resend. `recipient` is in
+    `reference` is our number for the request: asterCC's row id (`cc10_batchcontacts.id`), stable across
+    retries, so providers that deduplicate by our id (Mobilgroup) can recognise a retry after a lost
+    answer; an operator's deliberate resend of a row gets a new one (see `tasks.workflow`). `recipient` is in
     international format, digits only, no `+`. `callback_url` is where a provider that reports delivery
     by HTTP should send its report, or None.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from db import store
@@ -32,6 +32,8 @@ from tasks.runtime import Runtime
 log = logging.getLogger(__name__)
 
 REPORTING_BY_CALLBACK = ("accolades", "ozeki")
+RESEND_STRIDE = 10**10
+"""Above any asterCC row id (`int(11)`): the n-th resend of row r goes to Mobilgroup as r + n·10^10."""
 THROTTLE_MAX_WAIT_S = 2.0
 THROTTLE_DOWN_RETRY_S = 10.0
 
@@ -107,7 +109,8 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
         from tasks.callbacks import callback_url
 
         callback = callback_url(s, job.provider, row_id)
-    message = OutgoingMessage(reference=row_id, recipient=job.recipient, text=job.text, callback_url=callback)
+    reference = mobilgroup_request_id(row_id, job.resends) if job.provider == "mobilgroup" else row_id
+    message = OutgoingMessage(reference=reference, recipient=job.recipient, text=job.text, callback_url=callback)
     try:
         parts = provider.check(message)
     except PermanentError as exc:
@@ -142,6 +145,12 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"
+
+
+def mobilgroup_request_id(row_id: int, resends: int) -> int:
+    """Mobilgroup refuses a second request with the same `id` (error 7), which is how a retry after a lost
+    answer is recognised; an operator's resend must therefore go under a new id."""
+    return row_id + resends * RESEND_STRIDE
 
 
 def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: int) -> Retry | None:
@@ -227,7 +236,8 @@ def poll(rt: Runtime, row_id: int) -> str:
     s = rt.settings
     client = rt.client("mobilgroup")
     try:
-        report = client.status(row_id)
+        report = replace(client.status(mobilgroup_request_id(row_id, store.resends_of(rt.engine, row_id))),
+                         reference=row_id)
     except PermanentError as exc:
         report = DeliveryReport(outcome="undelivered", reference=row_id, reason=str(exc))
     except ProviderError as exc:

@@ -127,9 +127,16 @@ def test_an_operator_resend_of_a_finished_row_is_sent_again(runtime, sim, db, mo
     with db.begin() as conn:
         conn.execute(text("UPDATE cc10_batchcontacts SET status = 'new' WHERE id = :i"), {"i": row})
     assert claim(rt) == [row]
-    # Mobilgroup refuses a second request with the same id; "already sent" counts as accepted.
     assert workflow.send(rt, row) == "accepted"
-    assert [e["outcome"] for e in sim.events("send")] == ["accepted", "duplicate"]
+    # A new request id: Mobilgroup would refuse the old one as "already sent" and send nothing.
+    assert [(e["outcome"], e["id"]) for e in sim.events("send")] == [
+        ("accepted", str(row)), ("accepted", str(row + workflow.RESEND_STRIDE))]
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET poll_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
+    assert workflow.claim_polls(rt) == [row]
+    assert workflow.poll(rt, row) == "applied"
+    assert sim.events("status")[-1]["id"] == str(row + workflow.RESEND_STRIDE)
+    assert rows_by_id(db)[row]["state"] == "delivered"
 
 
 def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
