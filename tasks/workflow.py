@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from sqlalchemy.exc import DBAPIError
+
 from db import store
 from providers.base import (
     AccountError,
@@ -141,10 +143,29 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
-    store.record_accepted(rt.engine, row_id, ids, accepted.parts, poll_after, provider=job.provider)
+    _until_recorded(lambda: store.record_accepted(rt.engine, row_id, ids, accepted.parts, poll_after,
+                                                  provider=job.provider), row_id, s.send_lease_s / 2)
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"
+
+
+def _until_recorded(record: Callable[[], None], row_id: int, within_s: float) -> None:
+    """Write an accepted send down, retrying through a database hiccup for up to `within_s`: once the
+    provider has the message, an unrecorded send would be taken for a lost one when its lease runs out and
+    sent again (harmless for Mobilgroup, which refuses the repeat; a double SMS for the others)."""
+    deadline = time.monotonic() + within_s
+    delay = 0.5
+    while True:
+        try:
+            return record()
+        except DBAPIError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("row %d was accepted but could not be recorded (%s); trying again in %.1f s",
+                        row_id, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def mobilgroup_request_id(row_id: int, resends: int) -> int:

@@ -6,6 +6,7 @@ import multiprocessing
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from db import store
 from settings import load_settings
@@ -153,3 +154,22 @@ def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
     assert workflow.claim_polls(rt) == [row]
     assert workflow.poll(rt, row) == "applied"
     assert rows_by_id(db)[row]["state"] == "delivered"
+
+
+def test_an_accepted_send_is_recorded_through_a_database_hiccup(runtime, sim, db, monkeypatch):
+    """The provider has the message: losing the record would make the row look lost and send it twice."""
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-08", "hello")])
+    claim(rt)
+    real = store.record_accepted
+    failures = iter([True, True, False])
+
+    def flaky(*args, **kwargs):
+        if next(failures):
+            raise OperationalError("UPDATE …", {}, Exception("MySQL server has gone away"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "record_accepted", flaky)
+    assert workflow.send(rt, row) == "accepted"
+    assert rows_by_id(db)[row]["status"] == "success"
+    assert len(sim.events("send")) == 1
