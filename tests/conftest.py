@@ -9,6 +9,7 @@ flushed afterwards.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -95,6 +96,13 @@ def rows_by_id(engine) -> dict[int, dict]:
             " d.provider, d.accepted_at FROM cc10_batchcontacts b"
             " LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id"))
         return {row.id: row._asdict() for row in result}
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (for a server to bind, or a connection to be refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.25, what: str = "condition"):

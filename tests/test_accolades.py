@@ -3,12 +3,10 @@ gives), over real sockets on 127.0.0.1: every documented answer mapped to the ri
 callback as the seed describes it, and no number or password in any error an operator sees."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import requests
-from tests.httpstub import StubServer
 
 from providers.accolades import AccoladesClient, parse_report
 from providers.base import (
@@ -20,6 +18,8 @@ from providers.base import (
     TransientError,
 )
 from simulators.accolades import AccoladesSimulator
+from tests.conftest import free_port
+from tests.httpstub import StubServer
 
 ACCOUNT, PASSWORD = "7001", "pa&ss=word"
 NUMBER = "40722123456"
@@ -175,9 +175,7 @@ def test_injected_503_is_transient():
 
 
 def test_connection_refused_is_transient_and_names_no_secret():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.raises(TransientError, match="could not reach Accolades") as caught:
         client_for(f"http://127.0.0.1:{port}").send(message())
     assert_operator_safe(caught.value)
@@ -247,9 +245,7 @@ def test_simulator_calls_back_with_the_seed_fields():
 
 
 def test_simulator_retries_a_callback_that_failed():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/cb"
+    dead = f"http://127.0.0.1:{free_port()}/cb"
     simulator = AccoladesSimulator(account=ACCOUNT, password=PASSWORD, report_delay_s=0.01).start()
     try:
         client_for(simulator.url).send(message(callback_url=dead))

@@ -11,7 +11,6 @@ is sent at all, while the worker log says why.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import defaultdict
@@ -25,6 +24,7 @@ from simulators.mobilgroup import MobilgroupSimulator
 from tests.conftest import (
     REDIS_PREFIX,
     app_env,
+    free_port,
     insert_rows,
     rows_by_id,
     started,
@@ -197,17 +197,11 @@ def test_identical_messages_wait_even_behind_a_failed_attempt_and_flower_says_wh
     assert_private("".join(reasons) + "".join(worker.log() for worker in fleet), sim)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_nothing_is_sent_while_the_limiter_is_unreachable(db, mariadb_url, redis_url, celery):
     sim = MobilgroupSimulator()
     with started(sim):
         ids = insert_rows(db, [(number(i), f"Reminder {i}") for i in range(8)])
-        port = closed_port()
+        port = free_port()
         env = fleet_env(mariadb_url, redis_url, sim, SMS_REDIS_URL=f"redis://127.0.0.1:{port}/0")
         fleet = start_fleet(celery, env, workers=2, concurrency=2)
 

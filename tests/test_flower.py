@@ -4,24 +4,24 @@ password."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import requests
 
 from simulators.mobilgroup import MobilgroupSimulator
-from tests.conftest import app_env, insert_rows, rows_by_id, started, wait_until
+from tests.conftest import (
+    app_env,
+    free_port,
+    insert_rows,
+    rows_by_id,
+    started,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 NUMBERS = ["+7 916 411-22-30", "+7 916 411-22-31", "+7 916 411-22-32"]
 TEXT = "Secret appointment note for the patient"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_flower_shows_tasks_by_name_with_row_ids_only(db, mariadb_url, redis_url, celery):

@@ -2,7 +2,6 @@
 prints them, over real sockets on 127.0.0.1."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +19,7 @@ from providers.base import (
 )
 from providers.mobilgroup import MobilgroupClient, parse_answer
 from simulators.mobilgroup import MobilgroupSimulator
+from tests.conftest import free_port
 
 PASSWORD = "s3cr&t<pw>"
 
@@ -371,9 +371,7 @@ def test_http_503_is_transient():
 
 
 def test_connection_refused_is_transient():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.raises(TransientError, match="could not reach Mobilgroup"):
         client_for(f"http://127.0.0.1:{port}/extxml.php").send(sms())
 

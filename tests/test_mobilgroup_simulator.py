@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import requests
 
 from simulators.mobilgroup import API_PATH, MobilgroupSimulator
+from tests.conftest import free_port
 
 HEAD = '<?xml version="1.0" encoding="windows-1251"?>\n<request>\n'
 ACCOUNT = "<user_id>1</user_id>\n<user>valid@username</user>\n<pwd>invalid_password</pwd>\n"
@@ -206,6 +206,4 @@ def test_serve_runs_in_the_foreground_until_interrupted(unused_port):
 
 @pytest.fixture
 def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port()

@@ -5,16 +5,16 @@ password in any error an operator sees."""
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from tests.httpstub import StubServer
 
 from providers.base import AccountError, OutgoingMessage, PermanentError, TransientError
 from providers.ozeki import OzekiClient, parse_answer, parse_report
 from simulators.ozeki import OzekiSimulator
+from tests.conftest import free_port
+from tests.httpstub import StubServer
 
 USERNAME, PASSWORD = "HTTP_User_1", "qwe&123=?"
 NUMBER = "40722123456"
@@ -170,9 +170,7 @@ def test_http_5xx_is_transient():
 
 
 def test_connection_refused_is_transient_without_the_url_or_password():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.raises(TransientError, match="could not reach Ozeki") as caught:
         client_for(f"http://127.0.0.1:{port}/api").send(message())
     assert_operator_safe(caught.value)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import threading
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from providers.base import OutgoingMessage
 from providers.smsc import SmscClient
 from settings import load_settings
 from tasks.smpp_receiver import run_receiver
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 UNDELIVERABLE_SUFFIX = "13"
 REPLY = "Спасибо, заберу завтра"
@@ -37,9 +36,7 @@ class ForeignSmsc:
     it received: dicts of the submit's fields and the id it gave."""
 
     def __init__(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.submits: list[dict] = []
         self._ids = itertools.count(70_000_001)
         self._receivers: dict[str, smpp34.Esme] = {}

@@ -22,6 +22,7 @@ from settings import load_settings
 from tasks.throttle import (
     GUARD_S, LocalThrottle, RedisThrottle, ThrottleUnavailable, identity_of, make_throttle,
 )
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -236,14 +237,8 @@ def test_redis_keys_expire_and_hold_no_number_or_text(redis_prefix):
     client.close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_redis_raises_and_says_where_without_the_password():
-    port = _closed_port()
+    port = free_port()
     throttle = RedisThrottle(f"redis://:hunter2@127.0.0.1:{port}/2")
     started = time.monotonic()
     for call in (lambda: throttle.acquire("smsc:1", 10), lambda: throttle.pause("smsc:1", 5),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from settings import ConfigError, load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.ozeki import OzekiSimulator
 from tasks.callbacks import BadToken, callback_url, verify_token
+from tests.conftest import free_port
 from webhooks.app import TokenlessLogHandler, create_app
 
 SECRET = "test-webhook-secret-0123456789abcdef"
@@ -301,9 +301,7 @@ def test_unknown_route_and_health(served):
 
 
 def test_database_down_is_503_not_a_crash(mariadb_url):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port()
     down = load_settings(database_url=f"mysql+mysqldb://root@127.0.0.1:{dead_port}/none",
                          webhook_secret=SECRET, public_url="http://unused.example")
     served = Served(create_app(down))
