@@ -37,6 +37,7 @@ from .models import (
 # final this long before that is believed, so that a slower second beat cannot resend a row just finished.
 RESEND_AFTER_S = 60
 DEADLOCK_RETRIES = 5
+LOCK_CONFLICTS = (1205, 1213)  # lock wait timeout, deadlock
 
 
 @dataclass(frozen=True)
@@ -90,33 +91,50 @@ def due_rows(limit: int):
     )
 
 
-def claim_due(engine: Engine, limit: int) -> list[Claimed]:
-    """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
-    due first; mark them `pending`; return the ones this call won. Safe with several claimers at once."""
-    for attempt in range(DEADLOCK_RETRIES):
-        try:
-            return _claim_due(engine, limit)
-        except OperationalError as exc:
-            # Two claimers inserting overlapping batches can deadlock in InnoDB; the loser's whole
-            # transaction was rolled back, so trying again is safe.
-            if _errno(exc) not in (1205, 1213) or attempt == DEADLOCK_RETRIES - 1:
-                raise
-            time.sleep(random.uniform(0.01, 0.1))
-    return []
-
-
 def _errno(exc: OperationalError) -> int | None:
     args = getattr(exc.orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
 
 
-def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
+def retry_lock_conflicts(fn):
+    """Run `fn` again (up to `DEADLOCK_RETRIES` times, after a short random pause) when InnoDB picks its
+    transaction as a deadlock victim or a lock wait times out. Sends, claims and reports update the same
+    `sms_dispatch` rows from many processes, so either can happen under load; the victim's transaction was
+    rolled back whole, so `fn` must be one transaction, or several that are each safe to run again.
+    Without this the send task failed and the row waited for the reaper (`SMS_REQUEUE_AFTER_S`)."""
+    @functools.wraps(fn)
+    def retrying(*args, **kwargs):
+        attempts = 1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError as exc:
+                if _errno(exc) not in LOCK_CONFLICTS or attempts >= DEADLOCK_RETRIES:
+                    raise
+                attempts += 1
+                time.sleep(random.uniform(0.01, 0.1))
+    return retrying
+
+
+def claim_due(engine: Engine, limit: int) -> list[Claimed]:
+    """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
+    due first; mark them `pending`; return the ones this call won. Safe with several claimers at once.
+
+    Two transactions: the first records the claim under a token of this call's own, the second marks the
+    rows this token won `pending`; each is retried on its own, so a lock conflict in the second does not
+    leave the first's rows behind (a dispatch killed between the two does: see `find_unrouted`)."""
     token = uuid.uuid4().hex
-    bc = BatchContact.__table__
+    if not _record_claims(engine, limit, token):
+        return []
+    return _take_won(engine, token)
+
+
+@retry_lock_conflicts
+def _record_claims(engine: Engine, limit: int, token: str) -> bool:
     with engine.begin() as conn:
         ids = list(conn.scalars(due_rows(limit)))
         if not ids:
-            return []
+            return False
         # The database's clock is read once and sent as a value: with a SQL function among the values,
         # mysqlclient sends one INSERT per row instead of one for the whole batch.
         now = conn.scalar(select(db_now()))
@@ -136,6 +154,12 @@ def _claim_due(engine: Engine, limit: int) -> list[Claimed]:
                     next_attempt_at=None, lease_until=None, accepted_at=None, poll_at=None,
                     updated_at=db_now())
         )
+    return True
+
+
+@retry_lock_conflicts
+def _take_won(engine: Engine, token: str) -> list[Claimed]:
+    bc = BatchContact.__table__
     with engine.begin() as conn:
         won = list(conn.scalars(select(Dispatch.batchcontact_id).where(Dispatch.claim_token == token)))
         if not won:
@@ -155,6 +179,7 @@ def count_inflight(engine: Engine) -> int:
                            .where(Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY))))
 
 
+@retry_lock_conflicts
 def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
     """Record each claimed row's provider and normalised recipient: {row id: (provider, recipient)}."""
     if not routes:
@@ -172,6 +197,7 @@ def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
 
 # --- send -----------------------------------------------------------------------------------------
 
+@retry_lock_conflicts
 def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
     """Take the send lease on a row (compare-and-set) and load what the send needs.
 
@@ -237,6 +263,7 @@ def _contacted(success: bool):
     return update(BatchContact).where(BatchContact.id == bindparam("row_id")).values(**values)
 
 
+@retry_lock_conflicts
 def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str], parts: int,
                     poll_after_s: int | None, *, provider: str) -> None:
     """`provider` took the message: asterCC `success` with `contacttime`; remember the provider's ids.
@@ -265,6 +292,7 @@ def finish_error(engine: Engine, row_id: int, reason: str) -> None:
     _finish(engine, row_id, S.ERROR, "error", reason)
 
 
+@retry_lock_conflicts
 def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str) -> None:
     with engine.begin() as conn:
         conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
@@ -273,6 +301,7 @@ def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str) -
                      .values(status=status, error_msg=_cut(reason, ERROR_MSG_MAX)))
 
 
+@retry_lock_conflicts
 def schedule_retry(engine: Engine, row_id: int, delay_s: float, reason: str, *, count_attempt: bool) -> None:
     """Give the lease back; the row may be sent again after `delay_s`. A throttled or paused send is not
     a failed attempt (`count_attempt=False` takes back the attempt `begin_send` counted)."""
@@ -314,6 +343,7 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
     return ReportTarget(row.batchcontact_id, row.state) if row else None
 
 
+@retry_lock_conflicts
 def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str) -> bool:
     """Move a row forward to `delivered` or `failed`; False when it was already final (forward-only)."""
     d = Dispatch
@@ -330,6 +360,7 @@ def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str
     return bool(moved)
 
 
+@retry_lock_conflicts
 def record_reply(engine: Engine, row_id: int, text: str) -> None:
     """A recipient's reply goes to asterCC's `responsenote`."""
     with engine.begin() as conn:
@@ -339,6 +370,7 @@ def record_reply(engine: Engine, row_id: int, text: str) -> None:
 
 # --- polling (Mobilgroup) -------------------------------------------------------------------------
 
+@retry_lock_conflicts
 def claim_due_polls(engine: Engine, provider: str, limit: int, lease_s: int) -> list[int]:
     """Rows of `provider` accepted and past their poll time; their poll time is pushed `lease_s` ahead so
     that a second poller does not ask again meanwhile."""
@@ -361,6 +393,7 @@ def resends_of(engine: Engine, row_id: int) -> int:
         return conn.scalar(select(Dispatch.resends).where(Dispatch.batchcontact_id == row_id)) or 0
 
 
+@retry_lock_conflicts
 def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int) -> bool:
     """The status is still open: ask again after `after_s`, or stop at `max_polls` (the row keeps
     `success`, marked unconfirmed). Returns True when another poll is scheduled."""
@@ -376,6 +409,28 @@ def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int) -> boo
 
 # --- self-healing ---------------------------------------------------------------------------------
 
+@retry_lock_conflicts
+def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
+    """Rows claimed more than `grace_s` ago and never routed: their dispatch died (or lost the database)
+    between claiming and routing them. Left alone they would never be sent, and while still `new` in
+    asterCC they would take the head of every claim without being won. Marks them `pending` in asterCC and
+    touches their record (so the next sweep leaves them to this one); the caller routes and enqueues them."""
+    d, bc = Dispatch, BatchContact.__table__
+    with engine.begin() as conn:
+        rows = conn.execute(select(bc.c.id, bc.c.target)
+                            .join(d, d.batchcontact_id == bc.c.id)
+                            .where(d.state == S.QUEUED, d.provider.is_(None), d.updated_at <= db_now_plus(-grace_s))
+                            .order_by(bc.c.schedulertime, bc.c.id).limit(limit)).all()
+        if not rows:
+            return []
+        ids = [r.id for r in rows]
+        conn.execute(update(d).where(d.batchcontact_id.in_(ids)).values(updated_at=db_now()))
+        conn.execute(update(BatchContact).where(BatchContact.id.in_(ids), BatchContact.status == "new")
+                     .values(status="pending"))
+    return [Claimed(r.id, r.target or "") for r in rows]
+
+
+@retry_lock_conflicts
 def find_stuck(engine: Engine, grace_s: int, limit: int) -> list[tuple[int, str]]:
     """Rows whose send task must have been lost: queued or due for retry more than `grace_s` ago, or
     sending with an expired lease (worker killed). Returns (row id, provider) and marks them retry-now so
@@ -396,6 +451,7 @@ def find_stuck(engine: Engine, grace_s: int, limit: int) -> list[tuple[int, str]
     return [(r[0], r[1]) for r in rows]
 
 
+@retry_lock_conflicts
 def expire_unreported(engine: Engine, timeout_s: int) -> int:
     """Accepted rows that waited `timeout_s` for a report that never came become unconfirmed (asterCC
     keeps `success`). Mobilgroup rows are left to the poller, which has its own bound."""

@@ -69,26 +69,33 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
             break
         claimed = store.claim_due(rt.engine, room)
         total += len(claimed)
-        routes: dict[int, tuple[str, str]] = {}
-        for row in claimed:
-            try:
-                recipient = normalise(row.target, s.default_region)
-            except InvalidNumber as exc:
-                store.finish_failed(rt.engine, row.id, str(exc))
-                continue
-            routes[row.id] = (route(recipient, s), recipient)
-        store.assign_routes(rt.engine, routes)
-        by_provider: dict[str, list[int]] = {}
-        for row_id, (provider, _) in routes.items():
-            by_provider.setdefault(provider, []).append(row_id)
-        for provider, ids in by_provider.items():
-            enqueue(ids, provider)
+        by_provider = _route_and_enqueue(rt, claimed, enqueue)
         if claimed:
             log.info("dispatch: claimed %d rows (%s)", len(claimed),
                      ", ".join(f"{p}={len(i)}" for p, i in sorted(by_provider.items())) or "all invalid")
         if len(claimed) < room or time.monotonic() >= deadline:
             break
     return total
+
+
+def _route_and_enqueue(rt: Runtime, claimed: list[store.Claimed], enqueue: Enqueue) -> dict[str, list[int]]:
+    """Refuse invalid numbers at once, record each other row's provider and normalised number, enqueue
+    one send per row. Returns the row ids enqueued, by provider."""
+    routes: dict[int, tuple[str, str]] = {}
+    for row in claimed:
+        try:
+            recipient = normalise(row.target, rt.settings.default_region)
+        except InvalidNumber as exc:
+            store.finish_failed(rt.engine, row.id, str(exc))
+            continue
+        routes[row.id] = (route(recipient, rt.settings), recipient)
+    store.assign_routes(rt.engine, routes)
+    by_provider: dict[str, list[int]] = {}
+    for row_id, (provider, _) in routes.items():
+        by_provider.setdefault(provider, []).append(row_id)
+    for provider, ids in by_provider.items():
+        enqueue(ids, provider)
+    return by_provider
 
 
 # --- send -----------------------------------------------------------------------------------------
@@ -274,9 +281,15 @@ def poll(rt: Runtime, row_id: int) -> str:
 # --- self-healing ---------------------------------------------------------------------------------
 
 def reap(rt: Runtime, enqueue: Enqueue, limit: int = 1000) -> int:
-    """Re-enqueue rows whose task was lost (broker, killed worker) and close rows whose report never came.
-    Returns how many rows were enqueued again."""
+    """Route rows whose dispatch was interrupted between claiming and routing them, re-enqueue rows whose
+    task was lost (broker, killed worker) and close rows whose report never came. Returns how many rows
+    were enqueued again."""
     s = rt.settings
+    unrouted = store.find_unrouted(rt.engine, s.requeue_after_s, limit)
+    if unrouted:
+        log.warning("reaper: %d claimed rows were never routed (their dispatch was interrupted); routing them now",
+                    len(unrouted))
+        _route_and_enqueue(rt, unrouted, enqueue)
     stuck = store.find_stuck(rt.engine, s.requeue_after_s, limit)
     by_provider: dict[str, list[int]] = {}
     for row_id, provider in stuck:
@@ -287,4 +300,4 @@ def reap(rt: Runtime, enqueue: Enqueue, limit: int = 1000) -> int:
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
-    return len(stuck)
+    return len(unrouted) + len(stuck)
