@@ -16,12 +16,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class CeleryProcess:
-    """`celery -A tasks <args>` with environment `env`, output to `log_path`."""
+    """`celery -A <app> <args>` (the dispatcher's `tasks` unless told) with environment `env`, output to
+    `log_path`."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, app: str = "tasks"):
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", app, *args], env=env,
                                      cwd=PROJECT_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark (`bench/e2e.py`) and of the optional asterCC index it measures.
+"""Smoke tests of the benchmarks (`bench/e2e.py`, `bench/celery_floor.py`) and of the optional asterCC index.
 
 The benchmark is what an operator runs to size a deployment and what backs the README's figures, so it must
 keep running end to end: real MariaDB, Redis, simulator, beat and workers, and a table at the end. Speed is
@@ -19,9 +19,11 @@ from tests.conftest import MARIADB, ROOT, insert_rows
 pytestmark = pytest.mark.integration
 
 
-def run_bench(*args: str, timeout: float = 240) -> str:
-    result = subprocess.run([sys.executable, "bench/e2e.py", "--mariadb", MARIADB, *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+def run_bench(*args: str, timeout: float = 240, script: str = "bench/e2e.py") -> str:
+    if script == "bench/e2e.py":
+        args = ("--mariadb", MARIADB, *args)
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -44,6 +46,13 @@ def test_tick_only_shows_the_plan_without_and_with_the_optional_index():
     assert re.search(r"table=cc10_batchcontacts\s+type=ALL", without), out
     assert re.search(r"table=cc10_batchcontacts\s+type=range\s+key=sms_dispatcher_due", with_index), out
     assert re.search(r"with index\s+claim 50 due:\s+[\d.]+ ms\s+empty tick:\s+[\d.]+ ms", out), out
+
+
+def test_the_celery_floor_runs_every_task_under_each_event_setting():
+    out = run_bench("--tasks", "200", "--workers", "1", "--concurrency", "2", "--events", "worker", "none",
+                    script="bench/celery_floor.py")
+    for events in ("worker", "none"):
+        assert re.search(rf"^{events}\s+\d+\s+[\d.]+\s+[\d.]+$", out, re.M), out
 
 
 def test_the_astercc_index_is_optional_idempotent_and_removable(db):
