@@ -37,7 +37,7 @@ from .models import (
 # final this long before that is believed, so that a slower second beat cannot resend a row just finished.
 RESEND_AFTER_S = 60
 DEADLOCK_RETRIES = 5
-LOCK_CONFLICTS = (1205, 1213)  # lock wait timeout, deadlock
+DEADLOCK = 1213
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,13 @@ def _errno(exc: OperationalError) -> int | None:
 
 def retry_lock_conflicts(fn):
     """Run `fn` again (up to `DEADLOCK_RETRIES` times, after a short random pause) when InnoDB picks its
-    transaction as a deadlock victim or a lock wait times out. Sends, claims and reports update the same
-    `sms_dispatch` rows from many processes, so either can happen under load; the victim's transaction was
-    rolled back whole, so `fn` must be one transaction, or several that are each safe to run again.
-    Without this the send task failed and the row waited for the reaper (`SMS_REQUEUE_AFTER_S`)."""
+    transaction as a deadlock victim. Sends, claims and reports update the same `sms_dispatch` rows from
+    many processes, so this happens under load; the victim's transaction was rolled back whole, so `fn` must
+    be one transaction, or several that are each safe to run again. Without this the send task failed and
+    the row waited for the reaper (`SMS_REQUEUE_AFTER_S`).
+
+    A lock wait timeout (1205) is not retried: it has already waited `innodb_lock_wait_timeout` (50 s), and
+    a few more such waits inside `record_accepted` could outlast the send lease and get a message sent twice."""
     @functools.wraps(fn)
     def retrying(*args, **kwargs):
         attempts = 1
@@ -109,7 +112,7 @@ def retry_lock_conflicts(fn):
             try:
                 return fn(*args, **kwargs)
             except OperationalError as exc:
-                if _errno(exc) not in LOCK_CONFLICTS or attempts >= DEADLOCK_RETRIES:
+                if _errno(exc) != DEADLOCK or attempts >= DEADLOCK_RETRIES:
                     raise
                 attempts += 1
                 time.sleep(random.uniform(0.01, 0.1))
