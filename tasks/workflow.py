@@ -286,10 +286,11 @@ def reap(rt: Runtime, enqueue: Enqueue, limit: int = 1000) -> int:
     were enqueued again."""
     s = rt.settings
     unrouted = store.find_unrouted(rt.engine, s.requeue_after_s, limit)
+    rerouted = 0
     if unrouted:
         log.warning("reaper: %d claimed rows were never routed (their dispatch was interrupted); routing them now",
                     len(unrouted))
-        _route_and_enqueue(rt, unrouted, enqueue)
+        rerouted = sum(map(len, _route_and_enqueue(rt, unrouted, enqueue).values()))
     stuck = store.find_stuck(rt.engine, s.requeue_after_s, limit)
     by_provider: dict[str, list[int]] = {}
     for row_id, provider in stuck:
@@ -300,4 +301,4 @@ def reap(rt: Runtime, enqueue: Enqueue, limit: int = 1000) -> int:
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
-    return len(unrouted) + len(stuck)
+    return rerouted + len(stuck)
