@@ -80,17 +80,16 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
     prefix = f"sms_floor_{uuid.uuid4().hex[:8]}:"
     env = {**os.environ, "CELERY_BROKER_URL": broker, "SMS_REDIS_PREFIX": prefix, "FLOOR_EVENTS": events,
            "SMS_VAR_DIR": str(log_dir)}
-    os.environ.update(SMS_REDIS_PREFIX=prefix)
     store = redis.Redis.from_url(broker, socket_timeout=5)
     workers = [CeleryProcess(["worker", "-Q", "dispatch", "-P", args.pool, "-c", str(args.concurrency), "-l", "warning",
                               "-n", f"floor{n}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"],
                              env, log_dir / f"{events}-worker{n}.log", app="bench.celery_floor")
                for n in range(args.workers)]
+    publisher = Celery("floor-publisher", broker=broker)
+    publisher.config_from_object("celeryconfig")
+    publisher.conf.update(broker_url=broker, task_send_sent_event=EVENTS[events][1],
+                          broker_transport_options={"global_keyprefix": prefix})
     try:
-        publisher = Celery("floor-publisher", broker=broker)
-        publisher.config_from_object("celeryconfig")
-        publisher.conf.update(broker_url=broker, task_send_sent_event=EVENTS[events][1],
-                              broker_transport_options={"global_keyprefix": prefix})
         deadline = time.monotonic() + 60
         while len(publisher.control.ping(timeout=0.5)) < args.workers:
             if time.monotonic() > deadline or any(not w.running() for w in workers):
@@ -109,8 +108,8 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
         _wait_count(store, prefix, args.tasks, args.timeout)
         elapsed = time.monotonic() - start
         worker_cpu = tree_cpu([w.pid for w in workers]) - cpu0
-        publisher.close()
     finally:
+        publisher.close()
         stop_all(workers)
         for key in store.scan_iter(match=prefix + "*", count=1000):
             store.delete(key)

@@ -19,13 +19,15 @@ from tests.conftest import MARIADB, ROOT, insert_rows
 pytestmark = pytest.mark.integration
 
 
-def run_bench(*args: str, timeout: float = 240, script: str = "bench/e2e.py") -> str:
-    if script == "bench/e2e.py":
-        args = ("--mariadb", MARIADB, *args)
+def run_script(script: str, *args: str, timeout: float = 240) -> str:
     result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def run_bench(*args: str) -> str:
+    return run_script("bench/e2e.py", "--mariadb", MARIADB, *args)
 
 
 def test_the_benchmark_runs_pipeline_and_baseline_on_the_same_rows_and_prints_its_table():
@@ -49,8 +51,8 @@ def test_tick_only_shows_the_plan_without_and_with_the_optional_index():
 
 
 def test_the_celery_floor_runs_every_task_under_each_event_setting():
-    out = run_bench("--tasks", "200", "--workers", "1", "--concurrency", "2", "--events", "worker", "none",
-                    script="bench/celery_floor.py")
+    out = run_script("bench/celery_floor.py", "--tasks", "200", "--workers", "1", "--concurrency", "2",
+                     "--events", "worker", "none")
     for events in ("worker", "none"):
         assert re.search(rf"^{events}\s+\d+\s+[\d.]+\s+[\d.]+$", out, re.M), out
 
