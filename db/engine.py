@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from sqlalchemy import DateTime, Integer, create_engine, event, literal
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 DB_POOL_SIZE = 32
 """Most connections one process keeps to MariaDB (a 64-thread worker rarely has more than half its threads
 in the database at once; a 33rd waits for a free one)."""
+
+PING_IDLE_S = 5.0
+"""A pooled connection idle for longer than this is pinged before use. One used more recently is not: under
+load that saves two round trips per message, and a connection that worked a moment ago is as likely to
+fail on its next statement as on a ping (a MariaDB restart breaks busy connections mid-use anyway; the
+statement's error then invalidates the pool)."""
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -37,17 +45,34 @@ def _create(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        # pool_recycle: MariaDB closes idle connections after wait_timeout; pre_ping catches restarts.
+        # pool_recycle: MariaDB closes idle connections after wait_timeout; the ping of idle connections
+        # (`_ping_if_idle`, instead of pool_pre_ping's ping on every checkout) catches restarts.
         # pool_reset_on_return=None: every use goes through a SQLAlchemy Connection, whose close() already
         # rolls back a transaction it left open; the pool's own ROLLBACK on every check-in was a second
         # round trip per transaction (2 of the 9 statements of a send).
         # pool_size: one connection per thread of a `--pool threads` worker that is in the database at the
         # same moment; connections open on demand, so a prefork child still holds one. Overflow connections
         # would be closed and reopened on every check-in under load.
-        engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, pool_size=DB_POOL_SIZE, max_overflow=0,
+        engine = create_engine(url, pool_recycle=1800, pool_size=DB_POOL_SIZE, max_overflow=0,
                                pool_reset_on_return=None)
+        event.listen(engine, "checkout", _ping_if_idle)
+        event.listen(engine, "checkin", _note_return)
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
     return engine
+
+
+def _ping_if_idle(dbapi_connection, record, _proxy) -> None:
+    # A connection opened for this checkout has no return time: it needs no ping.
+    if time.monotonic() - record.info.get("returned_at", float("inf")) < PING_IDLE_S:
+        return
+    try:
+        dbapi_connection.ping()
+    except Exception as exc:  # the pool discards this connection and checks out another (up to 3 times)
+        raise DisconnectionError(f"stale pooled connection ({type(exc).__name__})") from exc
+
+
+def _note_return(_dbapi_connection, record) -> None:
+    record.info["returned_at"] = time.monotonic()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
