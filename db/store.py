@@ -268,13 +268,15 @@ def _contacted(success: bool):
 
 @retry_lock_conflicts
 def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str], parts: int,
-                    poll_after_s: int | None, *, provider: str) -> None:
-    """`provider` took the message: asterCC `success` with `contacttime`; remember the provider's ids.
+                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> None:
+    """`provider` took the message: asterCC `success` with `contacttime`; the provider's ids go on the
+    dispatch record, and with `index_ids` also into `sms_message_ids`, where a report naming only one of
+    them finds its row (a statement per message saved for providers whose reports carry our reference).
 
     A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
     and only `contacttime` is filled in."""
     with engine.begin() as conn:
-        if provider_message_ids:
+        if index_ids and provider_message_ids:
             conn.execute(_insert_ignore(MessageId, conn.dialect.name), [
                 {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
                 for m in provider_message_ids

@@ -46,6 +46,9 @@ class Accepted:
     parts: int = 1
     already_sent: bool = False
     """True when the provider said it had this request already (a resend after a lost answer)."""
+    reports_by_id: bool = False
+    """True when this provider's delivery reports name the message by `provider_message_id` alone (SMPP
+    receipts), so its ids must be looked up later; reports of the others carry our own reference."""
 
 
 Outcome = Literal["delivered", "undelivered", "accepted"]

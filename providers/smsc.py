@@ -170,7 +170,7 @@ class SmscClient:
                         f"smsc.ru accepted only {len(ids)} of {len(short_messages)} parts ({exc}); the rest "
                         "is not resent, so that the first parts are not sent twice"
                     ) from exc
-        return Accepted(provider_message_id=",".join(ids), parts=plan.billed_parts)
+        return Accepted(provider_message_id=",".join(ids), parts=plan.billed_parts, reports_by_id=True)
 
     def close(self) -> None:
         """Stop the keep-alive and unbind."""

@@ -151,7 +151,8 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
     _until_recorded(lambda: store.record_accepted(rt.engine, row_id, ids, accepted.parts, poll_after,
-                                                  provider=job.provider), row_id, s.send_lease_s / 2)
+                                                  provider=job.provider, index_ids=accepted.reports_by_id),
+                    row_id, s.send_lease_s / 2)
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"

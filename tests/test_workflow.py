@@ -97,6 +97,20 @@ def test_a_duplicated_task_is_a_no_op(runtime, sim, db):
     assert len(sim.events("send")) == 1
 
 
+def test_a_provider_whose_reports_carry_our_reference_gets_its_id_recorded_but_not_indexed(runtime, sim, db):
+    """Mobilgroup's status answers name our request id, so its ids need no lookup table (SMPP's do:
+    test_providers_e2e): one statement less per message."""
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-09", "hello")])
+    claim(rt)
+    assert workflow.send(rt, row) == "accepted"
+    with db.connect() as conn:
+        recorded = conn.execute(text("SELECT provider_message_id FROM sms_dispatch WHERE batchcontact_id = :i"),
+                                {"i": row}).scalar()
+        indexed = conn.execute(text("SELECT COUNT(*) FROM sms_message_ids")).scalar()
+    assert (recorded, indexed) == (str(row), 0)
+
+
 def _claim_all(url: str, batch: int, barrier) -> list[int]:
     from db.engine import engine_for
 
