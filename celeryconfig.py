@@ -1,12 +1,14 @@
 """Every Celery setting of the dispatcher: broker, queues and routes, beat schedule, acks, prefetch, events.
 
-Values come from `settings` (the environment); nothing else of ours is imported here. Queues: `dispatch`
+Values come from `settings` (the environment); of ours, only the broker transport's selection is imported
+besides. Queues: `dispatch`
 for the housekeeping beat tasks, and one `send.<provider>` queue per provider so that a slow or paused
 provider never holds up the others and each can get its own workers (`celery -A tasks worker -Q send.smsc`).
 """
 from celery.schedules import schedule
 from kombu import Queue
 
+from redis_transport import transport_for
 from settings import PROVIDERS, VAR_DIR, get_settings
 
 _s = get_settings()
@@ -30,11 +32,7 @@ else:
     # A message whose worker died unacknowledged comes back after this long; the reaper usually
     # re-enqueues such rows much sooner, and a duplicate delivery is a no-op anyway.
     broker_transport_options = {"visibility_timeout": 1800, "global_keyprefix": _s.redis_prefix}
-    if broker_url.startswith("redis://"):
-        # kombu's own transport with one Redis client per channel instead of one per publish (half the
-        # CPU of each publish). `rediss://` stays on the stock transport: kombu derives its TLS defaults
-        # from that scheme name.
-        broker_transport = "redis_transport:Transport"
+    broker_transport = transport_for(broker_url)
 broker_connection_retry_on_startup = True
 
 task_queues = [Queue(DISPATCH_QUEUE)] + [Queue(q) for q in SEND_QUEUES.values()]

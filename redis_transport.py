@@ -9,8 +9,8 @@ handle on the channel's connection pool, so one per channel is enough: it takes 
 command, as the throw-away clients did, and is rebuilt whenever kombu replaces the pool (after a fork, a
 lost connection, a closed channel).
 
-`celeryconfig` selects this transport for `redis://` brokers. The messages and keys are kombu's own, so
-workers on this transport and on the stock one share queues without noticing each other.
+`celeryconfig` selects this transport for `redis://` brokers (`transport_for`). The messages and keys are
+kombu's own, so workers on this transport and on the stock one share queues without noticing each other.
 """
 from __future__ import annotations
 
@@ -35,3 +35,9 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def transport_for(broker_url: str) -> str | None:
+    """Celery's `broker_transport` for `broker_url`: this transport for `redis://`, else None (kombu picks by
+    the URL's scheme). `rediss://` stays on kombu's own, which derives its TLS defaults from that name."""
+    return f"{__name__}:Transport" if broker_url.startswith("redis://") else None

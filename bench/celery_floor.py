@@ -28,6 +28,8 @@ from celery import Celery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redis_transport import transport_for  # noqa: E402
+
 EVENTS = {"worker+sent": (True, True), "worker": (True, False), "none": (False, False)}
 
 app = Celery("celery_floor")
@@ -87,8 +89,8 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
                for n in range(args.workers)]
     publisher = Celery("floor-publisher", broker=broker)
     publisher.config_from_object("celeryconfig")
-    publisher.conf.update(broker_url=broker, task_send_sent_event=EVENTS[events][1],
-                          broker_transport_options={"global_keyprefix": prefix})
+    publisher.conf.update(broker_url=broker, broker_transport=transport_for(broker),
+                          task_send_sent_event=EVENTS[events][1], broker_transport_options={"global_keyprefix": prefix})
     try:
         deadline = time.monotonic() + 60
         while len(publisher.control.ping(timeout=0.5)) < args.workers:
