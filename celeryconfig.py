@@ -1,9 +1,9 @@
 """Every Celery setting of the dispatcher: broker, queues and routes, beat schedule, acks, prefetch, events.
 
-Values come from `settings` (the environment); of ours, only the broker transport's selection is imported
-besides. Queues: `dispatch`
-for the housekeeping beat tasks, and one `send.<provider>` queue per provider so that a slow or paused
-provider never holds up the others and each can get its own workers (`celery -A tasks worker -Q send.smsc`).
+Values come from `settings` (the environment); the only other module of ours imported here picks the broker
+transport (`redis_transport`). Queues: `dispatch` for the housekeeping beat tasks, and one `send.<provider>`
+queue per provider so that a slow or paused provider never holds up the others and each can get its own
+workers (`celery -A tasks worker -Q send.smsc`).
 """
 from celery.schedules import schedule
 from kombu import Queue
