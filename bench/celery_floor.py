@@ -3,7 +3,7 @@
 Every `sms.send` pays this before any of our code runs, so it bounds what `bench/e2e.py` can reach with one
 task per message. With the project's `celeryconfig` (Redis broker under a key prefix of the run's own,
 late acks, prefetch 1, JSON), for each event setting in turn it starts `--workers` workers (`--pool`,
-`--concurrency`), publishes `--tasks` no-op tasks over one producer as the dispatch task does, and waits
+`--concurrency`), publishes `--tasks` no-op tasks over one producer in pipelined batches as the dispatch task does, and waits
 until every one has run (each increments a Redis counter). It prints tasks/s, the workers' CPU per task
 (parent and pool together) and the publisher's CPU per task:
 
@@ -103,7 +103,7 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
         _wait_count(store, prefix, warm, args.timeout)
         store.set(prefix + "floor:done", 0)
         cpu0, pub0, start = tree_cpu([w.pid for w in workers]), self_cpu(), time.monotonic()
-        with publisher.producer_or_acquire() as producer:
+        with publisher.producer_or_acquire() as producer, producer.batch():
             for n in range(args.tasks):
                 publisher.send_task("floor.noop", (n,), queue="dispatch", producer=producer)
         published = self_cpu() - pub0
