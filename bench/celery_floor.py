@@ -3,9 +3,9 @@
 Every `sms.send` pays this before any of our code runs, so it bounds what `bench/e2e.py` can reach with one
 task per message. With the project's `celeryconfig` (Redis broker under a key prefix of the run's own,
 late acks, prefetch 1, JSON), for each event setting in turn it starts `--workers` workers (`--pool`,
-`--concurrency`), publishes `--tasks` no-op tasks over one producer in pipelined batches as the dispatch task does, and waits
-until every one has run (each increments a Redis counter). It prints tasks/s, the workers' CPU per task
-(parent and pool together) and the publisher's CPU per task:
+`--concurrency`), publishes `--tasks` no-op tasks over one producer in pipelined batches as the dispatch
+task does, and waits until every one has run (each increments a Redis counter). It prints tasks/s, the
+workers' CPU per task (parent and pool together) and the publisher's CPU per task:
 
     .venv/bin/python bench/celery_floor.py --workers 2 --pool prefork --concurrency 8
 
