@@ -38,6 +38,9 @@ RESEND_STRIDE = 10**10
 """Above any asterCC row id (`int(11)`): the n-th resend of row r goes to Mobilgroup as r + n·10^10."""
 THROTTLE_MAX_WAIT_S = 2.0
 THROTTLE_DOWN_RETRY_S = 10.0
+RECONNECT_RETRY_S = 2.0
+"""A send that found its database connection dead (a MariaDB restart) runs again this much later, on a
+fresh connection, instead of failing its task and waiting for the reaper."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,13 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
     A row not in a sendable state (a duplicate or redelivered task) is `skipped` without side effects."""
     s = rt.settings
-    job = store.begin_send(rt.engine, row_id, s.send_lease_s)
+    try:
+        job = store.begin_send(rt.engine, row_id, s.send_lease_s)
+    except DBAPIError as exc:
+        # Nothing was sent yet, so trying again is safe. SQLAlchemy has dropped the pool's connections.
+        if not exc.connection_invalidated:
+            raise
+        return Retry(RECONNECT_RETRY_S, "the database connection was lost; trying again on a new one")
     if job is None:
         return "skipped"
     provider = rt.client(job.provider)

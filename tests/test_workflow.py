@@ -6,9 +6,11 @@ import multiprocessing
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
+from db import engine as db_engine
 from db import store
 from settings import load_settings
 from simulators.mobilgroup import MobilgroupSimulator
@@ -236,6 +238,28 @@ def test_a_send_that_stays_deadlocked_fails_its_task_and_leaves_the_row_to_the_r
         with pytest.raises(OperationalError, match="Deadlock"):
             workflow.send(rt, row)
     assert rows_by_id(db)[row]["state"] == "queued" and not sim.events("send")
+
+
+def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, sim, db, mariadb_url, monkeypatch):
+    """After a MariaDB restart, a connection used a moment ago is not pinged (db/engine.py): the send meets it
+    dead. Nothing was sent yet, so it is retried in seconds on a new connection, not left to the reaper."""
+    monkeypatch.setattr(db_engine, "PING_IDLE_S", 3600.0)
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-13", "hello")])
+    claim(rt)
+    killer = create_engine(mariadb_url, poolclass=NullPool)
+    with killer.connect() as conn:
+        for (victim,) in conn.execute(text("SELECT ID FROM information_schema.PROCESSLIST"
+                                           " WHERE DB = DATABASE() AND ID <> CONNECTION_ID()")).all():
+            conn.execute(text(f"KILL {int(victim)}"))
+    killer.dispose()
+
+    outcome = workflow.send(rt, row)
+    assert outcome == workflow.Retry(workflow.RECONNECT_RETRY_S,
+                                     "the database connection was lost; trying again on a new one")
+    assert not sim.events("send")
+    assert workflow.send(rt, row) == "accepted"
+    assert rows_by_id(db)[row]["status"] == "success" and len(sim.events("send")) == 1
 
 
 def test_rows_whose_dispatch_died_between_claim_and_route_are_routed_by_the_reaper(runtime, sim, db):
