@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import pytest
 import redis
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from db import schema
 from db.engine import engine_for
@@ -96,6 +97,19 @@ def rows_by_id(engine) -> dict[int, dict]:
             " d.provider, d.accepted_at FROM cc10_batchcontacts b"
             " LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id"))
         return {row.id: row._asdict() for row in result}
+
+
+def kill_connections(database_url: str, ids: list[int] | None = None) -> None:
+    """End MariaDB connections server-side, as a restart would: those in `ids`, or else every connection to
+    this database but the killer's own. Their clients only notice on their next statement or ping."""
+    killer = create_engine(database_url, poolclass=NullPool)
+    with killer.connect() as conn:
+        if ids is None:
+            ids = list(conn.scalars(text("SELECT ID FROM information_schema.PROCESSLIST"
+                                         " WHERE DB = DATABASE() AND ID <> CONNECTION_ID()")))
+        for victim in ids:
+            conn.execute(text(f"KILL {int(victim)}"))
+    killer.dispose()
 
 
 def free_port() -> int:

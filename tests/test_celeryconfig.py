@@ -6,12 +6,10 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.conftest import ROOT
 
 def configured(script: str, **env: str):
     """`result` as `script` (run after `import celeryconfig`) leaves it under `env`, through JSON."""

@@ -9,6 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from db import engine as db_engine
+from tests.conftest import kill_connections
 
 
 @pytest.fixture
@@ -19,23 +20,22 @@ def pool_of_one(mariadb_url):
     engine.dispose()
 
 
-def _kill_pooled_connection(engine, killer) -> None:
+def _kill_pooled_connection(engine, database_url: str) -> None:
     with engine.connect() as conn:
         victim = conn.execute(text("SELECT CONNECTION_ID()")).scalar()
-    with killer.connect() as conn:
-        conn.execute(text(f"KILL {int(victim)}"))
+    kill_connections(database_url, [victim])
 
 
-def test_an_idle_connection_killed_by_the_server_is_replaced_unnoticed(pool_of_one, db, monkeypatch):
+def test_an_idle_connection_killed_by_the_server_is_replaced_unnoticed(pool_of_one, mariadb_url, monkeypatch):
     monkeypatch.setattr(db_engine, "PING_IDLE_S", 0.0)
-    _kill_pooled_connection(pool_of_one, db)
+    _kill_pooled_connection(pool_of_one, mariadb_url)
     with pool_of_one.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar() == 1
 
 
-def test_a_connection_in_steady_use_is_not_pinged(pool_of_one, db, monkeypatch):
+def test_a_connection_in_steady_use_is_not_pinged(pool_of_one, mariadb_url, monkeypatch):
     monkeypatch.setattr(db_engine, "PING_IDLE_S", 3600.0)
-    _kill_pooled_connection(pool_of_one, db)
+    _kill_pooled_connection(pool_of_one, mariadb_url)
     # No ping, so the statement itself meets the dead connection; the error invalidates the pool ...
     with pytest.raises(OperationalError), pool_of_one.connect() as conn:
         conn.execute(text("SELECT 1"))

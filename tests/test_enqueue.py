@@ -5,14 +5,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import redis
 
-from tests.conftest import REDIS_PREFIX
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.conftest import REDIS_PREFIX, ROOT
 
 def test_every_row_gets_one_send_task_carrying_only_its_id(redis_url):
     ids = list(range(1001, 3501))  # more than one batch (kombu flushes every 1,000 commands)

@@ -6,9 +6,8 @@ import multiprocessing
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
 
 from db import engine as db_engine
 from db import store
@@ -16,7 +15,7 @@ from settings import load_settings
 from simulators.mobilgroup import MobilgroupSimulator
 from tasks import workflow
 from tasks.runtime import Runtime
-from tests.conftest import REDIS_PREFIX, insert_rows, rows_by_id, started
+from tests.conftest import REDIS_PREFIX, insert_rows, kill_connections, rows_by_id, started
 
 pytestmark = pytest.mark.integration
 
@@ -247,12 +246,7 @@ def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, s
     rt = runtime()
     (row,) = insert_rows(db, [("+7 916 100-00-13", "hello")])
     claim(rt)
-    killer = create_engine(mariadb_url, poolclass=NullPool)
-    with killer.connect() as conn:
-        for (victim,) in conn.execute(text("SELECT ID FROM information_schema.PROCESSLIST"
-                                           " WHERE DB = DATABASE() AND ID <> CONNECTION_ID()")).all():
-            conn.execute(text(f"KILL {int(victim)}"))
-    killer.dispose()
+    kill_connections(mariadb_url)
 
     outcome = workflow.send(rt, row)
     assert outcome == workflow.Retry(workflow.RECONNECT_RETRY_S,
