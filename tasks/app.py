@@ -9,9 +9,11 @@ import logging
 from celery import Celery, signals
 
 from settings import ConfigError, get_settings
+from tasks.events import BatchedTaskEvents
 
 app = Celery("tasks", include=["tasks.jobs"])
 app.config_from_object("celeryconfig")
+app.steps["consumer"].add(BatchedTaskEvents)
 
 
 @signals.worker_init.connect

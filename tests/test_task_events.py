@@ -1,0 +1,103 @@
+"""Task events, what Flower shows, leave a worker in batches (`tasks/events.py`): every task's received,
+started and succeeded events still arrive, in far fewer broker messages than events, and a worker stopped
+right after its last task still sends that task's events.
+
+Read off the real Redis as Flower reads them: a subscription to the worker's event exchange.
+"""
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import redis
+
+from tests.conftest import REDIS_PREFIX, ROOT, app_env, wait_until
+
+TASKS = 60
+EVENTS = ("task-received", "task-started", "task-succeeded")
+
+
+class EventTap:
+    """Every event-exchange message published under our Redis prefix, decoded, while the `with` lasts."""
+
+    def __init__(self, redis_url: str):
+        self._client = redis.Redis.from_url(redis_url)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(f"{REDIS_PREFIX}*celeryev/*")
+        self.messages: list[list[dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self):
+        while not self._stop.is_set():
+            raw = self._pubsub.get_message(timeout=0.2)
+            if raw:
+                body = json.loads(base64.b64decode(json.loads(raw["data"])["body"]))
+                self.messages.append(body if isinstance(body, list) else [body])
+
+    def events(self, kind: str) -> list[dict]:
+        return [e for batch in list(self.messages) for e in batch if e["type"] == kind]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pubsub.close()
+        self._client.close()
+
+
+def _enqueue_sends(redis_url: str, ids: list[int]) -> None:
+    # Rows that do not exist: each send runs, finds nothing to send and succeeds ("skipped").
+    script = f"from tasks.jobs import enqueue_sends; enqueue_sends({ids!r}, 'mobilgroup')"
+    env = {**os.environ, "CELERY_BROKER_URL": redis_url, "SMS_REDIS_PREFIX": REDIS_PREFIX}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=60, check=True)
+
+
+def _worker_env(mariadb_url, redis_url):
+    return app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="mobilgroup",
+                   SMS_MOBILGROUP_URL="http://127.0.0.1:9/extxml.php", SMS_MOBILGROUP_USER_ID="1",
+                   SMS_MOBILGROUP_USER="user", SMS_MOBILGROUP_PASSWORD="secret")
+
+
+def _task_ids(tap: EventTap, kind: str) -> set[str]:
+    return {e["uuid"] for e in tap.events(kind)}
+
+
+def test_every_task_event_arrives_in_batches(db, mariadb_url, redis_url, celery):
+    with EventTap(redis_url) as tap:
+        worker = celery("worker", _worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
+        wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
+        _enqueue_sends(redis_url, list(range(10**9, 10**9 + TASKS)))
+        wait_until(lambda: len(_task_ids(tap, "task-succeeded")) == TASKS, 60, what="every task to succeed")
+        time.sleep(0.5)  # anything sent late would be counted too
+        worker.stop()
+
+    received = _task_ids(tap, "task-received")
+    assert len(received) == TASKS
+    assert _task_ids(tap, "task-started") == received == _task_ids(tap, "task-succeeded")
+    task_messages = [batch for batch in tap.messages if batch[0]["type"].startswith("task-")]
+    # One publish per event unbatched (180 here); the timer gathers them into a handful.
+    assert len(task_messages) <= TASKS * len(EVENTS) / 6, f"{len(task_messages)} messages for {TASKS} tasks"
+
+
+def test_a_stopped_worker_still_sends_its_last_tasks_events(db, mariadb_url, redis_url, celery):
+    with EventTap(redis_url) as tap:
+        worker = celery("worker", _worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
+        wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
+        client = redis.Redis.from_url(redis_url)
+        _enqueue_sends(redis_url, list(range(2 * 10**9, 2 * 10**9 + TASKS)))
+        # Stop as soon as the queue and the worker's unacknowledged messages are empty: every task ran, and
+        # its last events are most likely still waiting in the buffer.
+        wait_until(lambda: not client.llen(f"{REDIS_PREFIX}send.mobilgroup")
+                   and not client.hlen(f"{REDIS_PREFIX}unacked"), 60, interval_s=0.01, what="every task to run")
+        client.close()
+        worker.stop()
+        wait_until(lambda: tap.events("worker-offline"), 30, what="the worker to go offline")
+
+    assert len(_task_ids(tap, "task-succeeded")) == TASKS
