@@ -63,7 +63,7 @@ worker_max_tasks_per_child = 10_000
 # Flower follows each task from its task-received event on. The task-sent event would add a "pending" state
 # before that, at the cost of a second publish per message in the dispatch task (0.2–0.3 ms of CPU per
 # message, about as much as publishing the task itself: bench/celery_floor.py). A worker sends its task events
-# in batches, every quarter of a second (tasks/events.py).
+# in batches, every quarter of a second (worker_events.py).
 worker_send_task_events = True
 task_send_sent_event = False
 

@@ -2,7 +2,7 @@
 
 Every `sms.send` pays this before any of our code runs, so it bounds what `bench/e2e.py` can reach with one
 task per message. With the project's `celeryconfig` (Redis broker under a key prefix of the run's own,
-late acks, prefetch 1, JSON), for each event setting in turn it starts `--workers` workers (`--pool`,
+late acks, prefetch 1, JSON, task events sent in batches), for each event setting in turn it starts `--workers` workers (`--pool`,
 `--concurrency`), publishes `--tasks` no-op tasks over one producer in pipelined batches as the dispatch
 task does, and waits until every one has run (each increments a Redis counter). It prints tasks/s, the
 workers' CPU per task (parent and pool together) and the publisher's CPU per task:
@@ -29,11 +29,13 @@ from celery import Celery
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis_transport import transport_for  # noqa: E402
+from worker_events import BatchedTaskEvents  # noqa: E402
 
 EVENTS = {"worker+sent": (True, True), "worker": (True, False), "none": (False, False)}
 
 app = Celery("celery_floor")
 app.config_from_object("celeryconfig")
+app.steps["consumer"].add(BatchedTaskEvents)
 _worker_events, _sent_event = EVENTS[os.environ.get("FLOOR_EVENTS", "worker")]
 app.conf.update(worker_send_task_events=_worker_events, task_send_sent_event=_sent_event)
 

@@ -9,7 +9,7 @@ import logging
 from celery import Celery, signals
 
 from settings import ConfigError, get_settings
-from tasks.events import BatchedTaskEvents
+from worker_events import BatchedTaskEvents
 
 app = Celery("tasks", include=["tasks.jobs"])
 app.config_from_object("celeryconfig")

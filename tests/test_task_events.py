@@ -1,4 +1,4 @@
-"""Task events, what Flower shows, leave a worker in batches (`tasks/events.py`): every task's received,
+"""Task events, what Flower shows, leave a worker in batches (`worker_events.py`): every task's received,
 started and succeeded events still arrive, in far fewer broker messages than events, and a worker stopped
 right after its last task still sends that task's events.
 
@@ -13,6 +13,7 @@ import threading
 import time
 
 import redis
+from celery import Celery
 
 from tests.conftest import REDIS_PREFIX, ROOT, app_env, wait_until
 
@@ -87,17 +88,29 @@ def test_every_task_event_arrives_in_batches(db, mariadb_url, redis_url, celery)
 
 
 def test_a_stopped_worker_still_sends_its_last_tasks_events(db, mariadb_url, redis_url, celery):
-    with EventTap(redis_url) as tap:
-        worker = celery("worker", _worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
-        wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
-        client = redis.Redis.from_url(redis_url)
-        _enqueue_sends(redis_url, list(range(2 * 10**9, 2 * 10**9 + TASKS)))
-        # Stop as soon as the queue and the worker's unacknowledged messages are empty: every task ran, and
-        # its last events are most likely still waiting in the buffer.
-        wait_until(lambda: not client.llen(f"{REDIS_PREFIX}send.mobilgroup")
-                   and not client.hlen(f"{REDIS_PREFIX}unacked"), 60, interval_s=0.01, what="every task to run")
+    control = Celery(broker=redis_url)
+    control.conf.broker_transport_options = {"global_keyprefix": REDIS_PREFIX}
+    client = redis.Redis.from_url(redis_url)
+
+    def every_task_ran():
+        if client.llen(f"{REDIS_PREFIX}send.mobilgroup"):
+            return False
+        inspect = control.control.inspect(timeout=2, limit=1)
+        stats = inspect.stats() or {}
+        return (sum(s["total"].get("sms.send", 0) for s in stats.values()) == TASKS
+                and not any((inspect.active() or {}).values()))
+
+    try:
+        with EventTap(redis_url) as tap:
+            worker = celery("worker", _worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
+            wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
+            _enqueue_sends(redis_url, list(range(2 * 10**9, 2 * 10**9 + TASKS)))
+            # Stop as soon as every task ran: their last events are most likely still in the buffer.
+            wait_until(every_task_ran, 60, interval_s=0.01, what="every task to run")
+            worker.stop()
+            wait_until(lambda: tap.events("worker-offline"), 30, what="the worker to go offline")
+    finally:
         client.close()
-        worker.stop()
-        wait_until(lambda: tap.events("worker-offline"), 30, what="the worker to go offline")
+        control.close()
 
     assert len(_task_ids(tap, "task-succeeded")) == TASKS

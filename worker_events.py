@@ -33,11 +33,13 @@ class BatchedTaskEvents(bootsteps.StartStopStep):
         self._timer = c.timer.call_repeatedly(FLUSH_EVERY_S, dispatcher.flush)
 
     def stop(self, c):
-        """Runs before Celery's `Events` step closes the dispatcher (steps stop in reverse), so the last
-        buffered events still go out."""
+        """Runs before Celery's `Events` step closes the dispatcher (steps stop in reverse), so the events
+        buffered so far still go out."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._dispatcher.flush()
+        self.shutdown(c)
 
-    shutdown = stop
+    def shutdown(self, c):
+        if self._dispatcher is not None:
+            self._dispatcher.flush()
