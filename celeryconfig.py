@@ -29,9 +29,12 @@ if broker_url.startswith("filesystem://"):
         "store_processed": False,
     }
 else:
-    # A message whose worker died unacknowledged comes back after this long; the reaper usually
-    # re-enqueues such rows much sooner, and a duplicate delivery is a no-op anyway.
-    broker_transport_options = {"visibility_timeout": 1800, "global_keyprefix": _s.redis_prefix}
+    # No copy of each delivered message in Redis until it is acknowledged (kombu's ack emulation): it cost
+    # two Redis round trips per message, about a fifth of a busy worker's CPU (bench/e2e.py), and duplicates
+    # what the database already knows. A worker that stops cleanly still puts back what it held; what a killed
+    # worker held is taken up again from the database: sends by the reaper (`SMS_REQUEUE_AFTER_S`), status
+    # polls when their lease ends, beat's tasks at their next tick.
+    broker_transport_options = {"ack_emulation": False, "global_keyprefix": _s.redis_prefix}
     broker_transport = transport_for(broker_url)
 broker_connection_retry_on_startup = True
 
@@ -50,8 +53,9 @@ accept_content = ["json"]
 task_ignore_result = True
 result_backend = None
 
-# A task is acknowledged only after it ran, and given back if its worker process dies, so a killed worker
-# loses nothing; the send task's compare-and-set on the dispatch record makes the redelivery harmless.
+# A task is acknowledged only after it ran, and given back if the pool process running it dies (the worker
+# itself killed: see broker_transport_options above); the send task's compare-and-set on the dispatch record
+# makes the redelivery harmless.
 task_acks_late = True
 task_reject_on_worker_lost = True
 # Sends are I/O-bound and may wait for a rate-limit slot: take one message at a time so that a backlog
