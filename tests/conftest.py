@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -138,6 +140,21 @@ def app_env(database_url: str, broker_url: str, **settings) -> dict[str, str]:
                 "SMS_REDIS_PREFIX": REDIS_PREFIX, "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in settings.items()})
     return env
+
+
+def idle_worker_env(database_url: str, broker_url: str) -> dict[str, str]:
+    """A deployment whose worker starts but never reaches a provider: for tests of Celery's plumbing, which
+    send tasks for rows that do not exist (each send finds nothing to do and succeeds)."""
+    return app_env(database_url, broker_url, SMS_DEFAULT_PROVIDER="mobilgroup",
+                   SMS_MOBILGROUP_URL="http://127.0.0.1:9/extxml.php", SMS_MOBILGROUP_USER_ID="1",
+                   SMS_MOBILGROUP_USER="user", SMS_MOBILGROUP_PASSWORD="secret")
+
+
+def publish(broker_url: str, script: str) -> None:
+    """Run `script` (Python that sends tasks, e.g. through `tasks.jobs`) in a process of its own, configured
+    for the test broker, as the dispatcher would: the test process keeps no Celery app of its own."""
+    env = {**os.environ, "CELERY_BROKER_URL": broker_url, "SMS_REDIS_PREFIX": REDIS_PREFIX}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, check=True)
 
 
 @pytest.fixture

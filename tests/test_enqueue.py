@@ -2,19 +2,14 @@
 task arrives, carrying the row id and nothing else, however many go out in one pipelined batch."""
 import base64
 import json
-import os
-import subprocess
-import sys
 
 import redis
 
-from tests.conftest import REDIS_PREFIX, ROOT
+from tests.conftest import REDIS_PREFIX, publish
 
 def test_every_row_gets_one_send_task_carrying_only_its_id(redis_url):
     ids = list(range(1001, 3501))  # more than one batch (kombu flushes every 1,000 commands)
-    script = f"from tasks.jobs import enqueue_sends; enqueue_sends({ids!r}, 'mobilgroup')"
-    env = {**os.environ, "CELERY_BROKER_URL": redis_url, "SMS_REDIS_PREFIX": REDIS_PREFIX}
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, check=True)
+    publish(redis_url, f"from tasks.jobs import enqueue_sends; enqueue_sends({ids!r}, 'mobilgroup')")
 
     client = redis.Redis.from_url(redis_url)
     raw = client.lrange(REDIS_PREFIX + "send.mobilgroup", 0, -1)

@@ -6,16 +6,13 @@ Read off the real Redis as Flower reads them: a subscription to the worker's eve
 """
 import base64
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import redis
 from celery import Celery
 
-from tests.conftest import REDIS_PREFIX, ROOT, app_env, wait_until
+from tests.conftest import REDIS_PREFIX, idle_worker_env, publish, wait_until
 
 TASKS = 60
 EVENTS = ("task-received", "task-started", "task-succeeded")
@@ -53,17 +50,10 @@ class EventTap:
         self._client.close()
 
 
-def _enqueue_sends(redis_url: str, ids: list[int]) -> None:
-    # Rows that do not exist: each send runs, finds nothing to send and succeeds ("skipped").
-    script = f"from tasks.jobs import enqueue_sends; enqueue_sends({ids!r}, 'mobilgroup')"
-    env = {**os.environ, "CELERY_BROKER_URL": redis_url, "SMS_REDIS_PREFIX": REDIS_PREFIX}
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=60, check=True)
-
-
-def _worker_env(mariadb_url, redis_url):
-    return app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="mobilgroup",
-                   SMS_MOBILGROUP_URL="http://127.0.0.1:9/extxml.php", SMS_MOBILGROUP_USER_ID="1",
-                   SMS_MOBILGROUP_USER="user", SMS_MOBILGROUP_PASSWORD="secret")
+def _enqueue_sends(redis_url: str, first_id: int) -> None:
+    """`TASKS` sends for rows that do not exist: each runs, finds nothing to send and succeeds."""
+    publish(redis_url, "from tasks.jobs import enqueue_sends; "
+                       f"enqueue_sends(list(range({first_id}, {first_id + TASKS})), 'mobilgroup')")
 
 
 def _task_ids(tap: EventTap, kind: str) -> set[str]:
@@ -72,9 +62,9 @@ def _task_ids(tap: EventTap, kind: str) -> set[str]:
 
 def test_every_task_event_arrives_in_batches(db, mariadb_url, redis_url, celery):
     with EventTap(redis_url) as tap:
-        worker = celery("worker", _worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
+        worker = celery("worker", idle_worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
         wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
-        _enqueue_sends(redis_url, list(range(10**9, 10**9 + TASKS)))
+        _enqueue_sends(redis_url, first_id=10**9)
         wait_until(lambda: len(_task_ids(tap, "task-succeeded")) == TASKS, 60, what="every task to succeed")
         time.sleep(0.5)  # anything sent late would be counted too
         worker.stop()
@@ -102,9 +92,9 @@ def test_a_stopped_worker_still_sends_its_last_tasks_events(db, mariadb_url, red
 
     try:
         with EventTap(redis_url) as tap:
-            worker = celery("worker", _worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
+            worker = celery("worker", idle_worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
             wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
-            _enqueue_sends(redis_url, list(range(2 * 10**9, 2 * 10**9 + TASKS)))
+            _enqueue_sends(redis_url, first_id=2 * 10**9)
             # Stop as soon as every task ran: their last events are most likely still in the buffer.
             wait_until(every_task_ran, 60, interval_s=0.01, what="every task to run")
             worker.stop()

@@ -6,21 +6,16 @@ back on the queue. (What a killed worker held is taken up by the reaper: `test_s
 """
 import base64
 import json
-import os
-import subprocess
-import sys
 
 import redis
 
-from tests.conftest import REDIS_PREFIX, ROOT, app_env, wait_until
+from tests.conftest import REDIS_PREFIX, idle_worker_env, publish, wait_until
 
 HELD = 20
 
 
 def test_a_stopped_worker_puts_back_the_sends_it_held(db, mariadb_url, redis_url, celery):
-    env = app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="mobilgroup",
-                  SMS_MOBILGROUP_URL="http://127.0.0.1:9/extxml.php", SMS_MOBILGROUP_USER_ID="1",
-                  SMS_MOBILGROUP_USER="user", SMS_MOBILGROUP_PASSWORD="secret")
+    env = idle_worker_env(mariadb_url, redis_url)
     ids = list(range(3 * 10**9, 3 * 10**9 + HELD))
     queue = f"{REDIS_PREFIX}send.mobilgroup"
     client = redis.Redis.from_url(redis_url)
@@ -29,8 +24,7 @@ def test_a_stopped_worker_puts_back_the_sends_it_held(db, mariadb_url, redis_url
         # Sends due in an hour, as a retry's countdown makes them: the worker takes them and waits.
         script = ("from tasks.jobs import send\n"
                   f"for i in {ids!r}: send.apply_async((i,), countdown=3600, queue='send.mobilgroup')")
-        subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=60, check=True,
-                       env={**os.environ, "CELERY_BROKER_URL": redis_url, "SMS_REDIS_PREFIX": REDIS_PREFIX})
+        publish(redis_url, script)
         wait_until(lambda: client.llen(queue) == 0, 60, interval_s=0.1, what="the worker to take every send")
         assert "Traceback" not in worker.log()
 
