@@ -2,10 +2,11 @@
 
 Every `sms.send` pays this before any of our code runs, so it bounds what `bench/e2e.py` can reach with one
 task per message. With the project's `celeryconfig` (Redis broker under a key prefix of the run's own,
-late acks, prefetch 1, JSON, task events sent in batches), for each event setting in turn it starts `--workers` workers (`--pool`,
-`--concurrency`), publishes `--tasks` no-op tasks over one producer in pipelined batches as the dispatch
-task does, and waits until every one has run (each increments a Redis counter). It prints tasks/s, the
-workers' CPU per task (parent and pool together) and the publisher's CPU per task:
+late acks, prefetch 1, JSON) and its worker step that sends task events in batches, for each event setting
+in turn it starts `--workers` workers (`--pool`, `--concurrency`), publishes `--tasks` no-op tasks over one
+producer in pipelined batches as the dispatch task does, and waits until every one has run (each
+increments a Redis counter). It prints tasks/s, the workers' CPU per task (parent and pool together) and
+the publisher's CPU per task:
 
     .venv/bin/python bench/celery_floor.py --workers 2 --pool prefork --concurrency 8
 
@@ -92,7 +93,8 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
     publisher = Celery("floor-publisher", broker=broker)
     publisher.config_from_object("celeryconfig")
     publisher.conf.update(broker_url=broker, broker_transport=transport_for(broker),
-                          task_send_sent_event=EVENTS[events][1], broker_transport_options={"global_keyprefix": prefix})
+                          task_send_sent_event=EVENTS[events][1],
+                          broker_transport_options={"global_keyprefix": prefix})
     try:
         deadline = time.monotonic() + 60
         while len(publisher.control.ping(timeout=0.5)) < args.workers:
