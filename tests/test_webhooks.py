@@ -25,7 +25,7 @@ from settings import ConfigError, load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.ozeki import OzekiSimulator
 from tasks.callbacks import BadToken, callback_url, verify_token
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from webhooks.app import TokenlessLogHandler, create_app
 
 SECRET = "test-webhook-secret-0123456789abcdef"
@@ -374,7 +374,13 @@ def test_simulators_reports_reach_the_app_and_finish_every_message(settings, ser
                 expected[row] = ("failed", DispatchState.FAILED) if i % 4 == 0 else \
                     ("success", DispatchState.DELIVERED)
         states = wait_final(db, list(expected))
-        reports = accolades_sim.events("report") + ozeki_sim.events("report")
+
+        # A simulator journals a report once the app has answered it, which can be just after the
+        # app has written the row.
+        def journalled_reports():
+            found = accolades_sim.events("report") + ozeki_sim.events("report")
+            return found if len(found) >= len(expected) else None
+        reports = wait_until(journalled_reports, timeout_s=10, interval_s=0.05, what="the simulators' report journals")
     finally:
         accolades.close()
         ozeki.close()
