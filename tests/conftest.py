@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 import redis
+import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -157,17 +158,27 @@ def publish(broker_url: str, script: str) -> None:
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, check=True)
 
 
+def compose_worker(service: str) -> list[str]:
+    """The options of a worker service's `celery -A tasks worker` command in docker-compose.yml (pool,
+    concurrency, queues), for tests that run the workers the deployment runs."""
+    command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][service]["command"]
+    assert command[:4] == ["celery", "-A", "tasks", "worker"], f"{service} is not a dispatcher worker"
+    return command[4:]
+
+
 @pytest.fixture
 def celery(tmp_path):
     """Start Celery processes: `celery("worker" | "beat" | "flower", env, *extra_args)`; all are stopped
-    after the test."""
+    after the test. A worker consumes every queue unless `extra_args` name some with `-Q`."""
     started: list[CeleryProcess] = []
 
     def start(kind: str, env: dict[str, str], *extra: str) -> CeleryProcess:
         args = [kind]
         if kind == "worker":
-            args += ["-l", "info", "-Q", CELERY_QUEUES, "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h",
+            args += ["-l", "info", "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h",
                      "--without-mingle", "--without-gossip"]
+            if "-Q" not in extra:
+                args += ["-Q", CELERY_QUEUES]
         elif kind == "beat":
             args += ["-l", "info", "-s", str(tmp_path / f"beat-{len(started)}")]
         process = CeleryProcess(args + list(extra), env, tmp_path / f"{kind}-{len(started)}.log")

@@ -1,5 +1,6 @@
 """What an operator meets when deploying: settings validated at start-up with the variable named, the
-commands of the command-line contract, and a docker-compose.yml that Compose accepts."""
+commands of the command-line contract, and a docker-compose.yml that Compose accepts and whose workers
+consume every queue."""
 from __future__ import annotations
 
 import shutil
@@ -7,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from sqlalchemy import inspect
 
+import celeryconfig
 from db.engine import engine_for
 from settings import ConfigError, load_settings
-from tests.conftest import ROOT, app_env
+from tests.conftest import ROOT, app_env, compose_worker
 
 
 def test_a_bad_value_names_its_variable(monkeypatch):
@@ -73,3 +76,18 @@ def test_compose_accepts_the_compose_file(tmp_path):
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")  # the README's first deployment step
     result = subprocess.run([compose, "config", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_compose_workers_consume_every_queue():
+    """A queue that no worker consumes is a provider whose messages wait for ever (with every profile on:
+    smsc.ru's worker comes with `--profile smsc`, like its receiver)."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    workers = [name for name, service in services.items() if service.get("command", [])[:4] == [
+        "celery", "-A", "tasks", "worker"]]
+    consumed = set()
+    for name in workers:
+        options = compose_worker(name)
+        assert "-Q" in options, f"{name} should name its queues"
+        consumed |= set(options[options.index("-Q") + 1].split(","))
+    assert consumed == {queue.name for queue in celeryconfig.task_queues}
+    assert services["worker-smsc"]["profiles"] == services["smpp-receiver"]["profiles"]

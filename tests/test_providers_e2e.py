@@ -1,7 +1,8 @@
 """The providers that report later, end to end: asterCC rows in MariaDB → celery beat → Redis → celery
 workers → a provider's simulator, and the outcome back from the provider alone: Accolades and Ozeki call
 the webhook app (served here on a real port, applying reports to the test database), smsc.ru sends SMPP
-receipts to the receiver (run here in a thread). Real processes and sockets throughout.
+receipts to the receiver (run here in a thread). Real processes and sockets throughout; the workers are
+docker-compose.yml's (threads for the HTTP providers, processes for smsc.ru).
 
 What a call centre relies on: a message routed by its number's prefix goes through that provider, which
 is recorded; it is sent once (every part once); it ends `success` when the provider says delivered and
@@ -27,7 +28,7 @@ from simulators.smsc import SmscSimulator
 from tasks.reports import apply_report
 from tasks.runtime import Runtime
 from tasks.smpp_receiver import run_receiver
-from tests.conftest import app_env, insert_rows, rows_by_id, started, wait_until
+from tests.conftest import app_env, compose_worker, insert_rows, rows_by_id, started, wait_until
 from webhooks.app import TokenlessLogHandler, create_app
 
 pytestmark = pytest.mark.integration
@@ -99,7 +100,7 @@ def test_300_messages_split_across_accolades_and_ozeki_finish_by_their_callbacks
             SMS_ACCOLADES_PASSWORD=accolades.password, SMS_ACCOLADES_RATE=200,
             SMS_OZEKI_URL=ozeki.api_url, SMS_OZEKI_USERNAME=ozeki.username, SMS_OZEKI_PASSWORD=ozeki.password,
             SMS_OZEKI_RATE=200, **FAST)
-        celery("worker", env, "-c", "4")
+        celery("worker", env, *compose_worker("worker"))
         celery("beat", env)
         rows = wait_until(lambda: all_final(db), 60, what="every message's delivery report")
         accolades_journal, ozeki_journal = accolades.events(), ozeki.events()
@@ -161,7 +162,8 @@ def test_smsc_messages_long_and_cyrillic_finish_by_receipts_through_real_workers
         ids = insert_rows(db, messages)
         env = app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="smsc", SMS_SMSC_RATE=200, **FAST,
                       **{f"SMS_{key.upper()}": value for key, value in smpp.items()})
-        celery("worker", env, "-c", "4")
+        celery("worker", env, *compose_worker("worker"))
+        celery("worker", env, *compose_worker("worker-smsc"))
         celery("beat", env)
         rows = wait_until(lambda: all_final(db), 60, what="every message's receipts")
 
