@@ -5,8 +5,8 @@ task per message. With the project's `celeryconfig` (Redis broker under a key pr
 late acks, prefetch 1, JSON) and its worker step that sends task events in batches, for each event setting
 in turn it starts `--workers` workers (`--pool`, `--concurrency`), publishes `--tasks` no-op tasks over one
 producer in pipelined batches as the dispatch task does, and waits until every one has run (each
-increments a Redis counter). It prints tasks/s, the workers' CPU per task (parent and pool together) and
-the publisher's CPU per task:
+increments a Redis counter). It prints tasks/s, and the CPU per task of the workers (parent and pool
+together), of the publisher and of the Redis server (other clients of that Redis count too):
 
     .venv/bin/python bench/celery_floor.py --workers 2 --pool prefork --concurrency 8
 
@@ -29,6 +29,7 @@ from celery import Celery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.measure import redis_cpu, self_cpu  # noqa: E402
 from redis_transport import transport_for  # noqa: E402
 from worker_events import BatchedTaskEvents  # noqa: E402
 
@@ -73,13 +74,8 @@ def tree_cpu(pids: list[int]) -> float:
     return total
 
 
-def self_cpu() -> float:
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
-
-
-def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, float]:
-    """Tasks/s, worker CPU ms per task and publisher CPU ms per task, for one event setting."""
+def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, float, float]:
+    """Tasks/s, and CPU ms per task of the workers, the publisher and Redis, for one event setting."""
     from smsctl.processes import CeleryProcess, stop_all
 
     prefix = f"sms_floor_{uuid.uuid4().hex[:8]}:"
@@ -106,7 +102,8 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
             publisher.send_task("floor.noop", (n,), queue="dispatch")
         _wait_count(store, prefix, warm, args.timeout)
         store.set(prefix + "floor:done", 0)
-        cpu0, pub0, start = tree_cpu([w.pid for w in workers]), self_cpu(), time.monotonic()
+        cpu0, pub0, redis0 = tree_cpu([w.pid for w in workers]), self_cpu(), redis_cpu(store)
+        start = time.monotonic()
         with publisher.producer_or_acquire() as producer, producer.batch():
             for n in range(args.tasks):
                 publisher.send_task("floor.noop", (n,), queue="dispatch", producer=producer)
@@ -114,13 +111,15 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
         _wait_count(store, prefix, args.tasks, args.timeout)
         elapsed = time.monotonic() - start
         worker_cpu = tree_cpu([w.pid for w in workers]) - cpu0
+        redis_used = redis_cpu(store) - redis0
     finally:
         publisher.close()
         stop_all(workers)
         for key in store.scan_iter(match=prefix + "*", count=1000):
             store.delete(key)
         store.close()
-    return args.tasks / elapsed, worker_cpu / args.tasks * 1000, published / args.tasks * 1000
+    per_task_ms = [cpu / args.tasks * 1000 for cpu in (worker_cpu, published, redis_used)]
+    return args.tasks / elapsed, *per_task_ms
 
 
 def _wait_count(store: redis.Redis, prefix: str, count: int, timeout_s: float) -> None:
@@ -144,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     broker = f"{args.redis}/{args.redis_db}"
     print(f"{args.tasks} no-op tasks, {args.workers} workers x {args.concurrency} ({args.pool})")
-    print(f"{'events':<14}{'tasks/s':>10}{'worker CPU ms/task':>20}{'publish CPU ms/task':>21}")
+    print(f"{'events':<14}{'tasks/s':>10}{'worker CPU ms/task':>20}{'publish CPU ms/task':>21}"
+          f"{'Redis CPU ms/task':>19}")
     with tempfile.TemporaryDirectory(prefix="sms-floor-") as tmp:
         for events in args.events:
-            rate, worker_ms, publish_ms = run(args, events, broker, Path(tmp))
-            print(f"{events:<14}{rate:>10.0f}{worker_ms:>20.3f}{publish_ms:>21.3f}", flush=True)
+            rate, worker_ms, publish_ms, redis_ms = run(args, events, broker, Path(tmp))
+            print(f"{events:<14}{rate:>10.0f}{worker_ms:>20.3f}{publish_ms:>21.3f}{redis_ms:>19.3f}", flush=True)
     return 0
 
 

@@ -16,7 +16,9 @@ One invocation, against MariaDB and Redis on this machine:
 5. burst: `--rows` rows fall due at one whole second; the run ends when every row is final. Measured:
    messages/s, latency p50/p99, statements per message (our user's `USER_STATISTICS`), peak
    RSS of each worker process, CPU seconds per 1,000 messages of workers + beat (psutil), of MariaDB (our
-   user's `CPU_TIME`) and of the simulator (this process);
+   user's `CPU_TIME`), of the simulator (this process) and of the Redis server (`INFO cpu`: other clients
+   of that Redis count too), their sum, and the rate at which that sum would keep every core busy: the
+   ceiling of this machine for this pipeline;
 6. stops Celery, sets the same rows back to `new` and runs the baseline: what the seed's PHP cron script
    does (select the due rows, then per row mark it `pending`, POST it, write the outcome), in one thread,
    with the same HTTP client, stopping after `--baseline-max-s` (its rate is measured on what it did,
@@ -53,6 +55,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import redis_cpu, self_cpu  # noqa: E402
 from db import schema, store  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from providers.base import OutgoingMessage, PermanentError, ProviderError  # noqa: E402
@@ -64,6 +67,7 @@ FINAL = ("success", "failed", "error")
 QUEUES = "dispatch,send.mobilgroup"
 UNCAPPED_RATE = 100_000
 NOT_DUE = "2100-01-01 00:00:00"
+CORES = os.cpu_count() or 1
 STAT_COLUMNS = ("SELECT_COMMANDS", "UPDATE_COMMANDS", "OTHER_COMMANDS", "CPU_TIME")
 
 
@@ -293,6 +297,7 @@ class Result:
     db: dict[str, float]
     cpu_s: float                      # workers + beat (or the baseline's own thread)
     sim_cpu_s: float                  # this process: simulator (and, for the baseline, the loop itself)
+    redis_cpu_s: float = 0.0          # the Redis server (the baseline uses none)
     note: str = ""
     unsent: int = 0                   # rows never sent (the baseline's time ran out): latency > `cut_s`
     cut_s: float = 0.0
@@ -310,6 +315,10 @@ class Result:
 
     def per_msg(self, key: str) -> float:
         return self.db[key] / self.messages if self.messages else float("nan")
+
+    @property
+    def all_cpu_s(self) -> float:
+        return self.cpu_s + self.db["CPU_TIME"] + self.sim_cpu_s + self.redis_cpu_s
 
     @property
     def statements_per_msg(self) -> float:
@@ -339,22 +348,17 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
     return {k: after[k] - before[k] for k in after}
 
 
-def self_cpu() -> float:
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
-
-
-def run_phase(label: str, bench: BenchDb, sim: MobilgroupSimulator, sampler: Sampler, ids: list[int],
-              rate: float | None, timeout_s: float) -> Result:
+def run_phase(label: str, bench: BenchDb, sim: MobilgroupSimulator, sampler: Sampler, redis_client: redis.Redis,
+              ids: list[int], rate: float | None, timeout_s: float) -> Result:
     reset_simulator(sim)
     sampler.sample()
-    db0, cpu0, sim0 = bench.user_stats(), sampler.cpu_total(), self_cpu()
+    db0, cpu0, sim0, redis0 = bench.user_stats(), sampler.cpu_total(), self_cpu(), redis_cpu(redis_client)
     start = make_due(bench, ids, rate)
     done = wait_final(bench, ids, timeout_s, label)
     sampler.sample()
     latencies = provider_latencies(sim, due_times(bench, ids))
     return Result(label, len(ids), done - start, latencies, delta(bench.user_stats(), db0),
-                  sampler.cpu_total() - cpu0, self_cpu() - sim0)
+                  sampler.cpu_total() - cpu0, self_cpu() - sim0, redis_cpu(redis_client) - redis0)
 
 
 def peak_by_role(sampler: Sampler) -> dict[str, int]:
@@ -487,6 +491,9 @@ def print_table(args, runs: list[Result], light: Result | None, peaks: dict[str,
         ("CPU s / 1000 msg, ours", lambda r: r.cpu_s / r.messages * 1000, ".3f", False),
         ("CPU s / 1000 msg, MariaDB", lambda r: r.db["CPU_TIME"] / r.messages * 1000, ".3f", False),
         ("CPU s / 1000 msg, simulator", lambda r: r.sim_cpu_s / r.messages * 1000, ".3f", False),
+        ("CPU s / 1000 msg, Redis", lambda r: r.redis_cpu_s / r.messages * 1000, ".3f", False),
+        ("CPU s / 1000 msg, all", lambda r: r.all_cpu_s / r.messages * 1000, ".3f", False),
+        (f"messages/s {CORES} cores allow", lambda r: CORES * r.messages / r.all_cpu_s, ".0f", False),
     ]
     print()
     print(f"workers={args.workers} pool={args.pool} concurrency={args.concurrency} latency={args.latency:g}s "
@@ -513,6 +520,7 @@ def print_table(args, runs: list[Result], light: Result | None, peaks: dict[str,
               f"{light.statements_per_msg:.2f}")
     print("ours = workers + beat (pipeline) or the script's loop (baseline); the simulator runs in the benchmark's"
           " process")
+    print(f"cores allow = {CORES} / all CPU per message: the rate at which this work would keep every core busy")
     if baseline is not None:
         print("baseline: loop started the moment the rows fell due; from cron (every minute) add 0–60 s "
               "(30 s on average) to its latency")
@@ -595,12 +603,12 @@ def main(argv=None) -> int:
 
         # Every pool process imports, connects and opens its HTTP session on its first task: warm them
         # up, so that the phases measure a running service rather than its start.
-        run_phase("warm-up", bench, sim, sampler, warm_ids, None, args.timeout)
+        run_phase("warm-up", bench, sim, sampler, keys, warm_ids, None, args.timeout)
         light = None
         if light_ids:
-            light = run_phase("light load", bench, sim, sampler, light_ids, args.light_rate, args.timeout)
+            light = run_phase("light load", bench, sim, sampler, keys, light_ids, args.light_rate, args.timeout)
             print(f"light load done: p50 {light.pct(0.5):.3f} s", flush=True)
-        pipeline = run_phase("burst", bench, sim, sampler, ids, None, args.timeout)
+        pipeline = run_phase("burst", bench, sim, sampler, keys, ids, None, args.timeout)
         print(f"burst done: {pipeline.rate:.1f} msg/s", flush=True)
         peaks = peak_by_role(sampler)
         stop_all(processes)
