@@ -125,6 +125,18 @@ class _Schedule:
         return cls(math.ceil(window_us / rate), window_us, capacity, min(cost, capacity))
 
     @property
+    def spacing_suffices(self) -> bool:
+        """Whether even spacing alone keeps every window within `capacity` once this message is granted, so
+        that the grants in its window need not be counted: true for one part at a whole-number rate, the
+        common case, which then costs one read instead of a read of the whole window (at 500/s, 500 grants).
+
+        Each grant is at least `weight · interval` after the previous one, so the grants before this one
+        in any window weigh less than window / interval: with it, at most ceil(window / interval) - 1 +
+        `weight`. (Grants made at a higher rate setting can still be in the window for a second after the
+        rate is lowered; the new rate's spacing applies from the next grant.)"""
+        return math.ceil(self.window_us / self.interval_us) - 1 + self.weight <= self.capacity
+
+    @property
     def horizon_us(self) -> int:
         """How far back a grant can still constrain a new one (by spacing or by the window)."""
         return max(self.window_us, self.capacity * self.interval_us)
@@ -143,7 +155,7 @@ def _permit(wait_us: int, reserved: bool, reason: str) -> Permit:
 # KEYS: 1 slots (zset: member "slot:weight", score slot), 2 pause, 3 identical mark (read only with an identity),
 #       4 throttled counter.
 # ARGV: 1 interval_us, 2 window_us, 3 capacity, 4 weight, 5 identical_us, 6 max_wait_us, 7 horizon_us,
-#       8 counter ttl s.
+#       8 counter ttl s, 9 whether spacing suffices (1/0; see `_Schedule.spacing_suffices`).
 # Returns {wait_us, reserved (0/1), reason}. Numbers are written with %d: tostring() would round them.
 _ACQUIRE_LUA = """
 local t = redis.call('TIME')
@@ -170,25 +182,26 @@ if paused_until and tonumber(paused_until) > now then
 end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%d', now - horizon))
-local grants = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local n = #grants / 2
 local slot = now
-if n > 0 then
-  local last_weight = tonumber(string.match(grants[2 * n - 1], ':(%d+)$'))
-  slot = math.max(slot, tonumber(grants[2 * n]) + last_weight * interval)
-  local scores, weights, in_window = {}, {}, 0
-  for i = 1, n do
-    scores[i] = tonumber(grants[2 * i])
-    weights[i] = tonumber(string.match(grants[2 * i - 1], ':(%d+)$'))
-    if scores[i] > slot - window then in_window = in_window + weights[i] end
-  end
-  local i = 1
-  while in_window + weight > capacity do
-    if scores[i] > slot - window then
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if #last > 0 then
+  slot = math.max(slot, tonumber(last[2]) + tonumber(string.match(last[1], ':(%d+)$')) * interval)
+  if ARGV[9] == '0' then
+    -- Slots only grow, so each grant that still counts moves the slot to where it leaves the window.
+    local grants = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%d', slot - window), '+inf',
+                              'WITHSCORES')
+    local scores, weights, in_window = {}, {}, 0
+    for i = 1, #grants / 2 do
+      scores[i] = tonumber(grants[2 * i])
+      weights[i] = tonumber(string.match(grants[2 * i - 1], ':(%d+)$'))
+      in_window = in_window + weights[i]
+    end
+    local i = 1
+    while in_window + weight > capacity do
       slot = scores[i] + window
       in_window = in_window - weights[i]
+      i = i + 1
     end
-    i = i + 1
   end
 end
 
@@ -258,7 +271,8 @@ class RedisThrottle:
                 self._key(account, f"same:{identity}") if identity else self._key(account, "same"),
                 self._key(account, "throttled")]
         args = [schedule.interval_us, schedule.window_us, schedule.capacity, schedule.weight,
-                identical_us, round(max_wait_s * _MICRO), schedule.horizon_us, _COUNTER_TTL_S]
+                identical_us, round(max_wait_s * _MICRO), schedule.horizon_us, _COUNTER_TTL_S,
+                int(schedule.spacing_suffices)]
         wait_us, reserved, reason = self._call("check the rate limit", self._acquire, keys=keys, args=args)
         return _permit(int(wait_us), bool(reserved), reason.decode() if isinstance(reason, bytes) else reason)
 
@@ -365,17 +379,18 @@ class LocalThrottle:
             return self._refuse(db, account, row[0], "paused")
 
         db.execute("DELETE FROM grants WHERE account = ? AND slot_us < ?", (account, now - schedule.horizon_us))
-        grants = db.execute("SELECT slot_us, weight FROM grants WHERE account = ? ORDER BY slot_us",
-                            (account,)).fetchall()
         slot = now
-        if grants:
-            last_slot, last_weight = grants[-1]
-            slot = max(slot, last_slot + last_weight * schedule.interval_us)
-            in_window = sum(weight for at, weight in grants if at > slot - schedule.window_us)
-            for at, weight in grants:
-                if in_window + schedule.weight <= schedule.capacity:
-                    break
-                if at > slot - schedule.window_us:
+        last = db.execute("SELECT slot_us, weight FROM grants WHERE account = ? ORDER BY slot_us DESC LIMIT 1",
+                          (account,)).fetchone()
+        if last:
+            slot = max(slot, last[0] + last[1] * schedule.interval_us)
+            if not schedule.spacing_suffices:
+                grants = db.execute("SELECT slot_us, weight FROM grants WHERE account = ? AND slot_us > ? "
+                                    "ORDER BY slot_us", (account, slot - schedule.window_us)).fetchall()
+                in_window = sum(weight for _, weight in grants)
+                for at, weight in grants:
+                    if in_window + schedule.weight <= schedule.capacity:
+                        break
                     slot = at + schedule.window_us
                     in_window -= weight
 

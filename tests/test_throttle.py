@@ -133,6 +133,14 @@ def test_two_part_messages_flow_close_to_the_rate(throttle):
     assert slots[-1] - slots[0] <= 1.1 * sum(costs[:-1]) / 10
 
 
+def test_a_fractional_rate_is_kept_in_every_window(throttle):
+    # 2.5/s spaces grants 0.41 s apart, three of them within one second: the window must push the third,
+    # so two go per window.
+    slots = reserve_all(throttle, 2.5, [1] * 12)
+    assert largest_window(slots) <= 2
+    assert slots[-1] - slots[0] <= 1.1 * 11 / 2
+
+
 def test_a_message_longer_than_the_limit_goes_alone(throttle):
     first = throttle.acquire("smsc:1", 3, cost=7, max_wait_s=10)
     second = throttle.acquire("smsc:1", 3, max_wait_s=10)
