@@ -35,9 +35,11 @@ def test_the_benchmark_runs_pipeline_and_baseline_on_the_same_rows_and_prints_it
                     "--baseline-max-s", "60", "--dispatch-interval", "1")
     assert re.search(r"^messages\s+200\s+200\s*$", out, re.M), out
     for label in ("messages/s", "due→provider p50 (s)", "due→provider p99 (s)", "DB statements / message",
-                  "CPU s / 1000 msg, ours", "peak RSS, worker (MB)"):
+                  "CPU s / 1000 msg, ours", "CPU s / 1000 msg, Redis", "CPU s / 1000 msg, all",
+                  "peak RSS, worker (MB)"):
         assert re.search(rf"^{re.escape(label)}\s+\d", out, re.M), f"no {label!r} figure in:\n{out}"
     assert re.search(r"^messages/s\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), "no ratio printed"
+    assert re.search(r"^messages/s \d+ cores allow\s+\d+\s+\d+$", out, re.M), "no ceiling printed"
     assert "SMS_MOBILGROUP_RATE=100000 and SMS_MOBILGROUP_IDENTICAL_S=0" in out
     assert "light load: 20 rows" in out
 
@@ -54,7 +56,7 @@ def test_the_celery_floor_runs_every_task_under_each_event_setting():
     out = run_script("bench/celery_floor.py", "--tasks", "200", "--workers", "1", "--concurrency", "2",
                      "--events", "worker", "none")
     for events in ("worker", "none"):
-        assert re.search(rf"^{events}\s+\d+\s+[\d.]+\s+[\d.]+$", out, re.M), out
+        assert re.search(rf"^{events}\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), out
 
 
 def test_the_astercc_index_is_optional_idempotent_and_removable(db):
