@@ -158,11 +158,19 @@ def publish(broker_url: str, script: str) -> None:
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=120, check=True)
 
 
+WORKER_COMMAND = ["celery", "-A", "tasks", "worker"]
+
+
+def compose_services() -> dict[str, dict]:
+    """The services of docker-compose.yml, as written."""
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
 def compose_worker(service: str) -> list[str]:
     """The options of a worker service's `celery -A tasks worker` command in docker-compose.yml (pool,
     concurrency, queues), for tests that run the workers the deployment runs."""
-    command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][service]["command"]
-    assert command[:4] == ["celery", "-A", "tasks", "worker"], f"{service} is not a dispatcher worker"
+    command = compose_services()[service]["command"]
+    assert command[:4] == WORKER_COMMAND, f"{service} is not a dispatcher worker"
     return command[4:]
 
 

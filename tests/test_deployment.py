@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from sqlalchemy import inspect
 
 import celeryconfig
 from db.engine import engine_for
 from settings import ConfigError, load_settings
-from tests.conftest import ROOT, app_env, compose_worker
+from tests.conftest import ROOT, WORKER_COMMAND, app_env, compose_services, compose_worker
 
 
 def test_a_bad_value_names_its_variable(monkeypatch):
@@ -81,9 +80,8 @@ def test_compose_accepts_the_compose_file(tmp_path):
 def test_the_compose_workers_consume_every_queue():
     """A queue that no worker consumes is a provider whose messages wait for ever (with every profile on:
     smsc.ru's worker comes with `--profile smsc`, like its receiver)."""
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    workers = [name for name, service in services.items() if service.get("command", [])[:4] == [
-        "celery", "-A", "tasks", "worker"]]
+    services = compose_services()
+    workers = [name for name, service in services.items() if service.get("command", [])[:4] == WORKER_COMMAND]
     consumed = set()
     for name in workers:
         options = compose_worker(name)
