@@ -1,9 +1,9 @@
 """Engines and the database clock.
 
 `engine_for(url)` gives one engine per URL per process, made safe across `fork()` (Celery's prefork pool
-forks after the parent may have connected). `db_now()` and `db_now_plus(seconds)` are SQL expressions for
-the database's own clock: due-ness, leases and poll times are judged by it, never by a worker's clock,
-because asterCC writes local times and workers may run elsewhere with skewed clocks.
+forks after the parent may have connected). `db_now()`, `db_now_plus(seconds)` and `seconds_since(column)`
+are SQL expressions for the database's own clock: due-ness, leases and poll times are judged by it, never by
+a worker's clock, because asterCC writes local times and workers may run elsewhere with skewed clocks.
 """
 from __future__ import annotations
 
@@ -110,3 +110,22 @@ def _now_default(element, compiler, **kw):
 def _now_sqlite(element, compiler, **kw):
     # asterCC's times are local; SQLite's 'now' is UTC unless asked for 'localtime'.
     return f"datetime('now', 'localtime', {compiler.process(element.clauses, **kw)} || ' seconds')"
+
+
+class seconds_since(FunctionElement):  # noqa: N801 - reads as a SQL function
+    """Whole seconds from a (local) time column to the database's now; NULL when the column is."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(seconds_since)
+def _seconds_since_default(element, compiler, **kw):
+    return f"TIMESTAMPDIFF(SECOND, {compiler.process(element.clauses, **kw)}, NOW())"
+
+
+@compiles(seconds_since, "sqlite")
+def _seconds_since_sqlite(element, compiler, **kw):
+    # Both sides read as UTC by strftime('%s'): 'localtime' shifts now to the wall clock the column holds.
+    return (f"CAST(strftime('%s', 'now', 'localtime') AS INTEGER)"
+            f" - CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER)")

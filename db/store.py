@@ -19,10 +19,10 @@ from typing import Iterable
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import OperationalError
 
-from .engine import db_now, db_now_plus
+from .engine import db_now, db_now_plus, seconds_since
 from .models import (
     ERROR_MSG_MAX,
     RESPONSENOTE_MAX,
@@ -207,18 +207,57 @@ def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
     Returns None when the row is not ours to send now: already sending under a live lease, accepted,
     final, or scheduled for a later retry. That is what makes a redelivered or duplicated task a no-op."""
     with engine.begin() as conn:
-        if not conn.execute(_take_lease(lease_s), {"row_id": row_id}).rowcount:
+        if not _run(conn, _take_lease(lease_s), row_id=row_id).rowcount:
             return None
-        row = conn.execute(_send_job(), {"row_id": row_id}).one_or_none()
+        row = _run(conn, _send_job(), row_id=row_id).one_or_none()
     if row is None:  # asterCC's row vanished under us
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
         return None
-    age = int((row.now - row.first_attempt_at).total_seconds()) if row.first_attempt_at else 0
-    return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, age, row.resends)
+    return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, row.age_s or 0,
+                   row.resends)
 
 
-# The statements of every send are built once (per lease or poll delay) with the row id as a parameter:
-# building a statement costs more CPU than having MariaDB run it.
+# The statements of every send are built once (per lease or poll delay) with the row id as a parameter,
+# and rendered to the driver's SQL once per dialect (`_run`): building a statement, and SQLAlchemy's work
+# on a compiled one at each execution, cost more CPU than having MariaDB run it.
+
+@dataclass(frozen=True)
+class _Rendered:
+    sql: str
+    names: tuple[str, ...]            # the parameters in their order in `sql`
+    fixed: dict[str, object]          # the values the statement carries itself
+
+
+@functools.lru_cache(maxsize=None)
+def _render(statement, dialect) -> _Rendered:
+    """`statement` as the driver's SQL for `dialect`. Only for statements whose parameters and columns the
+    driver takes and gives as they are (no type conversion by SQLAlchemy) and without expanding IN lists:
+    checked here, once, so that a statement changed later fails loudly instead of running differently."""
+    compiled = statement.compile(dialect=dialect)
+    fixed, converted = {}, []
+    for name in compiled.positiontup:
+        bind = compiled.binds[name]
+        convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if not bind.required:  # its value is known now: converted once, here
+            fixed[name] = convert(bind.value) if convert else bind.value
+        elif convert:
+            converted.append(name)
+    converted += [column.name for column in getattr(statement, "selected_columns", ())
+                  if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None]
+    if not compiled.positional or "POSTCOMPILE" in compiled.string or converted:
+        raise ValueError(f"cannot run as rendered SQL on {dialect.name}: {converted or compiled.string}")
+    return _Rendered(compiled.string, tuple(compiled.positiontup), fixed)
+
+
+def _run(conn: Connection, statement, **params) -> CursorResult:
+    """Run a statement built once below with `params` for its named parameters. It goes to the driver as
+    SQL rendered once per dialect, which skips about 0.7 ms of SQLAlchemy's CPU per send (its cache
+    lookup and parameter processing for compiled statements); transactions, pooling and error handling
+    stay SQLAlchemy's."""
+    rendered = _render(statement, conn.dialect)
+    return conn.exec_driver_sql(rendered.sql, tuple(
+        params[name] if name in params else rendered.fixed[name] for name in rendered.names))
+
 
 @functools.lru_cache(maxsize=None)
 def _take_lease(lease_s: int):
@@ -226,7 +265,8 @@ def _take_lease(lease_s: int):
     return (
         update(d)
         .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None), or_(
-            and_(d.state.in_(S.SENDABLE),
+            # Not `in_()`: its list is expanded at each execution, which `_run` does not do.
+            and_(or_(*(d.state == state for state in S.SENDABLE)),
                  or_(d.next_attempt_at.is_(None), d.next_attempt_at <= db_now_plus(2))),
             and_(d.state == S.SENDING, d.lease_until < db_now()),
         ))
@@ -239,7 +279,7 @@ def _take_lease(lease_s: int):
 def _send_job():
     d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
     return (
-        select(d.provider, d.recipient, d.attempts, d.resends, d.first_attempt_at, db_now().label("now"),
+        select(d.provider, d.recipient, d.attempts, d.resends, seconds_since(d.first_attempt_at).label("age_s"),
                arc.c.content)
         .select_from(d.__table__.join(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
@@ -281,10 +321,9 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
                 {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
                 for m in provider_message_ids
             ])
-        done = conn.execute(_accept(poll_after_s), {
-            "row_id": row_id, "p_ids": _cut(",".join(provider_message_ids), 255) or None, "p_parts": parts,
-        }).rowcount
-        conn.execute(_contacted(bool(done)), {"row_id": row_id})
+        done = _run(conn, _accept(poll_after_s), row_id=row_id,
+                    p_ids=_cut(",".join(provider_message_ids), 255) or None, p_parts=parts).rowcount
+        _run(conn, _contacted(bool(done)), row_id=row_id)
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str) -> None:

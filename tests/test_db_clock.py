@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from db.engine import db_now_plus, engine_for
+from db.engine import db_now_plus, engine_for, seconds_since
 
 
 @pytest.mark.parametrize("url_fixture", ["mariadb_url", "sqlite_url"])
@@ -15,6 +15,14 @@ def test_each_offset_is_applied_not_the_first_one_cached(url_fixture, request):
         readings = {s: conn.scalar(select(db_now_plus(s))) for s in (0, -60, 3600, 7)}
     base = readings[0]
     assert {s: round((t - base).total_seconds()) for s, t in readings.items()} == {0: 0, -60: -60, 3600: 3600, 7: 7}
+
+
+@pytest.mark.parametrize("url_fixture", ["mariadb_url", "sqlite_url"])
+def test_seconds_since_counts_whole_seconds_on_the_database_clock(url_fixture, request):
+    engine = engine_for(request.getfixturevalue(url_fixture))
+    with engine.connect() as conn:
+        ages = [conn.scalar(select(seconds_since(db_now_plus(-s)))) for s in (0, 90, 7200)]
+    assert ages == [0, 90, 7200]
 
 
 @pytest.fixture

@@ -74,6 +74,18 @@ def test_transient_failures_end_as_error_with_the_attempt_count_after_the_window
     assert rows_by_id(db)[row]["error_msg"] == "Mobilgroup answered HTTP 503 (gave up after 1 attempts)"
 
 
+def test_the_retry_window_counts_from_the_first_attempt(runtime, sim, db):
+    rt = runtime(retry_window_s=3600, retry_base_s=1, retry_max_s=1)
+    young, old = insert_rows(db, [("+7 916 100-00-05", "hello"), ("+7 916 100-00-06", "hello")])
+    claim(rt)
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET first_attempt_at = NOW() - INTERVAL 2 HOUR"
+                          " WHERE batchcontact_id = :row"), {"row": old})
+    sim.fail_rate = 1.0
+    assert isinstance(workflow.send(rt, young), workflow.Retry)
+    assert workflow.send(rt, old) == "error"
+
+
 def test_a_transient_failure_inside_the_window_is_retried_then_succeeds(runtime, sim, db):
     rt = runtime(retry_base_s=0.1, retry_max_s=0.2)
     (row,) = insert_rows(db, [("+7 916 100-00-04", "hello")])
