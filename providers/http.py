@@ -38,13 +38,22 @@ class HttpClient:
         self.timeout = timeout
         self._own_session = session is None
         self._session = session or requests.Session()
+        self._prepared: dict[tuple, tuple[requests.PreparedRequest, dict]] = {}
 
-    def _request(self, method: str, url: str, **kwargs) -> Answer:
+    def _request(self, method: str, url: str, *, params: Mapping[str, str] | None = None,
+                 data: bytes | Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None) -> Answer:
         """One request, redirects not followed; raises `TransientError` for a timeout, a network failure
-        or an oversized answer."""
+        or an oversized answer. What it sends is what `session.request` would send."""
+        base, settings = self._base(method, url, headers)
+        prepared = base.copy()
+        if params:
+            prepared.prepare_url(url, params)
+        if data is not None:
+            prepared.prepare_body(data, None)
+        if self._session.cookies:
+            prepared.prepare_cookies(self._session.cookies)
         try:
-            with self._session.request(method, url, timeout=self.timeout, allow_redirects=False, stream=True,
-                                       **kwargs) as response:
+            with self._session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings) as response:
                 body = b""
                 for chunk in response.iter_content(8192):
                     body += chunk
@@ -56,6 +65,20 @@ class HttpClient:
         except requests.RequestException as exc:
             # `from None`: the library's message names the URL, and with it possibly a password.
             raise TransientError(f"could not reach {self.label} ({type(exc).__name__})") from None
+
+    def _base(self, method: str, url: str, headers: Mapping[str, str] | None) -> tuple[requests.PreparedRequest, dict]:
+        """The request for `method`, `url` and `headers` as the session prepares it, without body, query or
+        cookies, and the settings the environment gives it; both made once per client. `session.request` redoes
+        that merging of the session's headers, auth, hooks and environment on every call: in a loop against
+        the Mobilgroup simulator, 0.78-0.83 ms of client CPU per request with it, 0.50-0.66 ms without."""
+        key = (method, url, tuple(sorted(headers.items())) if headers else ())
+        made = self._prepared.get(key)
+        if made is None:
+            base = self._session.prepare_request(requests.Request(method, url, headers=headers))
+            base.headers.pop("Cookie", None)  # the jar's current cookies are added per request
+            settings = self._session.merge_environment_settings(base.url, {}, True, None, None)
+            made = self._prepared[key] = (base, settings)
+        return made
 
     def close(self) -> None:
         if self._own_session:

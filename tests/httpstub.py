@@ -13,6 +13,7 @@ class StubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.body, self.status, self.headers = body, status, headers or {}
         self.requests: list[tuple[str, str, bytes]] = []
+        self.request_headers: list[dict[str, str]] = []
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
 
@@ -36,6 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.server.requests.append((self.command, self.path, self.rfile.read(length) if length else b""))
+        self.server.request_headers.append(dict(self.headers.items()))
         self.send_response(self.server.status)
         for name, value in self.server.headers.items():
             self.send_header(name, value)
