@@ -36,7 +36,9 @@ def _enqueue_each(task, ids: list[int], queue: str | None = None) -> None:
     (sends) or the next poll lease (polls) takes them up again, and a task that did arrive twice is a no-op."""
     with app.producer_or_acquire() as producer, producer.batch():
         for row_id in ids:
-            task.apply_async((row_id,), queue=queue, producer=producer)
+            # The arguments as Flower shows them, written out: Celery's own rendering (`saferepr`) took about
+            # a fifth of each publish's CPU (a one-thread loop of 20,000 publishes).
+            task.apply_async((row_id,), queue=queue, producer=producer, argsrepr=f"({row_id},)", kwargsrepr="{}")
 
 
 @app.task(name="sms.dispatch", ignore_result=True)

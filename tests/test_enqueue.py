@@ -4,6 +4,7 @@ import base64
 import json
 
 import redis
+from celery.utils.saferepr import saferepr
 
 from tests.conftest import REDIS_PREFIX, publish
 
@@ -19,3 +20,6 @@ def test_every_row_gets_one_send_task_carrying_only_its_id(redis_url):
     bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
     assert [args for args, kwargs, _ in bodies] == [[i] for i in ids]
     assert all(kwargs == {} for _, kwargs, _ in bodies)
+    # What Flower and the task events show: the same as Celery's own rendering of these arguments.
+    assert [(m["headers"]["argsrepr"], m["headers"]["kwargsrepr"]) for m in messages] == [
+        (saferepr((i,)), saferepr({})) for i in ids]
