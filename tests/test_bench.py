@@ -65,3 +65,36 @@ def test_the_astercc_index_is_optional_idempotent_and_removable(db):
     assert schema.add_astercc_index(db) is False
     assert schema.drop_astercc_index(db) is True
     assert schema.drop_astercc_index(db) is False
+
+
+def test_the_sampler_still_counts_a_pool_process_that_has_exited():
+    """A prefork worker replaces its pool processes; the CPU and peak memory of one that is gone must still
+    be in the figures (its CPU through the parent's count of reaped children, its memory from a sample)."""
+    from bench.e2e import Sampler
+
+    child = ("import multiprocessing, sys, time\n"
+             "def burn():\n"
+             "    block = bytearray(96 * 2**20)\n"
+             "    start = time.process_time()\n"
+             "    while time.process_time() - start < 0.6:\n"
+             "        block[0] = 1\n"
+             "process = multiprocessing.Process(target=burn)\n"
+             "process.start()\n"
+             "process.join()\n"
+             "print('reaped', flush=True)\n"
+             "time.sleep(60)\n")
+    root = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    sampler = Sampler(interval_s=0.1)
+    try:
+        sampler.watch(root.pid, "worker")
+        sampler.start()
+        before = sampler.cpu_total()
+        assert root.stdout.readline().strip() == "reaped"  # bounded: the child stops after 0.6 s of CPU
+        used = sampler.cpu_total() - before
+    finally:
+        sampler.stop()
+        root.kill()
+        root.wait(timeout=10)
+    assert used >= 0.5, f"only {used:.2f} s of CPU counted"
+    children = [rss for pid, rss in sampler.peak_rss.items() if sampler.role[pid] == "worker child"]
+    assert children and max(children) >= 96 * 2**20, sampler.peak_rss
