@@ -132,8 +132,12 @@ class _Schedule:
 
         Each grant is at least `weight · interval` after the previous one, so the grants before this one
         in any window weigh less than window / interval: with it, at most ceil(window / interval) - 1 +
-        `weight`. (Grants made at a higher rate setting can still be in the window for a second after the
-        rate is lowered; the new rate's spacing applies from the next grant.)"""
+        `weight`. That holds only if every grant in the window was spaced at this interval: after a change
+        of rate (workers restarted with another `SMS_<P>_RATE`, or old and new side by side during a rolling
+        restart), grants made at a higher rate are still in the window for a second. So each store also
+        keeps its account's current *run*, the interval of the latest grants and the slot from which they
+        cover the window (the first grant's, or a window earlier if there was no grant before it), and takes
+        the shortcut only once the run covers the whole window."""
         return math.ceil(self.window_us / self.interval_us) - 1 + self.weight <= self.capacity
 
     @property
@@ -153,7 +157,7 @@ def _permit(wait_us: int, reserved: bool, reason: str) -> Permit:
 
 
 # KEYS: 1 slots (zset: member "slot:weight", score slot), 2 pause, 3 identical mark (read only with an identity),
-#       4 throttled counter.
+#       4 throttled counter, 5 run (hash: interval of the latest grants, start = from when they cover the window).
 # ARGV: 1 interval_us, 2 window_us, 3 capacity, 4 weight, 5 identical_us, 6 max_wait_us, 7 horizon_us,
 #       8 counter ttl s, 9 whether spacing suffices (1/0; see `_Schedule.spacing_suffices`).
 # Returns {wait_us, reserved (0/1), reason}. Numbers are written with %d: tostring() would round them.
@@ -184,9 +188,11 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%d', now - horizon))
 local slot = now
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+local run = redis.call('HMGET', KEYS[5], 'interval', 'start')
+local same_run = tonumber(run[1]) == interval
 if #last > 0 then
   slot = math.max(slot, tonumber(last[2]) + tonumber(string.match(last[1], ':(%d+)$')) * interval)
-  if ARGV[9] == '0' then
+  if ARGV[9] == '0' or not same_run or tonumber(run[2]) > slot - window then
     -- Slots only grow, so each grant that still counts moves the slot to where it leaves the window.
     local grants = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%d', slot - window), '+inf',
                               'WITHSCORES')
@@ -212,6 +218,13 @@ end
 local slot_s = string.format('%d', slot)
 redis.call('ZADD', KEYS[1], slot_s, slot_s .. ':' .. weight)
 redis.call('PEXPIRE', KEYS[1], math.ceil((wait + horizon) / 1000) + 1)
+if not same_run then
+  -- A new run covers the window at once if nothing else is in it; else once the older grants have left it.
+  local start = slot_s
+  if #last == 0 then start = string.format('%d', slot - window) end
+  redis.call('HSET', KEYS[5], 'interval', ARGV[1], 'start', start)
+end
+redis.call('PEXPIRE', KEYS[5], math.ceil((wait + horizon) / 1000) + 1)
 if identical > 0 then
   redis.call('SET', KEYS[3], slot_s, 'PX', math.ceil((wait + identical) / 1000) + 1)
 end
@@ -269,7 +282,7 @@ class RedisThrottle:
         identical_us = _identical_us(identity, identical_s, self._guard_s)
         keys = [self._key(account, "slots"), self._key(account, "pause"),
                 self._key(account, f"same:{identity}") if identity else self._key(account, "same"),
-                self._key(account, "throttled")]
+                self._key(account, "throttled"), self._key(account, "run")]
         args = [schedule.interval_us, schedule.window_us, schedule.capacity, schedule.weight,
                 identical_us, round(max_wait_s * _MICRO), schedule.horizon_us, _COUNTER_TTL_S,
                 int(schedule.spacing_suffices)]
@@ -302,6 +315,7 @@ class LocalThrottle:
     CREATE INDEX IF NOT EXISTS marks_expiry ON marks (expires_us);
     CREATE TABLE IF NOT EXISTS pauses (account TEXT PRIMARY KEY, until_us INTEGER NOT NULL);
     CREATE TABLE IF NOT EXISTS counters (account TEXT PRIMARY KEY, throttled INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS runs (account TEXT PRIMARY KEY, interval_us INTEGER NOT NULL, start_us INTEGER NOT NULL);
     """
 
     def __init__(self, path: str | os.PathLike, *, guard_s: float = GUARD_S, timeout_s: float = 5.0) -> None:
@@ -382,9 +396,11 @@ class LocalThrottle:
         slot = now
         last = db.execute("SELECT slot_us, weight FROM grants WHERE account = ? ORDER BY slot_us DESC LIMIT 1",
                           (account,)).fetchone()
+        run = db.execute("SELECT interval_us, start_us FROM runs WHERE account = ?", (account,)).fetchone()
+        same_run = run is not None and run[0] == schedule.interval_us
         if last:
             slot = max(slot, last[0] + last[1] * schedule.interval_us)
-            if not schedule.spacing_suffices:
+            if not (schedule.spacing_suffices and same_run and run[1] <= slot - schedule.window_us):
                 grants = db.execute("SELECT slot_us, weight FROM grants WHERE account = ? AND slot_us > ? "
                                     "ORDER BY slot_us", (account, slot - schedule.window_us)).fetchall()
                 in_window = sum(weight for _, weight in grants)
@@ -398,6 +414,9 @@ class LocalThrottle:
         if wait > max_wait_us:
             return self._refuse(db, account, slot, "rate")
         db.execute("INSERT INTO grants VALUES (?, ?, ?)", (account, slot, schedule.weight))
+        if not same_run:
+            start = slot if last else slot - schedule.window_us  # as in the Redis script
+            db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?)", (account, schedule.interval_us, start))
         if identical_us:
             db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?, ?, ?)",
                        (account, identity, slot, slot + identical_us))

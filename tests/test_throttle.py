@@ -141,6 +141,27 @@ def test_a_fractional_rate_is_kept_in_every_window(throttle):
     assert slots[-1] - slots[0] <= 1.1 * 11 / 2
 
 
+@pytest.mark.parametrize("history", ["back to back", "after a gap", "side by side"])
+def test_a_lower_rate_holds_from_its_first_grant(throttle, history):
+    # Workers restarted with a lower rate, or a rolling restart with both rates at once, share the last
+    # second's grants with the higher rate: every window that ends at a grant under the lower rate must hold
+    # at most its limit, counting the higher rate's grants too. "After a gap" leaves the higher rate's last
+    # grants bunched at the end of the window, where they stay longest.
+    fast, slow = [], []
+    if history == "after a gap":
+        fast += reserve_all(throttle, 10, [1])
+        time.sleep(0.6)
+        fast += reserve_all(throttle, 10, [1] * 3)
+    else:
+        fast += reserve_all(throttle, 10, [1] * 10)
+    for _ in range(6):
+        slow += reserve_all(throttle, 4, [1])
+        if history == "side by side":
+            fast += reserve_all(throttle, 10, [1])
+    assert max(sum(1 for at in fast + slow if end - 1 < at <= end) for end in slow) <= 4
+    assert largest_window(fast + slow) <= 10
+
+
 def test_a_message_longer_than_the_limit_goes_alone(throttle):
     first = throttle.acquire("smsc:1", 3, cost=7, max_wait_s=10)
     second = throttle.acquire("smsc:1", 3, max_wait_s=10)
