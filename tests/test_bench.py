@@ -72,7 +72,7 @@ def test_the_sampler_still_counts_a_pool_process_that_has_exited():
     be in the figures (its CPU through the parent's count of reaped children, its memory from a sample)."""
     from bench.e2e import Sampler
 
-    child = ("import multiprocessing, sys, time\n"
+    child = ("import multiprocessing, time\n"
              "def burn():\n"
              "    block = bytearray(96 * 2**20)\n"
              "    start = time.process_time()\n"

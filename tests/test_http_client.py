@@ -17,25 +17,29 @@ SHAPES = {
 }
 
 
-def _sessions(url: str):
-    plain = requests.Session()
-    plain.headers["X-Tenant"] = "callcentre"
-    plain.auth = ("user", "secret")
-    return {"runtime's session": http_session(url), "a session with headers and auth": plain}
+def _plain_session(_url: str) -> requests.Session:
+    session = requests.Session()
+    session.headers["X-Tenant"] = "callcentre"
+    session.auth = ("user", "secret")
+    return session
+
+
+SESSIONS = {"runtime's session": http_session, "a session with headers and auth": _plain_session}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("which", ["runtime's session", "a session with headers and auth"])
+@pytest.mark.parametrize("which", SESSIONS)
 def test_each_request_is_what_the_session_itself_would_send(shape, which):
     method, args = SHAPES[shape]["method"], {k: v for k, v in SHAPES[shape].items() if k != "method"}
     with StubServer(b"OK") as stub:
         url = stub.url + "/api"
-        session = _sessions(url)[which]
+        session = SESSIONS[which](url)
         client = HttpClient(timeout=5, session=session)
         for _ in range(2):  # the second request reuses what the first prepared
             answer = client._request(method, url, **args)
             assert (answer.status, answer.body) == (200, b"OK")
         session.request(method, url, timeout=5, allow_redirects=False, **args).close()
+        session.close()
     first, second, theirs = stub.requests
     assert first == second == theirs
     assert stub.request_headers[0] == stub.request_headers[1] == stub.request_headers[2]
@@ -60,6 +64,7 @@ def test_cookies_follow_the_session_jar():
 def test_a_proxy_from_the_environment_is_used(monkeypatch):
     with StubServer(b"OK") as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("http_proxy", raising=False)  # the lower-case name would win
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         client = HttpClient(timeout=5)  # its own session, reading the environment as requests does
