@@ -12,7 +12,7 @@ import time
 import redis
 from celery import Celery
 
-from tests.conftest import REDIS_PREFIX, idle_worker_env, publish, wait_until
+from tests.conftest import REDIS_PREFIX, idle_worker_env, insert_rows, publish, wait_until
 
 TASKS = 60
 EVENTS = ("task-received", "task-started", "task-succeeded")
@@ -104,3 +104,20 @@ def test_a_stopped_worker_still_sends_its_last_tasks_events(db, mariadb_url, red
         control.close()
 
     assert len(_task_ids(tap, "task-succeeded")) == TASKS
+
+
+def test_flower_links_each_send_to_the_dispatch_that_made_it(db, mariadb_url, redis_url, celery):
+    ids = insert_rows(db, [(f"+7 916 100-00-0{i}", "hello") for i in range(3)])
+    with EventTap(redis_url) as tap:
+        worker = celery("worker", idle_worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "4")
+        wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
+        publish(redis_url, "from tasks.jobs import dispatch; dispatch.delay()")
+        wait_until(lambda: len({e["uuid"] for e in tap.events("task-received") if e["name"] == "sms.send"}) == 3,
+                   60, what="the dispatch's three sends to arrive")
+        worker.stop()
+
+    received = tap.events("task-received")
+    (dispatch,) = [e for e in received if e["name"] == "sms.dispatch"]
+    sends = {e["uuid"]: e for e in received if e["name"] == "sms.send"}.values()
+    assert sorted(e["args"] for e in sends) == [f"({i},)" for i in ids]
+    assert {(e["parent_id"], e["root_id"]) for e in sends} == {(dispatch["uuid"], dispatch["uuid"])}
