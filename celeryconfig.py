@@ -58,9 +58,10 @@ result_backend = None
 # makes the redelivery harmless.
 task_acks_late = True
 task_reject_on_worker_lost = True
-# Sends are I/O-bound and may wait for a rate-limit slot: take one message at a time so that a backlog
-# spreads over every worker instead of piling up in one worker's prefetch.
-worker_prefetch_multiplier = 1
+# A worker holds at most two messages per pool slot, and asks for more once it holds one or fewer per slot
+# (`redis_transport`: the refill then comes in one batch): every slot stays busy while a backlog lasts, and a
+# backlog still spreads over every worker instead of piling up in one worker's prefetch.
+worker_prefetch_multiplier = 2
 worker_max_tasks_per_child = 10_000
 
 # Events on, so Flower shows every task by its readable name (arguments are row ids only).

@@ -1,10 +1,13 @@
-"""The Redis broker transport that keeps one command client per channel (`redis_transport.py`).
+"""The Redis broker transport that keeps one command client per channel and takes messages in batches
+(`redis_transport.py`).
 
 Against the real Redis: it must speak kombu's own format (a worker on the stock transport and one on ours
-share a queue during an upgrade), and keep publishing across what replaces kombu's connection pool.
+share a queue during an upgrade), keep publishing across what replaces kombu's connection pool, and take
+messages off a queue in kombu's order, within the prefetch window, in fewer round trips than messages.
 """
 import pytest
-from kombu import Connection
+import redis
+from kombu import Connection, Queue
 
 from tests.conftest import REDIS_PREFIX
 
@@ -50,3 +53,74 @@ def test_one_client_per_channel_rebuilt_when_kombu_replaces_the_pool(redis_url):
         assert [queue.get(timeout=5).payload for _ in range(3)] == ["a", "b", "c"]
         queue.close()
 
+
+
+def _pops(client: redis.Redis) -> int:
+    """Blocking pops the Redis server has answered so far (every client's)."""
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{command}", {}).get("calls", 0) for command in ("brpop", "blmpop"))
+
+
+@pytest.mark.parametrize("publisher", [OURS, None], ids=["ours->ours", "stock->ours"])
+def test_a_busy_consumer_refills_its_window_in_batches(redis_url, publisher):
+    """As a worker's loop: it takes messages while the channel lets it, else its pool finishes the oldest
+    task held (an acknowledgement). Every message arrives once and in order, never more than the window at
+    a time, and the refills come in batches rather than one pop per message (kombu's own: one per message)."""
+    window, count = 8, 200
+    client = redis.Redis.from_url(redis_url)
+    held, seen, most_held = [], [], 0
+
+    def on_message(body, message):
+        nonlocal most_held
+        held.append(message)
+        seen.append(body["n"])
+        most_held = max(most_held, len(held))
+
+    with _connection(redis_url, publisher) as out, Connection(
+            redis_url, transport=OURS,
+            transport_options={"global_keyprefix": REDIS_PREFIX, "ack_emulation": False}) as into:
+        queue = Queue("transport-batch-test")
+        with out.Producer() as producer:
+            for n in range(count):
+                producer.publish({"n": n}, routing_key=queue.name, declare=[queue], serializer="json")
+        pops_before = _pops(client)
+        with into.Consumer(queue, callbacks=[on_message], prefetch_count=window):
+            qos = into.default_channel.qos
+            while len(seen) < count:
+                if qos.can_consume():
+                    into.drain_events(timeout=5)
+                else:
+                    held.pop(0).ack()
+        pops = _pops(client) - pops_before
+        while held:
+            held.pop(0).ack()
+        queue(into.default_channel).delete()
+    client.close()
+
+    assert seen == list(range(count))
+    assert most_held <= window
+    assert pops <= count / 3, f"{pops} pops for {count} messages"
+
+
+def test_messages_held_for_later_do_not_stop_the_refill(redis_url):
+    """Celery widens the window by one for every message it keeps for later (a retry's countdown) and
+    acknowledges none of them for now: the consumer must go on taking messages."""
+    count = 40
+    held = []
+    with Connection(redis_url, transport=OURS,
+                    transport_options={"global_keyprefix": REDIS_PREFIX, "ack_emulation": False}) as conn:
+        queue = Queue("transport-eta-test")
+        with conn.Producer() as producer:
+            for n in range(count):
+                producer.publish({"n": n}, routing_key=queue.name, declare=[queue], serializer="json")
+        with conn.Consumer(queue, callbacks=[lambda body, message: held.append(message)], prefetch_count=8):
+            channel = conn.default_channel
+            while len(held) < count:
+                if not channel.qos.can_consume():
+                    pytest.fail(f"stopped taking messages after {len(held)} held for later")
+                conn.drain_events(timeout=5)
+                channel.basic_qos(prefetch_count=8 + len(held))  # as Celery's increment for each one held
+        for message in held:
+            message.ack()
+        queue(conn.default_channel).delete()
+    assert sorted(m.payload["n"] for m in held) == list(range(count))
