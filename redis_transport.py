@@ -13,7 +13,7 @@ kombu's consumer takes one message per `BRPOP` and one turn of the worker's even
 worker frees one prefetch slot at a time and spends a loop turn and a Redis round trip on every message.
 Here a worker with its acknowledgements kept in memory (ack emulation off, as `celeryconfig` runs it) asks
 for more only once half its prefetch window is free, and then takes up to all the free slots' worth in one
-`BLMPOP` (Redis 7), in the order `BRPOP` would have taken them. The window is never exceeded, and a worker
+`BLMPOP`, in the order `BRPOP` would have taken them (Redis 7; an older server gets kombu's `BRPOP`). The window is never exceeded, and a worker
 that holds nothing asks at once, so a lone message waits no longer.
 
 `celeryconfig` selects this transport for `redis://` brokers (`transport_for`). The messages and keys are
@@ -59,6 +59,7 @@ class HalfWindowQoS(virtual.QoS):
 class Channel(kombu_redis.Channel):
     _command_client = None
     _popping = "BRPOP"
+    _server_pops_many: bool | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -75,9 +76,17 @@ class Channel(kombu_redis.Channel):
             self._command_client = self._create_client()
         yield self._command_client
 
+    def _pops_many(self) -> bool:
+        """Whether the server has BLMPOP (Redis 7); asked once per channel. Older ones get kombu's BRPOP."""
+        if self._server_pops_many is None:
+            with self.conn_or_acquire() as client:
+                major = str(client.info("server").get("redis_version", "0")).split(".")[0]
+            self._server_pops_many = major.isdigit() and int(major) >= 7
+        return self._server_pops_many
+
     def _brpop_start(self, timeout=None):
         free = self.qos.can_consume_max_estimate()
-        if not free or free < 2:
+        if not free or free < 2 or not self._pops_many():
             self._popping = "BRPOP"
             return super()._brpop_start(timeout)
         queues = self._queue_cycle.consume(len(self.active_queues))
