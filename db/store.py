@@ -182,20 +182,44 @@ def count_inflight(engine: Engine) -> int:
                            .where(Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY))))
 
 
+ROUTES_PER_STATEMENT = 512
+"""Rows whose route one UPDATE records: a batch of 500 (the default) in one statement, and 10,000 within
+SQLite's 32,766 parameters per statement."""
+
+
 @retry_lock_conflicts
 def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
     """Record each claimed row's provider and normalised recipient: {row id: (provider, recipient)}."""
     if not routes:
         return
-    d = Dispatch.__table__
-    by_provider: dict[str, dict[int, str]] = {}
+    by_provider: dict[str, list[tuple[int, str]]] = {}
     for row_id, (provider, recipient) in routes.items():
-        by_provider.setdefault(provider, {})[row_id] = recipient
-    # One statement per provider, not one per row (an executemany of UPDATEs is a round trip per row).
+        by_provider.setdefault(provider, []).append((row_id, recipient))
+    # An UPDATE per provider and up to 512 rows, not one per row (an executemany of UPDATEs is a round
+    # trip per row). The rows go in padded to a power of two (the last row repeated, which changes
+    # nothing), so that ten statements, each built and rendered once, serve every batch: building one for
+    # every batch cost more CPU than sending its rows.
     with engine.begin() as conn:
-        for provider, recipients in by_provider.items():
-            conn.execute(update(d).where(d.c.batchcontact_id.in_(list(recipients)))
-                         .values(provider=provider, recipient=case(recipients, value=d.c.batchcontact_id)))
+        for provider, pairs in by_provider.items():
+            for start in range(0, len(pairs), ROUTES_PER_STATEMENT):
+                chunk = pairs[start:start + ROUTES_PER_STATEMENT]
+                size = 1 << (len(chunk) - 1).bit_length()
+                chunk += chunk[-1:] * (size - len(chunk))
+                params = {"provider": provider}
+                for k, (row_id, recipient) in enumerate(chunk):
+                    params[f"i{k}"], params[f"r{k}"] = row_id, recipient
+                _run(conn, _set_routes(size), **params)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_routes(size: int):
+    d = Dispatch.__table__
+    ids = [bindparam(f"i{k}", type_=d.c.batchcontact_id.type) for k in range(size)]
+    return (
+        update(d).where(d.c.batchcontact_id.in_(ids))
+        .values(provider=bindparam("provider"),
+                recipient=case(*((d.c.batchcontact_id == ids[k], bindparam(f"r{k}")) for k in range(size))))
+    )
 
 
 # --- send -----------------------------------------------------------------------------------------
