@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 
 from tests.conftest import REDIS_PREFIX, idle_worker_env, insert_rows, publish, wait_until
+from worker_events import FLUSH_EVERY_S
 
 TASKS = 60
 EVENTS = ("task-received", "task-started", "task-succeeded")
@@ -50,31 +51,35 @@ class EventTap:
         self._client.close()
 
 
-def _enqueue_sends(redis_url: str, first_id: int) -> None:
-    """`TASKS` sends for rows that do not exist: each runs, finds nothing to send and succeeds."""
+def _enqueue_sends(redis_url: str, first_id: int, count: int = TASKS) -> None:
+    """`count` sends for rows that do not exist: each runs, finds nothing to send and succeeds."""
     publish(redis_url, "from tasks.jobs import enqueue_sends; "
-                       f"enqueue_sends(list(range({first_id}, {first_id + TASKS})), 'mobilgroup')")
+                       f"enqueue_sends(list(range({first_id}, {first_id + count})), 'mobilgroup')")
 
 
 def _task_ids(tap: EventTap, kind: str) -> set[str]:
     return {e["uuid"] for e in tap.events(kind)}
 
 
-def test_every_task_event_arrives_in_batches(db, mariadb_url, redis_url, celery):
+def test_every_task_event_arrives_in_batches_one_per_flush_interval(db, mariadb_url, redis_url, celery):
+    tasks = 600
     with EventTap(redis_url) as tap:
         worker = celery("worker", idle_worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
         wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
-        _enqueue_sends(redis_url, first_id=10**9)
-        wait_until(lambda: len(_task_ids(tap, "task-succeeded")) == TASKS, 60, what="every task to succeed")
+        _enqueue_sends(redis_url, first_id=10**9, count=tasks)
+        wait_until(lambda: len(_task_ids(tap, "task-succeeded")) == tasks, 60, what="every task to succeed")
         time.sleep(0.5)  # anything sent late would be counted too
         worker.stop()
 
     received = _task_ids(tap, "task-received")
-    assert len(received) == TASKS
+    assert len(received) == tasks
     assert _task_ids(tap, "task-started") == received == _task_ids(tap, "task-succeeded")
     task_messages = [batch for batch in tap.messages if batch[0]["type"].startswith("task-")]
-    # One publish per event unbatched (180 here); the timer gathers them into a handful.
-    assert len(task_messages) <= TASKS * len(EVENTS) / 6, f"{len(task_messages)} messages for {TASKS} tasks"
+    # One publish per event unbatched (1,800 here), one per 24 events with Celery's own buffer limit (75 or
+    # more); the timer's: one per interval while the tasks ran, give or take its first and last.
+    stamps = [event["timestamp"] for batch in task_messages for event in batch]
+    intervals = (max(stamps) - min(stamps)) / FLUSH_EVERY_S
+    assert len(task_messages) <= intervals + 2, f"{len(task_messages)} messages in {intervals:.1f} intervals"
 
 
 def test_a_stopped_worker_still_sends_its_last_tasks_events(db, mariadb_url, redis_url, celery):
