@@ -13,8 +13,8 @@ kombu's consumer takes one message per `BRPOP` and one turn of the worker's even
 worker frees one prefetch slot at a time and spends a loop turn and a Redis round trip on every message.
 Here a worker with its acknowledgements kept in memory (ack emulation off, as `celeryconfig` runs it) asks
 for more only once half its prefetch window is free, and then takes up to all the free slots' worth in one
-`BLMPOP`, in the order `BRPOP` would have taken them (Redis 7; an older server gets kombu's `BRPOP`). The window is never exceeded, and a worker
-that holds nothing asks at once, so a lone message waits no longer.
+`BLMPOP`, in the order `BRPOP` would have taken them (Redis 7; an older server gets kombu's `BRPOP`). The
+window is never exceeded, and a worker that holds nothing asks at once, so a lone message waits no longer.
 
 `celeryconfig` selects this transport for `redis://` brokers (`transport_for`). The messages and keys are
 kombu's own, so workers on this transport and on the stock one share queues without noticing each other.

@@ -37,11 +37,11 @@ def _enqueue_each(task, ids: list[int], queue: str | None = None) -> None:
     again, and a task that did arrive twice is a no-op.
 
     Each message is made and sent by Celery's message layer (`app.amqp`), the two calls `apply_async` ends
-    in, with what `apply_async` would work out again for every row worked out once: the route (its queue bound
-    to the channel), the parent and root task, the configuration. A publish takes a third of the CPU it
-    took through `apply_async` (a one-thread loop of 20,000), and the dispatch task no longer keeps an
-    `AsyncResult` for every task it sent. Not retried one by one: in a
-    batch, a publish only adds to the pipeline; the batch's flush is what reaches Redis."""
+    in, with what `apply_async` would work out again for every row worked out once: the route (its queue
+    bound to the channel), the parent and root task, the configuration. A publish takes a third of the CPU
+    it took through `apply_async` (a one-thread loop of 20,000), and the dispatch task no longer keeps an
+    `AsyncResult` for every task it sent. Not retried one by one: in a batch, a publish only adds to the
+    pipeline; the batch's flush is what reaches Redis."""
     amqp = app.amqp
     route = amqp.router.route({"queue": queue} if queue else {}, task.name)
     parent = app.current_worker_task
