@@ -9,7 +9,7 @@ import pytest
 import redis
 from kombu import Connection, Queue
 
-from tests.conftest import REDIS_PREFIX
+from tests.conftest import REDIS_PREFIX, idle_worker_env, publish, wait_until
 
 OURS = "redis_transport:Transport"
 
@@ -131,3 +131,25 @@ def test_messages_held_for_later_do_not_stop_the_refill(redis_url):
             message.ack()
         queue(conn.default_channel).delete()
     assert sorted(m.payload["n"] for m in held) == list(range(count))
+
+
+def test_a_worker_goes_on_taking_messages_after_its_redis_connections_are_cut(db, mariadb_url, redis_url, celery):
+    """What a Redis restart does to a busy worker: every connection it has drops mid-batch. It reconnects
+    and drains the queue (sends for rows that do not exist: each finds nothing to do). Only the test
+    database's connections are cut."""
+    queue = f"{REDIS_PREFIX}send.mobilgroup"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        worker = celery("worker", idle_worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
+        publish(redis_url, "from tasks.jobs import enqueue_sends; "
+                           "enqueue_sends(list(range(4 * 10**9, 4 * 10**9 + 3000)), 'mobilgroup')")
+        wait_until(lambda: client.llen(queue) < 2500, 60, interval_s=0.01, what="the worker to start taking sends")
+        own, db = client.client_id(), client.connection_pool.connection_kwargs["db"]
+        theirs = [c["id"] for c in client.client_list() if c["db"] == str(db) and c["id"] != str(own)]
+        assert theirs
+        for client_id in theirs:
+            client.client_kill_filter(_id=client_id)
+        wait_until(lambda: client.llen(queue) == 0, 60, interval_s=0.1, what="the worker to drain the queue")
+        assert "Traceback" not in worker.log()
+    finally:
+        client.close()
