@@ -54,8 +54,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 KEY_PREFIX = "sms:throttle:"
-GUARD_S = 0.03
-"""How much longer than one second the rate window is: the arrival jitter the limit tolerates (~3% rate)."""
+GUARD_S = 0.06
+"""How much longer than one second the rate window is: the arrival jitter the limit tolerates, at about 6% of
+the rate. 30 ms was not enough on a busy 2-core host: in the fleet test run after other tests, sends arrived
+up to about 80 ms off their slots, and 21 or 22 messages reached the provider within one second for a limit
+of 20 in 3 of 7 runs."""
 
 _COUNTER_TTL_S = 7 * 86_400
 _MICRO = 1_000_000
