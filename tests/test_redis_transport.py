@@ -14,8 +14,8 @@ from tests.conftest import REDIS_PREFIX, idle_worker_env, publish, wait_until
 OURS = "redis_transport:Transport"
 
 
-def _connection(url: str, transport: str | None) -> Connection:
-    return Connection(url, transport=transport, transport_options={"global_keyprefix": REDIS_PREFIX})
+def _connection(url: str, transport: str | None, **options) -> Connection:
+    return Connection(url, transport=transport, transport_options={"global_keyprefix": REDIS_PREFIX, **options})
 
 
 @pytest.mark.parametrize("publisher, consumer", [(OURS, None), (None, OURS)], ids=["ours->stock", "stock->ours"])
@@ -78,9 +78,7 @@ def test_a_busy_consumer_refills_its_window_in_batches(redis_url, publisher, ser
         seen.append(body["n"])
         most_held = max(most_held, len(held))
 
-    with _connection(redis_url, publisher) as out, Connection(
-            redis_url, transport=OURS,
-            transport_options={"global_keyprefix": REDIS_PREFIX, "ack_emulation": False}) as into:
+    with _connection(redis_url, publisher) as out, _connection(redis_url, OURS, ack_emulation=False) as into:
         queue = Queue("transport-batch-test")
         with out.Producer() as producer:
             for n in range(count):
@@ -114,8 +112,7 @@ def test_messages_held_for_later_do_not_stop_the_refill(redis_url):
     acknowledges none of them for now: the consumer must go on taking messages."""
     count = 40
     held = []
-    with Connection(redis_url, transport=OURS,
-                    transport_options={"global_keyprefix": REDIS_PREFIX, "ack_emulation": False}) as conn:
+    with _connection(redis_url, OURS, ack_emulation=False) as conn:
         queue = Queue("transport-eta-test")
         with conn.Producer() as producer:
             for n in range(count):
