@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 
 from tests.conftest import REDIS_PREFIX, idle_worker_env, insert_rows, publish, wait_until
-from worker_events import FLUSH_EVERY_S
+from worker_events import BUFFER_LIMIT, FLUSH_EVERY_S
 
 TASKS = 60
 EVENTS = ("task-received", "task-started", "task-succeeded")
@@ -62,7 +62,7 @@ def _task_ids(tap: EventTap, kind: str) -> set[str]:
 
 
 def test_every_task_event_arrives_in_batches_one_per_flush_interval(db, mariadb_url, redis_url, celery):
-    tasks = 600
+    tasks = 300  # 900 events, fewer than BUFFER_LIMIT: only the timer and the worker's stop publish them
     with EventTap(redis_url) as tap:
         worker = celery("worker", idle_worker_env(mariadb_url, redis_url), "-P", "threads", "-c", "8")
         wait_until(lambda: tap.events("worker-online"), 60, what="the worker to come online")
@@ -75,8 +75,9 @@ def test_every_task_event_arrives_in_batches_one_per_flush_interval(db, mariadb_
     assert len(received) == tasks
     assert _task_ids(tap, "task-started") == received == _task_ids(tap, "task-succeeded")
     task_messages = [batch for batch in tap.messages if batch[0]["type"].startswith("task-")]
-    # One publish per event unbatched (1,800 here), one per 24 events with Celery's own buffer limit (75 or
+    # One publish per event unbatched (900 here), one per 24 events with Celery's own buffer limit (38 or
     # more); the timer's: one per interval while the tasks ran, give or take its first and last.
+    assert tasks * len(EVENTS) < BUFFER_LIMIT
     stamps = [event["timestamp"] for batch in task_messages for event in batch]
     intervals = (max(stamps) - min(stamps)) / FLUSH_EVERY_S
     assert len(task_messages) <= intervals + 2, f"{len(task_messages)} messages in {intervals:.1f} intervals"
