@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Index, inspect, text
+from sqlalchemy import Index, MetaData, inspect, text
 from sqlalchemy.engine import Engine
 
 from .models import AsterccBase
@@ -80,8 +80,7 @@ def add_astercc_index(engine: Engine) -> bool:
     it again (add it again; this is idempotent)."""
     if _has_due_index(engine):
         return False
-    table = AsterccBase.metadata.tables["cc10_batchcontacts"]
-    Index(ASTERCC_DUE_INDEX, table.c.status, table.c.schedulertime).create(engine)
+    _due_index().create(engine)
     return True
 
 
@@ -89,9 +88,15 @@ def drop_astercc_index(engine: Engine) -> bool:
     """Remove `ASTERCC_DUE_INDEX` again; False if it was not there."""
     if not _has_due_index(engine):
         return False
-    table = AsterccBase.metadata.tables["cc10_batchcontacts"]
-    Index(ASTERCC_DUE_INDEX, table.c.status, table.c.schedulertime).drop(engine)
+    _due_index().drop(engine)
     return True
+
+
+def _due_index() -> Index:
+    # On a copy of the table: an Index attaches itself to its table, and one left on the models' metadata
+    # would be created by every later `create_astercc` on SQLite (twice after two calls: "already exists").
+    table = AsterccBase.metadata.tables["cc10_batchcontacts"].to_metadata(MetaData())
+    return Index(ASTERCC_DUE_INDEX, table.c.status, table.c.schedulertime)
 
 
 def _has_due_index(engine: Engine) -> bool:
