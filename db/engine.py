@@ -1,7 +1,8 @@
 """Engines and the database clock.
 
 `engine_for(url)` gives one engine per URL per process, made safe across `fork()` (Celery's prefork pool
-forks after the parent may have connected). `db_now()`, `db_now_plus(seconds)` and `seconds_since(column)`
+forks after the parent may have connected); `autocommit_twin(engine)` the same database without transactions,
+for the send's statements. `db_now()`, `db_now_plus(seconds)` and `seconds_since(column)`
 are SQL expressions for the database's own clock: due-ness, leases and poll times are judged by it, never by
 a worker's clock, because asterCC writes local times and workers may run elsewhere with skewed clocks.
 """
@@ -28,6 +29,7 @@ fail on its next statement as on a ping (a MariaDB restart breaks busy connectio
 statement's error then invalidates the pool)."""
 
 _engines: dict[str, Engine] = {}
+_twins: dict[Engine, Engine] = {}
 _lock = threading.Lock()
 
 
@@ -40,9 +42,30 @@ def engine_for(url: str) -> Engine:
         return engine
 
 
-def _create(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60})
+def autocommit_twin(engine: Engine) -> Engine:
+    """An engine on `engine`'s database, with a pool of its own, whose connections commit every statement as
+    it runs and go back to the pool without a ROLLBACK; disposed with `engine`.
+
+    For work that is one statement, or a few sent together with their own `START TRANSACTION … COMMIT`
+    (`db.store`): a transaction of `engine` ends in a COMMIT, or after a read in a ROLLBACK, and each is one
+    more round trip to the server. A send has several of these; each costs both processes CPU (two system
+    calls and a thread switch under the GIL on our side)."""
+    twin = _twins.get(engine)
+    if twin is None:
+        with _lock:
+            twin = _twins.get(engine)
+            if twin is None:
+                twin = _twins[engine] = _create(engine.url, autocommit=True)
+                event.listen(engine, "engine_disposed", lambda _engine: twin.dispose())
+    return twin
+
+
+def _create(url, autocommit: bool = False) -> Engine:
+    # skip_autocommit_rollback: without it SQLAlchemy still sends a ROLLBACK, which autocommit makes a no-op,
+    # whenever a connection of the autocommit twin is closed.
+    isolation = {"isolation_level": "AUTOCOMMIT", "skip_autocommit_rollback": True} if autocommit else {}
+    if str(url).startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60}, **isolation)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         # pool_recycle: MariaDB closes idle connections after wait_timeout; the ping of idle connections
@@ -54,7 +77,7 @@ def _create(url: str) -> Engine:
         # same moment; connections open on demand, so a prefork child still holds one. Overflow connections
         # would be closed and reopened on every check-in under load.
         engine = create_engine(url, pool_recycle=1800, pool_size=DB_POOL_SIZE, max_overflow=0,
-                               pool_reset_on_return=None)
+                               pool_reset_on_return=None, **isolation)
         event.listen(engine, "checkout", _ping_if_idle)
         event.listen(engine, "checkin", _note_return)
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
@@ -110,6 +133,24 @@ def _now_default(element, compiler, **kw):
 def _now_sqlite(element, compiler, **kw):
     # asterCC's times are local; SQLite's 'now' is UTC unless asked for 'localtime'.
     return f"datetime('now', 'localtime', {compiler.process(element.clauses, **kw)} || ' seconds')"
+
+
+class changed_before(FunctionElement):  # noqa: N801 - reads as a SQL function
+    """How many rows the previous statement of this connection changed (MariaDB's `ROW_COUNT()`, SQLite's
+    `changes()`): a statement can depend on the one just before it in the same transaction."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(changed_before)
+def _changed_before_default(element, compiler, **kw):
+    return "ROW_COUNT()"
+
+
+@compiles(changed_before, "sqlite")
+def _changed_before_sqlite(element, compiler, **kw):
+    return "changes()"
 
 
 class seconds_since(FunctionElement):  # noqa: N801 - reads as a SQL function

@@ -20,9 +20,9 @@ from typing import Iterable
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from .engine import db_now, db_now_plus, seconds_since
+from .engine import autocommit_twin, changed_before, db_now, db_now_plus, seconds_since
 from .models import (
     ERROR_MSG_MAX,
     RESPONSENOTE_MAX,
@@ -226,19 +226,19 @@ def _set_routes(size: int):
 
 @retry_lock_conflicts
 def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
-    """Take the send lease on a row (compare-and-set) and load what the send needs.
+    """Take the send lease on a row (compare-and-set) and load what the send needs, in one transaction (one
+    round trip on MariaDB: `_in_one_trip`).
 
     Returns None when the row is not ours to send now: already sending under a live lease, accepted,
     final, or scheduled for a later retry. That is what makes a redelivered or duplicated task a no-op."""
-    with engine.begin() as conn:
-        if not _run(conn, _take_lease(lease_s), row_id=row_id).rowcount:
-            return None
-        row = _run(conn, _send_job(), row_id=row_id).one_or_none()
-    if row is None:  # asterCC's row vanished under us
+    (taken, _), (_, rows) = _in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id)
+    if not taken:
+        return None
+    provider, recipient, attempts, resends, age_s, astercc_id, content = rows[0]
+    if astercc_id is None:  # asterCC's row vanished under us
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
         return None
-    return SendJob(row_id, row.provider, row.recipient or "", row.content, row.attempts, row.age_s or 0,
-                   row.resends)
+    return SendJob(row_id, provider, recipient or "", content, attempts, age_s or 0, resends)
 
 
 # The statements of every send are built once (per lease or poll delay) with the row id as a parameter,
@@ -248,8 +248,12 @@ def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
 @dataclass(frozen=True)
 class _Rendered:
     sql: str
-    names: tuple[str, ...]            # the parameters in their order in `sql`
-    fixed: dict[str, object]          # the values the statement carries itself
+    # One per parameter of `sql`, in order: the caller's name for it, or None and the value the statement
+    # carries itself.
+    slots: tuple[tuple[str | None, object], ...]
+
+    def values(self, params: dict) -> tuple:
+        return tuple(value if name is None else params[name] for name, value in self.slots)
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,19 +262,21 @@ def _render(statement, dialect) -> _Rendered:
     driver takes and gives as they are (no type conversion by SQLAlchemy) and without expanding IN lists:
     checked here, once, so that a statement changed later fails loudly instead of running differently."""
     compiled = statement.compile(dialect=dialect)
-    fixed, converted = {}, []
+    slots, converted = [], []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
         convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if not bind.required:  # its value is known now: converted once, here
-            fixed[name] = convert(bind.value) if convert else bind.value
-        elif convert:
+            slots.append((None, convert(bind.value) if convert else bind.value))
+            continue
+        slots.append((name, None))
+        if convert:
             converted.append(name)
     converted += [column.name for column in getattr(statement, "selected_columns", ())
                   if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None]
     if not compiled.positional or "POSTCOMPILE" in compiled.string or converted:
         raise ValueError(f"cannot run as rendered SQL on {dialect.name}: {converted or compiled.string}")
-    return _Rendered(compiled.string, tuple(compiled.positiontup), fixed)
+    return _Rendered(compiled.string, tuple(slots))
 
 
 def _run(conn: Connection, statement, **params) -> CursorResult:
@@ -279,8 +285,54 @@ def _run(conn: Connection, statement, **params) -> CursorResult:
     cache lookup and parameter processing for compiled statements); transactions, pooling and error
     handling stay SQLAlchemy's."""
     rendered = _render(statement, conn.dialect)
-    return conn.exec_driver_sql(rendered.sql, tuple(
-        params[name] if name in params else rendered.fixed[name] for name in rendered.names))
+    return conn.exec_driver_sql(rendered.sql, rendered.values(params))
+
+
+@functools.lru_cache(maxsize=None)
+def _transaction_packet(statements: tuple, dialect) -> _Rendered:
+    parts = [_render(statement, dialect) for statement in statements]
+    return _Rendered("; ".join(["START TRANSACTION", *(part.sql for part in parts), "COMMIT"]),
+                     sum((part.slots for part in parts), ()))
+
+
+def _in_one_trip(engine: Engine, statements: tuple, **params) -> list[tuple[int, list[tuple]]]:
+    """Run `statements` (built once below) with `params` as one transaction; returns each one's row count
+    and rows. On MariaDB the transaction goes to the server as one packet of statements (mysqlclient allows
+    several per query), on a connection of `autocommit_twin` so that the packet's own `START TRANSACTION …
+    COMMIT` is the only transaction: one round trip instead of one per statement and one for the COMMIT.
+
+    The packet is run on the driver's cursor: SQLAlchemy reads only a query's first result, and an error in
+    a later statement surfaces when it closes the cursor, where it only logs it. Errors are raised as
+    SQLAlchemy's (`DBAPIError.instance`), as every other statement's are."""
+    if engine.dialect.name != "mysql":
+        with engine.begin() as conn:
+            results = [_run(conn, statement, **params) for statement in statements]
+            return [(r.rowcount, r.fetchall() if r.returns_rows else []) for r in results]
+    with autocommit_twin(engine).connect() as conn:
+        packet = _transaction_packet(statements, conn.dialect)
+        values = packet.values(params)
+        dbapi, connection = conn.dialect.loaded_dbapi, conn.connection.dbapi_connection
+        cursor = None
+        try:
+            cursor = connection.cursor()
+            cursor.execute(packet.sql, values)  # START TRANSACTION's result
+            results = []
+            for _ in statements:
+                cursor.nextset()
+                results.append((cursor.rowcount, list(cursor.fetchall())))
+            cursor.close()  # reads COMMIT's result
+            return results
+        except BaseException as exc:
+            # The server stops a packet at its first failing statement, which leaves the transaction open on
+            # this connection. Closing the connection makes the server roll it back; a retry starts afresh.
+            conn.invalidate()
+            if isinstance(exc, dbapi.Error):
+                # `connection_invalidated` tells callers the connection was lost (a restart), as SQLAlchemy's own
+                # errors do; dropping it here was only a precaution.
+                lost = conn.dialect.is_disconnect(exc, connection, cursor)
+                raise DBAPIError.instance(packet.sql, values, exc, dbapi.Error, connection_invalidated=lost,
+                                          dialect=conn.dialect) from exc
+            raise
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,8 +356,8 @@ def _send_job():
     d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
     return (
         select(d.provider, d.recipient, d.attempts, d.resends, seconds_since(d.first_attempt_at).label("age_s"),
-               arc.c.content)
-        .select_from(d.__table__.join(bc, bc.c.id == d.batchcontact_id)
+               bc.c.id.label("astercc_id"), arc.c.content)
+        .select_from(d.__table__.outerjoin(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
         .where(d.batchcontact_id == bindparam("row_id"))
     )
@@ -323,11 +375,23 @@ def _accept(poll_after_s: int | None):
 
 
 @functools.lru_cache(maxsize=None)
-def _contacted(success: bool):
-    values = {"contacttime": db_now()}
-    if success:
-        values.update(status="success", error_msg="")
-    return update(BatchContact).where(BatchContact.id == bindparam("row_id")).values(**values)
+def _contacted():
+    """asterCC's side of `_accept`, right after it: `success` only if that UPDATE took the row, else (a
+    report came first and set the outcome) just the contact time."""
+    bc = BatchContact
+    took = changed_before() > 0
+    return (update(bc).where(bc.id == bindparam("row_id"))
+            .values(contacttime=db_now(), status=case((took, "success"), else_=bc.status),
+                    error_msg=case((took, ""), else_=bc.error_msg)))
+
+
+@functools.lru_cache(maxsize=None)
+def _index_ids(count: int):
+    """File `count` provider ids (`m0`, `m1`, …) under the row (`row_id`, `provider`), keeping an existing
+    entry."""
+    return (insert(MessageId).prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
+            .values([{"provider": bindparam("provider"), "provider_message_id": bindparam(f"m{k}"),
+                      "batchcontact_id": bindparam("row_id")} for k in range(count)]))
 
 
 @retry_lock_conflicts
@@ -338,16 +402,12 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
     them finds its row (a statement per message saved for providers whose reports carry our reference).
 
     A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
-    and only `contacttime` is filled in."""
-    with engine.begin() as conn:
-        if index_ids and provider_message_ids:
-            conn.execute(_insert_ignore(MessageId, conn.dialect.name), [
-                {"provider": provider, "provider_message_id": m, "batchcontact_id": row_id}
-                for m in provider_message_ids
-            ])
-        done = _run(conn, _accept(poll_after_s), row_id=row_id,
-                    p_ids=_cut(",".join(provider_message_ids), 255) or None, p_parts=parts).rowcount
-        _run(conn, _contacted(bool(done)), row_id=row_id)
+    and only `contacttime` is filled in. One transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    indexed = provider_message_ids if index_ids else []
+    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s), _contacted())
+    _in_one_trip(engine, statements, row_id=row_id, provider=provider, p_parts=parts,
+                 p_ids=_cut(",".join(provider_message_ids), 255) or None,
+                 **{f"m{k}": m for k, m in enumerate(indexed)})
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str) -> None:

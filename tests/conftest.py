@@ -62,6 +62,16 @@ def db(mariadb_url):
 
 
 @pytest.fixture
+def sqlite_db(tmp_path):
+    """An SQLite database (the embedded default) with asterCC's tables and ours."""
+    engine = engine_for(f"sqlite:///{tmp_path / 'sms.db'}")
+    schema.create_astercc(engine)
+    schema.upgrade(str(engine.url))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def redis_url():
     """Redis for broker and throttle; this session's keys are removed before and after the test."""
     client = redis.Redis.from_url(REDIS, socket_timeout=5)
@@ -91,6 +101,31 @@ def insert_rows(engine, rows, schedule_sql: str = "'0000-00-00 00:00:00'") -> li
                 f" created) VALUES (:a, :t, 'new', {schedule_sql}, 'agent', NOW())"),
                 {"a": archive, "t": target}).lastrowid)
     return ids
+
+
+@contextmanager
+def deadlocks(engine, table: str, times: int):
+    """MariaDB itself answers the next `times` UPDATEs of `table` with a deadlock error (errno 1213), from
+    a trigger: a real deadlock between two sends cannot be timed in a test. The countdown table is MyISAM
+    so that the victim's rollback does not undo it. Yields a function that tells how many are left."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE test_deadlocks (n INT NOT NULL) ENGINE=MyISAM"))
+        conn.execute(text("INSERT INTO test_deadlocks VALUES (:n)"), {"n": times})
+        conn.execute(text(
+            f"CREATE TRIGGER test_deadlock BEFORE UPDATE ON {table} FOR EACH ROW BEGIN"
+            " IF (SELECT n FROM test_deadlocks) > 0 THEN UPDATE test_deadlocks SET n = n - 1;"
+            " SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'Deadlock found (test)'; END IF; END"))
+
+    def left() -> int:
+        with engine.connect() as conn:
+            return conn.scalar(text("SELECT n FROM test_deadlocks"))
+
+    try:
+        yield left
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS test_deadlock"))
+            conn.execute(text("DROP TABLE IF EXISTS test_deadlocks"))
 
 
 def rows_by_id(engine) -> dict[int, dict]:

@@ -8,18 +8,8 @@ from datetime import datetime
 import pytest
 from sqlalchemy import insert, select
 
-from db import schema, store
-from db.engine import engine_for
+from db import store
 from db.models import Dispatch
-
-
-@pytest.fixture
-def sqlite_db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'routes.db'}"
-    schema.upgrade(url)
-    engine = engine_for(url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.mark.parametrize("engine_fixture", ["db", "sqlite_db"])

@@ -3,7 +3,6 @@ simulator: what an operator sees in asterCC after each kind of trouble."""
 from __future__ import annotations
 
 import multiprocessing
-from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import text
@@ -15,7 +14,7 @@ from settings import load_settings
 from simulators.mobilgroup import MobilgroupSimulator
 from tasks import workflow
 from tasks.runtime import Runtime
-from tests.conftest import REDIS_PREFIX, insert_rows, kill_connections, rows_by_id, started
+from tests.conftest import REDIS_PREFIX, deadlocks, insert_rows, kill_connections, rows_by_id, started
 
 pytestmark = pytest.mark.integration
 
@@ -203,31 +202,6 @@ def test_an_accepted_send_is_recorded_through_a_database_hiccup(runtime, sim, db
     assert len(sim.events("send")) == 1
 
 
-@contextmanager
-def deadlocks(engine, table: str, times: int):
-    """MariaDB itself answers the next `times` UPDATEs of `table` with a deadlock error (errno 1213), from
-    a trigger: a real deadlock between two sends cannot be timed in a test. The countdown table is MyISAM
-    so that the victim's rollback does not undo it. Yields a function that tells how many are left."""
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE test_deadlocks (n INT NOT NULL) ENGINE=MyISAM"))
-        conn.execute(text("INSERT INTO test_deadlocks VALUES (:n)"), {"n": times})
-        conn.execute(text(
-            f"CREATE TRIGGER test_deadlock BEFORE UPDATE ON {table} FOR EACH ROW BEGIN"
-            " IF (SELECT n FROM test_deadlocks) > 0 THEN UPDATE test_deadlocks SET n = n - 1;"
-            " SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'Deadlock found (test)'; END IF; END"))
-
-    def left() -> int:
-        with engine.connect() as conn:
-            return conn.scalar(text("SELECT n FROM test_deadlocks"))
-
-    try:
-        yield left
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER IF EXISTS test_deadlock"))
-            conn.execute(text("DROP TABLE IF EXISTS test_deadlocks"))
-
-
 def test_a_send_picked_as_deadlock_victim_goes_ahead(runtime, sim, db):
     """Under load InnoDB picks a send's lease update as a deadlock victim now and then (seen in
     bench/e2e.py); the send must run again at once, not fail its task and wait ten minutes for the reaper."""
@@ -256,16 +230,18 @@ def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, s
     dead. Nothing was sent yet, so it is retried in seconds on a new connection, not left to the reaper."""
     monkeypatch.setattr(db_engine, "PING_IDLE_S", 3600.0)
     rt = runtime()
-    (row,) = insert_rows(db, [("+7 916 100-00-13", "hello")])
+    earlier, row = insert_rows(db, [("+7 916 100-00-14", "before"), ("+7 916 100-00-13", "hello")])
     claim(rt)
+    assert workflow.send(rt, earlier) == "accepted"  # the sends' connection is pooled now
     kill_connections(mariadb_url)
 
     outcome = workflow.send(rt, row)
     assert outcome == workflow.Retry(workflow.RECONNECT_RETRY_S,
                                      "the database connection was lost; trying again on a new one")
-    assert not sim.events("send")
+    assert len(sim.events("send")) == 1
     assert workflow.send(rt, row) == "accepted"
-    assert rows_by_id(db)[row]["status"] == "success" and len(sim.events("send")) == 1
+    db.dispose()  # the test's own pooled connection was killed too, and nothing pings it
+    assert rows_by_id(db)[row]["status"] == "success" and len(sim.events("send")) == 2
 
 
 def test_rows_whose_dispatch_died_between_claim_and_route_are_routed_by_the_reaper(runtime, sim, db):

@@ -1,0 +1,96 @@
+"""The send's own reads and writes (`db.store.begin_send`, `db.store.record_accepted`), on MariaDB, where each
+goes to the server as one packet of statements, and on SQLite (the embedded default): what asterCC shows
+afterwards, and that a packet that fails part-way leaves nothing half done."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from db import store
+from db.models import BatchContact, BatchContactArchive, Dispatch, MessageId
+from tests.conftest import deadlocks
+
+LEASE_S = 300
+
+
+@pytest.fixture(params=["db", "sqlite_db"])
+def engine(request):
+    return request.getfixturevalue(request.param)
+
+
+def due_row(engine, target: str = "+7 916 100-00-01", body: str = "hello") -> int:
+    """An asterCC row that fell due a minute ago, claimed and routed to Mobilgroup as a dispatch tick does."""
+    with engine.begin() as conn:
+        archive = conn.execute(insert(BatchContactArchive).values(archivetype="sms", content=body)).inserted_primary_key[0]
+        row_id = conn.execute(insert(BatchContact).values(
+            batchcontact_archive_id=archive, target=target, status="new", creby="agent",
+            schedulertime=datetime.now() - timedelta(minutes=1), created=datetime.now(), error_msg="",
+            responsenote="")).inserted_primary_key[0]
+    claim_and_route(engine)
+    return row_id
+
+
+def claim_and_route(engine) -> None:
+    claimed = store.claim_due(engine, 10)
+    assert claimed, "nothing was due"
+    store.assign_routes(engine, {row.id: ("mobilgroup", "+79161000001") for row in claimed})
+
+
+def state(engine, row_id: int) -> dict:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(BatchContact.status, BatchContact.error_msg, BatchContact.contacttime, Dispatch.state,
+                   Dispatch.attempts, Dispatch.resends, Dispatch.provider_message_id, Dispatch.parts,
+                   Dispatch.poll_at)
+            .join(Dispatch, Dispatch.batchcontact_id == BatchContact.id).where(BatchContact.id == row_id)).one()
+        indexed = conn.scalars(select(MessageId.provider_message_id).where(MessageId.batchcontact_id == row_id)
+                               .order_by(MessageId.provider_message_id)).all()
+    return {**row._asdict(), "indexed": indexed}
+
+
+def test_a_row_is_taken_once_and_the_provider_s_answer_is_what_asterCC_shows(engine):
+    row_id = due_row(engine, body="Your order is ready")
+
+    job = store.begin_send(engine, row_id, LEASE_S)
+    assert (job.provider, job.recipient, job.text, job.attempts, job.resends) == (
+        "mobilgroup", "+79161000001", "Your order is ready", 1, 0)
+    assert store.begin_send(engine, row_id, LEASE_S) is None, "a second task took a leased row"
+
+    store.record_accepted(engine, row_id, ["m-1", "m-2"], 2, 600, provider="smsc", index_ids=True)
+
+    after = state(engine, row_id)
+    assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "accepted")
+    assert after["contacttime"] is not None and after["poll_at"] is not None
+    assert (after["provider_message_id"], after["parts"], after["indexed"]) == ("m-1,m-2", 2, ["m-1", "m-2"])
+    assert store.begin_send(engine, row_id, LEASE_S) is None, "an accepted row was taken again"
+
+
+def test_a_report_that_arrived_before_the_send_was_recorded_keeps_its_outcome(engine):
+    row_id = due_row(engine)
+    store.begin_send(engine, row_id, LEASE_S)
+    assert store.apply_final_report(engine, row_id, delivered=False, reason="absent subscriber")
+
+    store.record_accepted(engine, row_id, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
+
+    after = state(engine, row_id)
+    assert (after["status"], after["error_msg"], after["state"]) == ("failed", "absent subscriber", "failed")
+    assert after["contacttime"] is not None, "the contact time was not filled in"
+
+
+def test_a_record_that_fails_part_way_leaves_nothing_half_done(db):
+    """MariaDB: the record's statements go as one packet in one transaction. When one after the first fails,
+    the server stops there with the transaction open; the connection must not go back to the pool like that
+    (its next user's START TRANSACTION would commit the half, and the retry would find the row no longer
+    `sending` and leave asterCC without its `success`)."""
+    row_id = due_row(db)
+    store.begin_send(db, row_id, LEASE_S)
+    with deadlocks(db, "cc10_batchcontacts", times=1) as left:
+        store.record_accepted(db, row_id, ["m-1"], 1, 600, provider="mobilgroup", index_ids=False)
+        assert left() == 0, "asterCC's update never failed: the test proved nothing"
+
+    after = state(db, row_id)
+    assert (after["status"], after["state"], after["provider_message_id"]) == ("success", "accepted", "m-1")
+    with db.connect() as conn:
+        assert conn.scalar(text("SELECT COUNT(*) FROM information_schema.INNODB_TRX")) == 0
