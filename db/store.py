@@ -444,6 +444,10 @@ def schedule_retry(engine: Engine, row_id: int, delay_s: float, reason: str, *, 
 
 # --- delivery reports -----------------------------------------------------------------------------
 
+OPEN_TO_REPORTS = (S.ACCEPTED, S.SENDING, S.RETRY)
+"""States a delivery report may move a row out of (forward-only)."""
+
+
 @dataclass(frozen=True)
 class ReportTarget:
     id: int
@@ -456,7 +460,8 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
     latest message this provider sent to `recipient`."""
     d = Dispatch
     query = select(d.batchcontact_id, d.state).where(d.provider == provider)
-    with engine.connect() as conn:
+    # A read of one row per report: on the autocommit twin it needs no ROLLBACK round trip afterwards.
+    with autocommit_twin(engine).connect() as conn:
         if reference is not None:
             row = conn.execute(query.where(d.batchcontact_id == reference)).first()
         elif provider_message_id:
@@ -473,19 +478,33 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
 
 @retry_lock_conflicts
 def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str) -> bool:
-    """Move a row forward to `delivered` or `failed`; False when it was already final (forward-only)."""
-    d = Dispatch
-    with engine.begin() as conn:
-        moved = conn.execute(
-            update(d).where(d.batchcontact_id == row_id, d.state.in_((S.ACCEPTED, S.SENDING, S.RETRY)))
-            .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
-                    last_error=None if delivered else _cut(reason, 255))
-        ).rowcount
-        if moved:
-            values = {"status": "success"} if delivered else {"status": "failed",
-                                                             "error_msg": _cut(reason, ERROR_MSG_MAX)}
-            conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(**values))
+    """Move a row forward to `delivered` or `failed`, and asterCC's status with it; False when it was already
+    final (forward-only). One transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    (moved, _), _ = _in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
+                                 last_error=_cut(reason, 255), error_msg=_cut(reason, ERROR_MSG_MAX))
     return bool(moved)
+
+
+@functools.lru_cache(maxsize=None)
+def _finalise(delivered: bool):
+    d = Dispatch
+    return (
+        update(d)
+        .where(d.batchcontact_id == bindparam("row_id"), or_(*(d.state == state for state in OPEN_TO_REPORTS)))
+        .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
+                last_error=None if delivered else bindparam("last_error"))
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _outcome_to_astercc(delivered: bool):
+    """asterCC's side of `_finalise`, right after it: only if that UPDATE moved the row."""
+    bc = BatchContact
+    moved = changed_before() > 0
+    values = {"status": case((moved, "success" if delivered else "failed"), else_=bc.status)}
+    if not delivered:
+        values["error_msg"] = case((moved, bindparam("error_msg")), else_=bc.error_msg)
+    return update(bc).where(bc.id == bindparam("row_id")).values(**values)
 
 
 @retry_lock_conflicts
@@ -517,7 +536,7 @@ def claim_due_polls(engine: Engine, provider: str, limit: int, lease_s: int) -> 
 
 def resends_of(engine: Engine, row_id: int) -> int:
     """How often an operator sent the row again (0 for a row sent once)."""
-    with engine.connect() as conn:
+    with autocommit_twin(engine).connect() as conn:  # no ROLLBACK round trip after the read
         return conn.scalar(select(Dispatch.resends).where(Dispatch.batchcontact_id == row_id)) or 0
 
 

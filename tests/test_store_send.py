@@ -94,3 +94,15 @@ def test_a_record_that_fails_part_way_leaves_nothing_half_done(db):
     assert (after["status"], after["state"], after["provider_message_id"]) == ("success", "accepted", "m-1")
     with db.connect() as conn:
         assert conn.scalar(text("SELECT COUNT(*) FROM information_schema.INNODB_TRX")) == 0
+
+
+def test_a_delivery_report_moves_the_row_forward_once(engine):
+    row_id = due_row(engine)
+    store.begin_send(engine, row_id, LEASE_S)
+    store.record_accepted(engine, row_id, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
+
+    assert store.apply_final_report(engine, row_id, delivered=True, reason="")
+    assert not store.apply_final_report(engine, row_id, delivered=False, reason="expired"), "final row moved"
+
+    after = state(engine, row_id)
+    assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
