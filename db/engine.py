@@ -1,8 +1,8 @@
 """Engines and the database clock.
 
 `engine_for(url)` gives one engine per URL per process, made safe across `fork()` (Celery's prefork pool
-forks after the parent may have connected); `autocommit_twin(engine)` the same database without transactions,
-for the send's statements. `db_now()`, `db_now_plus(seconds)` and `seconds_since(column)`
+forks after the parent may have connected); `autocommit_twin(engine)` the same database without transactions of
+SQLAlchemy's, for the statements `db.store` sends as one packet and for one-row reads. `db_now()`, `db_now_plus(seconds)` and `seconds_since(column)`
 are SQL expressions for the database's own clock: due-ness, leases and poll times are judged by it, never by
 a worker's clock, because asterCC writes local times and workers may run elsewhere with skewed clocks.
 """

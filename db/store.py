@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -62,13 +61,10 @@ class SendJob:
 
 
 @functools.lru_cache(maxsize=None)
-def _insert_ignore(model, dialect: str):
-    """An INSERT into `model`'s table that skips rows whose key exists (the claim's arbiter)."""
-    if dialect == "mysql":
-        return mysql.insert(model).prefix_with("IGNORE")
-    if dialect == "sqlite":
-        return sqlite.insert(model).on_conflict_do_nothing()
-    return insert(model)
+def _insert_ignore(model):
+    """An INSERT into `model`'s table that skips rows whose key exists (the claim's arbiter), on MariaDB and
+    SQLite alike."""
+    return insert(model).prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
 
 
 def _cut(text: str, limit: int) -> str:
@@ -141,7 +137,7 @@ def _record_claims(engine: Engine, limit: int, token: str) -> bool:
         # The database's clock is read once and sent as a value: with a SQL function among the values,
         # mysqlclient sends one INSERT per row instead of one for the whole batch.
         now = conn.scalar(select(db_now()))
-        conn.execute(_insert_ignore(Dispatch, conn.dialect.name), [
+        conn.execute(_insert_ignore(Dispatch), [
             {"batchcontact_id": i, "claim_token": token, "state": S.QUEUED, "attempts": 0, "polls": 0,
              "parts": 1, "created_at": now, "updated_at": now} for i in ids
         ])
@@ -389,9 +385,9 @@ def _contacted():
 def _index_ids(count: int):
     """File `count` provider ids (`m0`, `m1`, …) under the row (`row_id`, `provider`), keeping an existing
     entry."""
-    return (insert(MessageId).prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
-            .values([{"provider": bindparam("provider"), "provider_message_id": bindparam(f"m{k}"),
-                      "batchcontact_id": bindparam("row_id")} for k in range(count)]))
+    return _insert_ignore(MessageId).values([
+        {"provider": bindparam("provider"), "provider_message_id": bindparam(f"m{k}"),
+         "batchcontact_id": bindparam("row_id")} for k in range(count)])
 
 
 @retry_lock_conflicts
