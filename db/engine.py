@@ -64,8 +64,11 @@ def _create(url, autocommit: bool = False) -> Engine:
     # skip_autocommit_rollback: without it SQLAlchemy still sends a ROLLBACK, which autocommit makes a no-op,
     # whenever a connection of the autocommit twin is closed.
     isolation = {"isolation_level": "AUTOCOMMIT", "skip_autocommit_rollback": True} if autocommit else {}
+    # hide_parameters: a statement's error quotes its parameters, which hold recipients, reply texts and
+    # provider ids; the error reaches logs, the result backend and Flower.
+    options = {"hide_parameters": True, **isolation}
     if str(url).startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 60}, **isolation)
+        engine = create_engine(url, connect_args={"timeout": 60}, **options)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         # pool_recycle: MariaDB closes idle connections after wait_timeout; the ping of idle connections
@@ -77,7 +80,7 @@ def _create(url, autocommit: bool = False) -> Engine:
         # same moment; connections open on demand, so a prefork child still holds one. Overflow connections
         # would be closed and reopened on every check-in under load.
         engine = create_engine(url, pool_recycle=1800, pool_size=DB_POOL_SIZE, max_overflow=0,
-                               pool_reset_on_return=None, **isolation)
+                               pool_reset_on_return=None, **options)
         event.listen(engine, "checkout", _ping_if_idle)
         event.listen(engine, "checkin", _note_return)
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))

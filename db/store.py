@@ -327,7 +327,8 @@ def _in_one_trip(engine: Engine, statements: tuple, **params) -> list[tuple[int,
                 # errors do; dropping it here was only a precaution.
                 lost = conn.dialect.is_disconnect(exc, connection, cursor)
                 raise DBAPIError.instance(packet.sql, values, exc, dbapi.Error, connection_invalidated=lost,
-                                          dialect=conn.dialect) from exc
+                                          dialect=conn.dialect,
+                                          hide_parameters=conn.engine.hide_parameters) from exc
             raise
 
 
