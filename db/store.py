@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -142,11 +142,15 @@ def _record_claims(engine: Engine, limit: int, token: str) -> bool:
              "parts": 1, "created_at": now, "updated_at": now} for i in ids
         ])
         # Rows already in sms_dispatch and final for a while, yet `new` again in asterCC: a resend.
+        resent = (Dispatch.batchcontact_id.in_(ids), Dispatch.state.in_(S.FINAL + (S.ACCEPTED,)),
+                  Dispatch.updated_at <= db_now_plus(-RESEND_AFTER_S))
+        # The earlier send's provider ids go with it: a receipt that names one (smsc.ru's come late, or
+        # again) is about that send and must not be taken for the new one's.
+        conn.execute(delete(MessageId).where(
+            MessageId.batchcontact_id.in_(select(Dispatch.batchcontact_id).where(*resent))))
         conn.execute(
             update(Dispatch)
-            .where(Dispatch.batchcontact_id.in_(ids),
-                   Dispatch.state.in_(S.FINAL + (S.ACCEPTED,)),
-                   Dispatch.updated_at <= db_now_plus(-RESEND_AFTER_S))
+            .where(*resent)
             .values(claim_token=token, state=S.QUEUED, attempts=0, polls=0, provider=None,
                     resends=Dispatch.resends + 1,
                     provider_message_id=None, last_error=None, first_attempt_at=None,
@@ -449,6 +453,7 @@ OPEN_TO_REPORTS = (S.ACCEPTED, S.SENDING, S.RETRY)
 class ReportTarget:
     id: int
     state: str
+    resends: int
 
 
 def find_report_target(engine: Engine, provider: str, *, reference: int | None = None,
@@ -456,7 +461,7 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
     """The dispatch record a report is about: by our row id, else by the provider's id, else (replies) the
     latest message this provider sent to `recipient`."""
     d = Dispatch
-    query = select(d.batchcontact_id, d.state).where(d.provider == provider)
+    query = select(d.batchcontact_id, d.state, d.resends).where(d.provider == provider)
     # A read of one row per report: on the autocommit twin it needs no ROLLBACK round trip afterwards.
     with autocommit_twin(engine).connect() as conn:
         if reference is not None:
@@ -470,7 +475,7 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
                                .order_by(d.accepted_at.desc(), d.batchcontact_id.desc()).limit(1)).first()
         else:
             row = None
-    return ReportTarget(row.batchcontact_id, row.state) if row else None
+    return ReportTarget(row.batchcontact_id, row.state, row.resends) if row else None
 
 
 @retry_lock_conflicts

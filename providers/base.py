@@ -59,14 +59,18 @@ class DeliveryReport:
     """What a provider later says about a message, from any source (webhook, SMPP receipt, poll).
 
     Identify the message by `reference` (our row id) when the source carries it, else by
-    `provider_message_id`. `outcome`: `delivered` (final, keeps `success`), `undelivered` (final,
-    `failed` with `reason`), `accepted` (still on its way; changes no status). `reply_text` carries a
-    recipient's reply (an MO message) for `responsenote`; a reply that names no message of ours is matched
-    to the latest message sent to `recipient` (international digits, no `+`) by that provider.
+    `provider_message_id`. `resends` says which send of that row the report is about (the row's count of
+    operator resends when it was sent), where the source tells (our signed callback URL, a status poll): a
+    report about a send that an operator has since sent again is stale. `outcome`: `delivered` (final,
+    keeps `success`), `undelivered` (final, `failed` with `reason`), `accepted` (still on its way; changes
+    no status). `reply_text` carries a recipient's reply (an MO message) for `responsenote`; a reply that
+    names no message of ours is matched to the latest message sent to `recipient` (international digits,
+    no `+`) by that provider.
     """
 
     outcome: Outcome
     reference: int | None = None
+    resends: int | None = None
     provider_message_id: str | None = None
     reason: str = ""
     reply_text: str | None = None

@@ -2,7 +2,8 @@
 
 `apply_report` finds the row the report is about and moves it forward only: `delivered` keeps asterCC's
 `success`, `undelivered` sets `failed` with the provider's reason, a still-open status changes nothing, and
-a report about a row that is already final is ignored (logged as stale or duplicate, never an error).
+a report about a row that is already final, or about a send of it before an operator's resend, is ignored
+(logged as stale or duplicate, never an error).
 A recipient's reply is written to `responsenote`.
 """
 from __future__ import annotations
@@ -38,6 +39,10 @@ def apply_report(provider: str, report: DeliveryReport, rt=None) -> ReportResult
         store.record_reply(rt.engine, target.id, report.reply_text)
         log.info("%s reply recorded on row %d", provider, target.id)
         return "applied"
+    if report.resends is not None and report.resends != target.resends:
+        log.info("%s report on row %d ignored: it is about a send before the operator's resend",
+                 provider, target.id)
+        return "stale"
     if report.outcome == "accepted":
         return "stale"
     delivered = report.outcome == "delivered"

@@ -126,7 +126,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
     if job.provider in REPORTING_BY_CALLBACK:
         from tasks.callbacks import callback_url
 
-        callback = callback_url(s, job.provider, row_id)
+        callback = callback_url(s, job.provider, row_id, job.resends)
     reference = mobilgroup_request_id(row_id, job.resends) if job.provider == "mobilgroup" else row_id
     message = OutgoingMessage(reference=reference, recipient=job.recipient, text=job.text, callback_url=callback)
     try:
@@ -273,11 +273,12 @@ def poll(rt: Runtime, row_id: int) -> str:
     (`SMS_MOBILGROUP_POLL_RETRY_S`, at most `SMS_MOBILGROUP_POLL_MAX` times)."""
     s = rt.settings
     client = rt.client("mobilgroup")
+    resends = store.resends_of(rt.engine, row_id)
     try:
-        report = replace(client.status(mobilgroup_request_id(row_id, store.resends_of(rt.engine, row_id))),
-                         reference=row_id)
+        answer = client.status(mobilgroup_request_id(row_id, resends))
+        report = replace(answer, reference=row_id, resends=resends)
     except PermanentError as exc:
-        report = DeliveryReport(outcome="undelivered", reference=row_id, reason=str(exc))
+        report = DeliveryReport(outcome="undelivered", reference=row_id, resends=resends, reason=str(exc))
     except ProviderError as exc:
         log.warning("status poll of row %d failed, asking again later: %s", row_id, exc)
         store.poll_again(rt.engine, row_id, int(min(s.mobilgroup_poll_retry_s, s.retry_max_s)), s.mobilgroup_poll_max)

@@ -1,12 +1,13 @@
 """The send's own reads and writes (`db.store.begin_send`, `db.store.record_accepted`), on MariaDB, where each
 goes to the server as one packet of statements, and on SQLite (the embedded default): what asterCC shows
-afterwards, and that a packet that fails part-way leaves nothing half done."""
+afterwards, that a packet that fails part-way leaves nothing half done, and what an operator's resend leaves
+of the earlier send."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select, text, update
 
 from db import store
 from db.models import BatchContact, BatchContactArchive, Dispatch, MessageId
@@ -20,22 +21,23 @@ def engine(request):
     return request.getfixturevalue(request.param)
 
 
-def due_row(engine, target: str = "+7 916 100-00-01", body: str = "hello") -> int:
-    """An asterCC row that fell due a minute ago, claimed and routed to Mobilgroup as a dispatch tick does."""
+def due_row(engine, target: str = "+7 916 100-00-01", body: str = "hello",
+            provider: str = "mobilgroup") -> int:
+    """An asterCC row that fell due a minute ago, claimed and routed to `provider` as a dispatch tick does."""
     with engine.begin() as conn:
         archive = conn.execute(insert(BatchContactArchive).values(archivetype="sms", content=body)).inserted_primary_key[0]
         row_id = conn.execute(insert(BatchContact).values(
             batchcontact_archive_id=archive, target=target, status="new", creby="agent",
             schedulertime=datetime.now() - timedelta(minutes=1), created=datetime.now(), error_msg="",
             responsenote="")).inserted_primary_key[0]
-    claim_and_route(engine)
+    claim_and_route(engine, provider)
     return row_id
 
 
-def claim_and_route(engine) -> None:
+def claim_and_route(engine, provider: str = "mobilgroup") -> None:
     claimed = store.claim_due(engine, 10)
     assert claimed, "nothing was due"
-    store.assign_routes(engine, {row.id: ("mobilgroup", "+79161000001") for row in claimed})
+    store.assign_routes(engine, {row.id: (provider, "+79161000001") for row in claimed})
 
 
 def state(engine, row_id: int) -> dict:
@@ -106,3 +108,21 @@ def test_a_delivery_report_moves_the_row_forward_once(engine):
 
     after = state(engine, row_id)
     assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
+
+
+def test_an_operator_s_resend_forgets_the_earlier_send_s_provider_ids(engine, monkeypatch):
+    """smsc.ru's receipts name only its own message id, and may come late or twice: one about the send before
+    an operator's resend must find no row, not finish the new send with the old outcome."""
+    monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
+    row_id = due_row(engine, provider="smsc")
+    store.begin_send(engine, row_id, LEASE_S)
+    store.record_accepted(engine, row_id, ["first-1"], 1, None, provider="smsc", index_ids=True)
+    with engine.begin() as conn:
+        conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(status="new"))
+    claim_and_route(engine, "smsc")
+    store.begin_send(engine, row_id, LEASE_S)
+    store.record_accepted(engine, row_id, ["second-1"], 1, None, provider="smsc", index_ids=True)
+
+    assert store.find_report_target(engine, "smsc", provider_message_id="first-1") is None
+    assert store.find_report_target(engine, "smsc", provider_message_id="second-1") == \
+        store.ReportTarget(row_id, "accepted", 1)

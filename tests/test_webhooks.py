@@ -5,6 +5,7 @@ the simulators calling the app back until every message is final."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import threading
 import time
@@ -14,7 +15,8 @@ from datetime import datetime
 
 import pytest
 import requests
-from sqlalchemy import insert, select
+from itsdangerous import URLSafeSerializer
+from sqlalchemy import insert, select, update
 from werkzeug.serving import make_server
 
 from db.models import BatchContact, BatchContactArchive, Dispatch, DispatchState
@@ -97,8 +99,8 @@ def state(engine, row_id: int) -> tuple:
     return (row.status, row.error_msg) + (tuple(dispatch) if dispatch else (None, None))
 
 
-def url_for(settings, provider: str, row_id: int) -> str:
-    return callback_url(settings, provider, row_id)
+def url_for(settings, provider: str, row_id: int, resends: int = 0) -> str:
+    return callback_url(settings, provider, row_id, resends)
 
 
 def accolades_report(row_id: int | str, status: str = "sent", **extra) -> dict:
@@ -110,15 +112,15 @@ def accolades_report(row_id: int | str, status: str = "sent", **extra) -> dict:
 # --- tokens ---------------------------------------------------------------------------------------
 
 def test_callback_url_is_none_without_public_url_or_secret(mariadb_url):
-    assert callback_url(load_settings(database_url=mariadb_url, webhook_secret=SECRET), "ozeki", 1) is None
-    assert callback_url(load_settings(public_url="https://h.example"), "ozeki", 1) is None
+    assert callback_url(load_settings(database_url=mariadb_url, webhook_secret=SECRET), "ozeki", 1, 0) is None
+    assert callback_url(load_settings(public_url="https://h.example"), "ozeki", 1, 0) is None
 
 
 def test_token_round_trip_and_binding(settings):
-    url = url_for(settings, "accolades", 123)
+    url = url_for(settings, "accolades", 123, resends=2)
     assert url.startswith(settings.public_url.rstrip("/") + "/reports/accolades/")
     token = url.rsplit("/", 1)[1]
-    assert verify_token(settings, "accolades", token) == 123
+    assert verify_token(settings, "accolades", token) == (123, 2)
     with pytest.raises(BadToken):
         verify_token(settings, "ozeki", token)
     other_key = load_settings(webhook_secret="another-secret-entirely-0123456789")
@@ -201,6 +203,38 @@ def test_an_accepted_report_before_the_final_one_changes_nothing(settings, serve
     answer = requests.post(url_for(settings, "ozeki", row), data={"SmsId": "s", "Status": "Sent"}, timeout=5)
     assert answer.status_code == 200
     assert state(db, row) == ("success", "", DispatchState.ACCEPTED, None)
+
+
+def resend(engine, row_id: int) -> None:
+    """What an operator's resend leaves behind once the new send is accepted: the row's next send."""
+    with engine.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
+                     .values(resends=Dispatch.resends + 1, state=DispatchState.ACCEPTED))
+
+
+def test_a_report_about_the_send_before_an_operator_s_resend_changes_nothing(settings, served, db):
+    """The first send's report can come after the operator sent the row again (a row still awaiting its
+    report may be resent): it must not give the new send the first one's outcome."""
+    row = insert_accepted(db, "accolades")
+    first_url = url_for(settings, "accolades", row)
+    resend(db, row)
+    late = requests.post(first_url, data=accolades_report(row, "error", errorMessage="absent"), timeout=5)
+    assert (late.status_code, late.text.strip()) == (200, "stale")
+    assert state(db, row) == ("success", "", DispatchState.ACCEPTED, None)
+    current = requests.post(url_for(settings, "accolades", row, resends=1), data=accolades_report(row), timeout=5)
+    assert (current.status_code, current.text.strip()) == (200, "applied")
+    assert state(db, row) == ("success", "", DispatchState.DELIVERED, None)
+
+
+def test_a_url_handed_out_before_tokens_named_the_send_still_reports(settings, served, db):
+    """Messages sent before an upgrade carry tokens that name only the row; their reports still count."""
+    row = insert_accepted(db, "ozeki")
+    resend(db, row)
+    token = URLSafeSerializer(SECRET, salt="sms-report:ozeki", signer_kwargs={"digest_method": hashlib.sha256})
+    answer = requests.post(f"{served.url}/reports/ozeki/{token.dumps(row)}", timeout=5,
+                           data={"SmsId": "s-1", "Delivered": "True"})
+    assert (answer.status_code, answer.text.strip()) == (200, "applied")
+    assert state(db, row)[0::2] == ("success", DispatchState.DELIVERED)
 
 
 # --- refusals that change nothing -----------------------------------------------------------------
@@ -306,7 +340,7 @@ def test_database_down_is_503_not_a_crash(mariadb_url):
                          webhook_secret=SECRET, public_url="http://unused.example")
     served = Served(create_app(down))
     try:
-        token = callback_url(down, "accolades", 5).rsplit("/", 1)[1]
+        token = url_for(down, "accolades", 5).rsplit("/", 1)[1]
         answer = requests.post(f"{served.url}/reports/accolades/{token}", data=accolades_report(5),
                                timeout=20)
         assert answer.status_code == 503
@@ -370,7 +404,7 @@ def test_simulators_reports_reach_the_app_and_finish_every_message(settings, ser
             for provider, client in (("accolades", accolades), ("ozeki", ozeki)):
                 row = insert_accepted(db, provider, recipient)
                 client.send(OutgoingMessage(reference=row, recipient=recipient, text="Hi",
-                                            callback_url=callback_url(settings, provider, row)))
+                                            callback_url=url_for(settings, provider, row)))
                 expected[row] = ("failed", DispatchState.FAILED) if i % 4 == 0 else \
                     ("success", DispatchState.DELIVERED)
         states = wait_final(db, list(expected))

@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
         if parse is None:
             return _answer(404, "no such report route")
         try:
-            row = verify_token(settings, provider, token)
+            row, resends = verify_token(settings, provider, token)
         except BadToken:
             log.warning("%s report refused: bad token", provider)
             return _answer(403, "bad token")
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
             log.warning("%s report refused: it names another row than its URL (%d)", provider, row)
             return _answer(403, "the report names another message")
         try:
-            result = apply_report(provider, replace(parsed, reference=row))
+            result = apply_report(provider, replace(parsed, reference=row, resends=resends))
         except Exception as exc:  # noqa: BLE001 - the provider gets a retryable answer, never a crash
             log.error("%s report for row %d not applied: %s", provider, row, type(exc).__name__)
             return _answer(503, "try again later")
