@@ -412,22 +412,29 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str) -> None:
-    """The message can never be sent as it is: asterCC `failed` with the reason."""
+    """The message can never be sent as it is: asterCC `failed` with the reason (unless a delivery report
+    has already finished the row)."""
     _finish(engine, row_id, S.FAILED, "failed", reason)
 
 
 def finish_error(engine: Engine, row_id: int, reason: str) -> None:
-    """We gave up on a technical failure: asterCC `error` with the reason."""
+    """We gave up on a technical failure: asterCC `error` with the reason (unless a delivery report has
+    already finished the row)."""
     _finish(engine, row_id, S.ERROR, "error", reason)
 
 
 @retry_lock_conflicts
 def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str) -> None:
+    # Only a row not yet accepted or final: a delivery report may have finished it while its send was still
+    # failing (a callback that beat our timeout), and a final outcome is never overwritten.
     with engine.begin() as conn:
-        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
-                     .values(state=state, last_error=_cut(reason, 255), lease_until=None, updated_at=db_now()))
-        conn.execute(update(BatchContact).where(BatchContact.id == row_id)
-                     .values(status=status, error_msg=_cut(reason, ERROR_MSG_MAX)))
+        moved = conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id,
+                                                    Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY)))
+                             .values(state=state, last_error=_cut(reason, 255), lease_until=None,
+                                     updated_at=db_now()))
+        if moved.rowcount:
+            conn.execute(update(BatchContact).where(BatchContact.id == row_id)
+                         .values(status=status, error_msg=_cut(reason, ERROR_MSG_MAX)))
 
 
 @retry_lock_conflicts

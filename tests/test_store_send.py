@@ -126,3 +126,17 @@ def test_an_operator_s_resend_forgets_the_earlier_send_s_provider_ids(engine, mo
     assert store.find_report_target(engine, "smsc", provider_message_id="first-1") is None
     assert store.find_report_target(engine, "smsc", provider_message_id="second-1") == \
         store.ReportTarget(row_id, "accepted", 1)
+
+
+@pytest.mark.parametrize("give_up", [store.finish_error, store.finish_failed])
+def test_giving_up_on_a_send_never_overwrites_a_report_s_outcome(engine, give_up):
+    """A callback can say `delivered` while our own request is still timing out; when that attempt then
+    ends the row (retry window spent, or a refusal), asterCC keeps what the report said."""
+    row_id = due_row(engine)
+    store.begin_send(engine, row_id, LEASE_S)
+    assert store.apply_final_report(engine, row_id, delivered=True, reason="")
+
+    give_up(engine, row_id, "Mobilgroup did not answer within 10 s (gave up after 3 attempts)")
+
+    after = state(engine, row_id)
+    assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
