@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url as redis_url_parts
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
@@ -129,6 +131,23 @@ class Settings(BaseSettings):
     @classmethod
     def _check_routes(cls, value: str) -> str:
         parse_routes(value)
+        return value
+
+    @field_validator("default_region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        # A region the phone-number library does not know makes every number typed without a country code
+        # unreadable: each such message would end `failed` instead of the process refusing to start.
+        region = value.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region code the phone-number library knows (such as RU or RO)")
+        return region
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            redis_url_parts(value)  # its ValueError names the accepted schemes, never the URL (a password)
         return value
 
     @model_validator(mode="after")

@@ -22,6 +22,23 @@ def test_a_bad_value_names_its_variable(monkeypatch):
         load_settings()
 
 
+@pytest.mark.parametrize("variable, value, says", [
+    ("SMS_DEFAULT_REGION", "RUS", "not a region code"),
+    ("SMS_REDIS_URL", "localhost:6379", "redis://"),
+])
+def test_a_value_that_would_fail_every_message_stops_the_start(monkeypatch, variable, value, says):
+    """Caught at start-up, not message by message: a region the phone-number library does not know would
+    fail every number typed without a country code, a Redis URL it cannot read every send's rate limit."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}.*{says}"):
+        load_settings()
+
+
+def test_a_region_code_is_read_in_either_case(monkeypatch):
+    monkeypatch.setenv("SMS_DEFAULT_REGION", "ro")
+    assert load_settings().default_region == "RO"
+
+
 def test_a_bad_route_names_the_variable_and_the_expected_form(monkeypatch):
     monkeypatch.setenv("SMS_ROUTES", "7=mobilgroup,40=twilio")
     with pytest.raises(ConfigError, match=r"SMS_ROUTES.*'40=twilio' must look like DIGITS=PROVIDER"):
