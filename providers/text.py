@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from smpplib.exceptions import MessageTooLong
 from smpplib.gsm import make_parts
 
 from providers.base import OutgoingMessage, PermanentError
@@ -21,7 +22,11 @@ def count_parts(text: str, max_parts: int) -> int:
     """How many SMS parts `text` takes; `PermanentError` if it is empty or needs more than `max_parts`."""
     if not text or not text.strip():
         raise PermanentError("the message text is empty")
-    parts = len(make_parts(text)[0])
+    try:
+        parts = len(make_parts(text)[0])
+    except MessageTooLong:  # over the 255 parts a concatenated SMS can have: no provider takes it
+        raise PermanentError(f"the message text is too long: over 255 SMS parts, at most {max_parts} allowed") \
+            from None
     if parts > max_parts:
         raise PermanentError(f"the message text is too long: {parts} SMS parts, at most {max_parts} allowed")
     return parts

@@ -88,6 +88,7 @@ def test_check_counts_parts(text, parts):
     ("", NUMBER, "empty"),
     ("   ", NUMBER, "empty"),
     ("a" * (153 * 6 + 1), NUMBER, "too long: 7 SMS parts, at most 6"),
+    ("ж" * 20_000, NUMBER, "too long: over 255 SMS parts, at most 6"),  # fits asterCC's TEXT column
     ("hello", "+40722123456", "digits"),
     ("hello", "0722", "digits"),
 ])
