@@ -13,9 +13,11 @@ import requests
 from providers.base import OutgoingMessage, TransientError
 from providers.text import check_parts
 
-# urllib3 logs every request line, query string included, at DEBUG: Ozeki's carries the password and the
-# recipient's number. Debug logging (`smsctl -v`, `celery -l debug`) must not leak them.
+# urllib3 logs every request line, query string included, at DEBUG, and the whole URL in a WARNING when an
+# answer's headers do not parse: Ozeki's carries the password and the recipient's number. Neither debug
+# logging (`smsctl -v`, `celery -l debug`) nor a provider's malformed answer may leak them.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.INFO)
+logging.getLogger("urllib3.connection").setLevel(logging.ERROR)
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Real answers are a few hundred bytes; anything near this is not the provider's reply."""

@@ -253,3 +253,13 @@ def test_debug_logging_never_shows_the_password_or_the_number(sim, caplog):
     with caplog.at_level(logging.DEBUG):
         client_for(sim.api_url).send(message())
     assert "qwe" not in caplog.text and NUMBER not in caplog.text
+
+
+def test_an_answer_with_malformed_headers_does_not_log_the_request_url(caplog):
+    """urllib3 warns about headers it cannot parse with the request's URL, which carries Ozeki's password
+    and the recipient's number; the answer itself is still read."""
+    with StubServer(SEED_ANSWER, headers={"a line that is no header\r\nX-Stub": "1"}) as stub, \
+            caplog.at_level(logging.DEBUG):
+        client_for(stub.url).send(message())
+    assert stub.requests, "the request never reached the stub"
+    assert "qwe" not in caplog.text and NUMBER not in caplog.text
