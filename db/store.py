@@ -563,6 +563,16 @@ def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int) -> boo
     return not gave_up
 
 
+@retry_lock_conflicts
+def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
+    """The provider cannot tell what became of an accepted row: it keeps `success`, marked unconfirmed with
+    `reason`, and is not asked again."""
+    d = Dispatch
+    with engine.begin() as conn:
+        conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED)
+                     .values(state=S.UNCONFIRMED, poll_at=None, last_error=_cut(reason, 255), updated_at=db_now()))
+
+
 # --- self-healing ---------------------------------------------------------------------------------
 
 @retry_lock_conflicts

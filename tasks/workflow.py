@@ -278,7 +278,11 @@ def poll(rt: Runtime, row_id: int) -> str:
         answer = client.status(mobilgroup_request_id(row_id, resends))
         report = replace(answer, reference=row_id, resends=resends)
     except PermanentError as exc:
-        report = DeliveryReport(outcome="undelivered", reference=row_id, resends=resends, reason=str(exc))
+        # The status request itself was refused (no request with this id, a request it cannot read): that
+        # says nothing about delivery, so asterCC keeps `success`, and asking again would get the same.
+        log.warning("status poll of row %d refused, no more polls: %s", row_id, exc)
+        store.stop_polling(rt.engine, row_id, f"status unknown: {exc}")
+        return "unconfirmed"
     except ProviderError as exc:
         log.warning("status poll of row %d failed, asking again later: %s", row_id, exc)
         store.poll_again(rt.engine, row_id, int(min(s.mobilgroup_poll_retry_s, s.retry_max_s)), s.mobilgroup_poll_max)

@@ -183,6 +183,27 @@ def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
     assert rows_by_id(db)[row]["state"] == "delivered"
 
 
+def test_a_refused_status_query_keeps_success_and_stops_polling(runtime, sim, db):
+    """Mobilgroup's "no request with this id" is about the status request, not the message: asterCC keeps
+    `success` (never `failed` on no evidence), and the row is not asked about again."""
+    rt = runtime(mobilgroup_poll_after_s=0)
+    (row,) = insert_rows(db, [("+7 916 100-00-09", "hello")])
+    claim(rt)
+    assert workflow.send(rt, row) == "accepted"
+    with db.begin() as conn:  # the poll now asks about a request id the provider never had
+        conn.execute(text("UPDATE sms_dispatch SET resends = 1 WHERE batchcontact_id = :i"), {"i": row})
+    assert workflow.claim_polls(rt) == [row]
+
+    assert workflow.poll(rt, row) == "unconfirmed"
+
+    assert sim.events("status")[-1]["outcome"] == "error 12"
+    after = rows_by_id(db)[row]
+    assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "unconfirmed")
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET poll_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
+    assert workflow.claim_polls(rt) == []
+
+
 def test_an_accepted_send_is_recorded_through_a_database_hiccup(runtime, sim, db, monkeypatch):
     """The provider has the message: losing the record would make the row look lost and send it twice."""
     rt = runtime()
