@@ -1,20 +1,23 @@
 """Engines and the database clock.
 
 `engine_for(url)` gives one engine per URL per process, made safe across `fork()` (Celery's prefork pool
-forks after the parent may have connected); `autocommit_twin(engine)` the same database without transactions of
-SQLAlchemy's, for the statements `db.store` sends as one packet and for one-row reads. `db_now()`, `db_now_plus(seconds)` and `seconds_since(column)`
-are SQL expressions for the database's own clock: due-ness, leases and poll times are judged by it, never by
-a worker's clock, because asterCC writes local times and workers may run elsewhere with skewed clocks.
+forks after the parent may have connected), and `wait_until_reachable(url, …)` waits for its database to
+come up; `autocommit_twin(engine)` the same database without transactions of SQLAlchemy's, for the
+statements `db.store` sends as one packet and for one-row reads. `db_now()`, `db_now_plus(seconds)` and
+`seconds_since(column)` are SQL expressions for the database's own clock: due-ness, leases and poll times
+are judged by it, never by a worker's clock, because asterCC writes local times and workers may run
+elsewhere with skewed clocks.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import DateTime, Integer, create_engine, event, literal
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -28,6 +31,9 @@ load that saves two round trips per message, and a connection that worked a mome
 fail on its next statement as on a ping (a MariaDB restart breaks busy connections mid-use anyway; the
 statement's error then invalidates the pool)."""
 
+REACH_RETRY_S = 2.0
+"""Pause between two tries of `wait_until_reachable`."""
+
 _engines: dict[str, Engine] = {}
 _twins: dict[Engine, Engine] = {}
 _lock = threading.Lock()
@@ -40,6 +46,22 @@ def engine_for(url: str) -> Engine:
         if engine is None:
             engine = _engines[url] = _create(url)
         return engine
+
+
+def wait_until_reachable(url: str, within_s: float, on_wait: Callable[[OperationalError], None]) -> None:
+    """Return once the database at `url` accepts a connection; after `within_s` seconds of refusals, raise
+    the last one. `on_wait` hears each refusal before the next try (every `REACH_RETRY_S`)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with engine_for(url).connect():
+                return
+        except OperationalError as exc:
+            if time.monotonic() + REACH_RETRY_S > deadline:
+                raise
+            on_wait(exc)
+            time.sleep(REACH_RETRY_S)
+
 
 
 def autocommit_twin(engine: Engine) -> Engine:

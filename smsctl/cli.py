@@ -34,11 +34,24 @@ def db() -> None:
 
 
 @db.command("upgrade")
-def db_upgrade() -> None:
+@click.option("--wait", "wait_s", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for the database to accept connections (a container starting beside us).")
+def db_upgrade(wait_s: float) -> None:
     """Create or migrate our own tables (Alembic), beside asterCC's."""
-    from db import schema
+    from sqlalchemy.exc import OperationalError
 
-    schema.upgrade(_settings().database_url)
+    from db import schema
+    from db.engine import wait_until_reachable
+
+    url = _settings().database_url
+    try:
+        # The driver's words name the host and the reason, never the URL's password.
+        wait_until_reachable(url, wait_s, lambda exc: click.echo(
+            f"waiting for the database: {type(exc.orig).__name__}: {exc.orig}", err=True))
+    except OperationalError as exc:
+        raise click.ClickException(f"the database did not accept a connection within {wait_s:g} s: "
+                                   f"{type(exc.orig).__name__}: {exc.orig}") from None
+    schema.upgrade(url)
     click.echo("our tables are up to date")
 
 

@@ -4,8 +4,12 @@ consume every queue."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import inspect
@@ -13,7 +17,7 @@ from sqlalchemy import inspect
 import celeryconfig
 from db.engine import engine_for
 from settings import ConfigError, load_settings
-from tests.conftest import ROOT, WORKER_COMMAND, app_env, compose_services, compose_worker
+from tests.conftest import ROOT, WORKER_COMMAND, app_env, compose_services, compose_worker, free_port
 
 
 def test_a_bad_value_names_its_variable(monkeypatch):
@@ -83,6 +87,76 @@ def test_smsctl_creates_both_sets_of_tables_and_upgrading_twice_is_harmless(tmp_
                        capture_output=True, timeout=60)
     assert {"cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids"} <= set(
         inspect(engine_for(url)).get_table_names())
+
+
+@contextmanager
+def forwarding(port: int, to_port: int):
+    """From now on, 127.0.0.1:`port` answers as 127.0.0.1:`to_port` does: a database that has come up."""
+    listener = socket.create_server(("127.0.0.1", port))
+    sockets = [listener]
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", to_port), timeout=10)
+            sockets.extend((client, server))
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield
+    finally:
+        for sock in sockets:
+            sock.close()
+        acceptor.join(timeout=5)
+
+
+def upgrade_command(url: str, wait_s: int, tmp_path) -> dict:
+    return dict(args=[sys.executable, "-m", "smsctl.cli", "db", "upgrade", "--wait", str(wait_s)],
+                env=app_env(url, "filesystem://", SMS_VAR_DIR=str(tmp_path)), cwd=ROOT, text=True)
+
+
+def test_the_migration_waits_for_a_database_that_is_still_starting(mariadb_url, tmp_path):
+    """The compose `migrate` service starts beside the bundled MariaDB: it keeps trying until the database
+    accepts connections, then migrates."""
+    port, real_port = free_port(), urlsplit(mariadb_url).port
+    url = mariadb_url.replace(f"127.0.0.1:{real_port}", f"127.0.0.1:{port}")
+    migration = subprocess.Popen(**upgrade_command(url, 60, tmp_path), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+    try:
+        # Printed after the first refusal; the loop ends at end of output if the command died instead.
+        said = ""
+        while "waiting for the database" not in said and (line := migration.stderr.readline()):
+            said = line
+        assert said.startswith("waiting for the database: OperationalError"), "it never waited"
+        with forwarding(port, real_port):
+            out, err = migration.communicate(timeout=60)
+    finally:
+        migration.kill()
+        migration.wait(timeout=10)
+    assert migration.returncode == 0, err
+    assert "our tables are up to date" in out
+
+
+def test_the_migration_gives_up_on_a_database_that_never_comes(mariadb_url, tmp_path):
+    url = mariadb_url.replace(f"127.0.0.1:{urlsplit(mariadb_url).port}", f"127.0.0.1:{free_port()}")
+    result = subprocess.run(**upgrade_command(url, 3, tmp_path), capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert "the database did not accept a connection within 3 s" in result.stderr
 
 
 def test_compose_accepts_the_compose_file(tmp_path):
