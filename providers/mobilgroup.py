@@ -53,12 +53,14 @@ class AlreadySentError(PermanentError):
 
 ERRORS: dict[int, tuple[type[ProviderError], str]] = {
     1: (PermanentError, "the provider could not parse the request"),
-    2: (PermanentError, "the provider says a mandatory parameter is missing"),
+    # 2 and 6 cannot come from one message's content (every request carries every mandatory field, and
+    # the command is ours): the URL or the API's version is wrong for every message. Pause, do not fail.
+    2: (AccountError, "the provider says a mandatory parameter is missing (check SMS_MOBILGROUP_URL)"),
     3: (AccountError, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
     4: (AccountError, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
                       "SMS_MOBILGROUP_PASSWORD)"),
     5: (AccountError, "the account is blocked by the provider"),
-    6: (PermanentError, "the provider does not know the command"),
+    6: (AccountError, "the provider does not know the command (check SMS_MOBILGROUP_URL)"),
     7: (AlreadySentError, "the provider already has a request with this id"),
     8: (PermanentError, "the provider rejected the recipient number"),
     9: (AccountError, "not enough money on the account"),

@@ -202,8 +202,8 @@ def test_messages_that_can_never_be_sent_fail_before_any_request(message, words,
 # --- error codes -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, error", [
-    (1, PermanentError), (2, PermanentError), (3, AccountError), (4, AccountError), (5, AccountError),
-    (6, PermanentError), (8, PermanentError), (9, AccountError), (10, PermanentError),
+    (1, PermanentError), (2, AccountError), (3, AccountError), (4, AccountError), (5, AccountError),
+    (6, AccountError), (8, PermanentError), (9, AccountError), (10, PermanentError),
     (11, PermanentError), (12, PermanentError), (13, TransientError),
 ])
 def test_every_error_code_maps_to_what_the_workflow_must_do(code, error, canned):
