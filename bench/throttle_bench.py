@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     context = multiprocessing.get_context("fork")
-    shared = identity_of("70000000000", "the same text")
+    shared = identity_of("70000000000", "the same text", b"bench")
     taken = context.Value("i", 0)
     with tempfile.TemporaryDirectory() as tmp:
         store = (f"sms:throttle:bench-{uuid.uuid4().hex}:" if args.backend == "redis"

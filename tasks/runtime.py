@@ -106,6 +106,11 @@ class Runtime:
     def account(self, provider: str) -> str:
         return f"{provider}:{getattr(self.settings, ACCOUNT_FIELD[provider])}"
 
+    def identity_key(self, provider: str) -> bytes:
+        """The key of `provider`'s identical-request digests (`tasks.throttle.identity_of`)."""
+        password = getattr(self.settings, f"{provider}_password")
+        return password.get_secret_value().encode() if password else b""
+
     def rate(self, provider: str) -> float:
         return getattr(self.settings, f"{provider}_rate")
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import math
 import os
 import sqlite3
@@ -81,9 +82,12 @@ class ThrottleUnavailable(Exception):
     """The shared store cannot be reached or answered an error: do not send, retry later."""
 
 
-def identity_of(recipient: str, text: str) -> str:
-    """A stable digest of (recipient, text) for the identical-request rule; neither is stored in clear."""
-    return hashlib.sha256(f"{recipient}\x00{text}".encode()).hexdigest()
+def identity_of(recipient: str, text: str, key: bytes) -> str:
+    """A stable digest of (recipient, text) for the identical-request rule; neither is stored in clear.
+
+    Keyed (HMAC with `key`, the account's password, which every worker of the fleet has): a plain hash
+    would let whoever reads the broker's Redis try every number against a known template text."""
+    return hmac.new(key, f"{recipient}\x00{text}".encode(), hashlib.sha256).hexdigest()
 
 
 class Throttle(Protocol):

@@ -19,7 +19,6 @@ from sqlalchemy.exc import DBAPIError
 from db import store
 from providers.base import (
     AccountError,
-    DeliveryReport,
     OutgoingMessage,
     PermanentError,
     ProviderError,
@@ -202,7 +201,8 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     account = rt.account(provider)
     try:
         permit = rt.throttle.acquire(
-            account, rt.rate(provider), cost=parts, identity=identity_of(message.recipient, text_sent),
+            account, rt.rate(provider), cost=parts,
+            identity=identity_of(message.recipient, text_sent, rt.identity_key(provider)),
             identical_s=rt.identical_s(provider), max_wait_s=THROTTLE_MAX_WAIT_S,
         )
     except ThrottleUnavailable as exc:

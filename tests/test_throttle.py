@@ -6,6 +6,7 @@ workers are, and read the time each grant's slot begins.
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import random
 import socket
@@ -27,6 +28,7 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.timeout(60)
 
 REDIS_URL = "redis://127.0.0.1:6379/2"
+KEY = b"the account's password"
 FORK = multiprocessing.get_context("fork")
 
 
@@ -170,11 +172,11 @@ def test_a_message_longer_than_the_limit_goes_alone(throttle):
 
 
 def test_identical_request_waits_without_taking_a_rate_slot_then_goes(throttle):
-    same = identity_of("79991234567", "Your code is 1234")
+    same = identity_of("79991234567", "Your code is 1234", KEY)
     before = time.time()
     first = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
     blocked = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
-    other = throttle.acquire("smsc:1", 1, identity=identity_of("79991234567", "other"), identical_s=2,
+    other = throttle.acquire("smsc:1", 1, identity=identity_of("79991234567", "other", KEY), identical_s=2,
                              max_wait_s=5)
 
     assert (first.reserved, first.reason, first.wait_s) == (True, "ok", 0.0)
@@ -199,12 +201,12 @@ def _acquire_once(new_throttle, identity, go, results):
 
 
 def test_identical_requests_from_many_processes_at_once_get_one_grant(new_throttle):
-    _, reasons = run_processes(_acquire_once, (new_throttle, identity_of("7999", "hi")), 6, timeout_s=20)
+    _, reasons = run_processes(_acquire_once, (new_throttle, identity_of("7999", "hi", KEY)), 6, timeout_s=20)
     assert sorted(reasons) == ["identical"] * 5 + ["ok"]
 
 
 def test_identical_gap_is_measured_from_the_reserved_slot(throttle):
-    same = identity_of("79991234567", "hello")
+    same = identity_of("79991234567", "hello", KEY)
     throttle.acquire("smsc:1", 1, max_wait_s=5)
     reserved = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
     blocked = throttle.acquire("smsc:1", 1, identity=same, identical_s=2, max_wait_s=5)
@@ -215,7 +217,7 @@ def test_identical_gap_is_measured_from_the_reserved_slot(throttle):
 
 
 def test_identical_rule_is_per_account_and_off_at_zero(throttle):
-    same = identity_of("79991234567", "hello")
+    same = identity_of("79991234567", "hello", KEY)
     assert throttle.acquire("smsc:1", 10, identity=same, identical_s=2).reason == "ok"
     assert throttle.acquire("smsc:2", 10, identity=same, identical_s=2).reason == "ok"
     assert throttle.acquire("smsc:1", 10, identity=same, identical_s=0).reason == "ok"
@@ -250,7 +252,7 @@ def test_pause_holds_the_account_until_it_ends(throttle):
 
 def test_redis_keys_expire_and_hold_no_number_or_text(redis_prefix):
     throttle = RedisThrottle(REDIS_URL, prefix=redis_prefix)
-    throttle.acquire("smsc:1", 5, identity=identity_of("79991234567", "secret text"), identical_s=2)
+    throttle.acquire("smsc:1", 5, identity=identity_of("79991234567", "secret text", KEY), identical_s=2)
     throttle.acquire("smsc:1", 5)
     throttle.pause("smsc:2", 1)
     throttle.close()
@@ -297,10 +299,14 @@ def test_unusable_local_file_raises(tmp_path):
         throttle.acquire("smsc:1", 10)
 
 
-def test_identity_is_a_stable_digest():
-    digest = identity_of("79991234567", "hello")
-    assert digest == identity_of("79991234567", "hello")
-    assert digest != identity_of("79991234567", "hello!") != identity_of("79991234568", "hello")
+def test_identity_is_a_stable_keyed_digest():
+    """Stable for one account's key; without the key, nobody reading Redis can recompute it from a guessed
+    number and a known text."""
+    digest = identity_of("79991234567", "hello", KEY)
+    assert digest == identity_of("79991234567", "hello", KEY)
+    assert digest != identity_of("79991234567", "hello!", KEY) != identity_of("79991234568", "hello", KEY)
+    assert digest != identity_of("79991234567", "hello", b"another account's password")
+    assert digest != hashlib.sha256("79991234567\x00hello".encode()).hexdigest()
     assert len(digest) == 64 and "79991234567" not in digest
 
 
