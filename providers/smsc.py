@@ -32,6 +32,7 @@ import struct
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -431,6 +432,43 @@ def _strip_udh(data: bytes, esm_class: int) -> bytes:
     if esm_class & ESM_UDHI and data:
         return data[1 + data[0]:]
     return data
+
+
+@dataclass(frozen=True)
+class ReplyPart:
+    """Where one `deliver_sm` sits in a reply the phone split into several SMS: the sender's `reference`
+    for the whole reply, how many parts it has (`count`, at least 2) and this one's `number` (from 1)."""
+
+    reference: int
+    count: int
+    number: int
+
+
+def reply_part(fields: Mapping[str, Any]) -> ReplyPart | None:
+    """The part of a split reply that a `deliver_sm` (fields as for `parse_deliver_sm`) carries, from its
+    user data header (information element 0x00 or 0x08) or its `sar_*` parameters; None for anything else."""
+    data = fields.get("message_payload") or fields.get("short_message") or b""
+    if isinstance(data, str):
+        data = data.encode("latin-1")
+    found = None
+    if int(fields.get("esm_class") or 0) & ESM_UDHI and data:
+        header, k = bytes(data[1:1 + data[0]]), 0
+        while k + 2 <= len(header):
+            element, size = header[k], header[k + 1]
+            value = header[k + 2:k + 2 + size]
+            if len(value) < size:  # a header cut short: no part can be read from it
+                break
+            if element == 0x00 and size == 3:
+                found = (value[0], value[1], value[2])
+            elif element == 0x08 and size == 4:
+                found = (int.from_bytes(value[:2], "big"), value[2], value[3])
+            k += 2 + size
+    elif fields.get("sar_msg_ref_num") is not None:
+        found = tuple(int(fields.get(name) or 0) for name in
+                      ("sar_msg_ref_num", "sar_total_segments", "sar_segment_seqnum"))
+    if found is None or not (2 <= found[1] and 1 <= found[2] <= found[1]):
+        return None
+    return ReplyPart(*found)
 
 
 def parse_deliver_sm(fields: Mapping[str, Any]) -> DeliveryReport:

@@ -264,19 +264,27 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
         with self.lock:
             return sum(1 for s in self._sessions if s.mode and (mode is None or s.mode == mode))
 
-    def send_reply(self, from_number: str, text: str, to: str | None = None) -> None:
+    def send_reply(self, from_number: str, text: str | list[str], to: str | None = None,
+                   order: list[int] | None = None, reference: int = 7) -> None:
         """Deliver an MO message from `from_number`; `to` defaults to the sender of the latest submit
-        to that number."""
+        to that number. A list of texts is one reply split into that many SMS (user data header, 8-bit
+        `reference`), delivered in `order` (indexes into the list; default as listed, a subset leaves parts
+        out)."""
         if to is None:
             sent = [e for e in self.events("submit") if e["destination_addr"] == from_number]
             to = sent[-1]["source_addr"] if sent else ""
-        try:
-            data, coding = gsm_encode(text), consts.SMPP_ENCODING_DEFAULT
-        except UnicodeError:
-            data, coding = text.encode("utf-16-be"), consts.SMPP_ENCODING_ISO10646
-        self._deliver({"source_addr_ton": 1, "source_addr_npi": 1, "source_addr": from_number,
-                       "dest_addr_ton": 0, "dest_addr_npi": 0, "destination_addr": to, "esm_class": 0,
-                       "data_coding": coding, "short_message": data})
+        parts = [text] if isinstance(text, str) else text
+        for index in order if order is not None else range(len(parts)):
+            try:
+                data, coding = gsm_encode(parts[index]), consts.SMPP_ENCODING_DEFAULT
+            except UnicodeError:
+                data, coding = parts[index].encode("utf-16-be"), consts.SMPP_ENCODING_ISO10646
+            split = len(parts) > 1
+            if split:
+                data = bytes((5, 0x00, 3, reference, len(parts), index + 1)) + data
+            self._deliver({"source_addr_ton": 1, "source_addr_npi": 1, "source_addr": from_number,
+                           "dest_addr_ton": 0, "dest_addr_npi": 0, "destination_addr": to,
+                           "esm_class": 0x40 if split else 0, "data_coding": coding, "short_message": data})
 
     # --- sessions and submits -------------------------------------------------------------------
     def _opened(self, session: _Session) -> None:

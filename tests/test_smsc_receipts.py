@@ -1,7 +1,7 @@
 """Reading smsc.ru deliver_sm PDUs: receipts in text, HLR and TLV form, and recipients' replies."""
 import pytest
 
-from providers.smsc import parse_deliver_sm, parse_receipt_text
+from providers.smsc import ReplyPart, parse_deliver_sm, parse_receipt_text, reply_part
 
 
 def receipt(text: str, **tlvs) -> dict:
@@ -83,3 +83,23 @@ def test_mo_reply_ucs2_with_udh():
     report = parse_deliver_sm({"esm_class": 0x40, "source_addr": "79001234567", "data_coding": 8,
                                "short_message": data})
     assert report.reply_text == "Да, перезвоните"
+
+
+@pytest.mark.parametrize("fields, part", [
+    ({"esm_class": 0x40, "short_message": bytes((5, 0x00, 3, 9, 3, 2)) + b"text"}, ReplyPart(9, 3, 2)),
+    ({"esm_class": 0x40, "short_message": bytes((6, 0x08, 4, 1, 2, 4, 4)) + b"text"}, ReplyPart(258, 4, 4)),
+    # another element (a port address) before the concatenation one
+    ({"esm_class": 0x40, "short_message": bytes((11, 0x05, 4, 0, 1, 0, 2, 0x00, 3, 5, 2, 1)) + b"x"},
+     ReplyPart(5, 2, 1)),
+    ({"esm_class": 0x40, "short_message": bytes((9, 0x05, 4, 0, 1, 0, 2, 0x00, 3, 5))}, None),
+    ({"esm_class": 0, "short_message": b"text", "sar_msg_ref_num": 300, "sar_total_segments": 2,
+      "sar_segment_seqnum": 2}, ReplyPart(300, 2, 2)),
+    ({"esm_class": 0, "short_message": b"a whole reply"}, None),
+    ({"esm_class": 0x40, "short_message": bytes((5, 0x00, 3, 9, 1, 1)) + b"one of one"}, None),
+    ({"esm_class": 0x40, "short_message": bytes((5, 0x00, 3, 9, 2, 3)) + b"third of two"}, None),
+], ids=["8-bit reference", "16-bit reference", "after another element", "cut short", "sar parameters",
+        "not split",
+        "one part", "inconsistent"])
+def test_the_part_of_a_split_reply(fields, part):
+    assert reply_part(fields) == part
+

@@ -24,7 +24,8 @@ def wait_for(predicate, timeout: float = 5.0):
 class Receiver:
     """run_receiver in a thread, recording what it applies; `answer` decides the result or raises."""
 
-    def __init__(self, port: int, answer=lambda report: "applied", unknown_retry_s=(0.2, 0.4)):
+    def __init__(self, port: int, answer=lambda report: "applied", unknown_retry_s=(0.2, 0.4),
+                 split_reply_wait_s: float = 30.0):
         self.reports = []
         self.answer = answer
         self.stop = threading.Event()
@@ -32,7 +33,8 @@ class Receiver:
                                  smsc_password="secret")
         self.thread = threading.Thread(
             target=run_receiver, args=(settings, self.stop, self.apply),
-            kwargs={"enquire_link_s": 0.3, "reconnect_min_s": 0.05, "unknown_retry_s": unknown_retry_s},
+            kwargs={"enquire_link_s": 0.3, "reconnect_min_s": 0.05, "unknown_retry_s": unknown_retry_s,
+                    "split_reply_wait_s": split_reply_wait_s},
             daemon=True)
 
     def apply(self, provider, report):
@@ -81,6 +83,27 @@ def test_receipts_and_a_reply_reach_apply(sim, client):
     assert (reply.reply_text, reply.recipient) == ("Спасибо, заберу завтра", "79001234567")
     assert [e["status"] for e in sim.events("deliver_resp")] == [0, 0, 0]
     assert "rx" in {b["mode"] for b in sim.events("bind")}
+
+
+def test_a_reply_split_into_several_sms_is_applied_whole_whatever_their_order(sim, client):
+    parts = ["Добрый день, ", "заберу заказ ", "в пятницу после шести"]
+    with Receiver(sim.port) as receiver:
+        client.send(OutgoingMessage(1, "79001234567", "Your order is ready"))
+        wait_for(lambda: len(receiver.reports) == 1)
+        sim.send_reply("79001234567", parts, order=[2, 0, 1])
+        wait_for(lambda: len(sim.events("deliver_resp")) == 4)
+        time.sleep(0.2)  # nothing more is applied
+    replies = [r for r in receiver.reports if r.reply_text is not None]
+    assert [(r.reply_text, r.recipient) for r in replies] == [("".join(parts), "79001234567")]
+    assert [e["status"] for e in sim.events("deliver_resp")] == [0, 0, 0, 0]
+
+
+def test_a_split_reply_whose_part_never_comes_is_applied_as_far_as_it_came(sim, client):
+    with Receiver(sim.port, split_reply_wait_s=0.3) as receiver:
+        sim.send_reply("79001234567", ["Call me ", "LOST", "tomorrow"], order=[0, 2])
+        wait_for(lambda: len(receiver.reports) == 1)
+        time.sleep(0.5)
+    assert [r.reply_text for r in receiver.reports] == ["Call me […]tomorrow"]
 
 
 def test_receipts_wait_for_a_receiver_and_unknown_ids_are_acknowledged(sim, client):
