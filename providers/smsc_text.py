@@ -170,6 +170,12 @@ def _split(body: str, codec: _Codec) -> list[str]:
     return chunks
 
 
+def sms_count(text: str) -> int:
+    """How many SMS a plain text takes on the air: GSM 03.38 when it fits (extension characters count
+    two), else UCS-2. What a provider that encodes the text itself (Accolades, Ozeki) bills."""
+    return len(_split(text, _codec_for(text, iso=False))) if text else 0
+
+
 def layout(text: str, *, iso: bool = False) -> Layout:
     """Lay `text` out as described in the module docstring. A text with nothing before the comment
     separator has zero billed parts (the caller refuses it)."""

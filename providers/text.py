@@ -2,17 +2,15 @@
 
 `count_parts` counts parts the way the networks do (GSM-7: 160 characters in one part, 153 per part when
 concatenated, extension characters `€[]{}\\^~|` counting double; anything outside GSM-7 goes as UCS-2:
-70, or 67 per part), using smpplib's GSM 03.38 table. `redact` makes a provider's free text fit for
+70, or 67 per part), with the GSM 03.38 table of `providers.smsc_text`, which encodes smsc.ru's texts. `redact` makes a provider's free text fit for
 asterCC's `error_msg`, which operators read and which must never show a phone number.
 """
 from __future__ import annotations
 
 import re
 
-from smpplib.exceptions import MessageTooLong
-from smpplib.gsm import make_parts
-
 from providers.base import OutgoingMessage, PermanentError
+from providers.smsc_text import sms_count
 
 _LONG_DIGITS = re.compile(r"\+?\d[\d \-]{4,}\d")
 _REASON_MAX = 200
@@ -22,11 +20,7 @@ def count_parts(text: str, max_parts: int) -> int:
     """How many SMS parts `text` takes; `PermanentError` if it is empty or needs more than `max_parts`."""
     if not text or not text.strip():
         raise PermanentError("the message text is empty")
-    try:
-        parts = len(make_parts(text)[0])
-    except MessageTooLong:  # over the 255 parts a concatenated SMS can have: no provider takes it
-        raise PermanentError(f"the message text is too long: over 255 SMS parts, at most {max_parts} allowed") \
-            from None
+    parts = sms_count(text)
     if parts > max_parts:
         raise PermanentError(f"the message text is too long: {parts} SMS parts, at most {max_parts} allowed")
     return parts
