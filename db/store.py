@@ -11,6 +11,7 @@ Functions take an `Engine` and return plain values; callers never hold a session
 from __future__ import annotations
 
 import random
+import re
 import time
 import functools
 import uuid
@@ -67,7 +68,15 @@ def _insert_ignore(model):
     return insert(model).prefix_with("IGNORE", dialect="mysql").prefix_with("OR IGNORE", dialect="sqlite")
 
 
-def _cut(text: str, limit: int) -> str:
+_BEYOND_BMP = re.compile("[\U00010000-\U0010FFFF]")
+
+
+def _fit(text: str, limit: int) -> str:
+    """`text` as a `limit`-character column of asterCC's holds it: cut with an ellipsis, and every character
+    beyond three bytes of UTF-8 (emoji, say) shown as U+FFFD. asterCC's tables are utf8, three bytes a
+    character at most: MySQL in strict mode refuses the statement otherwise, and a reply that cannot be
+    written is delivered again and again."""
+    text = _BEYOND_BMP.sub("\ufffd", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -407,7 +416,7 @@ def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str]
     indexed = provider_message_ids if index_ids else []
     statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s), _contacted())
     _in_one_trip(engine, statements, row_id=row_id, provider=provider, p_parts=parts,
-                 p_ids=_cut(",".join(provider_message_ids), 255) or None,
+                 p_ids=_fit(",".join(provider_message_ids), 255) or None,
                  **{f"m{k}": m for k, m in enumerate(indexed)})
 
 
@@ -430,11 +439,11 @@ def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str) -
     with engine.begin() as conn:
         moved = conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id,
                                                     Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY)))
-                             .values(state=state, last_error=_cut(reason, 255), lease_until=None,
+                             .values(state=state, last_error=_fit(reason, 255), lease_until=None,
                                      updated_at=db_now()))
         if moved.rowcount:
             conn.execute(update(BatchContact).where(BatchContact.id == row_id)
-                         .values(status=status, error_msg=_cut(reason, ERROR_MSG_MAX)))
+                         .values(status=status, error_msg=_fit(reason, ERROR_MSG_MAX)))
 
 
 @retry_lock_conflicts
@@ -443,7 +452,7 @@ def schedule_retry(engine: Engine, row_id: int, delay_s: float, reason: str, *, 
     a failed attempt (`count_attempt=False` takes back the attempt `begin_send` counted)."""
     d = Dispatch
     values = dict(state=S.RETRY, next_attempt_at=db_now_plus(delay_s), lease_until=None,
-                  last_error=_cut(reason, 255), updated_at=db_now())
+                  last_error=_fit(reason, 255), updated_at=db_now())
     if not count_attempt:
         values["attempts"] = case((d.attempts > 0, d.attempts - 1), else_=0)
     with engine.begin() as conn:
@@ -490,7 +499,7 @@ def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str
     """Move a row forward to `delivered` or `failed`, and asterCC's status with it; False when it was already
     final (forward-only). One transaction (one round trip on MariaDB: `_in_one_trip`)."""
     (moved, _), _ = _in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
-                                 last_error=_cut(reason, 255), error_msg=_cut(reason, ERROR_MSG_MAX))
+                                 last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX))
     return bool(moved)
 
 
@@ -521,7 +530,7 @@ def record_reply(engine: Engine, row_id: int, text: str) -> None:
     """A recipient's reply goes to asterCC's `responsenote`."""
     with engine.begin() as conn:
         conn.execute(update(BatchContact).where(BatchContact.id == row_id)
-                     .values(responsenote=_cut(text, RESPONSENOTE_MAX)))
+                     .values(responsenote=_fit(text, RESPONSENOTE_MAX)))
 
 
 # --- polling (Mobilgroup) -------------------------------------------------------------------------
@@ -570,7 +579,7 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
     d = Dispatch
     with engine.begin() as conn:
         conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED)
-                     .values(state=S.UNCONFIRMED, poll_at=None, last_error=_cut(reason, 255), updated_at=db_now()))
+                     .values(state=S.UNCONFIRMED, poll_at=None, last_error=_fit(reason, 255), updated_at=db_now()))
 
 
 # --- self-healing ---------------------------------------------------------------------------------

@@ -140,3 +140,13 @@ def test_giving_up_on_a_send_never_overwrites_a_report_s_outcome(engine, give_up
 
     after = state(engine, row_id)
     assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
+
+
+def test_a_reply_with_an_emoji_is_recorded(engine):
+    """asterCC's tables are utf8, three bytes a character at most: a four-byte one (an emoji) was refused
+    by MariaDB, and smsc.ru delivered the reply again and again. Such characters are shown as U+FFFD."""
+    row_id = due_row(engine)
+    store.record_reply(engine, row_id, "Спасибо 👍 до завтра")
+    with engine.connect() as conn:
+        note = conn.scalar(select(BatchContact.responsenote).where(BatchContact.id == row_id))
+    assert note == "Спасибо \ufffd до завтра"
