@@ -13,6 +13,7 @@ import functools
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -131,6 +132,17 @@ class Settings(BaseSettings):
     @classmethod
     def _check_routes(cls, value: str) -> str:
         parse_routes(value)
+        return value
+
+    @field_validator("mobilgroup_url", "accolades_url", "ozeki_url", "public_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        # Without a scheme every request fails inside requests, message by message, or (SMS_PUBLIC_URL)
+        # providers are given callback addresses they cannot call. Empty is unset.
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host name")
         return value
 
     @field_validator("default_region")

@@ -116,7 +116,10 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
         return Retry(RECONNECT_RETRY_S, "the database connection was lost; trying again on a new one")
     if job is None:
         return "skipped"
-    provider = rt.client(job.provider)
+    try:
+        provider = rt.client(job.provider)
+    except ValueError as exc:  # routed before the operator removed or broke this provider's settings
+        return _account_problem(rt, job, AccountError(f"{job.provider} is not configured: {exc}"))
     if job.text is None or not job.text.strip():
         why = "the message text is missing" if job.text is None else "the message text is empty"
         store.finish_failed(rt.engine, row_id, why)

@@ -29,10 +29,14 @@ def test_a_bad_value_names_its_variable(monkeypatch):
 @pytest.mark.parametrize("variable, value, says", [
     ("SMS_DEFAULT_REGION", "RUS", "not a region code"),
     ("SMS_REDIS_URL", "localhost:6379", "redis://"),
+    ("SMS_ACCOLADES_URL", "client.voipit.ro", "http:// or https://"),
+    ("SMS_OZEKI_URL", "ozeki.local:9509/api", "http:// or https://"),
+    ("SMS_PUBLIC_URL", "sms.example.com/hooks", "http:// or https://"),
 ])
 def test_a_value_that_would_fail_every_message_stops_the_start(monkeypatch, variable, value, says):
     """Caught at start-up, not message by message: a region the phone-number library does not know would
-    fail every number typed without a country code, a Redis URL it cannot read every send's rate limit."""
+    fail every number typed without a country code, a Redis URL it cannot read every send's rate limit, a
+    provider URL without a scheme every request, a public URL without one every delivery report."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=f"{variable}.*{says}"):
         load_settings()

@@ -183,6 +183,25 @@ def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
     assert rows_by_id(db)[row]["state"] == "delivered"
 
 
+def test_a_row_routed_to_a_provider_since_unconfigured_waits_like_an_account_problem(runtime, sim, db):
+    """Its route was recorded while the provider was configured; the operator has since removed its
+    settings. The row waits (and alerts) as for a blocked account, then ends as `error`, never stuck."""
+    (row,) = insert_rows(db, [("+7 916 100-00-10", "hello")])
+    claim(runtime())
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET provider = 'ozeki' WHERE batchcontact_id = :i"), {"i": row})
+
+    waiting = workflow.send(runtime(account_retry_s=30), row)
+    assert isinstance(waiting, workflow.Retry) and "ozeki is not configured" in waiting.reason
+    assert (rows_by_id(db)[row]["status"], rows_by_id(db)[row]["state"]) == ("pending", "retry")
+
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET next_attempt_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
+    assert workflow.send(runtime(account_retry_window_s=0), row) == "error"
+    assert rows_by_id(db)[row]["status"] == "error"
+    assert "ozeki is not configured" in rows_by_id(db)[row]["error_msg"]
+
+
 def test_a_refused_status_query_keeps_success_and_stops_polling(runtime, sim, db):
     """Mobilgroup's "no request with this id" is about the status request, not the message: asterCC keeps
     `success` (never `failed` on no evidence), and the row is not asked about again."""
