@@ -193,5 +193,6 @@ def _seconds_since_default(element, compiler, **kw):
 @compiles(seconds_since, "sqlite")
 def _seconds_since_sqlite(element, compiler, **kw):
     # Both sides read as UTC by strftime('%s'): 'localtime' shifts now to the wall clock the column holds.
-    return (f"CAST(strftime('%s', 'now', 'localtime') AS INTEGER)"
-            f" - CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER)")
+    # Parenthesised: the expression may be negated or compared.
+    return (f"(CAST(strftime('%s', 'now', 'localtime') AS INTEGER)"
+            f" - CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER))")

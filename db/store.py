@@ -61,6 +61,14 @@ class SendJob:
     resends: int              # operator resends of this row so far
 
 
+@dataclass(frozen=True)
+class NotYetDue:
+    """The row waits for a retry that falls due in `in_s` seconds by the database's clock: the task that
+    came for it runs early (the worker that scheduled it has a clock behind this one's)."""
+
+    in_s: int
+
+
 @functools.lru_cache(maxsize=None)
 def _insert_ignore(model):
     """An INSERT into `model`'s table that skips rows whose key exists (the claim's arbiter), on MariaDB and
@@ -234,16 +242,19 @@ def _set_routes(size: int):
 # --- send -----------------------------------------------------------------------------------------
 
 @retry_lock_conflicts
-def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
+def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | NotYetDue | None:
     """Take the send lease on a row (compare-and-set) and load what the send needs, in one transaction (one
     round trip on MariaDB: `_in_one_trip`).
 
-    Returns None when the row is not ours to send now: already sending under a live lease, accepted,
-    final, or scheduled for a later retry. That is what makes a redelivered or duplicated task a no-op."""
+    Returns None when the row is not ours to send now: already sending under a live lease, accepted or
+    final. That is what makes a redelivered or duplicated task a no-op. `NotYetDue` when it waits for a
+    retry that is not due yet by the database's clock."""
     (taken, _), (_, rows) = _in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id)
     if not taken:
+        if rows and rows[0][7] in S.SENDABLE and (rows[0][8] or 0) > 0:
+            return NotYetDue(rows[0][8])
         return None
-    provider, recipient, attempts, resends, age_s, astercc_id, content = rows[0]
+    provider, recipient, attempts, resends, age_s, astercc_id, content = rows[0][:7]
     if astercc_id is None:  # asterCC's row vanished under us
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
         return None
@@ -366,7 +377,7 @@ def _send_job():
     d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
     return (
         select(d.provider, d.recipient, d.attempts, d.resends, seconds_since(d.first_attempt_at).label("age_s"),
-               bc.c.id.label("astercc_id"), arc.c.content)
+               bc.c.id.label("astercc_id"), arc.c.content, d.state, -seconds_since(d.next_attempt_at))
         .select_from(d.__table__.outerjoin(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
         .where(d.batchcontact_id == bindparam("row_id"))

@@ -105,7 +105,8 @@ def _route_and_enqueue(rt: Runtime, claimed: list[store.Claimed], enqueue: Enque
 def send(rt: Runtime, row_id: int) -> str | Retry:
     """Send one row. Returns what happened (`skipped`, `accepted`, `failed`, `error`) or a `Retry`.
 
-    A row not in a sendable state (a duplicate or redelivered task) is `skipped` without side effects."""
+    A row not in a sendable state (a duplicate or redelivered task) is `skipped` without side effects; a
+    row whose retry is not due yet is retried when it is (the task ran early: workers' clocks differ)."""
     s = rt.settings
     try:
         job = store.begin_send(rt.engine, row_id, s.send_lease_s)
@@ -116,6 +117,8 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
         return Retry(RECONNECT_RETRY_S, "the database connection was lost; trying again on a new one")
     if job is None:
         return "skipped"
+    if isinstance(job, store.NotYetDue):
+        return Retry(job.in_s, "the retry is not due yet by the database's clock (this worker's runs ahead)")
     try:
         provider = rt.client(job.provider)
     except ValueError as exc:  # routed before the operator removed or broke this provider's settings

@@ -150,3 +150,18 @@ def test_a_reply_with_an_emoji_is_recorded(engine):
     with engine.connect() as conn:
         note = conn.scalar(select(BatchContact.responsenote).where(BatchContact.id == row_id))
     assert note == "Спасибо \ufffd до завтра"
+
+
+def test_a_row_waiting_for_its_retry_says_when_it_falls_due(engine):
+    """A retry published by a worker whose clock runs behind another's arrives early; the send must come
+    back when the row is due, not be dropped as a duplicate (the reaper would take it up only after
+    SMS_REQUEUE_AFTER_S)."""
+    row_id = due_row(engine)
+    store.begin_send(engine, row_id, LEASE_S)
+    store.schedule_retry(engine, row_id, 60, "attempt 1 failed", count_attempt=True)
+
+    early = store.begin_send(engine, row_id, LEASE_S)
+
+    assert isinstance(early, store.NotYetDue) and 58 <= early.in_s <= 60
+    assert state(engine, row_id)["state"] == "retry"
+

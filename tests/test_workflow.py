@@ -202,6 +202,23 @@ def test_a_row_routed_to_a_provider_since_unconfigured_waits_like_an_account_pro
     assert "ozeki is not configured" in rows_by_id(db)[row]["error_msg"]
 
 
+def test_a_retry_that_runs_early_comes_back_when_the_row_is_due(runtime, sim, db):
+    """Another worker's clock runs behind: the retry's task arrives before the row's retry time. It is
+    put off until then, not dropped, and nothing is sent early."""
+    rt = runtime(retry_base_s=60, retry_max_s=60)
+    (row,) = insert_rows(db, [("+7 916 100-00-11", "hello")])
+    claim(rt)
+    sim.fail_rate = 1.0
+    first = workflow.send(rt, row)
+    assert isinstance(first, workflow.Retry)
+
+    early = workflow.send(rt, row)
+
+    assert isinstance(early, workflow.Retry) and "not due yet" in early.reason
+    assert 25 <= early.delay_s <= first.delay_s + 1
+    assert (rows_by_id(db)[row]["state"], rows_by_id(db)[row]["attempts"]) == ("retry", 1), "it was sent early"
+
+
 def test_a_refused_status_query_keeps_success_and_stops_polling(runtime, sim, db):
     """Mobilgroup's "no request with this id" is about the status request, not the message: asterCC keeps
     `success` (never `failed` on no evidence), and the row is not asked about again."""
