@@ -250,11 +250,11 @@ def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | NotYetDue
     final. That is what makes a redelivered or duplicated task a no-op. `NotYetDue` when it waits for a
     retry that is not due yet by the database's clock."""
     (taken, _), (_, rows) = _in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id)
-    if not taken:
-        if rows and rows[0][7] in S.SENDABLE and (rows[0][8] or 0) > 0:
-            return NotYetDue(rows[0][8])
+    if not rows:
         return None
-    provider, recipient, attempts, resends, age_s, astercc_id, content = rows[0][:7]
+    provider, recipient, attempts, resends, age_s, astercc_id, content, state, due_in_s = rows[0]
+    if not taken:
+        return NotYetDue(due_in_s) if state in S.SENDABLE and (due_in_s or 0) > 0 else None
     if astercc_id is None:  # asterCC's row vanished under us
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
         return None
@@ -377,7 +377,8 @@ def _send_job():
     d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
     return (
         select(d.provider, d.recipient, d.attempts, d.resends, seconds_since(d.first_attempt_at).label("age_s"),
-               bc.c.id.label("astercc_id"), arc.c.content, d.state, -seconds_since(d.next_attempt_at))
+               bc.c.id.label("astercc_id"), arc.c.content, d.state,
+               (-seconds_since(d.next_attempt_at)).label("due_in_s"))
         .select_from(d.__table__.outerjoin(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
         .where(d.batchcontact_id == bindparam("row_id"))
@@ -590,7 +591,8 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
     d = Dispatch
     with engine.begin() as conn:
         conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED)
-                     .values(state=S.UNCONFIRMED, poll_at=None, last_error=_fit(reason, 255), updated_at=db_now()))
+                     .values(state=S.UNCONFIRMED, poll_at=None, last_error=_fit(reason, 255),
+                             updated_at=db_now()))
 
 
 # --- self-healing ---------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 `count_parts` counts parts the way the networks do (GSM-7: 160 characters in one part, 153 per part when
 concatenated, extension characters `€[]{}\\^~|` counting double; anything outside GSM-7 goes as UCS-2:
-70, or 67 per part), with the GSM 03.38 table of `providers.smsc_text`, which encodes smsc.ru's texts. `redact` makes a provider's free text fit for
-asterCC's `error_msg`, which operators read and which must never show a phone number.
+70, or 67 per part), with the GSM 03.38 table of `providers.smsc_text`, which encodes smsc.ru's texts.
+`redact` makes a provider's free text fit for asterCC's `error_msg`, which operators read and which must
+never show a phone number.
 """
 from __future__ import annotations
 
