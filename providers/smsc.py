@@ -434,6 +434,12 @@ def _strip_udh(data: bytes, esm_class: int) -> bytes:
     return data
 
 
+def _user_data(fields: Mapping[str, Any]) -> bytes:
+    """A `deliver_sm`'s octets: `message_payload` when present, else `short_message`."""
+    data = fields.get("message_payload") or fields.get("short_message") or b""
+    return data.encode("latin-1") if isinstance(data, str) else bytes(data)
+
+
 @dataclass(frozen=True)
 class ReplyPart:
     """Where one `deliver_sm` sits in a reply the phone split into several SMS: the sender's `reference`
@@ -447,12 +453,10 @@ class ReplyPart:
 def reply_part(fields: Mapping[str, Any]) -> ReplyPart | None:
     """The part of a split reply that a `deliver_sm` (fields as for `parse_deliver_sm`) carries, from its
     user data header (information element 0x00 or 0x08) or its `sar_*` parameters; None for anything else."""
-    data = fields.get("message_payload") or fields.get("short_message") or b""
-    if isinstance(data, str):
-        data = data.encode("latin-1")
+    data = _user_data(fields)
     found = None
     if int(fields.get("esm_class") or 0) & ESM_UDHI and data:
-        header, k = bytes(data[1:1 + data[0]]), 0
+        header, k = data[1:1 + data[0]], 0
         while k + 2 <= len(header):
             element, size = header[k], header[k + 1]
             value = header[k + 2:k + 2 + size]
@@ -477,9 +481,7 @@ def parse_deliver_sm(fields: Mapping[str, Any]) -> DeliveryReport:
     `receipted_message_id`, `message_state`, `network_error_code`). Raises `ValueError` for a receipt
     that names no message."""
     esm_class = int(fields.get("esm_class") or 0)
-    data = fields.get("message_payload") or fields.get("short_message") or b""
-    if isinstance(data, str):
-        data = data.encode("latin-1")
+    data = _user_data(fields)
     receipted_id = _text(fields.get("receipted_message_id"))
     is_receipt = (esm_class & 0x3C) in ESM_RECEIPT_TYPES or bool(receipted_id)
     if not is_receipt:
