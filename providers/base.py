@@ -8,6 +8,7 @@ nothing of Celery, the database or Redis. The send task hands it an `OutgoingMes
 | ------------------- | --------------------------------------------------------------------- |
 | `PermanentError`    | this message can never be sent: asterCC `failed`, `error_msg` = reason |
 | `TransientError`    | retry with backoff inside the retry window, then `error`              |
+| `UnknownOutcome`    | the request left and no answer came: it may have arrived (see below)   |
 | `AccountError`      | pause the whole account, retry slowly, never burn the queue to failed |
 | `ThrottledError`    | the provider asked us to slow down: retry after `retry_after` seconds |
 
@@ -87,11 +88,29 @@ class PermanentError(ProviderError):
 
 
 class TransientError(ProviderError):
-    """A failure that may pass (network, timeout, HTTP 5xx, unreadable answer): retry later."""
+    """A failure that may pass (network, timeout, HTTP 5xx, unreadable answer): retry later.
+
+    Raise it only when the provider cannot have taken the message (the connection was refused, the request
+    never left, the provider answered with an error); otherwise raise `UnknownOutcome`."""
+
+
+class UnknownOutcome(TransientError):
+    """The request left, but its answer never came (a read timeout, a connection lost after sending, an SMPP
+    session closed with the submit in flight): the provider may or may not have the message. The workflow
+    re-sends it only where a repeat is harmless or the operator's policy says so (`SMS_<P>_ON_UNKNOWN`)."""
 
 
 class AccountError(ProviderError):
-    """The account cannot send (credentials, blocked, out of money): pause the account, alert."""
+    """The account cannot send (credentials, blocked, out of money): pause the account, alert.
+
+    `by_nature`: True when the error is account-wide whatever the message (wrong credentials, no money, a
+    blocked account or IP); False when the provider's answer could also be about this one message (an
+    unexplained HTTP 403 or 4xx, a "parameter missing"): the workflow then fails only this message, and
+    treats the account as in trouble only once several different messages meet it."""
+
+    def __init__(self, message: str, *, by_nature: bool = True):
+        super().__init__(message)
+        self.by_nature = by_nature
 
 
 class ThrottledError(ProviderError):
