@@ -34,9 +34,17 @@ else:
     # what the database already knows. A worker that stops cleanly still puts back what it held; what a killed
     # worker held is taken up again from the database: sends by the reaper (`SMS_REQUEUE_AFTER_S`), status
     # polls when their lease ends, beat's tasks at their next tick.
-    broker_transport_options = {"ack_emulation": False, "global_keyprefix": _s.redis_prefix}
+    #
+    # Timeouts: a Redis that stops answering (a dropped link, a host that swallows packets) must not hold the
+    # worker for minutes; 10 s is well above the consumer's 1 s blocking pop.
+    broker_transport_options = {"ack_emulation": False, "global_keyprefix": _s.redis_prefix,
+                                "socket_timeout": 10, "socket_connect_timeout": 5, "socket_keepalive": True,
+                                "health_check_interval": 25}
     broker_transport = transport_for(broker_url)
 broker_connection_retry_on_startup = True
+# Reconnect for as long as it takes (Celery's default gives up after 100 tries and stops the worker): what
+# the broker lost meanwhile is enqueued again from the database (`SMS_LOST_TASK_S`).
+broker_connection_max_retries = None
 
 task_queues = [Queue(DISPATCH_QUEUE)] + [Queue(q) for q in SEND_QUEUES.values()]
 task_default_queue = DISPATCH_QUEUE
@@ -58,6 +66,13 @@ result_backend = None
 # makes the redelivery harmless.
 task_acks_late = True
 task_reject_on_worker_lost = True
+# The plain `celery -A tasks worker` is the deployment that serves the providers well: a send mostly waits for
+# the provider's answer, so threads (64 sends in flight in one process; the database and HTTP pools are sized
+# for it, and smsc.ru's SMPP session is shared by a process's threads). Prefork with a process per core sent
+# 16 msg/s to a provider answering in 200 ms. Each provider may hold only its share of the threads
+# (`SMS_<PROVIDER>_THREADS`), so one that hangs cannot take the whole worker.
+worker_pool = "threads"
+worker_concurrency = 64
 # A worker holds at most two messages per pool slot, and asks for more once it holds one or fewer per slot
 # (`redis_transport`: the refill then comes in one batch): every slot stays busy while a backlog lasts, and a
 # backlog still spreads over every worker instead of piling up in one worker's prefetch.
@@ -82,11 +97,11 @@ beat_schedule = {
     # Relative: dispatch ticks fall on whole seconds of the clock, right after asterCC's rows fall due
     # (their times have one-second resolution). A tick at an arbitrary phase made a due row wait up to that
     # fraction of a second longer, every time (bench/e2e.py, light load).
+    # No `expires` on any of them: beat would stamp it by its own clock and the worker check it by its own,
+    # and a worker whose clock ran a few seconds ahead discarded every tick. A backlog of ticks (a worker
+    # that was down) costs little: `tasks.jobs` runs one per half interval and drops the rest.
     "dispatch-due-rows": {"task": "sms.dispatch",
-                          "schedule": schedule(_s.dispatch_interval_s, relative=_s.dispatch_interval_s >= 1),
-                          "options": {"expires": _s.dispatch_interval_s * 2}},
-    "poll-mobilgroup-status": {"task": "sms.poll_due", "schedule": _s.mobilgroup_poll_interval_s,
-                               "options": {"expires": _s.mobilgroup_poll_interval_s * 2}},
-    "reap-stuck-rows": {"task": "sms.reap", "schedule": _s.reap_interval_s,
-                        "options": {"expires": _s.reap_interval_s * 2}},
+                          "schedule": schedule(_s.dispatch_interval_s, relative=_s.dispatch_interval_s >= 1)},
+    "poll-mobilgroup-status": {"task": "sms.poll_due", "schedule": _s.mobilgroup_poll_interval_s},
+    "reap-stuck-rows": {"task": "sms.reap", "schedule": _s.reap_interval_s},
 }

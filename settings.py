@@ -10,6 +10,7 @@ add new ones in the same style, never rename.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -70,12 +71,17 @@ class Settings(BaseSettings):
     """A send not finished after this long is considered lost (worker killed) and is retried."""
     reap_interval_s: float = Field(default=60.0, gt=0)
     requeue_after_s: int = Field(default=600, ge=5)
-    """A claimed row whose send task has not started after this long is enqueued again (broker lost it)."""
-    dispatch_max_inflight: int = Field(default=5000, ge=1)
-    """Dispatch claims no more rows while this many are claimed but not yet sent (backpressure)."""
+    """A provider whose queued rows no worker has taken for this long is reported (`ALERT:`): is a worker
+    consuming its queue?"""
+    lost_task_s: int = Field(default=30, ge=5)
+    """A queued row whose send task has not started this long after it was put in the broker is enqueued
+    again (the broker lost it, or the worker that held it died); a twin that was only late does nothing."""
+    max_age_s: int = Field(default=3 * 86_400, ge=60)
+    """A row due longer ago than this is not sent: it ends `failed` ("expired")."""
     report_timeout_s: int = Field(default=3 * 86_400, ge=60)
     """Stop waiting for a delivery report after this long; the row keeps `success`."""
     http_timeout_s: float = Field(default=15.0, gt=0)
+    """The longest a provider call may take, connecting and answering together (a total deadline)."""
 
     # --- webhooks -----------------------------------------------------------------------------
     public_url: str | None = None
@@ -120,6 +126,27 @@ class Settings(BaseSettings):
     smsc_system_type: str = ""
     smsc_source_addr: str | None = None
     smsc_rate: float = Field(default=30.0, gt=0)
+
+    # --- per provider: room in the broker, threads, unknown outcomes -----------------------------
+    mobilgroup_max_inflight: int | None = Field(default=None, ge=1)
+    accolades_max_inflight: int | None = Field(default=None, ge=1)
+    ozeki_max_inflight: int | None = Field(default=None, ge=1)
+    smsc_max_inflight: int | None = Field(default=None, ge=1)
+    """Rows of that provider in the broker or being sent at once; the rest wait in the database. Default:
+    `INFLIGHT_SECONDS` of its rate (at least `INFLIGHT_MIN`), see `max_inflight()`."""
+    mobilgroup_threads: int | None = Field(default=None, ge=1)
+    accolades_threads: int | None = Field(default=None, ge=1)
+    ozeki_threads: int | None = Field(default=None, ge=1)
+    smsc_threads: int | None = Field(default=None, ge=1)
+    """Threads of one worker process that may be in a call to that provider at once; see `threads_for()`."""
+    accolades_on_unknown: Literal["resend", "error"] = "resend"
+    ozeki_on_unknown: Literal["resend", "error"] = "resend"
+    smsc_on_unknown: Literal["resend", "error"] = "resend"
+    """A send whose answer never came (timeout, crash): `resend` (the recipient may get it twice) or `error`
+    (it may not get it at all). Mobilgroup has no such setting: it refuses a repeated request id."""
+    mobilgroup_id_prefix: str = Field(default="", pattern=r"^[0-9]{0,6}$")
+    """Digits put before every Mobilgroup request id, so that two deployments on one account never send
+    under the same id; recorded in the database at first start, and a later change refused."""
 
     # --- identical-request rule, per provider -------------------------------------------------
     mobilgroup_identical_s: float = Field(default=60.0, ge=0)
@@ -181,6 +208,28 @@ class Settings(BaseSettings):
             used.add(self.default_provider)
         return used
 
+    def max_inflight(self, provider: str) -> int:
+        """`SMS_<PROVIDER>_MAX_INFLIGHT`, else `INFLIGHT_SECONDS` worth of its rate, at least `INFLIGHT_MIN`:
+        enough to keep its workers busy between two dispatch ticks, little enough that the broker drains it
+        well within `SMS_LOST_TASK_S`."""
+        configured = getattr(self, f"{provider}_max_inflight")
+        return configured or max(INFLIGHT_MIN, math.ceil(getattr(self, f"{provider}_rate") * INFLIGHT_SECONDS))
+
+    def threads_for(self, provider: str, concurrency: int, providers_served: int) -> int:
+        """`SMS_<PROVIDER>_THREADS`, else: a worker serving one provider lets it use all its threads but
+        `THREADS_RESERVED` (kept for the beat tasks); one serving several gives each at most half, so that
+        one provider that hangs leaves the others half the worker."""
+        configured = getattr(self, f"{provider}_threads")
+        if configured:
+            return configured
+        if providers_served <= 1:
+            return max(1, concurrency - THREADS_RESERVED)
+        return max(1, concurrency // 2)
+
+    def resends_unknown(self, provider: str) -> bool:
+        """Whether a send of `provider` whose answer never came is sent again."""
+        return provider == "mobilgroup" or getattr(self, f"{provider}_on_unknown") == "resend"
+
     def poll_after_s(self) -> int:
         if self.mobilgroup_poll_after_s is not None:
             return self.mobilgroup_poll_after_s
@@ -202,6 +251,10 @@ class Settings(BaseSettings):
         for provider in sorted(self.providers_in_use):
             self.require(*REQUIRED_BY_PROVIDER[provider])
 
+
+INFLIGHT_SECONDS = 10
+INFLIGHT_MIN = 20
+THREADS_RESERVED = 2
 
 REQUIRED_BY_PROVIDER = {
     "mobilgroup": ("mobilgroup_url", "mobilgroup_user_id", "mobilgroup_user", "mobilgroup_password"),

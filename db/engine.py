@@ -31,6 +31,9 @@ load that saves two round trips per message, and a connection that worked a mome
 fail on its next statement as on a ping (a MariaDB restart breaks busy connections mid-use anyway; the
 statement's error then invalidates the pool)."""
 
+DB_CONNECT_TIMEOUT_S = 5
+DB_READ_TIMEOUT_S = 60
+
 REACH_RETRY_S = 2.0
 """Pause between two tries of `wait_until_reachable`."""
 
@@ -101,8 +104,13 @@ def _create(url, autocommit: bool = False) -> Engine:
         # pool_size: one connection per thread of a `--pool threads` worker that is in the database at the
         # same moment; connections open on demand, so a prefork child still holds one. Overflow connections
         # would be closed and reopened on every check-in under load.
+        # Timeouts: a database host that drops packets must not hold a thread for minutes (the driver's
+        # default is to wait for ever). The read timeout is above InnoDB's 50 s lock wait.
         engine = create_engine(url, pool_recycle=1800, pool_size=DB_POOL_SIZE, max_overflow=0,
-                               pool_reset_on_return=None, **options)
+                               pool_reset_on_return=None, pool_timeout=30,
+                               connect_args={"connect_timeout": DB_CONNECT_TIMEOUT_S,
+                                             "read_timeout": DB_READ_TIMEOUT_S, "write_timeout": DB_READ_TIMEOUT_S},
+                               **options)
         event.listen(engine, "checkout", _ping_if_idle)
         event.listen(engine, "checkin", _note_return)
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))

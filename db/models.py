@@ -54,11 +54,16 @@ class BatchContact(AsterccBase):
 
 
 class DispatchState:
-    """States of `sms_dispatch.state`. FINAL ones are never left except by an operator's resend."""
+    """States of `sms_dispatch.state`. FINAL ones are never left except by an operator's resend.
 
-    QUEUED = "queued"            # claimed, a send task is (or should be) in the broker
-    SENDING = "sending"          # a worker holds the lease until lease_until
-    RETRY = "retry"              # waiting until next_attempt_at (backoff, throttle, paused account)
+    Only `queued` rows have a task in the broker. A row that waits (for its provider's room, a paused
+    account, a throttle, a backoff) is `waiting` with a `wait_reason` and a `next_attempt_at`: the dispatch
+    tick releases it to the broker when it may be sent, so worker memory and the broker hold at most each
+    provider's `SMS_<PROVIDER>_MAX_INFLIGHT` rows whatever the backlog."""
+
+    QUEUED = "queued"            # a send task is in the broker; next_attempt_at: when it counts as lost
+    SENDING = "sending"          # a worker holds the lease (token: attempts) until lease_until
+    WAITING = "waiting"          # in the database until next_attempt_at, for wait_reason
     ACCEPTED = "accepted"        # the provider took it; asterCC shows success; a report may follow
     DELIVERED = "delivered"      # a report said delivered
     FAILED = "failed"            # cannot be delivered; asterCC failed
@@ -66,7 +71,20 @@ class DispatchState:
     UNCONFIRMED = "unconfirmed"  # accepted, but no report came in time; asterCC keeps success
 
     FINAL = (DELIVERED, FAILED, ERROR, UNCONFIRMED)
-    SENDABLE = (QUEUED, RETRY)
+    OPEN = (QUEUED, SENDING, WAITING)
+    """Claimed and not yet handed to a provider."""
+
+
+class WaitReason:
+    """Why a `waiting` row waits (`sms_dispatch.wait_reason`); `smsctl status` and the metrics group by it."""
+
+    ROOM = "room"                # its provider already has SMS_<PROVIDER>_MAX_INFLIGHT rows in flight
+    PAUSED = "paused"            # its provider's account circuit is open (an account error)
+    THROTTLED = "throttled"      # the rate limit, the identical-request rule, or the provider's own 429
+    RETRY = "retry"              # backoff after a failure that left the provider without the message
+    UNKNOWN = "unknown"          # the last request's answer never came: it may have arrived
+    BUSY = "busy"                # the worker had no thread to spare for this provider, or was stopping
+    PROBE = "probe"              # (on a queued row) the one send that tests a paused account again
 
 
 class Dispatch(Base):
@@ -76,8 +94,10 @@ class Dispatch(Base):
     claim_token: Mapped[str] = mapped_column(String(32))
     provider: Mapped[str | None] = mapped_column(String(16))
     recipient: Mapped[str | None] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), default=DispatchState.QUEUED)
+    state: Mapped[str] = mapped_column(String(16), default=DispatchState.WAITING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Sends started; also the lease's fencing token: an outcome is written only by the holder of the
+    attempt that is current."""
     parts: Mapped[int] = mapped_column(Integer, default=1)
     provider_message_id: Mapped[str | None] = mapped_column(String(255))
     last_error: Mapped[str | None] = mapped_column(String(255))
@@ -89,6 +109,18 @@ class Dispatch(Base):
     polls: Mapped[int] = mapped_column(Integer, default=0)
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """How often an operator sent this row again (set it back to `new` after it was final)."""
+    wait_reason: Mapped[str | None] = mapped_column(String(16))
+    due_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """When asterCC wanted it sent (its `schedulertime`; the claim time for a zero date)."""
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """When this send of the row was claimed: the retry windows count from here."""
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """When the row was last put in the broker after waiting (kept while it is enqueued again)."""
+    unknowns: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Sends of this row whose answer never came (the request may have reached the provider)."""
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Sends that failed (the backoff's exponent, and what `error_msg` counts); `attempts` also counts sends
+    given back unsent (throttled, paused), and never goes down, because it is the lease's fencing token."""
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -97,8 +129,41 @@ class Dispatch(Base):
         Index("ix_sms_dispatch_state_updated", "state", "updated_at"),
         Index("ix_sms_dispatch_poll", "provider", "state", "poll_at"),
         Index("ix_sms_dispatch_recipient", "provider", "recipient"),
+        Index("ix_sms_dispatch_release", "provider", "state", "due_at"),
         {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},
     )
+
+
+class Breaker(Base):
+    """One provider's account circuit: closed (sending), or open after an account error until `open_until`,
+    then one probe send (`probe_row`, until `probe_until`) decides whether its waiting rows are released.
+    In the database, on its clock, like every other decision of the fleet: a Redis restart does not close
+    an open circuit and let a backlog rush at a refusing provider."""
+
+    __tablename__ = "sms_breaker"
+
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    state: Mapped[str] = mapped_column(String(8))           # "open" or "closed"
+    reason: Mapped[str | None] = mapped_column(String(255))
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime)
+    open_until: Mapped[datetime | None] = mapped_column(DateTime)
+    probe_row: Mapped[int | None] = mapped_column(Integer)
+    probe_until: Mapped[datetime | None] = mapped_column(DateTime)
+    trips: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = ({"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},)
+
+
+class Meta(Base):
+    """Facts about this deployment that must not change silently between starts (name → value)."""
+
+    __tablename__ = "sms_meta"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+    __table_args__ = ({"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},)
 
 
 class MessageId(Base):

@@ -16,9 +16,10 @@ import time
 import functools
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -28,9 +29,12 @@ from .models import (
     RESPONSENOTE_MAX,
     BatchContact,
     BatchContactArchive,
+    Breaker,
     Dispatch,
     DispatchState as S,
     MessageId,
+    Meta,
+    WaitReason as W,
 )
 
 # An operator who sets a finished row back to `new` in asterCC asks for a resend; a row must have been
@@ -42,10 +46,13 @@ DEADLOCK = 1213
 
 @dataclass(frozen=True)
 class Claimed:
-    """A row this claimer won: its id and asterCC's `target` exactly as typed."""
+    """A row this claimer won: its id, asterCC's `target` exactly as typed, and how long ago it fell due
+    (seconds, by the database's clock; 0 for an operator's resend) and when (None: a zero date)."""
 
     id: int
     target: str
+    overdue_s: int = 0
+    due_at: object = None
 
 
 @dataclass(frozen=True)
@@ -56,17 +63,12 @@ class SendJob:
     provider: str
     recipient: str
     text: str | None          # None: the archive row is missing
-    attempts: int
-    age_s: int                # seconds since the first attempt
+    token: int                # the lease's fencing token: every outcome written names it
+    failures: int             # failed sends so far, this one not included
+    age_s: int                # seconds since the row was claimed (the retry windows count from here)
     resends: int              # operator resends of this row so far
-
-
-@dataclass(frozen=True)
-class NotYetDue:
-    """The row waits for a retry that falls due in `in_s` seconds by the database's clock: the task that
-    came for it runs early (the worker that scheduled it has a clock behind this one's)."""
-
-    in_s: int
+    unknowns: int             # earlier sends whose answer never came
+    probe: bool               # the one send that tests a paused account
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,17 +93,28 @@ def _fit(text: str, limit: int) -> str:
 # --- dispatch -------------------------------------------------------------------------------------
 
 def due_rows(limit: int):
-    """The query for the ids of up to `limit` due SMS rows, oldest due first: what every dispatch tick
-    asks asterCC's table (`EXPLAIN` it to check the plan; see `schema.add_astercc_index`)."""
-    bc, arc = BatchContact.__table__, BatchContactArchive.__table__
+    """The query for up to `limit` due SMS rows (id, schedulertime), oldest due first: what every dispatch
+    tick asks asterCC's table (`EXPLAIN` it to check the plan; see `schema.add_astercc_index`).
+
+    A row we already hold (a record not final, or final less than `RESEND_AFTER_S` ago) is left out even if
+    asterCC shows it `new` (a claim interrupted between its two steps, an operator who reset a row in
+    flight): such a row cannot be won, and at the head of every claim it would take the claim's room."""
+    bc, arc, d = BatchContact.__table__, BatchContactArchive.__table__, Dispatch.__table__
     return (
-        select(bc.c.id)
-        .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
+        select(bc.c.id, bc.c.schedulertime)
+        .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id)
+                     .outerjoin(d, d.c.batchcontact_id == bc.c.id))
         .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),
-               or_(arc.c.archivetype == "sms", arc.c.id.is_(None)))
+               or_(arc.c.archivetype == "sms", arc.c.id.is_(None)),
+               or_(d.c.batchcontact_id.is_(None), _resendable(d)))
         .order_by(bc.c.schedulertime, bc.c.id)
         .limit(limit)
     )
+
+
+def _resendable(d):
+    """A record whose row an operator may send again (set back to `new`): final, and for a while."""
+    return and_(d.c.state.in_(S.FINAL + (S.ACCEPTED,)), d.c.updated_at <= db_now_plus(-RESEND_AFTER_S))
 
 
 def _errno(exc: OperationalError) -> int | None:
@@ -148,55 +161,160 @@ def claim_due(engine: Engine, limit: int) -> list[Claimed]:
 @retry_lock_conflicts
 def _record_claims(engine: Engine, limit: int, token: str) -> bool:
     with engine.begin() as conn:
-        ids = list(conn.scalars(due_rows(limit)))
-        if not ids:
+        due = conn.execute(due_rows(limit)).all()
+        if not due:
             return False
+        ids = [row.id for row in due]
         # The database's clock is read once and sent as a value: with a SQL function among the values,
         # mysqlclient sends one INSERT per row instead of one for the whole batch.
         now = conn.scalar(select(db_now()))
         conn.execute(_insert_ignore(Dispatch), [
-            {"batchcontact_id": i, "claim_token": token, "state": S.QUEUED, "attempts": 0, "polls": 0,
-             "parts": 1, "created_at": now, "updated_at": now} for i in ids
+            {"batchcontact_id": row.id, "claim_token": token, "state": S.WAITING, "wait_reason": W.ROOM,
+             "attempts": 0, "failures": 0, "unknowns": 0, "polls": 0, "parts": 1,
+             "due_at": row.schedulertime or now, "claimed_at": now, "next_attempt_at": None,
+             "created_at": now, "updated_at": now} for row in due
         ])
         # Rows already in sms_dispatch and final for a while, yet `new` again in asterCC: a resend.
-        resent = (Dispatch.batchcontact_id.in_(ids), Dispatch.state.in_(S.FINAL + (S.ACCEPTED,)),
-                  Dispatch.updated_at <= db_now_plus(-RESEND_AFTER_S))
+        d = Dispatch.__table__
+        resent = (d.c.batchcontact_id.in_(ids), _resendable(d))
         # The earlier send's provider ids go with it: a receipt that names one (smsc.ru's come late, or
         # again) is about that send and must not be taken for the new one's.
         conn.execute(delete(MessageId).where(
-            MessageId.batchcontact_id.in_(select(Dispatch.batchcontact_id).where(*resent))))
+            MessageId.batchcontact_id.in_(select(d.c.batchcontact_id).where(*resent))))
         conn.execute(
-            update(Dispatch)
+            update(d)
             .where(*resent)
-            .values(claim_token=token, state=S.QUEUED, attempts=0, polls=0, provider=None,
-                    resends=Dispatch.resends + 1,
-                    provider_message_id=None, last_error=None, first_attempt_at=None,
-                    next_attempt_at=None, lease_until=None, accepted_at=None, poll_at=None,
-                    updated_at=db_now())
+            .values(claim_token=token, state=S.WAITING, wait_reason=W.ROOM, attempts=0, failures=0, unknowns=0,
+                    polls=0, provider=None, resends=d.c.resends + 1, provider_message_id=None, last_error=None,
+                    first_attempt_at=None, next_attempt_at=None, lease_until=None, accepted_at=None,
+                    poll_at=None, queued_at=None, due_at=now, claimed_at=now, updated_at=now)
         )
     return True
 
 
 @retry_lock_conflicts
 def _take_won(engine: Engine, token: str) -> list[Claimed]:
-    bc = BatchContact.__table__
+    bc, d = BatchContact.__table__, Dispatch.__table__
     with engine.begin() as conn:
-        won = list(conn.scalars(select(Dispatch.batchcontact_id).where(Dispatch.claim_token == token)))
+        won = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.claim_token == token)))
         if not won:
             return []
         conn.execute(update(BatchContact).where(BatchContact.id.in_(won), BatchContact.status == "new")
                      .values(status="pending"))
         # Oldest due first, so that a backlog drains in due order within a batch too.
-        rows = conn.execute(select(bc.c.id, bc.c.target).where(bc.c.id.in_(won))
-                            .order_by(bc.c.schedulertime, bc.c.id))
-        return [Claimed(r.id, r.target or "") for r in rows]
+        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.c.due_at).label("overdue_s"), d.c.due_at)
+                            .join(d, d.c.batchcontact_id == bc.c.id).where(bc.c.id.in_(won))
+                            .order_by(d.c.due_at, bc.c.id))
+        return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at) for r in rows]
 
 
-def count_inflight(engine: Engine) -> int:
-    """Rows claimed but not yet handed to a provider (queued, sending, waiting to retry)."""
-    with engine.connect() as conn:
-        return conn.scalar(select(func.count()).select_from(Dispatch)
-                           .where(Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY))))
+# --- release: from waiting in the database to the broker ------------------------------------------
+
+@dataclass(frozen=True)
+class ProviderLoad:
+    """One provider's rows in flight (`queued` + `sending`) and how long the oldest `queued` one has been
+    in the broker (None: none is)."""
+
+    inflight: int
+    oldest_queued_s: int | None
+
+
+def provider_load(engine: Engine, provider: str) -> ProviderLoad:
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        row = conn.execute(
+            select(func.count(), func.max(case((d.c.state == S.QUEUED, seconds_since(d.c.queued_at)))))
+            .where(d.c.provider == provider, d.c.state.in_((S.QUEUED, S.SENDING)))).one()
+    return ProviderLoad(row[0] or 0, row[1])
+
+
+@retry_lock_conflicts
+def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, limit: int) -> tuple[list[int], int]:
+    """Queued rows of `provider` whose task has not started `requeue_s` after it was put in the broker: the
+    broker lost it (a Redis restart without persistence, a worker killed with what it had prefetched) or no
+    worker takes that queue. Each is given `requeue_s` more and returned, to be enqueued again (a task that
+    was only late finds the row taken by its twin and does nothing). Rows claimed more than `window_s` ago
+    end `error` instead. Returns (ids to enqueue again, how many ended)."""
+    d = Dispatch.__table__
+    lost = and_(d.c.provider == provider, d.c.state == S.QUEUED, d.c.next_attempt_at <= db_now())
+    with engine.begin() as conn:
+        rows = conn.execute(select(d.c.batchcontact_id, (seconds_since(d.c.claimed_at) > window_s).label("old"))
+                            .where(lost).limit(limit).with_for_update(skip_locked=True)).all()
+        again = [r.batchcontact_id for r in rows if not r.old]
+        if again:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(again), lost)
+                         .values(next_attempt_at=db_now_plus(requeue_s)))
+    ended = [r.batchcontact_id for r in rows if r.old]
+    for row_id in ended:
+        finish_error(engine, row_id, f"no worker took it from queue send.{provider} (is a worker for it running?)")
+    return again, len(ended)
+
+
+@retry_lock_conflicts
+def expire_leases(engine: Engine, provider: str, *, resend: bool, limit: int) -> tuple[int, list[int]]:
+    """Sending rows of `provider` whose lease ran out: their worker died or hung, and whether their request
+    reached the provider is unknown. With `resend` they wait (reason `unknown`) to be sent again; else they
+    end `error`. Returns (how many wait again, the ids that ended)."""
+    d = Dispatch.__table__
+    expired = and_(d.c.provider == provider, d.c.state == S.SENDING, d.c.lease_until < db_now())
+    with engine.begin() as conn:
+        ids = list(conn.scalars(select(d.c.batchcontact_id).where(expired).limit(limit)
+                                .with_for_update(skip_locked=True)))
+        if ids and resend:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), expired)
+                         .values(state=S.WAITING, wait_reason=W.UNKNOWN, unknowns=d.c.unknowns + 1,
+                                 next_attempt_at=db_now(), lease_until=None, updated_at=db_now(),
+                                 last_error="no answer: the worker sending it stopped (its lease ran out)"))
+    if resend:
+        return len(ids), []
+    for row_id in ids:
+        _finish(engine, row_id, S.ERROR, "error",
+                f"{provider} may or may not have this message: the worker sending it stopped before the answer "
+                f"came (SMS_{provider.upper()}_ON_UNKNOWN=error)", states=(S.SENDING,), unknown=True)
+    return 0, ids
+
+
+@retry_lock_conflicts
+def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *, probe: bool = False) -> list[int]:
+    """Move up to `limit` waiting rows of `provider` that are due (oldest due first) to `queued`, to be put in
+    the broker, which gives them `requeue_s` to start. With `probe`, the one row is the probe of a paused
+    account: the oldest waiting, whatever it waits for. Returns their ids."""
+    if limit <= 0:
+        return []
+    d = Dispatch.__table__
+    # NULL: waiting since its claim, for its provider's room.
+    ready = and_(d.c.provider == provider, d.c.state == S.WAITING,
+                 true() if probe else or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= db_now()))
+    token = uuid.uuid4().hex
+    with engine.begin() as conn:
+        ids = list(conn.scalars(select(d.c.batchcontact_id).where(ready).order_by(d.c.due_at, d.c.batchcontact_id)
+                                .limit(limit).with_for_update(skip_locked=True)))
+        if not ids:
+            return []
+        moved = conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), ready)
+                             .values(state=S.QUEUED, claim_token=token, wait_reason=W.PROBE if probe else None,
+                                     next_attempt_at=db_now_plus(requeue_s), queued_at=db_now(),
+                                     updated_at=db_now())).rowcount
+        if moved != len(ids):  # another releaser took some (SQLite has no row locks): keep what this one won
+            ids = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.claim_token == token,
+                                                                      d.c.state == S.QUEUED)))
+    return ids
+
+
+def waiting_summary(engine: Engine) -> dict[str, dict[str, int]]:
+    """Open rows by provider, then by `queued`, `sending` or the wait reason: for the tick's log line, the
+    metrics and `smsctl status`."""
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(d.c.provider, d.c.state, d.c.wait_reason, func.count())
+                            .where(d.c.state.in_(S.OPEN))
+                            .group_by(d.c.provider, d.c.state, d.c.wait_reason)).all()
+    summary: dict[str, dict[str, int]] = {}
+    for provider, state, reason, n in rows:
+        key = reason if state == S.WAITING else state
+        bucket = summary.setdefault(provider or "unrouted", {})
+        bucket[key or state] = bucket.get(key or state, 0) + n
+    return summary
 
 
 ROUTES_PER_STATEMENT = 512
@@ -242,23 +360,23 @@ def _set_routes(size: int):
 # --- send -----------------------------------------------------------------------------------------
 
 @retry_lock_conflicts
-def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | NotYetDue | None:
-    """Take the send lease on a row (compare-and-set) and load what the send needs, in one transaction (one
-    round trip on MariaDB: `_in_one_trip`).
+def begin_send(engine: Engine, row_id: int, lease_s: int) -> SendJob | None:
+    """Take the send lease on a queued row (compare-and-set) and load what the send needs, in one
+    transaction (one round trip on MariaDB: `_in_one_trip`).
 
-    Returns None when the row is not ours to send now: already sending under a live lease, accepted or
-    final. That is what makes a redelivered or duplicated task a no-op. `NotYetDue` when it waits for a
-    retry that is not due yet by the database's clock."""
+    Returns None when the row is not ours to send now: not queued (waiting, already sending, accepted or
+    final). That is what makes a redelivered, duplicated or stale task a no-op. The job's `token` fences
+    every outcome this send writes: should the lease run out and another send take the row, the late
+    writes change nothing."""
     (taken, _), (_, rows) = _in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id)
-    if not rows:
+    if not taken or not rows:
         return None
-    provider, recipient, attempts, resends, age_s, astercc_id, content, state, due_in_s = rows[0]
-    if not taken:
-        return NotYetDue(due_in_s) if state in S.SENDABLE and (due_in_s or 0) > 0 else None
+    provider, recipient, attempts, failures, resends, unknowns, age_s, astercc_id, content, reason = rows[0]
     if astercc_id is None:  # asterCC's row vanished under us
-        finish_failed(engine, row_id, "the SMS row was deleted before it could be sent")
+        finish_failed(engine, row_id, "the SMS row was deleted before it could be sent", token=attempts)
         return None
-    return SendJob(row_id, provider, recipient or "", content, attempts, age_s or 0, resends)
+    return SendJob(row_id, provider, recipient or "", content, attempts, failures, age_s or 0, resends, unknowns,
+                   reason == W.PROBE)
 
 
 # The statements of every send are built once (per lease or poll delay) with the row id as a parameter,
@@ -361,12 +479,7 @@ def _take_lease(lease_s: int):
     d = Dispatch
     return (
         update(d)
-        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None), or_(
-            # Not `in_()`: its list is expanded at each execution, which `_run` does not do.
-            and_(or_(*(d.state == state for state in S.SENDABLE)),
-                 or_(d.next_attempt_at.is_(None), d.next_attempt_at <= db_now_plus(2))),
-            and_(d.state == S.SENDING, d.lease_until < db_now()),
-        ))
+        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None), d.state == S.QUEUED)
         .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
                 first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())
     )
@@ -376,22 +489,27 @@ def _take_lease(lease_s: int):
 def _send_job():
     d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
     return (
-        select(d.provider, d.recipient, d.attempts, d.resends, seconds_since(d.first_attempt_at).label("age_s"),
-               bc.c.id.label("astercc_id"), arc.c.content, d.state,
-               (-seconds_since(d.next_attempt_at)).label("due_in_s"))
+        select(d.provider, d.recipient, d.attempts, d.failures, d.resends, d.unknowns,
+               seconds_since(d.claimed_at).label("age_s"), bc.c.id.label("astercc_id"), arc.c.content,
+               d.wait_reason)
         .select_from(d.__table__.outerjoin(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
-        .where(d.batchcontact_id == bindparam("row_id"))
+        .where(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING)
     )
+
+
+def _holds_lease(d):
+    """The row is being sent under the lease whose token is the `token` parameter."""
+    return and_(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING, d.attempts == bindparam("token"))
 
 
 @functools.lru_cache(maxsize=None)
 def _accept(poll_after_s: int | None):
     d = Dispatch
     return (
-        update(d).where(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING)
+        update(d).where(_holds_lease(d))
         .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"), parts=bindparam("p_parts"),
-                accepted_at=db_now(), lease_until=None, last_error=None, updated_at=db_now(),
+                accepted_at=db_now(), lease_until=None, last_error=None, wait_reason=None, updated_at=db_now(),
                 poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
     )
 
@@ -417,63 +535,84 @@ def _index_ids(count: int):
 
 
 @retry_lock_conflicts
-def record_accepted(engine: Engine, row_id: int, provider_message_ids: list[str], parts: int,
-                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> None:
+def record_accepted(engine: Engine, row_id: int, token: int, provider_message_ids: list[str], parts: int,
+                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> bool:
     """`provider` took the message: asterCC `success` with `contacttime`; the provider's ids go on the
     dispatch record, and with `index_ids` also into `sms_message_ids`, where a report naming only one of
     them finds its row (a statement per message saved for providers whose reports carry our reference).
 
     A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
-    and only `contacttime` is filled in. One transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    and only `contacttime` is filled in. Returns False when the lease `token` is no longer current (the
+    lease ran out and the row was taken again): the row is left as the current holder has it. One
+    transaction (one round trip on MariaDB: `_in_one_trip`)."""
     indexed = provider_message_ids if index_ids else []
     statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s), _contacted())
-    _in_one_trip(engine, statements, row_id=row_id, provider=provider, p_parts=parts,
-                 p_ids=_fit(",".join(provider_message_ids), 255) or None,
-                 **{f"m{k}": m for k, m in enumerate(indexed)})
+    results = _in_one_trip(engine, statements, row_id=row_id, token=token, provider=provider, p_parts=parts,
+                           p_ids=_fit(",".join(provider_message_ids), 255) or None,
+                           **{f"m{k}": m for k, m in enumerate(indexed)})
+    if results[-2][0]:
+        return True
+    with autocommit_twin(engine).connect() as conn:  # lost the fence, or a report finished the row first
+        return conn.scalar(select(Dispatch.state).where(Dispatch.batchcontact_id == row_id)) in S.FINAL
 
 
-def finish_failed(engine: Engine, row_id: int, reason: str) -> None:
+def finish_failed(engine: Engine, row_id: int, reason: str, *, token: int | None = None) -> bool:
     """The message can never be sent as it is: asterCC `failed` with the reason (unless a delivery report
-    has already finished the row)."""
-    _finish(engine, row_id, S.FAILED, "failed", reason)
+    has already finished the row). With `token`, only while that send's lease is current. Returns whether
+    the row moved."""
+    return _finish(engine, row_id, S.FAILED, "failed", reason, token=token)
 
 
-def finish_error(engine: Engine, row_id: int, reason: str) -> None:
+def finish_error(engine: Engine, row_id: int, reason: str, *, token: int | None = None,
+                 unknown: bool = False) -> bool:
     """We gave up on a technical failure: asterCC `error` with the reason (unless a delivery report has
-    already finished the row)."""
-    _finish(engine, row_id, S.ERROR, "error", reason)
+    already finished the row). With `token`, only while that send's lease is current; `unknown` counts one
+    more send whose answer never came."""
+    return _finish(engine, row_id, S.ERROR, "error", reason, token=token, unknown=unknown)
 
 
 @retry_lock_conflicts
-def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str) -> None:
+def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str, *, token: int | None = None,
+            states: tuple[str, ...] = S.OPEN, unknown: bool = False) -> bool:
     # Only a row not yet accepted or final: a delivery report may have finished it while its send was still
     # failing (a callback that beat our timeout), and a final outcome is never overwritten.
+    d = Dispatch
+    where = [d.batchcontact_id == row_id, d.state.in_(states)]
+    if token is not None:
+        where += [d.state == S.SENDING, d.attempts == token]
+    values = dict(state=state, last_error=_fit(reason, 255), lease_until=None, wait_reason=None, updated_at=db_now())
+    if unknown:
+        values["unknowns"] = d.unknowns + 1
     with engine.begin() as conn:
-        moved = conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id,
-                                                    Dispatch.state.in_((S.QUEUED, S.SENDING, S.RETRY)))
-                             .values(state=state, last_error=_fit(reason, 255), lease_until=None,
-                                     updated_at=db_now()))
+        moved = conn.execute(update(d).where(*where).values(**values))
         if moved.rowcount:
             conn.execute(update(BatchContact).where(BatchContact.id == row_id)
                          .values(status=status, error_msg=_fit(reason, ERROR_MSG_MAX)))
+    return bool(moved.rowcount)
 
 
 @retry_lock_conflicts
-def schedule_retry(engine: Engine, row_id: int, delay_s: float, reason: str, *, count_attempt: bool) -> None:
-    """Give the lease back; the row may be sent again after `delay_s`. A throttled or paused send is not
-    a failed attempt (`count_attempt=False` takes back the attempt `begin_send` counted)."""
+def wait_again(engine: Engine, row_id: int, token: int, delay_s: float, reason: str, wait_reason: str, *,
+               failed: bool = False, unknown: bool = False) -> bool:
+    """Give the lease back: the row waits in the database (`wait_reason`, shown with `reason`) and is
+    released to the broker again after `delay_s`. `failed` counts a failed send (the backoff's exponent),
+    `unknown` a send whose answer never came. Only while the lease `token` is current; returns whether the
+    row moved."""
     d = Dispatch
-    values = dict(state=S.RETRY, next_attempt_at=db_now_plus(delay_s), lease_until=None,
+    values = dict(state=S.WAITING, wait_reason=wait_reason, next_attempt_at=db_now_plus(delay_s), lease_until=None,
                   last_error=_fit(reason, 255), updated_at=db_now())
-    if not count_attempt:
-        values["attempts"] = case((d.attempts > 0, d.attempts - 1), else_=0)
+    if failed:
+        values["failures"] = d.failures + 1
+    if unknown:
+        values["unknowns"] = d.unknowns + 1
     with engine.begin() as conn:
-        conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.SENDING).values(**values))
+        return bool(conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.SENDING,
+                                                 d.attempts == token).values(**values)).rowcount)
 
 
 # --- delivery reports -----------------------------------------------------------------------------
 
-OPEN_TO_REPORTS = (S.ACCEPTED, S.SENDING, S.RETRY)
+OPEN_TO_REPORTS = (S.ACCEPTED, S.SENDING, S.WAITING, S.QUEUED)
 """States a delivery report may move a row out of (forward-only)."""
 
 
@@ -600,14 +739,13 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
 @retry_lock_conflicts
 def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     """Rows claimed more than `grace_s` ago and never routed: their dispatch died (or lost the database)
-    between claiming and routing them. Left alone they would never be sent, and while still `new` in
-    asterCC they would take the head of every claim without being won. Marks them `pending` in asterCC and
-    touches their record (so the next sweep leaves them to this one); the caller routes and enqueues them."""
+    between claiming and routing them, and left alone they would never be sent. Marks them `pending` in
+    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them.""" 
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
-        rows = conn.execute(select(bc.c.id, bc.c.target)
+        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at)
                             .join(d, d.batchcontact_id == bc.c.id)
-                            .where(d.state == S.QUEUED, d.provider.is_(None), d.updated_at <= db_now_plus(-grace_s))
+                            .where(d.state == S.WAITING, d.provider.is_(None), d.updated_at <= db_now_plus(-grace_s))
                             .order_by(bc.c.schedulertime, bc.c.id).limit(limit)).all()
         if not rows:
             return []
@@ -615,28 +753,7 @@ def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
         conn.execute(update(d).where(d.batchcontact_id.in_(ids)).values(updated_at=db_now()))
         conn.execute(update(BatchContact).where(BatchContact.id.in_(ids), BatchContact.status == "new")
                      .values(status="pending"))
-    return [Claimed(r.id, r.target or "") for r in rows]
-
-
-@retry_lock_conflicts
-def find_stuck(engine: Engine, grace_s: int, limit: int) -> list[tuple[int, str]]:
-    """Rows whose send task must have been lost: queued or due for retry more than `grace_s` ago, or
-    sending with an expired lease (worker killed). Returns (row id, provider) and marks them retry-now so
-    the next sweep does not pick them up again before their task ran."""
-    d = Dispatch
-    stuck = or_(
-        and_(d.state == S.QUEUED, d.updated_at <= db_now_plus(-grace_s)),
-        and_(d.state == S.RETRY, d.next_attempt_at <= db_now_plus(-grace_s)),
-        and_(d.state == S.SENDING, d.lease_until < db_now()),
-    )
-    with engine.begin() as conn:
-        rows = conn.execute(select(d.batchcontact_id, d.provider)
-                            .where(stuck, d.provider.is_not(None)).limit(limit)).all()
-        if rows:
-            conn.execute(update(d).where(d.batchcontact_id.in_([r[0] for r in rows]), stuck)
-                         .values(state=S.RETRY, next_attempt_at=db_now(), lease_until=None,
-                                 updated_at=db_now()))
-    return [(r[0], r[1]) for r in rows]
+    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at) for r in rows]
 
 
 @retry_lock_conflicts
@@ -659,3 +776,129 @@ def counts(engine: Engine, ids: Iterable[int] | None = None) -> dict[str, int]:
         query = query.where(BatchContact.id.in_(list(ids)))
     with engine.connect() as conn:
         return {status: n for status, n in conn.execute(query)}
+
+
+# --- provider account circuits --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BreakerState:
+    """A provider's account circuit as the database's clock sees it now."""
+
+    provider: str
+    open: bool
+    reason: str | None = None
+    open_for_s: int = 0           # until the pause ends (0: ended: a probe may go)
+    probing: bool = False         # a probe send is under way
+    opened_s_ago: int | None = None
+    trips: int = 0
+
+
+def breaker_states(engine: Engine) -> dict[str, BreakerState]:
+    """Every provider's circuit (a provider never tripped is closed and absent)."""
+    b = Breaker.__table__
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(b.c.provider, b.c.state, b.c.reason, (-seconds_since(b.c.open_until)).label("left"),
+                                   (-seconds_since(b.c.probe_until)).label("probe_left"),
+                                   seconds_since(b.c.opened_at).label("ago"), b.c.trips)).all()
+    return {r.provider: BreakerState(r.provider, r.state == "open", r.reason, max(r.left or 0, 0),
+                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0) for r in rows}
+
+
+@retry_lock_conflicts
+def trip_breaker(engine: Engine, provider: str, seconds: float, reason: str) -> bool:
+    """Open `provider`'s circuit for `seconds` (again, if it is open: a failed probe, or a send that left
+    before the circuit opened). Returns True if it was closed until now."""
+    b = Breaker.__table__
+    values = dict(reason=_fit(reason, 255), open_until=db_now_plus(seconds), probe_row=None, probe_until=None,
+                  trips=b.c.trips + 1, updated_at=db_now())
+    with engine.begin() as conn:
+        now = conn.scalar(select(db_now()))
+        conn.execute(_insert_ignore(Breaker).values(provider=provider, state="closed", trips=0, updated_at=now))
+        opened = conn.execute(update(b).where(b.c.provider == provider, b.c.state == "closed")
+                              .values(state="open", opened_at=db_now(), **values)).rowcount
+        if not opened:
+            conn.execute(update(b).where(b.c.provider == provider).values(**values))
+    return bool(opened)
+
+
+@retry_lock_conflicts
+def take_probe(engine: Engine, provider: str, lease_s: int) -> bool:
+    """Whether the caller may send the one probe of `provider`'s open circuit now: its pause is over and no
+    other probe is under way (one holds it for `lease_s`)."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            update(b).where(b.c.provider == provider, b.c.state == "open", b.c.open_until <= db_now(),
+                            or_(b.c.probe_until.is_(None), b.c.probe_until < db_now()))
+            .values(probe_until=db_now_plus(lease_s), updated_at=db_now())).rowcount)
+
+
+@retry_lock_conflicts
+def drop_probe(engine: Engine, provider: str) -> None:
+    """The probe taken with `take_probe` was not sent (no row waited): the next tick may take it again."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        conn.execute(update(b).where(b.c.provider == provider).values(probe_until=None))
+
+
+@retry_lock_conflicts
+def close_breaker(engine: Engine, provider: str) -> bool:
+    """`provider`'s account works again: its circuit closes, and the rows that waited for it are due now.
+    Returns True if its circuit was open until now."""
+    b, d = Breaker.__table__, Dispatch.__table__
+    with engine.begin() as conn:
+        closed = conn.execute(
+            update(b).where(b.c.provider == provider, b.c.state == "open")
+            .values(state="closed", open_until=None, probe_row=None, probe_until=None, updated_at=db_now())).rowcount
+        if closed:
+            conn.execute(update(d).where(d.c.provider == provider, d.c.state == S.WAITING,
+                                         d.c.wait_reason == W.PAUSED).values(next_attempt_at=None))
+    return bool(closed)
+
+
+def recent_refusals(engine: Engine, provider: str, reason: str, within_s: int) -> int:
+    """How many rows of `provider` ended `failed` with exactly `reason` in the last `within_s` seconds: an
+    error that could be about one message counts as the account's once different messages meet it."""
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        return conn.scalar(select(func.count()).where(
+            d.c.provider == provider, d.c.state == S.FAILED, d.c.last_error == _fit(reason, 255),
+            d.c.updated_at >= db_now_plus(-within_s))) or 0
+
+
+# --- deployment facts -----------------------------------------------------------------------------
+
+@retry_lock_conflicts
+def remember(engine: Engine, name: str, value: str) -> str:
+    """Record `value` under `name` unless something is recorded already; returns what is recorded."""
+    with engine.begin() as conn:
+        conn.execute(_insert_ignore(Meta).values(name=name, value=value))
+        return conn.scalar(select(Meta.value).where(Meta.name == name))
+
+
+def db_clock_offset_s(engine: Engine) -> float:
+    """This host's clock minus the database's, in seconds (both read as local wall time)."""
+    with engine.connect() as conn:
+        before = time.time()
+        db = conn.scalar(select(db_now()))
+        after = time.time()
+    if isinstance(db, str):  # SQLite gives text
+        db = datetime.fromisoformat(db)
+    local = datetime.fromtimestamp((before + after) / 2)
+    return (local - db).total_seconds()
+
+
+@retry_lock_conflicts
+def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit: int = 1000) -> int:
+    """Waiting rows of `provider` claimed more than `window_s` ago end `error` with `reason` (its account
+    stayed in trouble all that time). Returns how many."""
+    d = Dispatch.__table__
+    old = and_(d.c.provider == provider, d.c.state == S.WAITING, d.c.claimed_at <= db_now_plus(-window_s))
+    with engine.begin() as conn:
+        ids = list(conn.scalars(select(d.c.batchcontact_id).where(old).limit(limit).with_for_update(skip_locked=True)))
+        if ids:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), old)
+                         .values(state=S.ERROR, wait_reason=None, last_error=_fit(reason, 255), updated_at=db_now()))
+            conn.execute(update(BatchContact).where(BatchContact.id.in_(ids))
+                         .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
+    return len(ids)

@@ -111,7 +111,8 @@ def _raise_for_answer(answer: Answer) -> None:
         if code == "403.6":
             raise AccountError("Accolades has temporarily blacklisted our IP address after invalid requests "
                                f"(code {code}); check the account settings and wait")
-        raise AccountError(f"Accolades forbids this request: {said} (code {code})")
+        # A refusal we cannot tell from one about this message (a number it will not send to, say).
+        raise AccountError(f"Accolades forbids this request: {said} (code {code})", by_nature=False)
     if status == 404 or 300 <= status < 400:
         raise AccountError(f"Accolades does not know this address: check SMS_ACCOLADES_URL and "
                            f"SMS_ACCOLADES_ACCOUNT ({said}, code {code})")
@@ -119,7 +120,7 @@ def _raise_for_answer(answer: Answer) -> None:
         raise ThrottledError(f"Accolades asks us to slow down: {said}",
                              retry_after=retry_after(answer.headers.get("Retry-After")))
     if 400 <= status < 500:
-        raise AccountError(f"Accolades refused our request: {said} (HTTP {status}, code {code})")
+        raise AccountError(f"Accolades refused our request: {said} (HTTP {status}, code {code})", by_nature=False)
     raise TransientError(f"Accolades gave an answer we do not understand (HTTP {answer.status})")
 
 

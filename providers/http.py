@@ -1,6 +1,7 @@
 """What the HTTP provider clients (Mobilgroup, Accolades, Ozeki) share: one keep-alive session per client,
-answers read with a size cap, and network failures reported as `TransientError` in words that never quote
-the request URL (Ozeki's carries the password).
+answers read with a size cap under one total deadline, and network failures reported in words that never
+quote the request URL (Ozeki's carries the password): `TransientError` when the request cannot have reached
+the provider (refused, no route, connect timeout), `UnknownOutcome` when it left and no answer came.
 """
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import requests
+import time
 
-from providers.base import OutgoingMessage, TransientError
+import requests
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util import Timeout
+
+from providers.base import OutgoingMessage, TransientError, UnknownOutcome
 from providers.text import check_parts
 
 # urllib3 logs every request line, query string included, at DEBUG, and the whole URL in a WARNING when an
@@ -21,6 +26,8 @@ logging.getLogger("urllib3.connection").setLevel(logging.ERROR)
 
 MAX_ANSWER_BYTES = 64 * 1024
 """Real answers are a few hundred bytes; anything near this is not the provider's reply."""
+CONNECT_TIMEOUT_S = 5.0
+"""At most this of the deadline goes to opening the connection."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,11 @@ class HttpClient:
 
     def _request(self, method: str, url: str, *, params: Mapping[str, str] | None = None,
                  data: bytes | Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None) -> Answer:
-        """One request, redirects not followed; raises `TransientError` for a timeout, a network failure
-        or an oversized answer. What it sends is what `session.request` would send."""
+        """One request, redirects not followed, answered within `timeout` seconds in all (connecting,
+        sending, reading: a total deadline, so that a provider dribbling its answer cannot hold a thread
+        longer). Raises `TransientError` when the request cannot have reached the provider or the answer is
+        oversized, `UnknownOutcome` when it left and its answer did not come in time or the connection broke.
+        What it sends is what `session.request` would send."""
         base, settings = self._base(method, url, headers)
         prepared = base.copy()
         if params:
@@ -54,19 +64,28 @@ class HttpClient:
             prepared.prepare_body(data, None)
         if self._session.cookies:
             prepared.prepare_cookies(self._session.cookies)
+        deadline = time.monotonic() + self.timeout
+        # urllib3's `total` bounds connect and every read together; the body loop checks it between chunks.
+        timeout = Timeout(connect=min(CONNECT_TIMEOUT_S, self.timeout), total=self.timeout)
         try:
-            with self._session.send(prepared, timeout=self.timeout, allow_redirects=False, **settings) as response:
+            with self._session.send(prepared, timeout=timeout, allow_redirects=False, **settings) as response:
                 body = b""
-                for chunk in response.iter_content(8192):
+                # read1: at most one receive per call, so the deadline is checked however slowly bytes come.
+                while chunk := response.raw.read1(8192, decode_content=True):
                     body += chunk
                     if len(body) > MAX_ANSWER_BYTES:
                         raise TransientError(f"unreadable answer from {self.label} (far too large)")
+                    if time.monotonic() > deadline:
+                        raise UnknownOutcome(f"{self.label} did not finish answering within {self.timeout:g} s")
                 return Answer(response.status_code, response.headers, body)
-        except requests.Timeout:
-            raise TransientError(f"{self.label} did not answer within {self.timeout:g} s") from None
         except requests.RequestException as exc:
             # `from None`: the library's message names the URL, and with it possibly a password.
-            raise TransientError(f"could not reach {self.label} ({type(exc).__name__})") from None
+            if _never_left(exc):
+                raise TransientError(f"could not reach {self.label} ({type(exc).__name__})") from None
+            if isinstance(exc, requests.Timeout):
+                raise UnknownOutcome(f"{self.label} did not answer within {self.timeout:g} s") from None
+            raise UnknownOutcome(f"the connection to {self.label} broke before its answer "
+                                 f"({type(exc).__name__})") from None
 
     def _base(self, method: str, url: str, headers: Mapping[str, str] | None) -> tuple[requests.PreparedRequest, dict]:
         """The request for `method`, `url` and `headers` as the session prepares it, without body, query or
@@ -105,6 +124,16 @@ class PartBilledClient(HttpClient):
 
     def number(self, recipient: str) -> str:
         return ("+" if self.plus_prefix else "") + recipient
+
+
+def _never_left(exc: requests.RequestException) -> bool:
+    """Whether the request failed before any of it could reach the provider: the connection was refused,
+    timed out while connecting, or the name did not resolve."""
+    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+        return True
+    cause = exc.args[0] if exc.args else None
+    reason = getattr(cause, "reason", cause)  # MaxRetryError wraps what happened
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError, NameResolutionError))
 
 
 def retry_after(header: str | None) -> float:

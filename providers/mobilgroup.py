@@ -51,16 +51,16 @@ class AlreadySentError(PermanentError):
     other command treats it as the `PermanentError` it is."""
 
 
-ERRORS: dict[int, tuple[type[ProviderError], str]] = {
+ERRORS: dict[int, tuple] = {
     1: (PermanentError, "the provider could not parse the request"),
     # 2 and 6 cannot come from one message's content (every request carries every mandatory field, and
     # the command is ours): the URL or the API's version is wrong for every message. Pause, do not fail.
-    2: (AccountError, "the provider says a mandatory parameter is missing (check SMS_MOBILGROUP_URL)"),
+    2: (AccountError, "the provider says a mandatory parameter is missing (check SMS_MOBILGROUP_URL)", False),
     3: (AccountError, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
     4: (AccountError, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
                       "SMS_MOBILGROUP_PASSWORD)"),
     5: (AccountError, "the account is blocked by the provider"),
-    6: (AccountError, "the provider does not know the command (check SMS_MOBILGROUP_URL)"),
+    6: (AccountError, "the provider does not know the command (check SMS_MOBILGROUP_URL)", False),
     7: (AlreadySentError, "the provider already has a request with this id"),
     8: (PermanentError, "the provider rejected the recipient number"),
     9: (AccountError, "not enough money on the account"),
@@ -68,7 +68,9 @@ ERRORS: dict[int, tuple[type[ProviderError], str]] = {
     11: (PermanentError, "the provider rejected the schedule time"),
     12: (PermanentError, "the provider has no request with this id"),
 }
-"""Mobilgroup error code -> (what we raise, operator-readable words)."""
+"""Mobilgroup error code -> (what we raise, operator-readable words[, whether an account error is one by
+nature: 2 and 6 could only be the account's, but a message that somehow breaks the request could meet them
+too, so they pause the account only once several messages meet them])."""
 
 DEST_STATUSES: dict[str, tuple[str, str]] = {
     "0": ("accepted", ""),
@@ -191,7 +193,8 @@ class MobilgroupClient(HttpClient):
 
     def send(self, message: OutgoingMessage) -> Accepted:
         """Send `message` with our row id as the request id; a resend of an id the provider already has
-        returns `Accepted(already_sent=True)`."""
+        returns `Accepted(already_sent=True)` once a status request confirms that the request under that id
+        is to this recipient (`confirm_already_sent`)."""
         fields = [("phone", message.recipient), ("message", message.text), ("id", str(message.reference))]
         if self.sender:
             fields.append(("sender", self.sender))
@@ -199,8 +202,26 @@ class MobilgroupClient(HttpClient):
         try:
             self._call("send", fields, expect_id=message.reference)
         except AlreadySentError:
+            self.confirm_already_sent(message)
             return Accepted(provider_message_id=str(message.reference), already_sent=True)
         return Accepted(provider_message_id=str(message.reference))
+
+    def confirm_already_sent(self, message: OutgoingMessage) -> None:
+        """Error 7 says the provider has a request under this id; it is ours only if that request went to
+        this recipient. Another sender on the account using the same ids (a staging copy, a second
+        deployment without its own `SMS_MOBILGROUP_ID_PREFIX`), or ids used again after our records were
+        pruned, would otherwise pass for a message that was sent. Raises `PermanentError` for another
+        recipient's request, `TransientError` when the provider cannot say (ask again later)."""
+        try:
+            answer = self._call("status", [("id", str(message.reference)), ("extended", "1")],
+                                expect_id=message.reference)
+        except PermanentError:  # error 12 right after error 7: the provider contradicts itself
+            raise TransientError("Mobilgroup said it already had this request id, then that it has none") from None
+        phone = _value(answer, "extended/dest/phone") if answer.find("extended/dest") is not None else None
+        if phone is not None and re.sub(r"\D", "", phone) != message.recipient:
+            raise PermanentError(f"Mobilgroup already has request id {message.reference} for another number: "
+                                 "another sender on this account uses the same ids (give each deployment its "
+                                 "own SMS_MOBILGROUP_ID_PREFIX); not sent")
 
     def status(self, reference: int) -> DeliveryReport:
         """Ask what became of the request `reference` (ask once its lifetime has passed, as the provider
@@ -244,7 +265,9 @@ class MobilgroupClient(HttpClient):
             raise TransientError("unreadable answer from Mobilgroup (bad error code)")
         code = int(code_text)
         if code:
-            kind, words = ERRORS.get(code, (TransientError, "unknown error"))
+            kind, words, *nature = ERRORS.get(code, (TransientError, "unknown error"))
+            if kind is AccountError:
+                raise AccountError(f"Mobilgroup error {code}: {words}", by_nature=nature[0] if nature else True)
             raise kind(f"Mobilgroup error {code}: {words}")
         if _value(answer, "result") != "OK":
             raise TransientError("unreadable answer from Mobilgroup (result is not OK)")

@@ -49,14 +49,17 @@ class AccoladesHandler(SimulatorHandler):
 class AccoladesSimulator(SimulatorServer):
     """Accolades on 127.0.0.1:`port` (0 picks a free one). Options: `account`, `password` (what it
     accepts), `undeliverable_suffix`, `report_delay_s`, `max_length`, `blacklist_after`, `blacklist_s`,
-    and the base's `fail_rate`, `latency_s`, `seed`."""
+    `forbidden` (international numbers it refuses with HTTP 403, as for a destination the account may not
+    send to), and the base's `fail_rate`, `latency_s`, `seed`."""
 
     def __init__(self, port: int = 0, *, host: str = "127.0.0.1", account: str = "1000",
                  password: str = "demo", undeliverable_suffix: str = "13", report_delay_s: float = 0.5,
                  max_length: int = 918, blacklist_after: int = 5, blacklist_s: float = 300.0,
-                 fail_rate: float = 0.0, latency_s: float = 0.0, seed: int | None = None):
+                 forbidden: tuple[str, ...] = (), fail_rate: float = 0.0, latency_s: float = 0.0,
+                 seed: int | None = None):
         super().__init__(AccoladesHandler, host, port, fail_rate=fail_rate, latency_s=latency_s, seed=seed)
         self.account, self.password = str(account), password
+        self.forbidden = set(forbidden)
         self.undeliverable_suffix = undeliverable_suffix
         self.max_length = max_length
         self.blacklist_after, self.blacklist_s = blacklist_after, blacklist_s
@@ -108,6 +111,8 @@ class AccoladesSimulator(SimulatorServer):
         phone, message = form.get("phoneNumber", ""), form.get("message", "")
         if not _PHONE.fullmatch(phone):
             raise _Refused(400, "Invalid phoneNumber")
+        if phone.lstrip("+") in self.forbidden:
+            raise _Refused(403, "Sending to this destination is not allowed for this account")
         if not message:
             raise _Refused(400, "The message is empty")
         if len(message) > self.max_length:

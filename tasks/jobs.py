@@ -2,13 +2,15 @@
 
 | task            | started by          | does                                                        |
 | --------------- | ------------------- | ----------------------------------------------------------- |
-| `sms.dispatch`  | beat                | claims due rows, enqueues one `sms.send` per row            |
-| `sms.send`      | dispatch, reaper    | sends one row through its provider                          |
+| `sms.dispatch`  | beat                | claims due rows, releases each provider's ready rows        |
+| `sms.send`      | dispatch            | sends one row through its provider                          |
 | `sms.poll_due`  | beat                | enqueues `sms.poll` for Mobilgroup rows past their lifetime |
 | `sms.poll`      | poll_due            | asks Mobilgroup for one row's status                        |
-| `sms.reap`      | beat                | re-enqueues rows whose task was lost                        |
+| `sms.reap`      | beat                | routes rows of interrupted claims, closes unreported ones   |
 """
 from __future__ import annotations
+
+import time
 
 from celery.utils import uuid
 from celery.utils.log import get_task_logger
@@ -22,7 +24,8 @@ log = get_task_logger(__name__)
 
 
 class RetryLater(Exception):
-    """Why a send waits; Flower shows it as the retry reason (never a number, a text or a secret)."""
+    """Why a send runs again (the database could not be reached); Flower shows it as the retry reason
+    (never a number, a text or a secret). Every other wait is a row waiting in the database."""
 
 
 def enqueue_sends(ids: list[int], provider: str) -> None:
@@ -62,9 +65,25 @@ def _enqueue_each(task, ids: list[int], queue: str | None = None) -> None:
             amqp.send_task_message(producer, task.name, message, retry=False, **route)
 
 
+_last_tick = {"sms.dispatch": -1e9, "sms.poll_due": -1e9, "sms.reap": -1e9}
+
+
+def _too_soon(task: str, interval_s: float) -> bool:
+    """A beat tick that comes less than half an interval after the last one this process ran is a backlog
+    (ticks queued while no worker ran): it is dropped."""
+    now = time.monotonic()
+    if now - _last_tick[task] < interval_s / 2:
+        return True
+    _last_tick[task] = now
+    return False
+
+
 @app.task(name="sms.dispatch", ignore_result=True)
 def dispatch() -> int:
-    return workflow.dispatch_due(runtime(), enqueue_sends)
+    rt = runtime()
+    if _too_soon("sms.dispatch", rt.settings.dispatch_interval_s):
+        return 0
+    return workflow.dispatch_due(rt, enqueue_sends)
 
 
 @app.task(name="sms.send", bind=True, ignore_result=True, max_retries=None)
@@ -77,7 +96,10 @@ def send(self, row_id: int) -> str:
 
 @app.task(name="sms.poll_due", ignore_result=True)
 def poll_due() -> int:
-    ids = workflow.claim_polls(runtime())
+    rt = runtime()
+    if _too_soon("sms.poll_due", rt.settings.mobilgroup_poll_interval_s):
+        return 0
+    ids = workflow.claim_polls(rt)
     _enqueue_each(poll, ids)
     return len(ids)
 
@@ -89,4 +111,7 @@ def poll(row_id: int) -> str:
 
 @app.task(name="sms.reap", ignore_result=True)
 def reap() -> int:
-    return workflow.reap(runtime(), enqueue_sends)
+    rt = runtime()
+    if _too_soon("sms.reap", rt.settings.reap_interval_s):
+        return 0
+    return workflow.reap(rt)

@@ -7,6 +7,8 @@ instead of setting them up per message.
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import requests
@@ -75,12 +77,25 @@ def build_client(name: str, s: Settings) -> Provider:
     raise ValueError(f"unknown provider {name!r}")
 
 
+BREAKER_CACHE_S = 1.0
+"""How long a process trusts what it last read of the providers' account circuits: a send that was already
+in the broker when its account's circuit opened reaches the provider at most this long after."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
     _clients: dict = field(default_factory=dict)
     _throttle: object = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    concurrency: int = 1
+    """Threads (or processes) of this worker; set when the worker starts."""
+    providers_served: int = 1
+    """How many providers' queues this worker consumes; set when the worker starts."""
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set on a warm shutdown: no new provider call starts, the rows are handed back."""
+    _slots: dict = field(default_factory=dict)
+    _breakers: tuple = (0.0, {})
 
     @property
     def engine(self):
@@ -102,6 +117,38 @@ class Runtime:
 
                 self._throttle = make_throttle(self.settings)
             return self._throttle
+
+    @contextmanager
+    def provider_call(self, provider: str):
+        """Yields True while this thread holds one of `provider`'s threads (`Settings.threads_for`), False
+        (at once, without waiting) when they are all in use: a provider that hangs then holds at most its
+        share of the worker, and the caller puts the row back to wait."""
+        with self._lock:
+            slots = self._slots.get(provider)
+            if slots is None:
+                size = self.settings.threads_for(provider, self.concurrency, self.providers_served)
+                slots = self._slots[provider] = threading.BoundedSemaphore(size)
+        got = slots.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                slots.release()
+
+    def breaker(self, provider: str):
+        """`provider`'s account circuit (`db.store.BreakerState`) as last read, at most `BREAKER_CACHE_S`
+        ago; None while it is closed and never tripped."""
+        from db import store
+
+        read_at, states = self._breakers
+        if time.monotonic() - read_at > BREAKER_CACHE_S:
+            states = store.breaker_states(self.engine)
+            self._breakers = (time.monotonic(), states)
+        return states.get(provider)
+
+    def forget_breakers(self) -> None:
+        """Read the circuits afresh next time (this process has just changed one)."""
+        self._breakers = (0.0, {})
 
     def account(self, provider: str) -> str:
         return f"{provider}:{getattr(self.settings, ACCOUNT_FIELD[provider])}"

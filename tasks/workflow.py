@@ -1,29 +1,44 @@
 """The dispatch workflow, without Celery: what a beat tick, a send, a status poll and a sweep do.
 
 The Celery tasks in `tasks.jobs` are thin wrappers over these functions; the functions take a `Runtime`
-(settings, DB engine, provider clients, throttle) and return plain values saying what should happen next,
-so the whole flow can be read, tested and reasoned about here. The rules it keeps are in
-`../shared/DESIGN.md`: row ids only in the broker, no DB connection held across a provider call, the
-provider's typed errors decide `failed` / retry / `error`, nothing final is ever overwritten.
+(settings, DB engine, provider clients, throttle) and return plain values saying what happened, so the
+whole flow can be read, tested and reasoned about here. The rules it keeps are in `../shared/DESIGN.md`:
+row ids only in the broker, no DB connection held across a provider call, the provider's typed errors
+decide `failed` / wait / `error`, nothing final is ever overwritten.
+
+Where a row is, and who moves it (`db.models.DispatchState`):
+
+    asterCC `new` ─claim─► waiting ─release─► queued ─task─► sending ─► accepted / failed / error
+                              ▲                  │ lost: again   │
+                              └──── wait_again ◄─┴───────────────┘  (throttled, paused, retry, unknown, busy)
+
+Only `queued` rows have a task in the broker, at most `SMS_<PROVIDER>_MAX_INFLIGHT` per provider with the
+`sending` ones, so one provider's backlog or outage never takes another's room. Every tick releases, per
+provider, the waiting rows that are due, oldest due first; it re-enqueues queued rows whose task has not
+started within `SMS_LOST_TASK_S` (lost with a Redis restart or a killed worker), and settles sends whose
+lease ran out (their outcome is unknown). A send holds its lease under a fencing token: what it writes
+after losing the lease changes nothing.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db import store
+from db.models import WaitReason as W
 from providers.base import (
     AccountError,
     OutgoingMessage,
     PermanentError,
     ProviderError,
     ThrottledError,
-    TransientError,
+    UnknownOutcome,
 )
 from providers.smsc_text import COMMENT_SEPARATOR
 from tasks.reports import apply_report
@@ -35,16 +50,29 @@ log = logging.getLogger(__name__)
 REPORTING_BY_CALLBACK = ("accolades", "ozeki")
 RESEND_STRIDE = 10**10
 """Above any asterCC row id (`int(11)`): the n-th resend of row r goes to Mobilgroup as r + n·10^10."""
+MOBILGROUP_PREFIX_STRIDE = 10**12
+"""`SMS_MOBILGROUP_ID_PREFIX` stands above every row id and resend count."""
 THROTTLE_MAX_WAIT_S = 2.0
 THROTTLE_DOWN_RETRY_S = 10.0
 RECONNECT_RETRY_S = 2.0
-"""A send that found its database connection dead (a MariaDB restart) runs again this much later, on a
-fresh connection, instead of failing its task and waiting for the reaper."""
+"""A send that could not reach the database runs again this much later (its task kept in the worker),
+instead of failing its task and leaving its row to the lost-task sweep."""
+BUSY_RETRY_S = 1.0
+"""A row given back because the worker had no thread free for its provider, or was stopping."""
+LEASE_MARGIN_S = 5.0
+"""A send starts its provider call only if its lease outlasts the call's deadline by this much: a send that
+waited too long (a paused process, a slow rate-limit slot) must not call under a lease about to run out."""
+SUSPECT_WITHIN_S = 600
+SUSPECT_ROWS = 3
+"""An error that could be about one message is the account's once this many different rows met it within
+`SUSPECT_WITHIN_S`."""
+ALERT_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
 class Retry:
-    """Run the send again after `delay_s`; `reason` is shown as the retry reason in Flower and logs."""
+    """Run the send again after `delay_s` (the database could not be reached); `reason` is shown as the
+    retry reason in Flower and logs."""
 
     delay_s: float
     reason: str
@@ -57,125 +85,222 @@ Enqueue = Callable[[list[int], str], None]
 # --- dispatch -------------------------------------------------------------------------------------
 
 def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -> int:
-    """Claim due rows batch by batch (until none are left, `budget_s` is spent or too many are in
-    flight), refuse invalid numbers at once, route the rest and enqueue one send per row.
+    """A beat tick: claim the due rows batch by batch (until none are left or `budget_s` is spent), refuse
+    invalid and expired ones, route the rest, then release each provider's ready rows to the broker.
     Returns how many rows were claimed."""
     s = rt.settings
     deadline = time.monotonic() + (budget_s if budget_s is not None else s.dispatch_interval_s)
     total = 0
     while True:
-        inflight = store.count_inflight(rt.engine)
-        room = min(s.dispatch_batch, s.dispatch_max_inflight - inflight)
-        if room <= 0:
-            log.info("dispatch: %d messages in flight, claiming no more this tick", inflight)
-            break
-        claimed = store.claim_due(rt.engine, room)
+        claimed = store.claim_due(rt.engine, s.dispatch_batch)
         total += len(claimed)
-        by_provider = _route_and_enqueue(rt, claimed, enqueue)
-        if claimed:
-            log.info("dispatch: claimed %d rows (%s)", len(claimed),
-                     ", ".join(f"{p}={len(i)}" for p, i in sorted(by_provider.items())) or "all invalid")
-        if len(claimed) < room or time.monotonic() >= deadline:
+        _route(rt, claimed)
+        if len(claimed) < s.dispatch_batch or time.monotonic() >= deadline:
             break
+    breakers = store.breaker_states(rt.engine)
+    summary = store.waiting_summary(rt.engine)
+    # Also a provider no longer configured that still has rows: they go on to their workers, which hold
+    # them as an account problem until SMS_ACCOUNT_RETRY_WINDOW_S ends them, never stuck.
+    for provider in sorted(s.providers_in_use | (summary.keys() - {"unrouted"})):
+        release(rt, provider, enqueue, breakers.get(provider))
+    _log_tick(rt, total, summary, breakers)
     return total
 
 
-def _route_and_enqueue(rt: Runtime, claimed: list[store.Claimed], enqueue: Enqueue) -> dict[str, list[int]]:
-    """Refuse invalid numbers at once, record each other row's provider and normalised number, enqueue
-    one send per row. Returns the row ids enqueued, by provider."""
+def _route(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
+    """Refuse invalid numbers and expired rows at once, record each other row's provider and normalised
+    number (they then wait for their provider's room). Returns the routed row ids by provider."""
+    s = rt.settings
     routes: dict[int, tuple[str, str]] = {}
     for row in claimed:
+        if row.overdue_s > s.max_age_s:
+            store.finish_failed(rt.engine, row.id, f"expired: due {row.due_at:%Y-%m-%d %H:%M}, more than "
+                                                   f"{_duration(s.max_age_s)} ago (SMS_MAX_AGE_S)")
+            continue
         try:
-            recipient = normalise(row.target, rt.settings.default_region)
+            recipient = normalise(row.target, s.default_region)
         except InvalidNumber as exc:
             store.finish_failed(rt.engine, row.id, str(exc))
             continue
-        routes[row.id] = (route(recipient, rt.settings), recipient)
+        routes[row.id] = (route(recipient, s), recipient)
     store.assign_routes(rt.engine, routes)
     by_provider: dict[str, list[int]] = {}
     for row_id, (provider, _) in routes.items():
         by_provider.setdefault(provider, []).append(row_id)
-    for provider, ids in by_provider.items():
-        enqueue(ids, provider)
     return by_provider
+
+
+def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.BreakerState | None) -> None:
+    """One provider's part of a tick: settle sends whose lease ran out, enqueue again queued rows whose task
+    was lost, and put waiting rows that are due in the broker, up to the provider's room. While its account
+    circuit is open, only its one probe goes, once the pause is over; rows that waited through pauses
+    longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end `error`."""
+    s, engine = rt.settings, rt.engine
+    room = s.max_inflight(provider)
+    resent, ended = store.expire_leases(engine, provider, resend=s.resends_unknown(provider), limit=room)
+    if resent or ended:
+        log.warning("%s: %d sends stopped before their answer came (worker killed or hung); %s", provider,
+                    resent + len(ended), "sending them again" if resent else "they end as error (ON_UNKNOWN=error)")
+    again, abandoned = store.requeue_lost(engine, provider, s.lost_task_s, s.retry_window_s, room)
+    if abandoned:
+        log.error("ALERT: %s: %d rows ended as error: no worker took them from queue send.%s within "
+                  "SMS_RETRY_WINDOW_S", provider, abandoned, provider)
+    load = store.provider_load(engine, provider)
+    if load.oldest_queued_s is not None and load.oldest_queued_s > s.requeue_after_s:
+        _alert_once(rt, f"queue:{provider}", "ALERT: %s: rows have waited %d s in queue send.%s and no worker "
+                    "takes them: start a worker for that queue", provider, load.oldest_queued_s, provider)
+    if breaker is not None and breaker.open:
+        gave_up = store.end_waiting(engine, provider, s.account_retry_window_s,
+                                    f"{provider} account problem: {breaker.reason} (gave up after waiting "
+                                    f"{_duration(s.account_retry_window_s)}, SMS_ACCOUNT_RETRY_WINDOW_S)")
+        if gave_up:
+            log.error("ALERT: %s: %d rows ended as error after waiting through the account problem", provider, gave_up)
+        fresh = []
+        if breaker.open_for_s == 0 and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s):
+            fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
+            if fresh:
+                log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0])
+            else:
+                store.drop_probe(engine, provider)
+    else:
+        fresh = store.release_waiting(engine, provider, room - load.inflight, s.lost_task_s)
+    if again:
+        log.warning("%s: %d queued rows had no task started within %d s (broker restarted, or the worker "
+                    "holding them died); enqueued again", provider, len(again), s.lost_task_s)
+    if again or fresh:
+        enqueue(again + fresh, provider)
+
+
+def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
+              breakers: dict[str, store.BreakerState]) -> None:
+    """One INFO line per provider that had rows open at the start of the tick: in flight, waiting and why,
+    its account circuit."""
+    if claimed:
+        log.info("dispatch: claimed %d rows", claimed)
+    for provider, counts in sorted(summary.items()):
+        breaker = breakers.get(provider)
+        circuit = "closed" if breaker is None or not breaker.open else (
+            f"open ({breaker.reason}; probe {'under way' if breaker.probing else f'in {breaker.open_for_s} s'})")
+        inflight = counts.get("queued", 0) + counts.get("sending", 0)
+        waiting = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())
+                            if reason not in ("queued", "sending")) or "none"
+        log.info("dispatch: %s: in flight %d of %d, waiting: %s; account circuit %s", provider, inflight,
+                 rt.settings.max_inflight(provider) if provider in rt.settings.providers_in_use else 0,
+                 waiting, circuit)
+
+
+def _alert_once(rt: Runtime, key: str, message: str, *args) -> None:
+    """Log an `ALERT:` line at most every `ALERT_EVERY_S` per `key` in this process."""
+    alerts = rt.__dict__.setdefault("_alerted", {})
+    if time.monotonic() - alerts.get(key, -math.inf) >= ALERT_EVERY_S:
+        alerts[key] = time.monotonic()
+        log.error(message, *args)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86_400 and seconds % 3600 == 0:
+        return f"{seconds / 86_400:g} days" if seconds % 86_400 == 0 else f"{seconds / 3600:g} h"
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
 # --- send -----------------------------------------------------------------------------------------
 
 def send(rt: Runtime, row_id: int) -> str | Retry:
-    """Send one row. Returns what happened (`skipped`, `accepted`, `failed`, `error`) or a `Retry`.
+    """Send one queued row. Returns what happened (`skipped`, `accepted`, `failed`, `error`, or the reason
+    it waits again), or a `Retry` when the database could not be reached.
 
-    A row not in a sendable state (a duplicate or redelivered task) is `skipped` without side effects; a
-    row whose retry is not due yet is retried when it is (the task ran early: workers' clocks differ)."""
+    A row not queued (a duplicate, redelivered or stale task) is `skipped` without side effects."""
     s = rt.settings
     try:
         job = store.begin_send(rt.engine, row_id, s.send_lease_s)
-    except DBAPIError as exc:
-        # Nothing was sent yet, so trying again is safe. SQLAlchemy has dropped the pool's connections.
-        if not exc.connection_invalidated:
+    except (DBAPIError, OperationalError) as exc:
+        # Nothing was sent yet, so trying again is safe; the task stays in this worker, not the broker.
+        if not isinstance(exc, OperationalError) and not exc.connection_invalidated:
             raise
-        return Retry(RECONNECT_RETRY_S, "the database connection was lost; trying again on a new one")
+        return Retry(RECONNECT_RETRY_S, f"the database could not be reached ({type(exc.orig).__name__}); "
+                                        "trying again")
     if job is None:
         return "skipped"
-    if isinstance(job, store.NotYetDue):
-        return Retry(job.in_s, "the retry is not due yet by the database's clock (this worker's runs ahead)")
+    leased_at = time.monotonic()
+    if rt.stopping.is_set():
+        return _hand_back(rt, job, "the worker was stopping before it could send")
     try:
         provider = rt.client(job.provider)
     except ValueError as exc:  # routed before the operator removed or broke this provider's settings
         return _account_problem(rt, job, AccountError(f"{job.provider} is not configured: {exc}"))
     if job.text is None or not job.text.strip():
         why = "the message text is missing" if job.text is None else "the message text is empty"
-        store.finish_failed(rt.engine, row_id, why)
+        store.finish_failed(rt.engine, row_id, why, token=job.token)
         return "failed"
     callback = None
     if job.provider in REPORTING_BY_CALLBACK:
         from tasks.callbacks import callback_url
 
         callback = callback_url(s, job.provider, row_id, job.resends)
-    reference = mobilgroup_request_id(row_id, job.resends) if job.provider == "mobilgroup" else row_id
+    reference = mobilgroup_request_id(s, row_id, job.resends) if job.provider == "mobilgroup" else row_id
     message = OutgoingMessage(reference=reference, recipient=job.recipient, text=job.text, callback_url=callback)
     try:
         parts = provider.check(message)
     except PermanentError as exc:
-        store.finish_failed(rt.engine, row_id, str(exc))
+        store.finish_failed(rt.engine, row_id, str(exc), token=job.token)
         return "failed"
 
-    waited = _wait_for_slot(rt, job.provider, message, parts)
-    if isinstance(waited, Retry):
-        store.schedule_retry(rt.engine, row_id, waited.delay_s, waited.reason, count_attempt=False)
-        return waited
+    breaker = rt.breaker(job.provider)
+    if breaker is not None and breaker.open and not job.probe:
+        # Sent to the broker before the circuit opened: it waits with the others, it does not hit the provider.
+        return _wait(rt, job, max(breaker.open_for_s, 1), f"{job.provider} account paused: {breaker.reason}",
+                     W.PAUSED, account=True)
 
-    try:
-        accepted = provider.send(message)
-    except PermanentError as exc:
-        store.finish_failed(rt.engine, row_id, str(exc))
-        return "failed"
-    except ThrottledError as exc:
-        reason = f"{job.provider} asked to slow down: {exc}"
-        store.schedule_retry(rt.engine, row_id, exc.retry_after, reason, count_attempt=False)
-        return Retry(exc.retry_after, reason)
-    except AccountError as exc:
-        return _account_problem(rt, job, exc)
-    except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
-        return _transient_problem(rt, job, exc)
-    except Exception as exc:  # a bug must not leave the row stuck or lose it: retry like a transient error
-        log.exception("send of row %d: unexpected %s", row_id, type(exc).__name__)
-        return _transient_problem(rt, job, TransientError(f"internal error ({type(exc).__name__})"))
+    with rt.provider_call(job.provider) as got_thread:
+        if not got_thread:
+            return _wait(rt, job, BUSY_RETRY_S, f"every thread this worker gives {job.provider} is in a call",
+                         W.BUSY)
+        waited = _wait_for_slot(rt, job.provider, message, parts)
+        if isinstance(waited, Retry):
+            return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
+        if time.monotonic() - leased_at + s.http_timeout_s + LEASE_MARGIN_S > s.send_lease_s:
+            return _hand_back(rt, job, "its lease would run out before the provider's deadline")
+        if rt.stopping.is_set():
+            return _hand_back(rt, job, "the worker was stopping before it could send")
+        try:
+            accepted = provider.send(message)
+        except PermanentError as exc:
+            if job.probe:
+                _account_works(rt, job.provider)
+            store.finish_failed(rt.engine, row_id, str(exc), token=job.token)
+            return "failed"
+        except ThrottledError as exc:
+            return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
+        except AccountError as exc:
+            return _account_problem(rt, job, exc)
+        except UnknownOutcome as exc:
+            return _unknown_outcome(rt, job, exc)
+        except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
+            return _transient_problem(rt, job, exc)
+        except Exception as exc:  # a bug must not leave the row stuck or lose it: its outcome is unknown
+            log.exception("send of row %d: unexpected %s", row_id, type(exc).__name__)
+            return _unknown_outcome(rt, job, UnknownOutcome(f"internal error ({type(exc).__name__})"))
 
+    if job.probe:
+        _account_works(rt, job.provider)
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
-    _until_recorded(lambda: store.record_accepted(rt.engine, row_id, ids, accepted.parts, poll_after,
-                                                  provider=job.provider, index_ids=accepted.reports_by_id),
-                    row_id, s.send_lease_s / 2)
+    recorded = _until_recorded(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
+                                                             poll_after, provider=job.provider,
+                                                             index_ids=accepted.reports_by_id),
+                               row_id, s.send_lease_s / 2)
+    if not recorded:
+        log.warning("send of row %d: accepted by %s after its lease was taken over; the current holder decides "
+                    "the row", row_id, job.provider)
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"
 
 
-def _until_recorded(record: Callable[[], None], row_id: int, within_s: float) -> None:
-    """Write an accepted send down, retrying through a database hiccup for up to `within_s`: once the
-    provider has the message, an unrecorded send would be taken for a lost one when its lease runs out and
-    sent again (harmless for Mobilgroup, which refuses the repeat; a double SMS for the others)."""
+def _until_recorded(record: Callable[[], bool], row_id: int, within_s: float) -> bool:
+    """Write an accepted send down, retrying through a database outage for up to `within_s`: once the
+    provider has the message, an unrecorded send would be taken for an unknown outcome when its lease runs
+    out and, by policy, sent again."""
     deadline = time.monotonic() + within_s
     delay = 0.5
     while True:
@@ -190,16 +315,18 @@ def _until_recorded(record: Callable[[], None], row_id: int, within_s: float) ->
             delay = min(delay * 2, 10.0)
 
 
-def mobilgroup_request_id(row_id: int, resends: int) -> int:
+def mobilgroup_request_id(s, row_id: int, resends: int) -> int:
     """Mobilgroup refuses a second request with the same `id` (error 7), which is how a retry after a lost
-    answer is recognised; an operator's resend must therefore go under a new id."""
-    return row_id + resends * RESEND_STRIDE
+    answer is recognised; an operator's resend must therefore go under a new id, and a second deployment on
+    the same account under ids of its own (`SMS_MOBILGROUP_ID_PREFIX`)."""
+    prefix = int(s.mobilgroup_id_prefix) if s.mobilgroup_id_prefix else 0
+    return prefix * MOBILGROUP_PREFIX_STRIDE + row_id + resends * RESEND_STRIDE
 
 
 def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: int) -> Retry | None:
     """Take a slot from the fleet-wide rate limit and the identical-request rule, sleeping briefly when
-    the slot is near; a far slot becomes a `Retry` so the task gives its worker slot back. Its reason (logged,
-    and Flower's retry reason) says how long, why, and how many sends of the provider were throttled so far."""
+    the slot is near; a far slot becomes a `Retry` (the row then waits in the database). Its reason (logged,
+    and the row's `last_error`) says how long, why, and how many sends of the provider were throttled so far."""
     from tasks.throttle import ThrottleUnavailable, identity_of
 
     # smsc.ru strips the comment after the separator: the request it compares is the text before it.
@@ -230,38 +357,83 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     return Retry(max(permit.wait_s, 0.05), f"waiting {permit.wait_s:.1f} s: {reason} ({throttled})")
 
 
-def backoff_s(attempts: int, base_s: float, max_s: float) -> float:
-    """Exponential backoff with jitter: about base·2^(attempts-1), capped, scattered over its upper half
+def backoff_s(failures: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff with jitter: about base·2^(failures-1), capped, scattered over its upper half
     so that a burst of failures does not come back as a burst of retries."""
-    ceiling = min(max_s, base_s * 2 ** max(attempts - 1, 0))
+    ceiling = min(max_s, base_s * 2 ** max(failures - 1, 0))
     return random.uniform(ceiling / 2, ceiling)
 
 
-def _transient_problem(rt: Runtime, job: store.SendJob, exc: ProviderError) -> str | Retry:
+def _wait(rt: Runtime, job: store.SendJob, delay_s: float, reason: str, wait_reason: str, *,
+          account: bool = False, failed: bool = False, unknown: bool = False) -> str:
+    """Put the row back to wait `delay_s` in the database, or end it `error` if that would take it past its
+    window (`SMS_ACCOUNT_RETRY_WINDOW_S` for account problems, else `SMS_RETRY_WINDOW_S`, counted from the
+    claim). Returns the wait reason, or `error`."""
     s = rt.settings
-    delay = backoff_s(job.attempts, s.retry_base_s, s.retry_max_s)
-    if job.age_s + delay > s.retry_window_s:
-        store.finish_error(rt.engine, job.id, f"{exc} (gave up after {job.attempts} attempts)")
+    window = s.account_retry_window_s if account else s.retry_window_s
+    if job.age_s + delay_s > window:
+        tries = job.failures + (1 if failed else 0)
+        store.finish_error(rt.engine, job.id, f"{reason} (gave up after {tries} failed attempts in "
+                                              f"{_duration(job.age_s)})" if tries else
+                           f"{reason} (gave up after waiting {_duration(job.age_s)})",
+                           token=job.token, unknown=unknown)
         return "error"
-    reason = f"attempt {job.attempts} failed: {exc}"
-    store.schedule_retry(rt.engine, job.id, delay, reason, count_attempt=True)
-    return Retry(delay, reason)
+    store.wait_again(rt.engine, job.id, job.token, delay_s, reason, wait_reason, failed=failed, unknown=unknown)
+    return wait_reason
 
 
-def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str | Retry:
+def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
+    """Nothing was sent: the row waits to be released again at once (to another worker, or this one)."""
+    store.wait_again(rt.engine, job.id, job.token, 0, reason, W.PROBE if job.probe else W.BUSY)
+    return "handed back"
+
+
+def _transient_problem(rt: Runtime, job: store.SendJob, exc: ProviderError) -> str:
     s = rt.settings
-    if job.age_s + s.account_retry_s > s.account_retry_window_s:
-        store.finish_error(rt.engine, job.id, f"{job.provider} account problem: {exc} "
-                                              f"(gave up after {job.attempts} attempts)")
+    delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
+    return _wait(rt, job, delay, str(exc), W.RETRY, failed=True)
+
+
+def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> str:
+    """The request left and no answer came. Sent again where the provider makes a repeat harmless
+    (Mobilgroup refuses a repeated id) or where `SMS_<PROVIDER>_ON_UNKNOWN=resend`; else `error`."""
+    s = rt.settings
+    log.warning("send of row %d: outcome unknown at %s (%s)", job.id, job.provider, exc)
+    if not s.resends_unknown(job.provider):
+        store.finish_error(rt.engine, job.id, f"{job.provider} may or may not have this message: {exc} "
+                                              f"(SMS_{job.provider.upper()}_ON_UNKNOWN=error)",
+                           token=job.token, unknown=True)
         return "error"
-    try:
-        rt.throttle.pause(rt.account(job.provider), s.account_retry_s)
-    except Exception as pause_exc:  # the retry below still slows this message down
-        log.warning("could not pause the %s account: %s", job.provider, pause_exc)
-    log.error("ALERT: %s account problem, sending paused for %.0f s: %s", job.provider, s.account_retry_s, exc)
+    delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
+    return _wait(rt, job, delay, f"no answer from {job.provider}, sending again: {exc}", W.UNKNOWN,
+                 failed=True, unknown=True)
+
+
+def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
+    """An account error opens the provider's circuit: its rows wait, one probe tests it after
+    `SMS_ACCOUNT_RETRY_S`. An error that could be about this one message (`by_nature=False`) ends only this
+    message as `failed`, until `SUSPECT_ROWS` different messages met it."""
+    s = rt.settings
     reason = f"{job.provider} account problem: {exc}"
-    store.schedule_retry(rt.engine, job.id, s.account_retry_s, reason, count_attempt=True)
-    return Retry(s.account_retry_s, reason)
+    if not exc.by_nature and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS:
+        if job.probe:
+            _account_works(rt, job.provider)
+        store.finish_failed(rt.engine, job.id, str(exc), token=job.token)
+        return "failed"
+    if store.trip_breaker(rt.engine, job.provider, s.account_retry_s, str(exc)):
+        log.error("ALERT: %s account problem, sending paused for %.0f s, then one probe: %s",
+                  job.provider, s.account_retry_s, exc)
+    elif job.probe:
+        log.error("ALERT: %s account still refused by the probe, paused again for %.0f s: %s",
+                  job.provider, s.account_retry_s, exc)
+    rt.forget_breakers()
+    return _wait(rt, job, s.account_retry_s, reason, W.PAUSED, account=True, failed=True)
+
+
+def _account_works(rt: Runtime, provider: str) -> None:
+    if store.close_breaker(rt.engine, provider):
+        log.error("ALERT: %s account works again (the probe went through): sending resumes", provider)
+    rt.forget_breakers()
 
 
 # --- Mobilgroup status polling --------------------------------------------------------------------
@@ -270,7 +442,14 @@ POLL_LEASE_S = 300
 
 
 def claim_polls(rt: Runtime, limit: int = 500) -> list[int]:
-    """Mobilgroup rows whose lifetime has expired and whose status is due to be asked."""
+    """Mobilgroup rows whose lifetime has expired and whose status is due to be asked: none while its
+    account circuit is open, and no more per run than its rate allows in half a run's period (the polls
+    share the account's rate limit with the sends)."""
+    breaker = store.breaker_states(rt.engine).get("mobilgroup")
+    if breaker is not None and breaker.open:
+        return []
+    s = rt.settings
+    limit = min(limit, max(1, int(s.mobilgroup_rate * s.mobilgroup_poll_interval_s / 2)))
     return store.claim_due_polls(rt.engine, "mobilgroup", limit, POLL_LEASE_S)
 
 
@@ -280,8 +459,17 @@ def poll(rt: Runtime, row_id: int) -> str:
     s = rt.settings
     client = rt.client("mobilgroup")
     resends = store.resends_of(rt.engine, row_id)
+    from tasks.throttle import ThrottleUnavailable
+
     try:
-        answer = client.status(mobilgroup_request_id(row_id, resends))
+        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"), max_wait_s=THROTTLE_MAX_WAIT_S)
+    except ThrottleUnavailable:
+        permit = None
+    if permit is None or not permit.reserved:  # asked again when the poll's lease ends (`POLL_LEASE_S`)
+        return "throttled"
+    time.sleep(permit.wait_s)
+    try:
+        answer = client.status(mobilgroup_request_id(s, row_id, resends))
         report = replace(answer, reference=row_id, resends=resends)
     except PermanentError as exc:
         # The status request itself was refused (no request with this id, a request it cannot read): that
@@ -289,6 +477,11 @@ def poll(rt: Runtime, row_id: int) -> str:
         log.warning("status poll of row %d refused, no more polls: %s", row_id, exc)
         store.stop_polling(rt.engine, row_id, f"status unknown: {exc}")
         return "unconfirmed"
+    except AccountError as exc:
+        if store.trip_breaker(rt.engine, "mobilgroup", s.account_retry_s, str(exc)):
+            log.error("ALERT: mobilgroup account problem (status poll), paused for %.0f s: %s", s.account_retry_s, exc)
+        store.poll_again(rt.engine, row_id, int(s.account_retry_s), s.mobilgroup_poll_max)
+        return "retry"
     except ProviderError as exc:
         log.warning("status poll of row %d failed, asking again later: %s", row_id, exc)
         store.poll_again(rt.engine, row_id, int(min(s.mobilgroup_poll_retry_s, s.retry_max_s)), s.mobilgroup_poll_max)
@@ -301,25 +494,20 @@ def poll(rt: Runtime, row_id: int) -> str:
 
 # --- self-healing ---------------------------------------------------------------------------------
 
-def reap(rt: Runtime, enqueue: Enqueue, limit: int = 1000) -> int:
-    """Route rows whose dispatch was interrupted between claiming and routing them, re-enqueue rows whose
-    task was lost (broker, killed worker) and close rows whose report never came. Returns how many rows
-    were enqueued again."""
+def reap(rt: Runtime, limit: int = 1000) -> int:
+    """Route rows whose dispatch was interrupted between claiming and routing them (the next tick releases
+    them) and close rows whose report never came. Returns how many rows were routed."""
     s = rt.settings
-    unrouted = store.find_unrouted(rt.engine, s.requeue_after_s, limit)
-    rerouted = 0
+    unrouted = store.find_unrouted(rt.engine, UNROUTED_AFTER_S, limit)
     if unrouted:
         log.warning("reaper: %d claimed rows were never routed (their dispatch was interrupted); routing them now",
                     len(unrouted))
-        rerouted = sum(map(len, _route_and_enqueue(rt, unrouted, enqueue).values()))
-    stuck = store.find_stuck(rt.engine, s.requeue_after_s, limit)
-    by_provider: dict[str, list[int]] = {}
-    for row_id, provider in stuck:
-        by_provider.setdefault(provider, []).append(row_id)
-    for provider, ids in by_provider.items():
-        log.warning("reaper: %d %s rows had no live send task; enqueued again", len(ids), provider)
-        enqueue(ids, provider)
+    routed = sum(map(len, _route(rt, unrouted).values())) if unrouted else 0
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
-    return rerouted + len(stuck)
+    return routed
+
+
+UNROUTED_AFTER_S = 60
+"""A claim routes its rows within the same tick; one whose rows are unrouted this long later died."""

@@ -56,7 +56,8 @@ def db(mariadb_url):
     """The test database's engine, with every table emptied before the test."""
     engine = engine_for(mariadb_url)
     with engine.begin() as conn:
-        for table in ("cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids"):
+        for table in ("cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids",
+                      "sms_breaker", "sms_meta"):
             conn.execute(text(f"TRUNCATE TABLE {table}"))
     return engine
 

@@ -35,9 +35,11 @@ def due_row(engine, target: str = "+7 916 100-00-01", body: str = "hello",
 
 
 def claim_and_route(engine, provider: str = "mobilgroup") -> None:
+    """Claim, route and release to the broker, as a dispatch tick does."""
     claimed = store.claim_due(engine, 10)
     assert claimed, "nothing was due"
     store.assign_routes(engine, {row.id: (provider, "+79161000001") for row in claimed})
+    assert store.release_waiting(engine, provider, 10, 30)
 
 
 def state(engine, row_id: int) -> dict:
@@ -56,11 +58,11 @@ def test_a_row_is_taken_once_and_the_provider_s_answer_is_what_asterCC_shows(eng
     row_id = due_row(engine, body="Your order is ready")
 
     job = store.begin_send(engine, row_id, LEASE_S)
-    assert (job.provider, job.recipient, job.text, job.attempts, job.resends) == (
+    assert (job.provider, job.recipient, job.text, job.token, job.resends) == (
         "mobilgroup", "+79161000001", "Your order is ready", 1, 0)
     assert store.begin_send(engine, row_id, LEASE_S) is None, "a second task took a leased row"
 
-    store.record_accepted(engine, row_id, ["m-1", "m-2"], 2, 600, provider="smsc", index_ids=True)
+    assert store.record_accepted(engine, row_id, job.token, ["m-1", "m-2"], 2, 600, provider="smsc", index_ids=True)
 
     after = state(engine, row_id)
     assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "accepted")
@@ -71,10 +73,10 @@ def test_a_row_is_taken_once_and_the_provider_s_answer_is_what_asterCC_shows(eng
 
 def test_a_report_that_arrived_before_the_send_was_recorded_keeps_its_outcome(engine):
     row_id = due_row(engine)
-    store.begin_send(engine, row_id, LEASE_S)
+    job = store.begin_send(engine, row_id, LEASE_S)
     assert store.apply_final_report(engine, row_id, delivered=False, reason="absent subscriber")
 
-    store.record_accepted(engine, row_id, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
+    store.record_accepted(engine, row_id, job.token, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
 
     after = state(engine, row_id)
     assert (after["status"], after["error_msg"], after["state"]) == ("failed", "absent subscriber", "failed")
@@ -87,9 +89,9 @@ def test_a_record_that_fails_part_way_leaves_nothing_half_done(db):
     (its next user's START TRANSACTION would commit the half, and the retry would find the row no longer
     `sending` and leave asterCC without its `success`)."""
     row_id = due_row(db)
-    store.begin_send(db, row_id, LEASE_S)
+    job = store.begin_send(db, row_id, LEASE_S)
     with deadlocks(db, "cc10_batchcontacts", times=1) as left:
-        store.record_accepted(db, row_id, ["m-1"], 1, 600, provider="mobilgroup", index_ids=False)
+        store.record_accepted(db, row_id, job.token, ["m-1"], 1, 600, provider="mobilgroup", index_ids=False)
         assert left() == 0, "asterCC's update never failed: the test proved nothing"
 
     after = state(db, row_id)
@@ -100,8 +102,8 @@ def test_a_record_that_fails_part_way_leaves_nothing_half_done(db):
 
 def test_a_delivery_report_moves_the_row_forward_once(engine):
     row_id = due_row(engine)
-    store.begin_send(engine, row_id, LEASE_S)
-    store.record_accepted(engine, row_id, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
+    job = store.begin_send(engine, row_id, LEASE_S)
+    store.record_accepted(engine, row_id, job.token, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
 
     assert store.apply_final_report(engine, row_id, delivered=True, reason="")
     assert not store.apply_final_report(engine, row_id, delivered=False, reason="expired"), "final row moved"
@@ -115,13 +117,13 @@ def test_an_operator_s_resend_forgets_the_earlier_send_s_provider_ids(engine, mo
     an operator's resend must find no row, not finish the new send with the old outcome."""
     monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
     row_id = due_row(engine, provider="smsc")
-    store.begin_send(engine, row_id, LEASE_S)
-    store.record_accepted(engine, row_id, ["first-1"], 1, None, provider="smsc", index_ids=True)
+    job = store.begin_send(engine, row_id, LEASE_S)
+    store.record_accepted(engine, row_id, job.token, ["first-1"], 1, None, provider="smsc", index_ids=True)
     with engine.begin() as conn:
         conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(status="new"))
     claim_and_route(engine, "smsc")
-    store.begin_send(engine, row_id, LEASE_S)
-    store.record_accepted(engine, row_id, ["second-1"], 1, None, provider="smsc", index_ids=True)
+    job = store.begin_send(engine, row_id, LEASE_S)
+    store.record_accepted(engine, row_id, job.token, ["second-1"], 1, None, provider="smsc", index_ids=True)
 
     assert store.find_report_target(engine, "smsc", provider_message_id="first-1") is None
     assert store.find_report_target(engine, "smsc", provider_message_id="second-1") == \
@@ -152,16 +154,36 @@ def test_a_reply_with_an_emoji_is_recorded(engine):
     assert note == "Спасибо \ufffd до завтра"
 
 
-def test_a_row_waiting_for_its_retry_says_when_it_falls_due(engine):
-    """A retry published by a worker whose clock runs behind another's arrives early; the send must come
-    back when the row is due, not be dropped as a duplicate (the reaper would take it up only after
-    SMS_REQUEUE_AFTER_S)."""
+def test_a_send_that_lost_its_lease_changes_nothing(engine):
+    """Fencing: a worker whose lease ran out (a slow answer, a database outage while recording) must not
+    finish or overwrite the row once another send took it under a new lease."""
     row_id = due_row(engine)
-    store.begin_send(engine, row_id, LEASE_S)
-    store.schedule_retry(engine, row_id, 60, "attempt 1 failed", count_attempt=True)
+    stale = store.begin_send(engine, row_id, LEASE_S)
+    with engine.begin() as conn:  # the lease runs out; the tick settles it and releases the row again
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
+                     .values(lease_until=datetime.now() - timedelta(seconds=1)))
+    assert store.expire_leases(engine, "mobilgroup", resend=True, limit=10) == (1, [])
+    assert store.release_waiting(engine, "mobilgroup", 10, 30) == [row_id]
+    current = store.begin_send(engine, row_id, LEASE_S)
+    assert current.token == stale.token + 1 and current.unknowns == 1
 
-    early = store.begin_send(engine, row_id, LEASE_S)
+    assert not store.record_accepted(engine, row_id, stale.token, ["old"], 1, None, provider="mobilgroup",
+                                     index_ids=False)
+    assert not store.finish_failed(engine, row_id, "stale refusal", token=stale.token)
+    assert not store.wait_again(engine, row_id, stale.token, 60, "stale", "retry")
+    assert state(engine, row_id)["state"] == "sending", "a stale holder moved the row"
 
-    assert isinstance(early, store.NotYetDue) and 58 <= early.in_s <= 60
-    assert state(engine, row_id)["state"] == "retry"
+    assert store.record_accepted(engine, row_id, current.token, ["new"], 1, None, provider="mobilgroup",
+                                 index_ids=False)
+    assert (state(engine, row_id)["state"], state(engine, row_id)["provider_message_id"]) == ("accepted", "new")
 
+
+def test_waiting_rows_are_released_oldest_due_first_and_only_when_due(engine):
+    ids = [due_row(engine) for _ in range(3)]  # each claimed and released as it is made
+    jobs = [store.begin_send(engine, row_id, LEASE_S) for row_id in ids]
+    for job, delay in zip(jobs, (0, 0, 600)):
+        store.wait_again(engine, job.id, job.token, delay, "throttled", "throttled")
+
+    assert store.release_waiting(engine, "mobilgroup", 1, 30) == [ids[0]], "not the oldest due first"
+    assert store.release_waiting(engine, "mobilgroup", 10, 30) == [ids[1]], "a row not due yet was released"
+    assert store.release_waiting(engine, "accolades", 10, 30) == [], "another provider's rows were released"

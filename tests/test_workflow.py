@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.exc import OperationalError
 
 from db import engine as db_engine
@@ -39,28 +39,74 @@ def runtime(db, mariadb_url, redis_url, sim):
 
 
 def claim(rt: Runtime) -> list[int]:
+    """One dispatch tick: the row ids it put in the broker."""
     enqueued: list[int] = []
     workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
     return enqueued
 
 
-def test_a_blocked_account_keeps_messages_waiting_and_pauses_the_account(runtime, sim, db):
-    rt = runtime(account_retry_s=30)
+def due_now(db, *rows: int, column: str = "next_attempt_at") -> None:
+    """Let time pass for `rows`: what they wait for (a retry, a pause's end) is over."""
+    with db.begin() as conn:
+        conn.execute(text(f"UPDATE sms_dispatch SET {column} = NOW() - INTERVAL 1 SECOND"
+                          " WHERE batchcontact_id IN :rows").bindparams(bindparam("rows", expanding=True)),
+                     {"rows": list(rows)})
+
+
+def pause_over(db) -> None:
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_breaker SET open_until = NOW() - INTERVAL 1 SECOND"))
+
+
+def test_a_blocked_account_is_paused_and_one_probe_decides_when_it_sends_again(runtime, sim, db):
+    rt = runtime(account_retry_s=30, mobilgroup_max_inflight=2)
+    first, second, third = insert_rows(db, [("+7 916 100-00-01", "one"), ("+7 916 100-00-02", "two"),
+                                            ("+7 916 100-00-03", "three")])
+    assert claim(rt) == [first, second], "more than the provider's room went to the broker"
+    sim.blocked = True
+
+    assert workflow.send(rt, first) == "paused"
+    calls = len(sim.events("send"))
+    assert workflow.send(rt, second) == "paused"
+    assert len(sim.events("send")) == calls, "a paused account was called again"
+    rows = rows_by_id(db)
+    assert {rows[r]["status"] for r in (first, second, third)} == {"pending"}
+    assert {rows[r]["state"] for r in (first, second, third)} == {"waiting"}
+    assert claim(rt) == [], "rows were released while the account is paused"
+
+    pause_over(db)
+    probe = claim(rt)
+    assert len(probe) == 1 and claim(rt) == [], "not exactly one probe"
+    assert workflow.send(rt, probe[0]) == "paused" and len(sim.events("send")) == calls + 1
+    assert claim(rt) == [], "a refused probe released the backlog"
+
+    sim.blocked = False
+    pause_over(db)
+    (probe,) = claim(rt)
+    assert workflow.send(rt, probe) == "accepted"
+    rest = claim(rt)
+    assert sorted(rest + [probe]) == [first, second, third]
+    assert [workflow.send(rt, row) for row in rest] == ["accepted", "accepted"]
+    assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
+
+
+def test_rows_of_a_paused_account_end_as_error_once_the_account_window_is_spent(runtime, sim, db):
+    rt = runtime(account_retry_s=30, account_retry_window_s=3600)
     first, second = insert_rows(db, [("+7 916 100-00-01", "one"), ("+7 916 100-00-02", "two")])
     claim(rt)
     sim.blocked = True
+    workflow.send(rt, first)
+    workflow.send(rt, second)
+    due_now(db, first, second)
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET claimed_at = NOW() - INTERVAL 2 HOUR"))
 
-    outcome = workflow.send(rt, first)
-    assert isinstance(outcome, workflow.Retry) and outcome.delay_s == 30
-    assert "account problem" in outcome.reason and "blocked" in outcome.reason
-    calls_after_first = len(sim.events("send"))
-    paused = workflow.send(rt, second)
-    assert isinstance(paused, workflow.Retry) and "paused" in paused.reason
-    assert len(sim.events("send")) == calls_after_first, "a paused account was called again"
-    rows = rows_by_id(db)
-    assert rows[first]["status"] == rows[second]["status"] == "pending"
-    assert rows[first]["state"] == rows[second]["state"] == "retry"
-    assert rows[second]["attempts"] == 0, "waiting for a paused account is not a failed attempt"
+    claim(rt)
+
+    for row in (first, second):
+        after = rows_by_id(db)[row]
+        assert (after["status"], after["state"]) == ("error", "error")
+        assert "account problem" in after["error_msg"] and "blocked" in after["error_msg"]
 
 
 def test_transient_failures_end_as_error_with_the_attempt_count_after_the_window(runtime, sim, db):
@@ -70,32 +116,30 @@ def test_transient_failures_end_as_error_with_the_attempt_count_after_the_window
     sim.fail_rate = 1.0
     assert workflow.send(rt, row) == "error"
     assert rows_by_id(db)[row]["status"] == "error"
-    assert rows_by_id(db)[row]["error_msg"] == "Mobilgroup answered HTTP 503 (gave up after 1 attempts)"
+    assert rows_by_id(db)[row]["error_msg"] == "Mobilgroup answered HTTP 503 (gave up after 1 failed attempts in 0 s)"
 
 
-def test_the_retry_window_counts_from_the_first_attempt(runtime, sim, db):
+def test_the_retry_window_counts_from_the_claim(runtime, sim, db):
     rt = runtime(retry_window_s=3600, retry_base_s=1, retry_max_s=1)
     young, old = insert_rows(db, [("+7 916 100-00-05", "hello"), ("+7 916 100-00-06", "hello")])
     claim(rt)
     with db.begin() as conn:
-        conn.execute(text("UPDATE sms_dispatch SET first_attempt_at = NOW() - INTERVAL 2 HOUR"
+        conn.execute(text("UPDATE sms_dispatch SET claimed_at = NOW() - INTERVAL 2 HOUR"
                           " WHERE batchcontact_id = :row"), {"row": old})
     sim.fail_rate = 1.0
-    assert isinstance(workflow.send(rt, young), workflow.Retry)
+    assert workflow.send(rt, young) == "retry"
     assert workflow.send(rt, old) == "error"
 
 
-def test_a_transient_failure_inside_the_window_is_retried_then_succeeds(runtime, sim, db):
+def test_a_transient_failure_inside_the_window_waits_in_the_database_then_succeeds(runtime, sim, db):
     rt = runtime(retry_base_s=0.1, retry_max_s=0.2)
     (row,) = insert_rows(db, [("+7 916 100-00-04", "hello")])
     claim(rt)
     sim.fail_rate = 1.0
-    retry = workflow.send(rt, row)
-    assert isinstance(retry, workflow.Retry) and 0.05 <= retry.delay_s <= 0.2
-    assert "attempt 1 failed" in retry.reason
+    assert workflow.send(rt, row) == "retry"
     sim.fail_rate = 0.0
-    with db.begin() as conn:  # the countdown has passed
-        conn.execute(text("UPDATE sms_dispatch SET next_attempt_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
+    due_now(db, row)
+    claim(rt)
     assert workflow.send(rt, row) == "accepted"
     assert rows_by_id(db)[row]["status"] == "success" and rows_by_id(db)[row]["attempts"] == 2
 
@@ -191,32 +235,29 @@ def test_a_row_routed_to_a_provider_since_unconfigured_waits_like_an_account_pro
     with db.begin() as conn:
         conn.execute(text("UPDATE sms_dispatch SET provider = 'ozeki' WHERE batchcontact_id = :i"), {"i": row})
 
-    waiting = workflow.send(runtime(account_retry_s=30), row)
-    assert isinstance(waiting, workflow.Retry) and "ozeki is not configured" in waiting.reason
-    assert (rows_by_id(db)[row]["status"], rows_by_id(db)[row]["state"]) == ("pending", "retry")
+    assert workflow.send(runtime(account_retry_s=30), row) == "paused"
+    assert (rows_by_id(db)[row]["status"], rows_by_id(db)[row]["state"]) == ("pending", "waiting")
 
     with db.begin() as conn:
-        conn.execute(text("UPDATE sms_dispatch SET next_attempt_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
-    assert workflow.send(runtime(account_retry_window_s=0), row) == "error"
+        conn.execute(text("UPDATE sms_dispatch SET claimed_at = NOW() - INTERVAL 2 HOUR"))
+    claim(runtime(account_retry_window_s=3600))
     assert rows_by_id(db)[row]["status"] == "error"
     assert "ozeki is not configured" in rows_by_id(db)[row]["error_msg"]
 
 
-def test_a_retry_that_runs_early_comes_back_when_the_row_is_due(runtime, sim, db):
-    """Another worker's clock runs behind: the retry's task arrives before the row's retry time. It is
-    put off until then, not dropped, and nothing is sent early."""
+def test_a_task_for_a_row_that_waits_is_a_no_op(runtime, sim, db):
+    """A task that comes early or twice (a worker's clock behind another's, a duplicate) for a row that waits
+    in the database sends nothing: only the tick that releases the row decides when it goes."""
     rt = runtime(retry_base_s=60, retry_max_s=60)
     (row,) = insert_rows(db, [("+7 916 100-00-11", "hello")])
     claim(rt)
     sim.fail_rate = 1.0
-    first = workflow.send(rt, row)
-    assert isinstance(first, workflow.Retry)
+    assert workflow.send(rt, row) == "retry"
 
-    early = workflow.send(rt, row)
-
-    assert isinstance(early, workflow.Retry) and "not due yet" in early.reason
-    assert 25 <= early.delay_s <= first.delay_s + 1
-    assert (rows_by_id(db)[row]["state"], rows_by_id(db)[row]["attempts"]) == ("retry", 1), "it was sent early"
+    assert workflow.send(rt, row) == "skipped"
+    assert claim(rt) == [], "a row was released before it was due"
+    after = rows_by_id(db)[row]
+    assert (after["state"], after["attempts"]) == ("waiting", 1), "it was sent early"
 
 
 def test_a_refused_status_query_keeps_success_and_stops_polling(runtime, sim, db):
@@ -272,14 +313,15 @@ def test_a_send_picked_as_deadlock_victim_goes_ahead(runtime, sim, db):
     assert len(sim.events("send")) == 1
 
 
-def test_a_send_that_stays_deadlocked_fails_its_task_and_leaves_the_row_to_the_reaper(runtime, sim, db):
+def test_a_send_that_stays_deadlocked_runs_again_soon(runtime, sim, db):
     rt = runtime()
     (row,) = insert_rows(db, [("+7 916 100-00-10", "hello")])
     claim(rt)
     with deadlocks(db, "sms_dispatch", times=store.DEADLOCK_RETRIES):
-        with pytest.raises(OperationalError, match="Deadlock"):
-            workflow.send(rt, row)
+        outcome = workflow.send(rt, row)
+    assert isinstance(outcome, workflow.Retry) and outcome.delay_s == workflow.RECONNECT_RETRY_S
     assert rows_by_id(db)[row]["state"] == "queued" and not sim.events("send")
+    assert workflow.send(rt, row) == "accepted"
 
 
 def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, sim, db, mariadb_url, monkeypatch):
@@ -294,8 +336,7 @@ def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, s
     kill_connections(mariadb_url)
 
     outcome = workflow.send(rt, row)
-    assert outcome == workflow.Retry(workflow.RECONNECT_RETRY_S,
-                                     "the database connection was lost; trying again on a new one")
+    assert isinstance(outcome, workflow.Retry) and outcome.delay_s == workflow.RECONNECT_RETRY_S
     assert len(sim.events("send")) == 1
     assert workflow.send(rt, row) == "accepted"
     db.dispose()  # the test's own pooled connection was killed too, and nothing pings it
@@ -305,18 +346,20 @@ def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, s
 def test_rows_whose_dispatch_died_between_claim_and_route_are_routed_by_the_reaper(runtime, sim, db):
     """A dispatch killed (or cut off from the database) after claiming rows and before routing them left
     them unsendable for ever; the one still `new` in asterCC also took the head of every later claim."""
-    rt = runtime(requeue_after_s=60)
-    routed_never, claimed_only = insert_rows(db, [("+7 916 100-00-11", "one"), ("+7 916 100-00-12", "two")])
+    rt = runtime()
+    routed_never, claimed_only, fresh = insert_rows(db, [("+7 916 100-00-11", "one"), ("+7 916 100-00-12", "two"),
+                                                         ("+7 916 100-00-13", "three")])
     assert [c.id for c in store.claim_due(rt.engine, 1)] == [routed_never]     # both steps of the claim
     assert store._record_claims(rt.engine, 1, "a-dispatch-that-died")           # only the first
-    assert claim(rt) == [], "a stranded row was claimed again"
-    enqueued: list[int] = []
-    assert workflow.reap(rt, lambda ids, provider: enqueued.extend(ids)) == 0, "reaped inside the grace time"
+    assert claim(rt) == [fresh], "a stranded row was claimed again, or held up the claim"
+    assert workflow.reap(rt) == 0, "reaped inside the grace time"
 
     with db.begin() as conn:
-        conn.execute(text("UPDATE sms_dispatch SET updated_at = NOW() - INTERVAL 61 SECOND"))
-    assert workflow.reap(rt, lambda ids, provider: enqueued.extend(ids)) == 2
+        conn.execute(text("UPDATE sms_dispatch SET updated_at = NOW() - INTERVAL 61 SECOND"
+                          " WHERE provider IS NULL"))
+    assert workflow.reap(rt) == 2
+    assert workflow.reap(rt) == 0, "routed twice"
+    enqueued = claim(rt)
     assert sorted(enqueued) == [routed_never, claimed_only]
-    assert workflow.reap(rt, lambda ids, provider: enqueued.extend(ids)) == 0, "routed twice"
-    assert [workflow.send(rt, row) for row in enqueued] == ["accepted", "accepted"]
+    assert [workflow.send(rt, row) for row in enqueued + [fresh]] == ["accepted"] * 3
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
