@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     """Prefix routes such as `7=mobilgroup,40=accolades`; the longest matching prefix wins."""
     default_region: str = "RU"
     """Where a number typed without a country code is assumed to be (ISO 3166 code)."""
+    failover: str = ""
+    """Failover routes such as `mobilgroup:accolades,ozeki:accolades` (a provider, then the providers to
+    try next, in order): while a provider is unavailable, its waiting rows go through the next available one."""
+    failover_after_s: float = Field(default=60.0, gt=0)
+    """How long every send to a provider must fail on the way there (refused, timeouts, 5xx) before it
+    counts as unavailable (its circuit opens, as after an account error)."""
 
     # --- dispatch, retries, healing -----------------------------------------------------------
     dispatch_interval_s: float = Field(default=2.0, gt=0)
@@ -161,6 +167,12 @@ class Settings(BaseSettings):
         parse_routes(value)
         return value
 
+    @field_validator("failover")
+    @classmethod
+    def _check_failover(cls, value: str) -> str:
+        parse_failover(value)
+        return value
+
     @field_validator("mobilgroup_url", "accolades_url", "ozeki_url", "public_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -202,10 +214,20 @@ class Settings(BaseSettings):
         return parse_routes(self.routes)
 
     @property
+    def failover_table(self) -> dict[str, list[str]]:
+        """`SMS_FAILOVER` as {provider: the providers to try next, in order}."""
+        return parse_failover(self.failover)
+
+    @property
     def providers_in_use(self) -> set[str]:
+        """Every provider rows may be sent through: routes, the default, and the failover routes' fallbacks
+        (they need credentials and workers too)."""
         used = {provider for _, provider in self.route_table}
         if self.default_provider:
             used.add(self.default_provider)
+        for provider, fallbacks in self.failover_table.items():
+            if provider in used:
+                used.update(fallbacks)
         return used
 
     def max_inflight(self, provider: str) -> int:
@@ -276,6 +298,20 @@ def parse_routes(value: str) -> list[tuple[str, str]]:
             )
         routes.append((prefix, provider))
     return sorted(routes, key=lambda route: -len(route[0]))
+
+
+def parse_failover(value: str) -> dict[str, list[str]]:
+    """Parse `mobilgroup:accolades,ozeki:accolades:smsc` into {provider: [fallbacks in order]}."""
+    table: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        names = [name.strip() for name in item.split(":")]
+        if len(names) < 2 or any(name not in PROVIDERS for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"failover route {item!r} must look like PROVIDER:FALLBACK[:FALLBACK…] with distinct "
+                             f"providers among {', '.join(PROVIDERS)}")
+        if names[0] in table:
+            raise ValueError(f"{names[0]} has two failover routes")
+        table[names[0]] = names[1:]
+    return table
 
 
 def load_settings(**overrides) -> Settings:

@@ -791,6 +791,7 @@ class BreakerState:
     probing: bool = False         # a probe send is under way
     opened_s_ago: int | None = None
     trips: int = 0
+    failing_for_s: int | None = None   # age of the unbroken streak of failed sends (None: no streak)
 
 
 def breaker_states(engine: Engine) -> dict[str, BreakerState]:
@@ -799,9 +800,10 @@ def breaker_states(engine: Engine) -> dict[str, BreakerState]:
     with autocommit_twin(engine).connect() as conn:
         rows = conn.execute(select(b.c.provider, b.c.state, b.c.reason, (-seconds_since(b.c.open_until)).label("left"),
                                    (-seconds_since(b.c.probe_until)).label("probe_left"),
-                                   seconds_since(b.c.opened_at).label("ago"), b.c.trips)).all()
+                                   seconds_since(b.c.opened_at).label("ago"), b.c.trips,
+                                   seconds_since(b.c.failing_since).label("failing"))).all()
     return {r.provider: BreakerState(r.provider, r.state == "open", r.reason, max(r.left or 0, 0),
-                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0) for r in rows}
+                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0, r.failing) for r in rows}
 
 
 @retry_lock_conflicts
@@ -849,11 +851,98 @@ def close_breaker(engine: Engine, provider: str) -> bool:
     with engine.begin() as conn:
         closed = conn.execute(
             update(b).where(b.c.provider == provider, b.c.state == "open")
-            .values(state="closed", open_until=None, probe_row=None, probe_until=None, updated_at=db_now())).rowcount
+            .values(state="closed", open_until=None, probe_row=None, probe_until=None, failing_since=None,
+                    updated_at=db_now())).rowcount
         if closed:
             conn.execute(update(d).where(d.c.provider == provider, d.c.state == S.WAITING,
                                          d.c.wait_reason == W.PAUSED).values(next_attempt_at=None))
     return bool(closed)
+
+
+@retry_lock_conflicts
+def note_failure(engine: Engine, provider: str) -> None:
+    """A send to `provider` failed on the way there: start its failure streak unless one is under way (one
+    UPDATE; the INSERT only for a provider never seen before)."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        if not conn.execute(update(b).where(b.c.provider == provider)
+                            .values(failing_since=func.coalesce(b.c.failing_since, db_now()))).rowcount:
+            now = conn.scalar(select(db_now()))
+            conn.execute(_insert_ignore(Breaker).values(provider=provider, state="closed", trips=0, failing_since=now,
+                                                        updated_at=now))
+
+
+@retry_lock_conflicts
+def end_failure_streak(engine: Engine, provider: str) -> None:
+    """A send to `provider` went through: its failure streak, if any, is over."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        conn.execute(update(b).where(b.c.provider == provider, b.c.failing_since.is_not(None))
+                     .values(failing_since=None))
+
+
+@retry_lock_conflicts
+def trip_if_failing(engine: Engine, provider: str, after_s: float, seconds: float, reason: str) -> bool:
+    """Open `provider`'s closed circuit for `seconds` if its failure streak is `after_s` old (a success since
+    then ended it). Returns True if this call opened it."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            update(b).where(b.c.provider == provider, b.c.state == "closed",
+                            b.c.failing_since <= db_now_plus(-after_s))
+            .values(state="open", opened_at=db_now(), reason=_fit(reason, 255), open_until=db_now_plus(seconds),
+                    probe_row=None, probe_until=None, trips=b.c.trips + 1, updated_at=db_now())).rowcount)
+
+
+# --- failover -------------------------------------------------------------------------------------
+
+@retry_lock_conflicts
+def reroute_waiting(engine: Engine, provider: str, fallback: str, limit: int) -> list[int]:
+    """Move up to `limit` waiting rows of `provider` to `fallback`, due at once, recording where each was
+    routed first. Only rows no request of which may have reached a provider (`unknowns` = 0): a row must
+    never be accepted by two. Returns their ids."""
+    d = Dispatch.__table__
+    movable = and_(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns == 0)
+    with engine.begin() as conn:
+        ids = list(conn.scalars(select(d.c.batchcontact_id).where(movable).order_by(d.c.due_at, d.c.batchcontact_id)
+                                .limit(limit).with_for_update(skip_locked=True)))
+        if ids:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), movable)
+                         .values(provider=fallback, routed_provider=func.coalesce(d.c.routed_provider, provider),
+                                 wait_reason=W.ROOM, next_attempt_at=None, updated_at=db_now()))
+            ids = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.batchcontact_id.in_(ids),
+                                                                      d.c.provider == fallback)))
+    return ids
+
+
+@dataclass(frozen=True)
+class InDoubt:
+    """A waiting row whose earlier request to its provider may have arrived: its id, fencing token and
+    operator resends (to name the request)."""
+
+    id: int
+    token: int
+    resends: int
+
+
+def in_doubt(engine: Engine, provider: str, limit: int) -> list[InDoubt]:
+    """Waiting rows of `provider` with an unknown outcome, oldest due first."""
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, d.c.resends)
+                            .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0)
+                            .order_by(d.c.due_at).limit(limit)).all()
+    return [InDoubt(*row) for row in rows]
+
+
+@retry_lock_conflicts
+def not_taken(engine: Engine, row_id: int, token: int) -> bool:
+    """The provider confirmed it has no request of this row: its unknown outcomes are cleared, so that it may
+    move to a fallback. Only if it has not been sent again since (`token`)."""
+    d = Dispatch.__table__
+    with engine.begin() as conn:
+        return bool(conn.execute(update(d).where(d.c.batchcontact_id == row_id, d.c.state == S.WAITING,
+                                                 d.c.attempts == token).values(unknowns=0)).rowcount)
 
 
 def recent_refusals(engine: Engine, provider: str, reason: str, within_s: int) -> int:
@@ -874,6 +963,14 @@ def remember(engine: Engine, name: str, value: str) -> str:
     with engine.begin() as conn:
         conn.execute(_insert_ignore(Meta).values(name=name, value=value))
         return conn.scalar(select(Meta.value).where(Meta.name == name))
+
+
+@retry_lock_conflicts
+def stamp(engine: Engine, name: str) -> None:
+    """Record the database's time now under `name` (e.g. the dispatch tick's last success, for alerts)."""
+    with engine.begin() as conn:  # one UPDATE; the INSERT only the first time
+        if not conn.execute(update(Meta).where(Meta.name == name).values(value=db_now())).rowcount:
+            conn.execute(_insert_ignore(Meta).values(name=name, value=db_now()))
 
 
 def db_clock_offset_s(engine: Engine) -> float:

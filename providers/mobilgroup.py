@@ -46,6 +46,10 @@ UNICODE_LIMIT = 64
 MAX_VALID_HOURS = 48
 
 
+class NoSuchRequestError(PermanentError):
+    """Error 12: the provider has no request with this id (it never arrived, or was never sent)."""
+
+
 class AlreadySentError(PermanentError):
     """Error 7: the provider already has a request with this id. `send` turns it into success; any
     other command treats it as the `PermanentError` it is."""
@@ -66,7 +70,7 @@ ERRORS: dict[int, tuple] = {
     9: (AccountError, "not enough money on the account"),
     10: (PermanentError, "the message is too long for the provider"),
     11: (PermanentError, "the provider rejected the schedule time"),
-    12: (PermanentError, "the provider has no request with this id"),
+    12: (NoSuchRequestError, "the provider has no request with this id"),
 }
 """Mobilgroup error code -> (what we raise, operator-readable words[, whether an account error is one by
 nature: 2 and 6 could only be the account's, but a message that somehow breaks the request could meet them
@@ -239,6 +243,16 @@ class MobilgroupClient(HttpClient):
             extra.update(dest_status=code, time=_value(dest, "time") or "")
         return DeliveryReport(outcome=outcome, reference=reference, provider_message_id=str(reference),
                               reason=reason, extra=extra)
+
+    def has_request(self, reference: int) -> bool:
+        """Whether the provider has a request under `reference`: False only when it says it has none (error
+        12), so that a send whose answer never came is known not to have arrived. Raises `ProviderError`
+        when it cannot say."""
+        try:
+            self._call("status", [("id", str(reference))], expect_id=reference)
+        except NoSuchRequestError:
+            return False
+        return True
 
     def balance(self) -> str:
         """The account balance as the provider writes it."""

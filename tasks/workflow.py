@@ -100,11 +100,65 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
     breakers = store.breaker_states(rt.engine)
     summary = store.waiting_summary(rt.engine)
     # Also a provider no longer configured that still has rows: they go on to their workers, which hold
-    # them as an account problem until SMS_ACCOUNT_RETRY_WINDOW_S ends them, never stuck.
-    for provider in sorted(s.providers_in_use | (summary.keys() - {"unrouted"})):
+    # them as an account problem until SMS_ACCOUNT_RETRY_WINDOW_S ends them, never stuck. Providers whose
+    # circuit is open go first, so that the rows they hand to a fallback are released in this same tick.
+    unavailable = {p for p, b in breakers.items() if b.open}
+    providers = s.providers_in_use | (summary.keys() - {"unrouted"})
+    for provider in sorted(providers, key=lambda p: (p not in unavailable, p)):
         release(rt, provider, enqueue, breakers.get(provider))
+        if provider in unavailable:
+            fail_over(rt, provider, breakers)
     _log_tick(rt, total, summary, breakers)
+    store.stamp(rt.engine, DISPATCH_STAMP)
     return total
+
+
+DISPATCH_STAMP = "dispatch_last_success"
+"""`sms_meta` name under which each dispatch tick that ran to its end records the database's time: an
+operator's alert fires when it grows old (beat stopped, or no worker takes the dispatch queue)."""
+FAILOVER_BATCH = 5000
+"""Waiting rows moved to a fallback per provider and tick: the fallback's room, not this, paces them."""
+CONFIRM_PER_TICK = 20
+"""Rows in doubt whose provider is asked per tick whether it has them (each a request to a troubled provider)."""
+
+
+def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
+    """While `provider`'s circuit is open, move its waiting rows to the first of its `SMS_FAILOVER`
+    fallbacks whose circuit is closed. A row whose last request's answer never came may be at `provider`
+    already: it stays, unless `provider` can confirm it has no such request (`has_request`). Returns how
+    many rows moved."""
+    s = rt.settings
+    fallback = next((f for f in s.failover_table.get(provider, ())
+                     if f in s.providers_in_use and not (breakers.get(f) and breakers[f].open)), None)
+    if fallback is None:
+        return 0
+    _confirm_not_taken(rt, provider)
+    moved = store.reroute_waiting(rt.engine, provider, fallback, FAILOVER_BATCH)
+    if moved:
+        log.info("failover: %d waiting rows of %s moved to %s", len(moved), provider, fallback)
+        _alert_once(rt, f"failover:{provider}", "ALERT: %s unavailable (%s): its waiting rows go through %s "
+                    "until a probe gets through", provider, breakers[provider].reason, fallback)
+    return len(moved)
+
+
+def _confirm_not_taken(rt: Runtime, provider: str) -> None:
+    """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
+    never came; those it has not may then move. Stops at the first question it cannot answer."""
+    client = rt.client(provider)
+    if not hasattr(client, "has_request"):
+        return
+    known = rt.__dict__.setdefault("_taken_rows", set())  # it has these: they wait for it, never asked again
+    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
+        if row.id in known:
+            continue
+        try:
+            has = client.has_request(mobilgroup_request_id(rt.settings, row.id, row.resends))
+        except ProviderError:
+            return
+        if has:
+            known.add(row.id)
+        elif store.not_taken(rt.engine, row.id, row.token):
+            log.info("failover: %s confirms it never got row %d: it may move", provider, row.id)
 
 
 def _route(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
@@ -267,6 +321,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
         except PermanentError as exc:
             if job.probe:
                 _account_works(rt, job.provider)
+            _reached(rt, job.provider)
             store.finish_failed(rt.engine, row_id, str(exc), token=job.token)
             return "failed"
         except ThrottledError as exc:
@@ -283,6 +338,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
     if job.probe:
         _account_works(rt, job.provider)
+    _reached(rt, job.provider)
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
     recorded = _until_recorded(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
@@ -390,6 +446,7 @@ def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
 
 def _transient_problem(rt: Runtime, job: store.SendJob, exc: ProviderError) -> str:
     s = rt.settings
+    _failed_on_the_way(rt, job, exc)
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
     return _wait(rt, job, delay, str(exc), W.RETRY, failed=True)
 
@@ -399,6 +456,7 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
     (Mobilgroup refuses a repeated id) or where `SMS_<PROVIDER>_ON_UNKNOWN=resend`; else `error`."""
     s = rt.settings
     log.warning("send of row %d: outcome unknown at %s (%s)", job.id, job.provider, exc)
+    _failed_on_the_way(rt, job, exc)
     if not s.resends_unknown(job.provider):
         store.finish_error(rt.engine, job.id, f"{job.provider} may or may not have this message: {exc} "
                                               f"(SMS_{job.provider.upper()}_ON_UNKNOWN=error)",
@@ -407,6 +465,30 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
     return _wait(rt, job, delay, f"no answer from {job.provider}, sending again: {exc}", W.UNKNOWN,
                  failed=True, unknown=True)
+
+
+def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> None:
+    """A send of a provider with a failover route failed on the way there (refused, timeout, 5xx): its
+    failure streak goes on, and once every send has failed for `SMS_FAILOVER_AFTER_S` its circuit opens (its
+    rows then go to the fallback). A probe that fails so keeps the circuit open for another pause."""
+    s, provider = rt.settings, job.provider
+    if job.probe:
+        store.trip_breaker(rt.engine, provider, s.account_retry_s, f"unreachable: {exc}")
+        log.error("ALERT: %s still unreachable (the probe failed), paused again for %.0f s: %s",
+                  provider, s.account_retry_s, exc)
+        rt.forget_breakers()
+        return
+    if provider not in s.failover_table:
+        return
+    store.note_failure(rt.engine, provider)
+    breaker = rt.breaker(provider)
+    if breaker is None or breaker.open or (breaker.failing_for_s or 0) < s.failover_after_s:
+        return
+    if store.trip_if_failing(rt.engine, provider, s.failover_after_s, s.account_retry_s, f"unreachable: {exc}"):
+        log.error("ALERT: %s unavailable: every send failed for %.0f s (SMS_FAILOVER_AFTER_S), the last: %s; its "
+                  "rows go through %s, and one probe tests it every %.0f s", provider, s.failover_after_s, exc,
+                  " or ".join(s.failover_table[provider]), s.account_retry_s)
+    rt.forget_breakers()
 
 
 def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
@@ -432,8 +514,18 @@ def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
 
 def _account_works(rt: Runtime, provider: str) -> None:
     if store.close_breaker(rt.engine, provider):
-        log.error("ALERT: %s account works again (the probe went through): sending resumes", provider)
+        log.error("ALERT: %s works again (the probe went through): sending resumes%s", provider,
+                  "; new rows go to it again" if provider in rt.settings.failover_table else "")
     rt.forget_breakers()
+
+
+def _reached(rt: Runtime, provider: str) -> None:
+    """A send reached `provider` and was answered: a failure streak, if one is under way, is over (no write
+    otherwise)."""
+    breaker = rt.breaker(provider)
+    if breaker is not None and breaker.failing_for_s is not None:
+        store.end_failure_streak(rt.engine, provider)
+        rt.forget_breakers()
 
 
 # --- Mobilgroup status polling --------------------------------------------------------------------
