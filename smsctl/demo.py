@@ -3,14 +3,17 @@
 It makes a fresh SQLite database under `var/demo/`, creates asterCC's tables and ours, seeds sample asterCC
 rows (most due now, some scheduled a little later, some invalid, some to numbers the simulators will report
 undeliverable), starts the four provider simulators, the webhook app and the SMPP receiver in this process,
-and a Celery beat and a Celery worker on the filesystem broker; it shows progress once a second and exits 0
-with a summary once every row reached a final status (1 if it did not within the time limit).
+and a Celery beat and a Celery worker on the filesystem broker. On a terminal it draws the `smsctl status`
+screen live; otherwise (CI) it prints a progress line a second and the screen once at the end. Every
+process's log goes to a file under `var/demo/`, named at the end. It exits 0 with a summary once every row
+reached a final status (1 if it did not within the time limit).
 
 Routing: Russian numbers (+7) go to Mobilgroup (the default), Romanian (+40) to Accolades, British (+44)
 to Ozeki, German (+49) to smsc.ru over SMPP.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -18,15 +21,21 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
 from sqlalchemy import text
 
 from smsctl.processes import CeleryProcess, stop_all
 
 DEMO_DIR = Path("var/demo").resolve()
 FINAL = ("success", "failed", "error")
-OPEN_DISPATCH = ("queued", "sending", "retry", "accepted")
+OPEN_DISPATCH = ("queued", "sending", "waiting", "accepted")
+LOGS = {"worker.log": "Celery worker", "beat.log": "Celery beat",
+        "demo.log": "simulators, webhook app, SMPP receiver, migrations"}
 
 
 def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:
@@ -59,7 +68,8 @@ def _seed(engine, rows) -> None:
                 archive_id = conn.execute(
                     text("INSERT INTO cc10_batchcontact_archives (archivetype, content) VALUES ('sms', :c)"),
                     {"c": body}).lastrowid
-            when = ("'0000-00-00 00:00:00'" if schedule == "now"
+            # A zero date (asterCC's "now") stays text in SQLite, which reads it back as no date at all.
+            when = ("datetime('now', 'localtime')" if schedule == "now"
                     else "datetime('now', 'localtime', '+8 seconds')")
             conn.execute(text(
                 "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime, creby,"
@@ -153,9 +163,28 @@ class StandIns:
             simulator.stop()
 
 
+def _log_to_file(path: Path) -> None:
+    """Everything this process logs (Alembic, the webhook app's access log, the SMPP receiver) goes to
+    `path`, not the screen."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _progress(statuses: Counter, states: Counter, elapsed_s: float) -> str:
+    line = "  ".join(f"{s}={statuses[s]}" for s in ("new", "pending", "success", "failed", "error"))
+    return f"[{elapsed_s:5.1f}s] {line}  (awaiting status poll: {states['accepted']})"
+
+
 def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
+    _log_to_file(DEMO_DIR / "demo.log")
+    console = Console()
     stand_ins = StandIns()
     env = {
         **os.environ,
@@ -177,6 +206,9 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     os.environ.update(env)  # this process reads the same database
     from db import schema
     from db.engine import engine_for
+    from settings import get_settings
+    from smsctl import overview, status
+    from tasks.throttle import LocalThrottle
 
     engine = engine_for(env["SMS_DATABASE_URL"])
     schema.upgrade(env["SMS_DATABASE_URL"])
@@ -184,37 +216,58 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     sample = _sample_rows(rows)
     _seed(engine, sample)
     stand_ins.start_receivers()
-    print(f"seeded {len(sample)} asterCC rows into {DEMO_DIR / 'sms.db'}; routes: {env['SMS_ROUTES']}, "
-          "the rest to mobilgroup, whose simulator answers 15% of requests with HTTP 503")
+    print(f"seeded {len(sample)} asterCC rows into {_shown(DEMO_DIR / 'sms.db')}; routes: {env['SMS_ROUTES']}, "
+          "the rest to mobilgroup, whose simulator answers 15% of requests with HTTP 503", flush=True)
 
     procs = [
-        CeleryProcess(["worker", "-l", "warning", "-c", "4", "-n", "demo@%h",
+        CeleryProcess(["worker", "-l", "info", "-c", "4", "-n", "demo@%h",
                        "-Q", "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"],
                       env, DEMO_DIR / "worker.log"),
-        CeleryProcess(["beat", "-l", "warning"], env, DEMO_DIR / "beat.log"),
+        CeleryProcess(["beat", "-l", "info"], env, DEMO_DIR / "beat.log"),
     ]
+    settings, throttle = get_settings(), LocalThrottle(DEMO_DIR / "throttle.sqlite3")
+
+    def screen(progress: str):
+        return Group(Text(progress), status.screen(overview.read(settings, engine, throttle)))
+
     started = time.monotonic()
     code = 1
+    live = console.is_terminal
     try:
-        while time.monotonic() - started < timeout_s:
-            time.sleep(1)
-            statuses, states = _snapshot(engine)
-            line = "  ".join(f"{s}={statuses[s]}" for s in ("new", "pending", "success", "failed", "error"))
-            print(f"[{time.monotonic() - started:5.1f}s] {line}  (awaiting status poll: {states['accepted']})",
-                  flush=True)
-            if not all(p.running() for p in procs):
-                print("a Celery process stopped unexpectedly; see var/demo/*.log", file=sys.stderr)
-                break
-            if _finished(statuses, states, len(sample)):
-                code = 0
-                break
-        else:
-            print(f"not every row reached a final status within {timeout_s} s", file=sys.stderr)
+        with Live(Text("starting…"), console=console, auto_refresh=False) if live else nullcontext() as shown:
+            while time.monotonic() - started < timeout_s:
+                time.sleep(1)
+                statuses, states = _snapshot(engine)
+                progress = _progress(statuses, states, time.monotonic() - started)
+                if live:
+                    shown.update(screen(progress), refresh=True)
+                else:
+                    print(progress, flush=True)
+                if not all(p.running() for p in procs):
+                    print("a Celery process stopped unexpectedly; see its log below", file=sys.stderr)
+                    break
+                if _finished(statuses, states, len(sample)):
+                    code = 0
+                    break
+            else:
+                print(f"not every row reached a final status within {timeout_s} s", file=sys.stderr)
+        if not live:
+            print("\n" + status.plain(overview.read(settings, engine, throttle)), flush=True)
     finally:
         stop_all(procs)
         stand_ins.stop()
+        throttle.close()
     _summary(engine, sample, stand_ins)
+    print("\nlogs: " + "; ".join(f"{_shown(DEMO_DIR / name)} ({what})" for name, what in LOGS.items()))
     return code
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory where it is inside it (as an operator would type it)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _summary(engine, sample, stand_ins: StandIns) -> None:

@@ -44,6 +44,7 @@ import hmac
 import math
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,12 +330,11 @@ class LocalThrottle:
         self._path = Path(path)
         self._guard_s = guard_s
         self._timeout_s = timeout_s
-        self._db: sqlite3.Connection | None = None
-        self._pid = 0
+        self._local = threading.local()  # a connection per thread: sqlite3's may not cross threads
 
     def _connect(self) -> sqlite3.Connection:
         # A connection must not cross a fork (Celery's prefork pool): each process opens its own.
-        if self._db is None or self._pid != os.getpid():
+        if getattr(self._local, "db", None) is None or self._local.pid != os.getpid():
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None)
             # Switching to WAL fails at once ("database is locked", no busy wait) while another process uses
@@ -346,8 +346,8 @@ class LocalThrottle:
                 db.executescript(self._SCHEMA)
             # Losing the last grants in a power cut costs nothing; an fsync per grant costs arrival jitter.
             db.execute("PRAGMA synchronous=NORMAL")
-            self._db, self._pid = db, os.getpid()
-        return self._db
+            self._local.db, self._local.pid = db, os.getpid()
+        return self._local.db
 
     def _transaction(self, what: str, fn):
         try:
@@ -443,9 +443,9 @@ class LocalThrottle:
         return row[0] if row else 0
 
     def close(self) -> None:
-        if self._db is not None and self._pid == os.getpid():
-            self._db.close()
-        self._db = None
+        if getattr(self._local, "db", None) is not None and self._local.pid == os.getpid():
+            self._local.db.close()
+        self._local.db = None
 
 
 def make_throttle(settings) -> Throttle:
