@@ -120,6 +120,9 @@ FAILOVER_BATCH = 5000
 """Waiting rows moved to a fallback per provider and tick: the fallback's room, not this, paces them."""
 CONFIRM_PER_TICK = 20
 """Rows in doubt whose provider is asked per tick whether it has them (each a request to a troubled provider)."""
+CONFIRM_EVERY_S = 30.0
+"""A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
+hold every tick for its HTTP timeout."""
 
 
 def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
@@ -144,9 +147,16 @@ def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState
 def _confirm_not_taken(rt: Runtime, provider: str) -> None:
     """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
     never came; those it has not may then move. Stops at the first question it cannot answer."""
-    client = rt.client(provider)
+    asked = rt.__dict__.setdefault("_confirm_asked", {})
+    if time.monotonic() - asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
+        return
+    try:
+        client = rt.client(provider)
+    except ValueError:  # no longer configured: it cannot be asked
+        return
     if not hasattr(client, "has_request"):
         return
+    asked[provider] = time.monotonic()
     known = rt.__dict__.setdefault("_taken_rows", set())  # it has these: they wait for it, never asked again
     for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
         if row.id in known:
