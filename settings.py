@@ -190,6 +190,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _lease_outlasts_a_call(self) -> "Settings":
+        # A send starts its provider call only while its lease outlasts the call's deadline by a margin
+        # (tasks.workflow.LEASE_MARGIN_S): with a shorter lease no send would ever start.
+        if self.send_lease_s < self.http_timeout_s + LEASE_HEADROOM_S:
+            raise ValueError(f"SMS_SEND_LEASE_S ({self.send_lease_s}) must be at least SMS_HTTP_TIMEOUT_S "
+                             f"({self.http_timeout_s:g}) + {LEASE_HEADROOM_S} s")
+        return self
+
+    @model_validator(mode="after")
     def _default_redis(self) -> "Settings":
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             object.__setattr__(self, "redis_url", self.broker_url)
@@ -252,6 +261,7 @@ class Settings(BaseSettings):
             self.require(*REQUIRED_BY_PROVIDER[provider])
 
 
+LEASE_HEADROOM_S = 10
 INFLIGHT_SECONDS = 10
 INFLIGHT_MIN = 20
 THREADS_RESERVED = 2

@@ -26,7 +26,7 @@ from smsctl.processes import CeleryProcess, stop_all
 
 DEMO_DIR = Path("var/demo").resolve()
 FINAL = ("success", "failed", "error")
-OPEN_DISPATCH = ("queued", "sending", "retry", "accepted")
+OPEN_DISPATCH = ("queued", "sending", "waiting", "accepted")
 
 
 def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:

@@ -138,11 +138,16 @@ class Runtime:
     def breaker(self, provider: str):
         """`provider`'s account circuit (`db.store.BreakerState`) as last read, at most `BREAKER_CACHE_S`
         ago; None while it is closed and never tripped."""
+        from sqlalchemy.exc import SQLAlchemyError
+
         from db import store
 
         read_at, states = self._breakers
         if time.monotonic() - read_at > BREAKER_CACHE_S:
-            states = store.breaker_states(self.engine)
+            try:
+                states = store.breaker_states(self.engine)
+            except SQLAlchemyError:  # keep what was last read: the send itself meets the database next
+                pass
             self._breakers = (time.monotonic(), states)
         return states.get(provider)
 

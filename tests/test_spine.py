@@ -109,7 +109,7 @@ def test_a_worker_killed_mid_batch_loses_and_doubles_nothing(db, mariadb_url, re
     sim = MobilgroupSimulator(latency_s=0.3)
     with started(sim):
         ids = insert_rows(db, [(number(i), f"Your ticket {i} is confirmed.") for i in range(120)])
-        env = mobilgroup_env(mariadb_url, redis_url, sim, SMS_SEND_LEASE_S=10, SMS_REQUEUE_AFTER_S=5,
+        env = mobilgroup_env(mariadb_url, redis_url, sim, SMS_SEND_LEASE_S=13, SMS_HTTP_TIMEOUT_S=3, SMS_LOST_TASK_S=5,
                              SMS_REAP_INTERVAL_S=2)
         victim = celery("worker", env, "-c", "4")
         celery("beat", env)
