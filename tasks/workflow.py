@@ -86,7 +86,7 @@ def _route_and_enqueue(rt: Runtime, claimed: list[store.Claimed], enqueue: Enque
     routes: dict[int, tuple[str, str]] = {}
     for row in claimed:
         try:
-            recipient = normalise(row.target, rt.settings.default_region)
+            recipient = normalise(row.target, rt.settings)
         except InvalidNumber as exc:
             store.finish_failed(rt.engine, row.id, str(exc))
             continue
