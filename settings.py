@@ -294,7 +294,8 @@ def parse_channels(value: str) -> frozenset[str]:
     known = {channel_name(prefix) for prefix in CHANNEL_PREFIXES}
     names = {part.strip().lower() for part in value.split(",") if part.strip()}
     if names - known:
-        raise ValueError(f"unknown channel {sorted(names - known)[0]!r}: the channels are {', '.join(sorted(known))}")
+        raise ValueError(f"unknown channel {sorted(names - known)[0]!r}: the channels are "
+                         + ", ".join(sorted(known)))
     return frozenset(names)
 
 

@@ -189,8 +189,8 @@ class MobilgroupClient(HttpClient):
         return "0"
 
     def send(self, message: OutgoingMessage) -> Accepted:
-        """Send `message` (its text without the comment) with our row id as the request id; a resend of an id the provider already has
-        returns `Accepted(already_sent=True)`."""
+        """Send `message` (its text without the comment) with our row id as the request id; a resend of an
+        id the provider already has returns `Accepted(already_sent=True)`."""
         fields = [("phone", message.recipient), ("message", sendable_text(message.text)),
                   ("id", str(message.reference))]
         if self.sender:

@@ -14,10 +14,11 @@ allows, and sends meanwhile fail fast with the same kind of error. A one-part me
 A long text goes as UDH-concatenated parts, submitted one after another (see `providers.smsc_text` for
 encodings, the comment after `"\n~~~\n"`, and channel prefixes). A text with a channel prefix is sent
 only when its channel is among `channels` (`SMS_SMSC_CHANNELS`: `viber`, `tgm` …); otherwise, like a text
-that is only a comment, it is refused with `PermanentError` before anything is sent. If a later part fails after earlier parts
-were accepted, the message is reported as `PermanentError`: a retry would send the first parts twice. A
-connection lost after a submit was written but before its answer is a `TransientError`; whether that
-part arrived is unknown, so a retry may deliver it twice (at-least-once, as with any SMPP client).
+that is only a comment, it is refused with `PermanentError` before anything is sent. If a later part fails
+after earlier parts were accepted, the message is reported as `PermanentError`: a retry would send the
+first parts twice. A connection lost after a submit was written but before its answer is a
+`TransientError`; whether that part arrived is unknown, so a retry may deliver it twice (at-least-once, as
+with any SMPP client).
 
 `parse_deliver_sm` turns the fields of a `deliver_sm` into a `DeliveryReport`: a delivery receipt in the
 text form (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:… text:…`), the HLR form (`id:… stat:…

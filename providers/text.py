@@ -35,7 +35,8 @@ def sendable_text(text: str) -> str:
         raise PermanentError("the message text is empty")
     channel = channel_of(text)
     if channel:
-        raise PermanentError(f"the text starts with smsc.ru's {channel} channel prefix, which only smsc.ru can send")
+        raise PermanentError(f"the text starts with smsc.ru's {channel} channel prefix, which only smsc.ru "
+                             "can send")
     body = text.partition(COMMENT_SEPARATOR)[0]
     if not body.strip():
         raise PermanentError("nothing to send: the text holds only a comment (after a ~~~ line)")

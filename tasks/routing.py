@@ -40,9 +40,8 @@ def normalise(target: str, settings: Settings) -> str:
     number = _read(target, settings.default_region)
     allowed = settings.allowed_numbers
     if number not in allowed:
-        country = phonenumbers.region_code_for_number(number) or f"+{number.country_code}"
-        raise InvalidNumber(f'the recipient "{mask(target)}" is in {country}, where this deployment does not '
-                            f"send (SMS_ALLOWED_COUNTRIES: {allowed})")
+        raise InvalidNumber(f'the recipient "{mask(target)}" is in {_where(number)}, where this deployment '
+                            f"does not send (SMS_ALLOWED_COUNTRIES: {allowed})")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164).lstrip("+")
 
 
@@ -55,11 +54,11 @@ def _read(target: str, region: str) -> phonenumbers.PhoneNumber:
     if typed.startswith("+"):
         number = _parse("+" + digits, None)
         if number is None:
-            raise InvalidNumber(f"{refusal}: no country has such a number")
+            raise InvalidNumber(f"{refusal}: {_no_such_number(digits)}")
         return number
     number = _parse(digits, region) or _parse("+" + digits, None)
     if number is None:
-        raise InvalidNumber(f"{refusal}: it is neither a number of {region} nor an international number")
+        raise InvalidNumber(f"{refusal}: it is neither a valid {region} number nor a valid international one")
     return number
 
 
@@ -72,6 +71,22 @@ def _parse(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
     return number if phonenumbers.is_valid_number(number) else None
 
 
+def _no_such_number(digits: str) -> str:
+    """Why international `digits` are no number: an unknown country, or a number outside its plan."""
+    try:
+        number = phonenumbers.parse("+" + digits)
+    except phonenumbers.NumberParseException:
+        return "no country has such a calling code"
+    return f"it is not a valid {_where(number)} number"
+
+
+def _where(number: phonenumbers.PhoneNumber) -> str:
+    """The country of `number` as an operator reads it: `GB`, or `+882` where the code names no country."""
+    region = phonenumbers.region_code_for_number(number) \
+        or phonenumbers.region_code_for_country_code(number.country_code)
+    return region if region not in ("001", phonenumbers.UNKNOWN_REGION) else f"+{number.country_code}"
+
+
 def _digits_of(typed: str) -> str:
     """The digits of a target made of digits and separators only, else `InvalidNumber` saying what else
     it holds."""
@@ -82,7 +97,9 @@ def _digits_of(typed: str) -> str:
         raise InvalidNumber(f"{refusal}: it has an extension, which an SMS cannot reach")
     if any(ch.isalpha() for ch in typed):
         raise InvalidNumber(f"{refusal}: it contains letters")
-    if "+" in typed[1:] or any(ch in ",/|\n\r" for ch in typed):
+    if "+" in typed[1:]:
+        raise InvalidNumber(f"{refusal}: it has a + after its start")
+    if any(ch in ",/|\n\r" for ch in typed):
         raise InvalidNumber(f"{refusal}: it holds more than one number")
     depth = 0
     for ch in typed:
@@ -91,7 +108,8 @@ def _digits_of(typed: str) -> str:
         elif ch == ")":
             depth -= 1
         elif not (ch in _DIGITS or ch in ".+\t" or unicodedata.category(ch) in ("Zs", "Pd")):
-            raise InvalidNumber(f"{refusal}: it contains {unicodedata.name(ch, 'a control character').lower()!r}")
+            what = unicodedata.name(ch, "a control character").lower()
+            raise InvalidNumber(f"{refusal}: it contains {what!r}")
         if depth not in (0, 1):
             raise InvalidNumber(f"{refusal}: its brackets do not match")
     if depth:
