@@ -199,11 +199,7 @@ class Settings(BaseSettings):
     def allowed_numbers(self) -> "Countries":
         """Where numbers may be: `SMS_ALLOWED_COUNTRIES`, or else every calling code a route's prefix
         names (`7` for `7=…`, every `3…` code for `3=…`, `44` for `4477=…`) and the default region."""
-        if self.allowed_countries.strip():
-            return parse_countries(self.allowed_countries)
-        codes = {code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for prefix, _ in self.route_table
-                 if str(code).startswith(prefix) or prefix.startswith(str(code))}
-        return Countries(frozenset(codes), frozenset({self.default_region}))
+        return allowed_countries(self.allowed_countries, self.routes, self.default_region)
 
     @property
     def smsc_channel_names(self) -> frozenset[str]:
@@ -273,6 +269,17 @@ class Countries:
 
     def __str__(self) -> str:
         return ",".join([str(code) for code in sorted(self.codes)] + sorted(self.regions))
+
+
+@functools.lru_cache(maxsize=8)
+def allowed_countries(allowed: str, routes: str, default_region: str) -> Countries:
+    """`SMS_ALLOWED_COUNTRIES` from the three settings it depends on (read once: dispatch asks per row)."""
+    if allowed.strip():
+        return parse_countries(allowed)
+    prefixes = [prefix for prefix, _ in parse_routes(routes)]
+    codes = {code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for prefix in prefixes
+             if str(code).startswith(prefix) or prefix.startswith(str(code))}
+    return Countries(frozenset(codes), frozenset({default_region}))
 
 
 def parse_countries(value: str) -> Countries:

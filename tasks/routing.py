@@ -50,16 +50,19 @@ def _read(target: str, region: str) -> phonenumbers.PhoneNumber:
     if not typed:
         raise InvalidNumber("the recipient's phone number is empty")
     digits = _digits_of(typed)
-    refusal = f'the recipient "{mask(typed)}" is not a phone number'
     if typed.startswith("+"):
         number = _parse("+" + digits, None)
         if number is None:
-            raise InvalidNumber(f"{refusal}: {_no_such_number(digits)}")
+            raise _not_a_number(typed, _no_such_number(digits))
         return number
     number = _parse(digits, region) or _parse("+" + digits, None)
     if number is None:
-        raise InvalidNumber(f"{refusal}: it is neither a valid {region} number nor a valid international one")
+        raise _not_a_number(typed, f"it is neither a valid {region} number nor a valid international one")
     return number
+
+
+def _not_a_number(typed: str, why: str) -> InvalidNumber:
+    return InvalidNumber(f'the recipient "{mask(typed)}" is not a phone number: {why}')
 
 
 def _parse(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
@@ -90,17 +93,16 @@ def _where(number: phonenumbers.PhoneNumber) -> str:
 def _digits_of(typed: str) -> str:
     """The digits of a target made of digits and separators only, else `InvalidNumber` saying what else
     it holds."""
-    refusal = f'the recipient "{mask(typed)}" is not a phone number'
     if "@" in typed:
-        raise InvalidNumber(f"{refusal}: it looks like an e-mail address")
+        raise _not_a_number(typed, "it looks like an e-mail address")
     if _EXTENSION.search(typed):
-        raise InvalidNumber(f"{refusal}: it has an extension, which an SMS cannot reach")
+        raise _not_a_number(typed, "it has an extension, which an SMS cannot reach")
     if any(ch.isalpha() for ch in typed):
-        raise InvalidNumber(f"{refusal}: it contains letters")
+        raise _not_a_number(typed, "it contains letters")
     if "+" in typed[1:]:
-        raise InvalidNumber(f"{refusal}: it has a + after its start")
+        raise _not_a_number(typed, "it has a + after its start")
     if any(ch in ",/|\n\r" for ch in typed):
-        raise InvalidNumber(f"{refusal}: it holds more than one number")
+        raise _not_a_number(typed, "it holds more than one number")
     depth = 0
     for ch in typed:
         if ch == "(":
@@ -109,11 +111,11 @@ def _digits_of(typed: str) -> str:
             depth -= 1
         elif not (ch in _DIGITS or ch in ".+\t" or unicodedata.category(ch) in ("Zs", "Pd")):
             what = unicodedata.name(ch, "a control character").lower()
-            raise InvalidNumber(f"{refusal}: it contains {what!r}")
+            raise _not_a_number(typed, f"it contains {what!r}")
         if depth not in (0, 1):
-            raise InvalidNumber(f"{refusal}: its brackets do not match")
+            raise _not_a_number(typed, "its brackets do not match")
     if depth:
-        raise InvalidNumber(f"{refusal}: its brackets do not match")
+        raise _not_a_number(typed, "its brackets do not match")
     return "".join(ch for ch in typed if ch in _DIGITS)
 
 
