@@ -199,7 +199,7 @@ class Settings(BaseSettings):
     def allowed_numbers(self) -> "Countries":
         """Where numbers may be: `SMS_ALLOWED_COUNTRIES`, or else every calling code a route's prefix
         names (`7` for `7=…`, every `3…` code for `3=…`, `44` for `4477=…`) and the default region."""
-        return allowed_countries(self.allowed_countries, self.routes, self.default_region)
+        return resolve_allowed_countries(self.allowed_countries, self.routes, self.default_region)
 
     @property
     def smsc_channel_names(self) -> frozenset[str]:
@@ -272,7 +272,7 @@ class Countries:
 
 
 @functools.lru_cache(maxsize=8)
-def allowed_countries(allowed: str, routes: str, default_region: str) -> Countries:
+def resolve_allowed_countries(allowed: str, routes: str, default_region: str) -> Countries:
     """`SMS_ALLOWED_COUNTRIES` from the three settings it depends on (read once: dispatch asks per row)."""
     if allowed.strip():
         return parse_countries(allowed)

@@ -68,8 +68,8 @@ def test_500_due_rows_through_a_flaky_provider_are_each_sent_once(db, mariadb_ur
     assert min(first_send[i] for i in later) >= inserted_at + 11, "a row scheduled later was sent early"
     reasons = {i: (rows[i]["status"], rows[i]["error_msg"]) for i in invalid}
     assert reasons == {
-        invalid[0]: ("failed", 'the recipient "**" is not a phone number: it is neither a number of RU nor an '
-                               "international number"),
+        invalid[0]: ("failed", 'the recipient "**" is not a phone number: it is neither a valid RU number nor a '
+                               "valid international one"),
         invalid[1]: ("failed", "the message text is empty"),
         invalid[2]: ("failed", "the message text is missing"),
         invalid[3]: ("failed", "the message is too long: 141 characters, at most 140 (or 64 in Unicode)"),
