@@ -44,9 +44,7 @@ def sendable_text(text: str) -> str:
 
 
 def count_parts(text: str, max_parts: int) -> int:
-    """How many SMS parts `text` takes; `PermanentError` if it is empty or needs more than `max_parts`."""
-    if not text or not text.strip():
-        raise PermanentError("the message text is empty")
+    """How many SMS parts `text` (a `sendable_text`) takes; `PermanentError` if more than `max_parts`."""
     parts = sms_count(text)
     if parts > max_parts:
         raise PermanentError(f"the message text is too long: {parts} SMS parts, at most {max_parts} allowed")
