@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url as redis_url_parts
+
+from providers.smsc_text import CHANNEL_PREFIXES, channel_name
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
@@ -55,6 +58,9 @@ class Settings(BaseSettings):
     """Prefix routes such as `7=mobilgroup,40=accolades`; the longest matching prefix wins."""
     default_region: str = "RU"
     """Where a number typed without a country code is assumed to be (ISO 3166 code)."""
+    allowed_countries: str = ""
+    """Where numbers may be, as calling codes (`7,40`) or ISO codes (`RU,RO`): a guard against SMS pumping
+    fraud. Empty: the countries `SMS_ROUTES` names and the default region (see `allowed_numbers`)."""
 
     # --- dispatch, retries, healing -----------------------------------------------------------
     dispatch_interval_s: float = Field(default=2.0, gt=0)
@@ -126,6 +132,9 @@ class Settings(BaseSettings):
     smsc_system_type: str = ""
     smsc_source_addr: str | None = None
     smsc_rate: float = Field(default=30.0, gt=0)
+    smsc_channels: str = ""
+    """smsc.ru's non-SMS channels a text may ask for by its prefix, e.g. `viber,tgm` for `__VIBER__:` and
+    `__TGM__:` texts; empty: none (such texts end `failed`)."""
 
     # --- per provider: room in the broker, threads, unknown outcomes -----------------------------
     mobilgroup_max_inflight: int | None = Field(default=None, ge=1)
@@ -159,6 +168,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_routes(cls, value: str) -> str:
         parse_routes(value)
+        return value
+
+    @field_validator("allowed_countries")
+    @classmethod
+    def _check_countries(cls, value: str) -> str:
+        parse_countries(value)
+        return value
+
+    @field_validator("smsc_channels")
+    @classmethod
+    def _check_channels(cls, value: str) -> str:
+        parse_channels(value)
         return value
 
     @field_validator("mobilgroup_url", "accolades_url", "ozeki_url", "public_url")
@@ -209,6 +230,17 @@ class Settings(BaseSettings):
     def route_table(self) -> list[tuple[str, str]]:
         """`SMS_ROUTES` as (prefix, provider) pairs, longest prefix first."""
         return parse_routes(self.routes)
+
+    @property
+    def allowed_numbers(self) -> "Countries":
+        """Where numbers may be: `SMS_ALLOWED_COUNTRIES`, or else every calling code a route's prefix
+        names (`7` for `7=…`, every `3…` code for `3=…`, `44` for `4477=…`) and the default region."""
+        return resolve_allowed_countries(self.allowed_countries, self.routes, self.default_region)
+
+    @property
+    def smsc_channel_names(self) -> frozenset[str]:
+        """`SMS_SMSC_CHANNELS` as channel names (`viber`, `tgm` …)."""
+        return parse_channels(self.smsc_channels)
 
     @property
     def providers_in_use(self) -> set[str]:
@@ -286,6 +318,55 @@ def parse_routes(value: str) -> list[tuple[str, str]]:
             )
         routes.append((prefix, provider))
     return sorted(routes, key=lambda route: -len(route[0]))
+
+
+@dataclass(frozen=True)
+class Countries:
+    """Calling codes and ISO region codes; a number is in it when either its code or its region is."""
+
+    codes: frozenset[int]
+    regions: frozenset[str]
+
+    def __contains__(self, number: phonenumbers.PhoneNumber) -> bool:
+        return number.country_code in self.codes or phonenumbers.region_code_for_number(number) in self.regions
+
+    def __str__(self) -> str:
+        return ",".join([str(code) for code in sorted(self.codes)] + sorted(self.regions))
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_allowed_countries(allowed: str, routes: str, default_region: str) -> Countries:
+    """`SMS_ALLOWED_COUNTRIES` from the three settings it depends on (read once: dispatch asks per row)."""
+    if allowed.strip():
+        return parse_countries(allowed)
+    prefixes = [prefix for prefix, _ in parse_routes(routes)]
+    codes = {code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for prefix in prefixes
+             if str(code).startswith(prefix) or prefix.startswith(str(code))}
+    return Countries(frozenset(codes), frozenset({default_region}))
+
+
+def parse_countries(value: str) -> Countries:
+    """Parse `7,40` or `RU,RO` (or both, mixed) into `Countries`; `ValueError` naming the bad item."""
+    codes, regions = set(), set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        if item.lstrip("+").isdigit() and int(item) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            codes.add(int(item))
+        elif item.upper() in phonenumbers.SUPPORTED_REGIONS:
+            regions.add(item.upper())
+        else:
+            raise ValueError(f"{item!r} is neither a country calling code (such as 7 or 40) nor a region code "
+                             "(such as RU or RO)")
+    return Countries(frozenset(codes), frozenset(regions))
+
+
+def parse_channels(value: str) -> frozenset[str]:
+    """Parse `viber,tgm` into channel names; `ValueError` naming an unknown one."""
+    known = {channel_name(prefix) for prefix in CHANNEL_PREFIXES}
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
+    if names - known:
+        raise ValueError(f"unknown channel {sorted(names - known)[0]!r}: the channels are "
+                         + ", ".join(sorted(known)))
+    return frozenset(names)
 
 
 def load_settings(**overrides) -> Settings:

@@ -73,7 +73,8 @@ def build_client(name: str, s: Settings) -> Provider:
 
         return SmscClient(host=s.smsc_host, port=s.smsc_port, system_id=s.smsc_system_id,
                           password=secret(s.smsc_password), system_type=s.smsc_system_type,
-                          source_addr=s.smsc_source_addr, timeout=s.http_timeout_s)
+                          source_addr=s.smsc_source_addr, timeout=s.http_timeout_s,
+                          channels=s.smsc_channel_names)
     raise ValueError(f"unknown provider {name!r}")
 
 

@@ -68,11 +68,12 @@ def test_500_due_rows_through_a_flaky_provider_are_each_sent_once(db, mariadb_ur
     assert min(first_send[i] for i in later) >= inserted_at + 11, "a row scheduled later was sent early"
     reasons = {i: (rows[i]["status"], rows[i]["error_msg"]) for i in invalid}
     assert reasons == {
-        invalid[0]: ("failed", "the recipient's phone number has the wrong length for its country"),
+        invalid[0]: ("failed", 'the recipient "**" is not a phone number: it is neither a valid RU number nor a '
+                               "valid international one"),
         invalid[1]: ("failed", "the message text is empty"),
         invalid[2]: ("failed", "the message text is missing"),
         invalid[3]: ("failed", "the message is too long: 141 characters, at most 140 (or 64 in Unicode)"),
-        invalid[4]: ("failed", "the recipient's phone number cannot be read as a phone number"),
+        invalid[4]: ("failed", 'the recipient "call me" is not a phone number: it contains letters'),
     }
     assert not any(int(e["id"]) in invalid for e in sim.events("send")), "an invalid row cost money"
 
