@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url as redis_url_parts
+
+from providers.smsc_text import CHANNEL_PREFIXES, channel_name
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
@@ -61,6 +64,9 @@ class Settings(BaseSettings):
     failover_after_s: float = Field(default=60.0, gt=0)
     """How long every send to a provider must fail on the way there (refused, timeouts, 5xx) before it
     counts as unavailable (its circuit opens, as after an account error)."""
+    allowed_countries: str = ""
+    """Where numbers may be, as calling codes (`7,40`) or ISO codes (`RU,RO`): a guard against SMS pumping
+    fraud. Empty: the countries `SMS_ROUTES` names and the default region (see `allowed_numbers`)."""
 
     # --- dispatch, retries, healing -----------------------------------------------------------
     dispatch_interval_s: float = Field(default=2.0, gt=0)
@@ -132,6 +138,9 @@ class Settings(BaseSettings):
     smsc_system_type: str = ""
     smsc_source_addr: str | None = None
     smsc_rate: float = Field(default=30.0, gt=0)
+    smsc_channels: str = ""
+    """smsc.ru's non-SMS channels a text may ask for by its prefix, e.g. `viber,tgm` for `__VIBER__:` and
+    `__TGM__:` texts; empty: none (such texts end `failed`)."""
 
     # --- per provider: room in the broker, threads, unknown outcomes -----------------------------
     mobilgroup_max_inflight: int | None = Field(default=None, ge=1)
@@ -173,6 +182,18 @@ class Settings(BaseSettings):
         parse_failover(value)
         return value
 
+    @field_validator("allowed_countries")
+    @classmethod
+    def _check_countries(cls, value: str) -> str:
+        parse_countries(value)
+        return value
+
+    @field_validator("smsc_channels")
+    @classmethod
+    def _check_channels(cls, value: str) -> str:
+        parse_channels(value)
+        return value
+
     @field_validator("mobilgroup_url", "accolades_url", "ozeki_url", "public_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -202,6 +223,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _lease_outlasts_a_call(self) -> "Settings":
+        # A send starts its provider call only while its lease outlasts the call's deadline by a margin
+        # (tasks.workflow.LEASE_MARGIN_S): with a shorter lease no send would ever start.
+        if self.send_lease_s < self.http_timeout_s + LEASE_HEADROOM_S:
+            raise ValueError(f"SMS_SEND_LEASE_S ({self.send_lease_s}) must be at least SMS_HTTP_TIMEOUT_S "
+                             f"({self.http_timeout_s:g}) + {LEASE_HEADROOM_S} s")
+        return self
+
+    @model_validator(mode="after")
     def _default_redis(self) -> "Settings":
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             object.__setattr__(self, "redis_url", self.broker_url)
@@ -217,6 +247,17 @@ class Settings(BaseSettings):
     def failover_table(self) -> dict[str, list[str]]:
         """`SMS_FAILOVER` as {provider: the providers to try next, in order}."""
         return parse_failover(self.failover)
+
+    @property
+    def allowed_numbers(self) -> "Countries":
+        """Where numbers may be: `SMS_ALLOWED_COUNTRIES`, or else every calling code a route's prefix
+        names (`7` for `7=…`, every `3…` code for `3=…`, `44` for `4477=…`) and the default region."""
+        return resolve_allowed_countries(self.allowed_countries, self.routes, self.default_region)
+
+    @property
+    def smsc_channel_names(self) -> frozenset[str]:
+        """`SMS_SMSC_CHANNELS` as channel names (`viber`, `tgm` …)."""
+        return parse_channels(self.smsc_channels)
 
     @property
     def providers_in_use(self) -> set[str]:
@@ -274,6 +315,7 @@ class Settings(BaseSettings):
             self.require(*REQUIRED_BY_PROVIDER[provider])
 
 
+LEASE_HEADROOM_S = 10
 INFLIGHT_SECONDS = 10
 INFLIGHT_MIN = 20
 THREADS_RESERVED = 2
@@ -312,6 +354,55 @@ def parse_failover(value: str) -> dict[str, list[str]]:
             raise ValueError(f"{names[0]} has two failover routes")
         table[names[0]] = names[1:]
     return table
+
+
+@dataclass(frozen=True)
+class Countries:
+    """Calling codes and ISO region codes; a number is in it when either its code or its region is."""
+
+    codes: frozenset[int]
+    regions: frozenset[str]
+
+    def __contains__(self, number: phonenumbers.PhoneNumber) -> bool:
+        return number.country_code in self.codes or phonenumbers.region_code_for_number(number) in self.regions
+
+    def __str__(self) -> str:
+        return ",".join([str(code) for code in sorted(self.codes)] + sorted(self.regions))
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_allowed_countries(allowed: str, routes: str, default_region: str) -> Countries:
+    """`SMS_ALLOWED_COUNTRIES` from the three settings it depends on (read once: dispatch asks per row)."""
+    if allowed.strip():
+        return parse_countries(allowed)
+    prefixes = [prefix for prefix, _ in parse_routes(routes)]
+    codes = {code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for prefix in prefixes
+             if str(code).startswith(prefix) or prefix.startswith(str(code))}
+    return Countries(frozenset(codes), frozenset({default_region}))
+
+
+def parse_countries(value: str) -> Countries:
+    """Parse `7,40` or `RU,RO` (or both, mixed) into `Countries`; `ValueError` naming the bad item."""
+    codes, regions = set(), set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        if item.lstrip("+").isdigit() and int(item) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            codes.add(int(item))
+        elif item.upper() in phonenumbers.SUPPORTED_REGIONS:
+            regions.add(item.upper())
+        else:
+            raise ValueError(f"{item!r} is neither a country calling code (such as 7 or 40) nor a region code "
+                             "(such as RU or RO)")
+    return Countries(frozenset(codes), frozenset(regions))
+
+
+def parse_channels(value: str) -> frozenset[str]:
+    """Parse `viber,tgm` into channel names; `ValueError` naming an unknown one."""
+    known = {channel_name(prefix) for prefix in CHANNEL_PREFIXES}
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
+    if names - known:
+        raise ValueError(f"unknown channel {sorted(names - known)[0]!r}: the channels are "
+                         + ", ".join(sorted(known)))
+    return frozenset(names)
 
 
 def load_settings(**overrides) -> Settings:

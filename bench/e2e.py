@@ -61,7 +61,7 @@ from db.engine import engine_for  # noqa: E402
 from providers.base import OutgoingMessage, PermanentError, ProviderError  # noqa: E402
 from providers.mobilgroup import MobilgroupClient  # noqa: E402
 from simulators.mobilgroup import MobilgroupSimulator  # noqa: E402
-from smsctl.processes import CeleryProcess, stop_all  # noqa: E402
+from smsctl.processes import CeleryProcess, pool_option, stop_all  # noqa: E402
 
 FINAL = ("success", "failed", "error")
 QUEUES = "dispatch,send.mobilgroup"
@@ -633,7 +633,7 @@ def main(argv=None) -> int:
         for n in range(args.workers):
             worker = CeleryProcess(
                 ["worker", "-l", args.loglevel, "-Q", QUEUES, "-n", f"bench{n}-{uuid.uuid4().hex[:6]}@%h",
-                 "-P", args.pool, "-c", str(args.concurrency), "--without-mingle", "--without-gossip"],
+                 "-P", pool_option(args.pool), "-c", str(args.concurrency), "--without-mingle", "--without-gossip"],
                 env, var_dir / f"worker{n}.log")
             processes.append(worker)
             sampler.watch(worker.proc.pid, "worker")

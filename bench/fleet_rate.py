@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.throttle_bench import largest_window, smallest_gap
 from db import schema
 from db.engine import engine_for
-from smsctl.processes import CeleryProcess, stop_all
+from smsctl.processes import CeleryProcess, pool_option, stop_all
 from tasks.throttle import KEY_PREFIX, RedisThrottle
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
@@ -128,7 +128,7 @@ def redis_prefix(url: str):
 def celery_processes(env: dict[str, str], args, log_dir: Path):
     """Beat and the workers, each in its own process group; all stopped on exit (SIGTERM, then SIGKILL)."""
     commands = [["beat", "-s", str(log_dir / "beat-schedule")]] + [
-        ["worker", "-P", args.pool, "-c", str(args.concurrency), "-Q", f"dispatch,send.{args.provider}",
+        ["worker", "-P", pool_option(args.pool), "-c", str(args.concurrency), "-Q", f"dispatch,send.{args.provider}",
          "-n", f"fleet{i}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"]
         for i in range(args.workers)]
     procs: list[CeleryProcess] = []

@@ -10,6 +10,7 @@ Functions take an `Engine` and return plain values; callers never hold a session
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -232,22 +233,29 @@ def provider_load(engine: Engine, provider: str) -> ProviderLoad:
 def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, limit: int) -> tuple[list[int], int]:
     """Queued rows of `provider` whose task has not started `requeue_s` after it was put in the broker: the
     broker lost it (a Redis restart without persistence, a worker killed with what it had prefetched) or no
-    worker takes that queue. Each is given `requeue_s` more and returned, to be enqueued again (a task that
-    was only late finds the row taken by its twin and does nothing). Rows claimed more than `window_s` ago
-    end `error` instead. Returns (ids to enqueue again, how many ended)."""
+    worker takes that queue. Each is returned, to be enqueued again (a task that was only late finds the row
+    taken by its twin and does nothing), and given as long again as it has already waited, at least
+    `requeue_s`: a queue nobody consumes gets a row's task a handful of times an hour, not every
+    `requeue_s`. Rows claimed more than `window_s` ago end `error` instead. Returns (ids to enqueue again,
+    how many ended)."""
     d = Dispatch.__table__
     lost = and_(d.c.provider == provider, d.c.state == S.QUEUED, d.c.next_attempt_at <= db_now())
     with engine.begin() as conn:
-        rows = conn.execute(select(d.c.batchcontact_id, (seconds_since(d.c.claimed_at) > window_s).label("old"))
+        rows = conn.execute(select(d.c.batchcontact_id, seconds_since(d.c.queued_at).label("queued_s"),
+                                   (seconds_since(d.c.claimed_at) > window_s).label("old"))
                             .where(lost).limit(limit).with_for_update(skip_locked=True)).all()
-        again = [r.batchcontact_id for r in rows if not r.old]
-        if again:
-            conn.execute(update(d).where(d.c.batchcontact_id.in_(again), lost)
-                         .values(next_attempt_at=db_now_plus(requeue_s)))
+        again: dict[int, list[int]] = {}
+        for r in rows:
+            if not r.old:  # the next wait: requeue_s doubled until it is as long as the wait so far
+                wait = requeue_s * 2 ** max(0, math.floor(math.log2(max(r.queued_s or 0, requeue_s) / requeue_s)))
+                again.setdefault(wait, []).append(r.batchcontact_id)
+        for wait, ids in again.items():
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), lost)
+                         .values(next_attempt_at=db_now_plus(wait)))
     ended = [r.batchcontact_id for r in rows if r.old]
     for row_id in ended:
         finish_error(engine, row_id, f"no worker took it from queue send.{provider} (is a worker for it running?)")
-    return again, len(ended)
+    return [row_id for ids in again.values() for row_id in ids], len(ended)
 
 
 @retry_lock_conflicts

@@ -33,11 +33,11 @@ from providers.base import (
     DeliveryReport,
     OutgoingMessage,
     PermanentError,
-    ProviderError,
     ThrottledError,
     TransientError,
 )
 from providers.http import Answer, HttpClient, retry_after
+from providers.text import sendable_text
 
 TRANSLIT_LIMIT = 140
 """Characters allowed with `rus_sms` 0 (the provider transliterates the text)."""
@@ -178,9 +178,7 @@ class MobilgroupClient(HttpClient):
         """The `rus_sms` value for `message`, or `PermanentError` saying why it cannot be sent."""
         if not _DIGITS.fullmatch(message.recipient):
             raise PermanentError("the recipient number must be digits only, in international format")
-        text = message.text
-        if not text.strip():
-            raise PermanentError("the message text is empty")
+        text = sendable_text(message.text)
         if _NOT_XML.search(text):
             raise PermanentError("the message text contains a control character that cannot be sent")
         if self.unicode == "1":
@@ -196,10 +194,11 @@ class MobilgroupClient(HttpClient):
         return "0"
 
     def send(self, message: OutgoingMessage) -> Accepted:
-        """Send `message` with our row id as the request id; a resend of an id the provider already has
-        returns `Accepted(already_sent=True)` once a status request confirms that the request under that id
-        is to this recipient (`confirm_already_sent`)."""
-        fields = [("phone", message.recipient), ("message", message.text), ("id", str(message.reference))]
+        """Send `message` (its text without the comment) with our row id as the request id; a resend of an
+        id the provider already has returns `Accepted(already_sent=True)` once a status request confirms that
+        the request under that id is to this recipient (`confirm_already_sent`)."""
+        fields = [("phone", message.recipient), ("message", sendable_text(message.text)),
+                  ("id", str(message.reference))]
         if self.sender:
             fields.append(("sender", self.sender))
         fields += [(self.unicode_tag, self._unicode_flag(message)), ("valid", str(self.valid_hours))]

@@ -12,10 +12,13 @@ allows, and sends meanwhile fail fast with the same kind of error. A one-part me
 -> `PermanentError`; system errors and anything unknown -> `TransientError`.
 
 A long text goes as UDH-concatenated parts, submitted one after another (see `providers.smsc_text` for
-encodings, the comment after `"\n~~~\n"`, and channel prefixes). If a later part fails after earlier parts
-were accepted, the message is reported as `PermanentError`: a retry would send the first parts twice. A
-connection lost after a submit was written but before its answer is a `TransientError`; whether that
-part arrived is unknown, so a retry may deliver it twice (at-least-once, as with any SMPP client).
+encodings, the comment after `"\n~~~\n"`, and channel prefixes). A text with a channel prefix is sent
+only when its channel is among `channels` (`SMS_SMSC_CHANNELS`: `viber`, `tgm` …); otherwise, like a text
+that is only a comment, it is refused with `PermanentError` before anything is sent. If a later part fails
+after earlier parts were accepted, the message is reported as `PermanentError`: a retry would send the
+first parts twice. A connection lost after a submit was written but before its answer is a
+`TransientError`; whether that part arrived is unknown, so a retry may deliver it twice (at-least-once, as
+with any SMPP client).
 
 `parse_deliver_sm` turns the fields of a `deliver_sm` into a `DeliveryReport`: a delivery receipt in the
 text form (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:… text:…`), the HLR form (`id:… stat:…
@@ -50,7 +53,7 @@ from providers.base import (
     ThrottledError,
     TransientError,
 )
-from providers.text import check_recipient
+from providers.text import check_recipient, sendable_text
 
 log = logging.getLogger(__name__)
 SMPPLIB_LOGGER = f"{__name__}.smpplib"
@@ -129,12 +132,15 @@ class SmscClient:
 
     def __init__(self, *, host: str, port: int, system_id: str, password: str, system_type: str = "",
                  source_addr: str | None = None, timeout: float = 15.0, max_parts: int = 6,
-                 enquire_link_s: float = 30.0, rebind_min_s: float = 0.5, rebind_max_s: float = 60.0):
+                 enquire_link_s: float = 30.0, rebind_min_s: float = 0.5, rebind_max_s: float = 60.0,
+                 channels: frozenset[str] = frozenset()):
         self.host, self.port = host, int(port)
         self._system_id, self._password, self._system_type = system_id, password, system_type or ""
         self._source = _address_fields(source_addr)
         self.timeout = timeout
         self.max_parts = max_parts
+        self.channels = frozenset(channels)
+        """Names of the channels (`smsc_text.channel_name`) a text may ask for by its prefix."""
         self.enquire_link_s = enquire_link_s
         self._rebind_min_s, self._rebind_max_s = rebind_min_s, rebind_max_s
         self._lock = threading.Lock()
@@ -190,9 +196,13 @@ class SmscClient:
     # --- text -----------------------------------------------------------------------------------
     def _layout(self, message: OutgoingMessage) -> smsc_text.Layout:
         check_recipient(message.recipient)
+        channel = smsc_text.channel_of(message.text)
+        if channel is None:
+            sendable_text(message.text)  # refuses an empty text and one that is only a comment
+        elif smsc_text.channel_name(channel) not in self.channels:
+            raise PermanentError(f"the text starts with smsc.ru's {channel} channel prefix, and the "
+                                 f"{smsc_text.channel_name(channel)} channel is not enabled (SMS_SMSC_CHANNELS)")
         plan = smsc_text.layout(message.text, iso=self.iso)
-        if plan.billed_parts == 0 or not message.text.partition(smsc_text.COMMENT_SEPARATOR)[0].strip():
-            raise PermanentError("the message text is empty")
         if plan.billed_parts > self.max_parts:
             raise PermanentError(f"the message text is too long: {plan.billed_parts} SMS parts, "
                                  f"at most {self.max_parts} allowed")

@@ -20,7 +20,8 @@ sends such a part in the `message_payload` TLV instead of `short_message`.
 
 Texts starting with a channel prefix (`__VIBER__:`, `__MAIL__:`, …) are not SMS for the server: they go
 whole, untouched, in one submit (never split into UDH parts the server would not reassemble), and count
-as one part.
+as one part. The client sends them only for the channels it is configured for (`SMS_SMSC_CHANNELS`); the
+other providers refuse them (`providers.text.sendable_text`).
 """
 from __future__ import annotations
 
@@ -150,9 +151,15 @@ class Layout:
                 for seq, segment in enumerate(self.segments, start=1)]
 
 
-def is_channel_message(text: str) -> bool:
-    """True for smsc.ru's special texts (`__VIBER__: …`, `__HLR__`, …) that are not plain SMS."""
-    return text.startswith(CHANNEL_PREFIXES)
+def channel_of(text: str) -> str | None:
+    """The channel prefix of one of smsc.ru's special texts (`__VIBER__:` for `__VIBER__: …`, `__HLR__`, …)
+    that are not plain SMS; None for a plain SMS."""
+    return next((prefix for prefix in CHANNEL_PREFIXES if text.startswith(prefix)), None)
+
+
+def channel_name(prefix: str) -> str:
+    """The name `SMS_SMSC_CHANNELS` uses for a channel prefix: `viber` for `__VIBER__:`."""
+    return prefix.strip("_:").lower()
 
 
 def _split(body: str, codec: _Codec) -> list[str]:
@@ -180,7 +187,7 @@ def layout(text: str, *, iso: bool = False) -> Layout:
     """Lay `text` out as described in the module docstring. A text with nothing before the comment
     separator has zero billed parts (the caller refuses it)."""
     codec = _codec_for(text, iso)
-    if is_channel_message(text):
+    if channel_of(text):
         return Layout(codec.data_coding, (codec.encode(text),), 1)
     body, separator, comment = text.partition(COMMENT_SEPARATOR)
     if not body:

@@ -43,7 +43,7 @@ def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:
     special = [
         ("+7 903 555-00-13", "Your order has shipped.", "now", "undeliverable (reported by the poll)"),
         ("+40 721 555 013", "Comanda dvs. a fost expediată.", "now", "Accolades, undeliverable (webhook)"),
-        ("+44 7700 900013", "Your parcel is delayed.", "now", "Ozeki, undeliverable (webhook)"),
+        ("+44 7400 900013", "Your parcel is delayed.", "now", "Ozeki, undeliverable (webhook)"),
         ("+49 1512 3456013", "Ihr Termin ist morgen.", "now", "smsc.ru, undeliverable (SMPP receipt)"),
         ("12", "Hello", "now", "not a phone number"),
         ("+7 903 555-01-01", "", "now", "empty text"),
@@ -53,7 +53,7 @@ def _sample_rows(n: int) -> list[tuple[str, str, str, str]]:
         ("+7 903 555 01 05", "Ваш код: 4711", "later", "scheduled later, Cyrillic"),
     ]
     # One template per route; ending in 2 keeps ordinary numbers clear of the simulators' "undeliverable" 13.
-    countries = ["+7 903 {:03d}-{:02d}-12", "+40 721 {:03d} {:02d}2", "+44 7700 {:03d}{:02d}2",
+    countries = ["+7 903 {:03d}-{:02d}-12", "+40 721 {:03d} {:02d}2", "+44 7400 {:03d}{:02d}2",
                  "+49 1512 3{:03d}{:02d}2"]
     rows = [(countries[i % 4].format(i, i % 100), f"Demo message {i}: thank you for calling.", "now", "due now")
             for i in range(max(n - len(special), 0))]

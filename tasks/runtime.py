@@ -73,7 +73,8 @@ def build_client(name: str, s: Settings) -> Provider:
 
         return SmscClient(host=s.smsc_host, port=s.smsc_port, system_id=s.smsc_system_id,
                           password=secret(s.smsc_password), system_type=s.smsc_system_type,
-                          source_addr=s.smsc_source_addr, timeout=s.http_timeout_s)
+                          source_addr=s.smsc_source_addr, timeout=s.http_timeout_s,
+                          channels=s.smsc_channel_names)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -138,11 +139,16 @@ class Runtime:
     def breaker(self, provider: str):
         """`provider`'s account circuit (`db.store.BreakerState`) as last read, at most `BREAKER_CACHE_S`
         ago; None while it is closed and never tripped."""
+        from sqlalchemy.exc import SQLAlchemyError
+
         from db import store
 
         read_at, states = self._breakers
         if time.monotonic() - read_at > BREAKER_CACHE_S:
-            states = store.breaker_states(self.engine)
+            try:
+                states = store.breaker_states(self.engine)
+            except SQLAlchemyError:  # keep what was last read: the send itself meets the database next
+                pass
             self._breakers = (time.monotonic(), states)
         return states.get(provider)
 

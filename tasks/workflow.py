@@ -182,7 +182,7 @@ def _route(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
                                                    f"{_duration(s.max_age_s)} ago (SMS_MAX_AGE_S)")
             continue
         try:
-            recipient = normalise(row.target, s.default_region)
+            recipient = normalise(row.target, s)
         except InvalidNumber as exc:
             store.finish_failed(rt.engine, row.id, str(exc))
             continue
@@ -395,8 +395,9 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     and the row's `last_error`) says how long, why, and how many sends of the provider were throttled so far."""
     from tasks.throttle import ThrottleUnavailable, identity_of
 
-    # smsc.ru strips the comment after the separator: the request it compares is the text before it.
-    text_sent = message.text.partition(COMMENT_SEPARATOR)[0] if provider == "smsc" else message.text
+    # No provider sends the comment after the separator (smsc.ru strips it, the others never get it): the
+    # request compared is the text before it.
+    text_sent = message.text.partition(COMMENT_SEPARATOR)[0]
     account = rt.account(provider)
     try:
         permit = rt.throttle.acquire(

@@ -79,12 +79,19 @@ def test_channel_prefixes_go_whole_and_untouched():
     plan = smsc_text.layout(text)
     assert len(plan.segments) == 1 and plan.billed_parts == 1
     assert smsc_text.decode(plan.segments[0], plan.data_coding) == text
-    assert client().check(msg("__MAIL__: hi\nsubj:Test")) == 1
+    assert client(channels={"mail"}).check(msg("__MAIL__: hi\nsubj:Test")) == 1
 
 
-@pytest.mark.parametrize("text", ["", "   ", "\n~~~\nonly a comment"])
-def test_empty_text_is_refused(text):
-    with pytest.raises(PermanentError, match="empty"):
+def test_a_channel_prefix_is_refused_unless_its_channel_is_enabled():
+    with pytest.raises(PermanentError, match="viber channel is not enabled"):
+        client(channels={"mail"}).check(msg("__VIBER__: hi"))
+    assert client(channels={"viber"}).check(msg("__VIBER__: hi")) == 1
+
+
+@pytest.mark.parametrize(("text", "reason"), [("", "empty"), ("   ", "empty"),
+                                              ("\n~~~\nonly a comment", "nothing to send")])
+def test_empty_text_is_refused(text, reason):
+    with pytest.raises(PermanentError, match=reason):
         client().check(msg(text))
 
 
