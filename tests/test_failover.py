@@ -161,8 +161,8 @@ def test_a_row_whose_request_timed_out_at_a_provider_that_cannot_tell_is_not_sen
     mobilgroup = MobilgroupSimulator()
     with started(accolades), started(mobilgroup):
         env = provider_env(mariadb_url, redis_url, mobilgroup.api_url, accolades, SMS_DEFAULT_PROVIDER="accolades",
-                           SMS_FAILOVER="accolades:mobilgroup", SMS_HTTP_TIMEOUT_S=1, SMS_FAILOVER_AFTER_S=2,
-                           SMS_ACCOUNT_RETRY_S=600, SMS_ACCOLADES_ON_UNKNOWN="resend")
+                           SMS_FAILOVER="accolades:mobilgroup", SMS_DEFAULT_REGION="RO", SMS_HTTP_TIMEOUT_S=1,
+                           SMS_FAILOVER_AFTER_S=2, SMS_ACCOUNT_RETRY_S=600, SMS_ACCOLADES_ON_UNKNOWN="resend")
         [doubt] = insert_rows(db, [("+40 721 555 111", "Your code is 1234")])
         celery("worker", env, "-c", "4")
         celery("beat", env)
