@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db import schema  # noqa: E402
+from db import schema, stats  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from settings import load_settings  # noqa: E402
 from smsctl.metrics import registry  # noqa: E402
@@ -72,6 +72,17 @@ def main() -> None:
             times.append(time.monotonic() - began)
         print(f"{args.scrapes} scrapes of {samples} samples: median {statistics.median(times) * 1000:.0f} ms, "
               f"slowest {max(times) * 1000:.0f} ms")
+        parts = {"messages (retention totals)": lambda: stats.messages(engine, 90),
+                 "open rows by reason": lambda: stats.open_rows(engine), "last hour": lambda: stats.last_hour(engine),
+                 "due-to-sent histogram": lambda: stats.due_to_sent(engine),
+                 "report-delay histogram": lambda: stats.report_delay(engine)}
+        for what, read in parts.items():
+            took = []
+            for _ in range(3):
+                began = time.monotonic()
+                read()
+                took.append(time.monotonic() - began)
+            print(f"  {what}: median {statistics.median(took) * 1000:.0f} ms")
     finally:
         engine_for(url).dispose()
         with admin.connect() as conn:
