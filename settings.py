@@ -266,9 +266,13 @@ class Settings(BaseSettings):
         used = {provider for _, provider in self.route_table}
         if self.default_provider:
             used.add(self.default_provider)
-        for provider, fallbacks in self.failover_table.items():
-            if provider in used:
-                used.update(fallbacks)
+        table = self.failover_table
+        pending = list(used)
+        while pending:  # a fallback's own fallbacks too
+            for fallback in table.get(pending.pop(), ()):
+                if fallback not in used:
+                    used.add(fallback)
+                    pending.append(fallback)
         return used
 
     def max_inflight(self, provider: str) -> int:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from db import store
-from settings import load_settings
+from settings import ConfigError, load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.mobilgroup import MobilgroupSimulator
 from tasks import workflow
@@ -213,3 +213,16 @@ def test_a_row_in_doubt_moves_once_mobilgroup_confirms_it_never_got_it(db, maria
     assert moved == 1
     assert rows[never]["provider"] == "accolades"
     assert rows[arrived]["provider"] == "mobilgroup", "a row Mobilgroup has must wait for Mobilgroup"
+
+
+def test_failover_routes_are_checked_at_start_up_and_their_fallbacks_need_credentials():
+    with pytest.raises(ConfigError, match="SMS_FAILOVER: .*'mobilgroup:nowhere' must look like PROVIDER:FALLBACK"):
+        load_settings(failover="mobilgroup:nowhere")
+    with pytest.raises(ConfigError, match="SMS_FAILOVER: .*mobilgroup has two failover routes"):
+        load_settings(failover="mobilgroup:accolades,mobilgroup:ozeki")
+    settings = load_settings(default_provider="mobilgroup", failover="mobilgroup:accolades,accolades:ozeki",
+                             mobilgroup_user_id="1", mobilgroup_user="u", mobilgroup_password="p")
+    assert settings.failover_table == {"mobilgroup": ["accolades"], "accolades": ["ozeki"]}
+    assert settings.providers_in_use == {"mobilgroup", "accolades", "ozeki"}
+    with pytest.raises(ConfigError, match="SMS_ACCOLADES_ACCOUNT"):
+        settings.require_sending()

@@ -18,7 +18,7 @@ from db import store
 from settings import load_settings
 from smsctl import metrics, overview, status
 from tasks.throttle import make_throttle
-from tests.conftest import REDIS_PREFIX, ROOT, app_env
+from tests.conftest import REDIS_PREFIX, ROOT, app_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +166,19 @@ def test_status_shows_the_same_numbers_as_plain_lines_and_as_a_table(settings, r
     assert "unavailable: unreachable: connection refused" in screen
     assert "queued 1, sending 1, room 4, retry 2, unknown 1, paused 1" in screen
     assert "15 min" in screen
+
+
+def test_status_watch_redraws_until_stopped(settings, rows, mariadb_url, redis_url, tmp_path):
+    env = app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="mobilgroup", SMS_MOBILGROUP_USER_ID="1",
+                  SMS_MOBILGROUP_USER="demo", SMS_MOBILGROUP_PASSWORD="demo")
+    out = tmp_path / "status.txt"
+    with open(out, "w") as sink:
+        watch = subprocess.Popen([sys.executable, "-m", "smsctl.cli", "status", "--watch", "--interval", "0.3"],
+                                 env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: out.read_text().count("read at") >= 2, 30, what="two screens")
+            add(rows, 5000, "mobilgroup", "waiting", reason="retry")
+            wait_until(lambda: "retry 3" in out.read_text(), 30, what="a screen with the new row")
+        finally:
+            watch.terminate()
+            watch.wait(timeout=10)
