@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, true, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -102,7 +102,9 @@ def due_rows(limit: int):
     flight): such a row cannot be won, and at the head of every claim it would take the claim's room."""
     bc, arc, d = BatchContact.__table__, BatchContactArchive.__table__, Dispatch.__table__
     return (
-        select(bc.c.id, bc.c.schedulertime)
+        # asterCC's zero date (due at once) comes back as None: SQLite would hand it over as a text that is no date.
+        select(bc.c.id, func.nullif(bc.c.schedulertime, literal_column("'0000-00-00 00:00:00'"),
+                                    type_=bc.c.schedulertime.type).label("schedulertime"))
         .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id)
                      .outerjoin(d, d.c.batchcontact_id == bc.c.id))
         .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),

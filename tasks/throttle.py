@@ -44,6 +44,7 @@ import hmac
 import math
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,12 +330,13 @@ class LocalThrottle:
         self._path = Path(path)
         self._guard_s = guard_s
         self._timeout_s = timeout_s
-        self._db: sqlite3.Connection | None = None
-        self._pid = 0
+        self._local = threading.local()
 
     def _connect(self) -> sqlite3.Connection:
-        # A connection must not cross a fork (Celery's prefork pool): each process opens its own.
-        if self._db is None or self._pid != os.getpid():
+        # A connection must not cross a fork (Celery's prefork pool) nor be shared by threads (the threads
+        # pool): each process and thread opens its own.
+        local = self._local
+        if getattr(local, "db", None) is None or local.pid != os.getpid():
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None)
             # Switching to WAL fails at once ("database is locked", no busy wait) while another process uses
@@ -346,8 +348,8 @@ class LocalThrottle:
                 db.executescript(self._SCHEMA)
             # Losing the last grants in a power cut costs nothing; an fsync per grant costs arrival jitter.
             db.execute("PRAGMA synchronous=NORMAL")
-            self._db, self._pid = db, os.getpid()
-        return self._db
+            local.db, local.pid = db, os.getpid()
+        return local.db
 
     def _transaction(self, what: str, fn):
         try:
@@ -443,9 +445,11 @@ class LocalThrottle:
         return row[0] if row else 0
 
     def close(self) -> None:
-        if self._db is not None and self._pid == os.getpid():
-            self._db.close()
-        self._db = None
+        """Close this thread's connection."""
+        local = self._local
+        if getattr(local, "db", None) is not None and local.pid == os.getpid():
+            local.db.close()
+        local.db = None
 
 
 def make_throttle(settings) -> Throttle:
