@@ -67,11 +67,9 @@ def build_client(name: str, s: Settings) -> Provider:
         return OzekiClient(url=s.ozeki_url, username=s.ozeki_username, password=secret(s.ozeki_password),
                            sender=s.ozeki_sender, timeout=s.http_timeout_s, session=http_session())
     if name == "smsc":
-        from providers.smsc import SmscClient
+        from tasks.smpp_receiver import smsc_client
 
-        return SmscClient(host=s.smsc_host, port=s.smsc_port, system_id=s.smsc_system_id,
-                          password=secret(s.smsc_password), system_type=s.smsc_system_type,
-                          source_addr=s.smsc_source_addr, timeout=s.http_timeout_s)
+        return smsc_client(s)
     raise ValueError(f"unknown provider {name!r}")
 
 
