@@ -429,8 +429,10 @@ class _Session:
                 pdu = self.link.read(1.0)
             except BadPdu as bad:
                 log.warning("smsc SMPP: %s", bad)
-                self._fail_one(bad.sequence, "smsc.ru's answer could not be read") if bad.is_response \
-                    else self._safely(self.link.nack, bad)
+                if bad.is_response:
+                    self._fail_one(bad.sequence, "smsc.ru's answer could not be read")
+                else:
+                    self._safely(self.link.nack, bad)
                 continue
             except SessionLost as exc:
                 self.kill(str(exc))
