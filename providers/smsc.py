@@ -187,12 +187,14 @@ def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
 
 class Link:
     """One SMPP connection (plain or TLS) shared by threads: framing with a bounded length, thread-safe
-    sequence numbers, and one lock around every use of the socket, so that a TLS connection is never read
-    and written at the same moment (OpenSSL does not allow it)."""
+    sequence numbers, one PDU written at a time. A TLS connection is never read and written at the same
+    moment (OpenSSL does not allow it): its reads take the writers' lock, without waiting for data while
+    they hold it (a writer blocked on a peer that reads nothing ends at `timeout` and loses the session)."""
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float):
         self.peer, self.timeout = peer, timeout
         self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._io = threading.Lock()
         self._seq_lock = threading.Lock()
         self._sequence = 0
@@ -256,25 +258,37 @@ class Link:
                     raise SessionLost("connection closed") from exc
                 if not ready:
                     return None
-            with self._io:
-                try:
-                    self._sock.settimeout(0)
-                    chunk = self._sock.recv(65536)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    chunk = None  # a TLS record with no data for us (a session ticket, say)
-                except (OSError, ValueError) as exc:
-                    raise SessionLost(f"read failed ({type(exc).__name__})") from exc
-                finally:
-                    try:
-                        self._sock.settimeout(self.timeout)
-                    except OSError:
-                        pass
+            chunk = self._recv_tls() if self._tls else self._recv()
             if chunk == b"":
                 raise SessionLost("closed by the peer")
             if chunk:
                 self._buffer += chunk
             elif left <= 0:
                 return None
+
+    def _recv(self) -> bytes:
+        """What a plain socket that select() found readable holds (it does not block)."""
+        try:
+            return self._sock.recv(65536)
+        except (OSError, ValueError) as exc:
+            raise SessionLost(f"read failed ({type(exc).__name__})") from exc
+
+    def _recv_tls(self) -> bytes | None:
+        """What a TLS socket holds, None when its bytes were a record with no data for us (a session
+        ticket, say); never waits, and never while a writer writes."""
+        with self._io:
+            try:
+                self._sock.settimeout(0)
+                return self._sock.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
+            except (OSError, ValueError) as exc:
+                raise SessionLost(f"read failed ({type(exc).__name__})") from exc
+            finally:
+                try:
+                    self._sock.settimeout(self.timeout)
+                except OSError:
+                    pass
 
     def _next_buffered(self):
         if len(self._buffer) < 4:
