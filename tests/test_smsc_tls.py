@@ -109,3 +109,10 @@ def test_threads_share_one_tls_session_with_a_window_of_submits(certificate):
         client.close()
         endpoint.stop()
         simulator.stop()
+
+
+def test_tls_takes_port_3443_unless_told_otherwise(certificate):
+    assert load_settings(smsc_tls=True).smsc_port == 3443
+    assert load_settings(smsc_tls=True, smsc_port=3700).smsc_port == 3700
+    assert load_settings().smsc_port == 3700
+    assert load_settings(smsc_ca_file=certificate[0]).smsc_ca_file == certificate[0]
