@@ -285,3 +285,39 @@ def test_backup_host_that_refuses_the_login_says_so(make_client):
             client.send(msg("nobody takes it"))
     finally:
         backup.stop()
+
+
+def test_a_pdu_announcing_a_huge_length_ends_the_session_not_the_memory():
+    """A peer that answers a submit with a header announcing 4 GiB: nothing of it is read, the submit gets
+    an unknown outcome, and the next send binds a new session."""
+    import socket
+    import struct
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def hostile():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                head = conn.recv(16)  # bind_transmitter, small enough to come whole
+                conn.recv(struct.unpack(">L", head[:4])[0] - 16)
+                conn.sendall(struct.pack(">LLLL", 17, 0x80000009, 0, struct.unpack(">L", head[12:16])[0]) + b"\0")
+                head = conn.recv(16)  # submit_sm
+                conn.sendall(struct.pack(">LLLL", 0xFFFFFFFF, 0x80000004, 0, struct.unpack(">L", head[12:16])[0]))
+                conn.recv(65536)  # until the client closes
+
+    server = threading.Thread(target=hostile, daemon=True)
+    server.start()
+    client = SmscClient(host="127.0.0.1", port=listener.getsockname()[1], system_id="smsc", password="secret",
+                        timeout=3.0)
+    try:
+        for _ in range(2):
+            with pytest.raises(UnknownOutcome, match="4294967295 octets"):
+                client.send(msg("hi"))
+        assert client.binds == 2
+    finally:
+        client.close()
+        server.join(timeout=10)
+        listener.close()
