@@ -126,7 +126,10 @@ class Settings(BaseSettings):
 
     # --- smsc.ru (SMPP) -----------------------------------------------------------------------
     smsc_host: str = "smpp.smsc.ru"
-    smsc_port: int = Field(default=3700, ge=1, le=65535)
+    """One host or several, comma-separated (`smpp.smsc.ru,smpp2.smsc.ru`), each optionally `host:port`;
+    a session binds to the first that accepts."""
+    smsc_port: int | None = Field(default=None, ge=1, le=65535)
+    """Default 3700, or 3443 with `SMS_SMSC_TLS`."""
     smsc_system_id: str | None = None
     smsc_password: SecretStr | None = None
     smsc_system_type: str = ""
@@ -135,6 +138,14 @@ class Settings(BaseSettings):
     smsc_channels: str = ""
     """smsc.ru's non-SMS channels a text may ask for by its prefix, e.g. `viber,tgm` for `__VIBER__:` and
     `__TGM__:` texts; empty: none (such texts end `failed`)."""
+
+    smsc_window: int = Field(default=300, ge=1, le=10_000)
+    """Submits in flight at once on a worker process's SMPP session (smsc.ru's sample: 300 at 30/s)."""
+    smsc_tls: bool = False
+    smsc_ca_file: str | None = None
+    """PEM file of the certificate authorities that may sign smsc.ru's TLS certificate; default the system's."""
+    smsc_bind: Literal["transmitter", "transceiver"] = "transmitter"
+    """`transceiver`: workers' sessions also take receipts and replies (accounts that allow it)."""
 
     # --- per provider: room in the broker, threads, unknown outcomes -----------------------------
     mobilgroup_max_inflight: int | None = Field(default=None, ge=1)
@@ -203,6 +214,21 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a region code the phone-number library knows (such as RU or RO)")
         return region
 
+    @field_validator("smsc_host")
+    @classmethod
+    def _check_smsc_host(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",")]
+        if not all(entries) or any(" " in entry for entry in entries):
+            raise ValueError("must be one host name or several, comma-separated (host or host:port each)")
+        return value
+
+    @field_validator("smsc_ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError("names no readable file")
+        return value or None
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -223,6 +249,12 @@ class Settings(BaseSettings):
     def _default_redis(self) -> "Settings":
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             object.__setattr__(self, "redis_url", self.broker_url)
+        return self
+
+    @model_validator(mode="after")
+    def _default_smsc_port(self) -> "Settings":
+        if self.smsc_port is None:
+            object.__setattr__(self, "smsc_port", 3443 if self.smsc_tls else 3700)
         return self
 
     # ------------------------------------------------------------------------------------------

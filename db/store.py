@@ -912,3 +912,21 @@ def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit
             conn.execute(update(BatchContact).where(BatchContact.id.in_(ids))
                          .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
     return len(ids)
+
+
+def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int] | None:
+    """A receipt said the part `provider_message_id` (of a message sent in one or several parts) was
+    delivered: forget that id and return (row id, how many of the row's part ids still await their receipt),
+    or None when no row of `provider` has that id. Every statement commits on its own, so that of two parts
+    settled at the same moment at least the later sees the other gone: the row's message is delivered
+    once the count reaches 0. An undelivered part's id stays, for its receipt to find the row."""
+    m = MessageId
+    with autocommit_twin(engine).connect() as conn:
+        row_id = conn.scalar(select(m.batchcontact_id).where(m.provider == provider,
+                                                              m.provider_message_id == provider_message_id))
+        if row_id is None:
+            return None
+        conn.execute(delete(m).where(m.provider == provider, m.provider_message_id == provider_message_id))
+        left = conn.scalar(select(func.count()).select_from(m).where(m.provider == provider,
+                                                                     m.batchcontact_id == row_id))
+    return row_id, int(left)

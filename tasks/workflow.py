@@ -35,6 +35,7 @@ from db.models import WaitReason as W
 from providers.base import (
     AccountError,
     OutgoingMessage,
+    PartlySent,
     PermanentError,
     ProviderError,
     ThrottledError,
@@ -273,6 +274,9 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
         except AccountError as exc:
             return _account_problem(rt, job, exc)
+        except PartlySent as exc:
+            store.finish_error(rt.engine, row_id, f"{job.provider}: {exc}", token=job.token, unknown=True)
+            return "error"
         except UnknownOutcome as exc:
             return _unknown_outcome(rt, job, exc)
         except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
