@@ -1,7 +1,9 @@
-"""The delivery-report app on a real socket, applying reports with the real `apply_report` to asterCC's
-tables and ours in MariaDB: signed URLs, refusals that change nothing (forged, altered, another row's,
-another provider's, malformed, unknown row), duplicates and reordered reports that change nothing, and
-the simulators calling the app back until every message is final."""
+"""The delivery-report app on a real socket (waitress, as `smsctl webhooks` serves it), applying reports
+with the real `apply_report` to asterCC's tables and ours in MariaDB: signed URLs, refusals that change
+nothing (forged, altered, expired, retired keys, another row's, another provider's, malformed, unknown row,
+methods the provider does not use, oversized requests: one table), text stored without markup, duplicates
+and reordered reports that change nothing, and the simulators calling the app back until every message is
+final."""
 from __future__ import annotations
 
 import base64
@@ -15,9 +17,8 @@ from datetime import datetime
 
 import pytest
 import requests
-from itsdangerous import URLSafeSerializer
+from itsdangerous import TimestampSigner, URLSafeSerializer, URLSafeTimedSerializer
 from sqlalchemy import insert, select, update
-from werkzeug.serving import make_server
 
 from db.models import BatchContact, BatchContactArchive, Dispatch, DispatchState
 from providers.accolades import AccoladesClient
@@ -28,33 +29,35 @@ from simulators.accolades import AccoladesSimulator
 from simulators.ozeki import OzekiSimulator
 from tasks.callbacks import BadToken, callback_url, verify_token
 from tests.conftest import free_port, wait_until
-from webhooks.app import TokenlessLogHandler, create_app
+from webhooks.app import CONNECTION_DEADLINE_S, create_app, make_server
 
 SECRET = "test-webhook-secret-0123456789abcdef"
+OLD_KEY = "the-key-before-the-last-rotation-0123456789"
+RETIRED_KEY = "a-key-dropped-from-the-list-0123456789abcdef"
 NUMBER = "40722555666"
 
 
 # --- fixtures: the app on a real port, over conftest's test database --------------------------------
 
 class Served:
-    """The app served by Werkzeug's threaded server on 127.0.0.1 in a thread, logging as `serve` does."""
+    """The app served by waitress on 127.0.0.1, as `smsctl webhooks` serves it, from a thread."""
 
-    def __init__(self, app):
-        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=TokenlessLogHandler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+    def __init__(self, app, deadline_s: float = CONNECTION_DEADLINE_S):
+        self.server = make_server(app, "127.0.0.1", 0, deadline_s=deadline_s)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self.server.run_until, args=(self._stopping,), daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._stopping.set()
         self.thread.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
 def served(mariadb_url):
-    placeholder = load_settings(database_url=mariadb_url, webhook_secret=SECRET)
+    """The app with two keys: ours signs, the one before the last rotation still verifies."""
+    placeholder = load_settings(database_url=mariadb_url, webhook_secret=f"{SECRET},{OLD_KEY}")
     served = Served(create_app(placeholder))
     yield served
     served.stop()
@@ -254,8 +257,9 @@ def test_forged_token_is_refused(settings, served, db):
 def test_token_altered_to_name_another_row_is_refused(settings, served, db):
     mine, victim = insert_accepted(db, "accolades"), insert_accepted(db, "accolades")
     before = state(db, victim)
-    _, signature = url_for(settings, "accolades", mine).rsplit("/", 1)[1].split(".")
-    altered = base64.urlsafe_b64encode(str(victim).encode()).decode().rstrip("=") + "." + signature
+    _, issued, signature = url_for(settings, "accolades", mine).rsplit("/", 1)[1].split(".")
+    payload = base64.urlsafe_b64encode(f"[{victim},0]".encode()).decode().rstrip("=")
+    altered = f"{payload}.{issued}.{signature}"
     answer = requests.post(f"{served.url}/reports/accolades/{altered}",
                            data=accolades_report(victim, "error", errorMessage="x"), timeout=5)
     assert answer.status_code == 403
@@ -359,7 +363,7 @@ def test_logs_carry_neither_numbers_texts_nor_tokens(settings, served, db, caplo
         requests.post(url, data={"status": "??"}, timeout=5)
     # Everything the server side logged (urllib3 is the test's own client).
     logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("urllib3"))
-    assert f"row {row}" in logged and "/reports/accolades/…" in logged
+    assert f"row {row}" in logged
     assert NUMBER not in logged and token not in logged and token.split(".")[1] not in logged
 
 
