@@ -218,6 +218,10 @@ class Settings(BaseSettings):
         if self.webhook_token_ttl_s is not None and self.webhook_token_ttl_s <= self.report_timeout_s:
             raise ValueError(f"SMS_WEBHOOK_TOKEN_TTL_S ({self.webhook_token_ttl_s}) must be longer than "
                              f"SMS_REPORT_TIMEOUT_S ({self.report_timeout_s})")
+        # A pruned row sent again starts its sends afresh: no callback URL of its earlier sends may still work.
+        if self.token_ttl_s >= self.retention_days * 86_400:
+            raise ValueError(f"SMS_RETENTION_DAYS ({self.retention_days}) must be longer than callback URLs "
+                             f"stay valid (SMS_WEBHOOK_TOKEN_TTL_S, {self.token_ttl_s} s)")
         return self
 
     def __repr_args__(self):
