@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     @classmethod
     def _check_webhook_keys(cls, value: SecretStr | None) -> SecretStr | None:
         # A short key can be guessed offline from one callback URL; the example one is public.
+        if value is not None and value.get_secret_value() and not _keys(value):
+            raise ValueError("lists no key (keys are separated by commas)")
         for key in _keys(value):
             if key == EXAMPLE_WEBHOOK_SECRET or len(key) < WEBHOOK_KEY_MIN_CHARS:
                 raise ValueError(f"every key must be at least {WEBHOOK_KEY_MIN_CHARS} random characters and "

@@ -125,7 +125,8 @@ def test_a_plain_http_public_url_is_warned_about_at_start(server):
 
 
 @pytest.mark.parametrize("secret", ["short-secret", "change-me-to-64-random-characters-eg-openssl-rand-hex-32",
-                                    f"{SECRET},weak"], ids=["short", "the example", "one weak key of two"])
+                                    f"{SECRET},weak", " , "],
+                         ids=["short", "the example", "one weak key of two", "no key"])
 def test_a_weak_webhook_secret_stops_the_start(mariadb_url, secret):
     env = app_env(mariadb_url, "filesystem://", SMS_WEBHOOK_SECRET=secret)
     result = subprocess.run([sys.executable, "-m", "smsctl.cli", "webhooks", "--port", str(free_port())],
