@@ -18,13 +18,19 @@ is what the operator asked for; the old callback URLs expired long before (`SMS_
 held below the retention), and old receipts name provider ids that are gone, so nothing of the earlier send
 can be taken for the new one.
 
+An emptied record's `updated_at` is set to `EMPTIED_MARK` (1970-01-02), which says it holds nothing more:
+it keeps it out of the index range that `prune` reads, so a call costs the records it prunes, not the
+emptied ones piling up, and it is still "final long ago" to the resend rule.
+
 The other rules are untouched: only final records are pruned (a row still on its way, or awaiting a report
 or a poll, never is), and each is re-checked inside the transaction that prunes it, so a resend that took
 the row meanwhile wins.
 """
 from __future__ import annotations
 
-from sqlalchemy import and_, delete, or_, select, update
+from datetime import datetime
+
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.engine import Engine
 
 from .engine import db_now_plus
@@ -33,6 +39,7 @@ from .store import retry_lock_conflicts
 
 KEEP_EMPTIED = ("mobilgroup",)
 """Providers whose records are emptied rather than removed: their request ids must never be used twice."""
+EMPTIED_MARK = datetime(1970, 1, 2)
 
 
 def prune(engine: Engine, days: int, batch: int = 1000, max_batches: int = 10) -> int:
@@ -51,11 +58,9 @@ def prune(engine: Engine, days: int, batch: int = 1000, max_batches: int = 10) -
 
 
 def _due(age_s: int):
-    """Final for longer than `age_s`, and still holding something to let go of."""
+    """Final for longer than `age_s`, and not yet emptied."""
     d = Dispatch
-    holds = or_(d.provider.is_(None), d.provider.not_in(KEEP_EMPTIED), d.recipient.is_not(None),
-                d.provider_message_id.is_not(None), d.last_error.is_not(None))
-    return and_(d.state.in_(S.FINAL), d.updated_at < db_now_plus(-age_s), holds)
+    return and_(d.state.in_(S.FINAL), d.updated_at < db_now_plus(-age_s), d.updated_at > EMPTIED_MARK)
 
 
 @retry_lock_conflicts
@@ -63,16 +68,15 @@ def _prune_batch(engine: Engine, age_s: int, batch: int) -> int:
     d = Dispatch
     with engine.begin() as conn:
         # Locked (MariaDB) so that a resend cannot take them between this read and the writes; rows a claim
-        # holds are skipped, not waited for, and pruned on a later call if still due.
-        rows = conn.execute(select(d.batchcontact_id, d.provider).where(_due(age_s))
-                            .order_by(d.updated_at).limit(batch)
-                            .with_for_update(skip_locked=True)).all()
-        if not rows:
+        # holds are skipped, not waited for, and pruned on a later call. No ORDER BY: the scan, and the
+        # locks it takes, stop at `batch` rows.
+        ids = list(conn.scalars(select(d.batchcontact_id).where(_due(age_s)).limit(batch)
+                                .with_for_update(skip_locked=True)))
+        if not ids:
             return 0
-        ids = [row.batchcontact_id for row in rows]
         conn.execute(delete(MessageId).where(MessageId.batchcontact_id.in_(ids)))
         emptied = conn.execute(
             update(d).where(d.batchcontact_id.in_(ids), _due(age_s), d.provider.in_(KEEP_EMPTIED))
-            .values(recipient=None, provider_message_id=None, last_error=None)).rowcount
+            .values(recipient=None, provider_message_id=None, last_error=None, updated_at=EMPTIED_MARK)).rowcount
         removed = conn.execute(delete(d).where(d.batchcontact_id.in_(ids), _due(age_s))).rowcount
     return emptied + removed
