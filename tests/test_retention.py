@@ -5,6 +5,9 @@ Mobilgroup row that an operator sends again goes out under a request id Mobilgro
 workers and the simulator."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from datetime import datetime, timedelta
 
 import pytest
@@ -14,7 +17,7 @@ from db.models import BatchContact, BatchContactArchive, Dispatch, DispatchState
 from db.retention import prune
 from settings import ConfigError, load_settings
 from simulators.mobilgroup import MobilgroupSimulator
-from tests.conftest import app_env, insert_rows, rows_by_id, started, wait_until
+from tests.conftest import MARIADB, ROOT, app_env, insert_rows, rows_by_id, started, wait_until
 
 NUMBER = "79031234567"
 DAYS = 90
@@ -151,3 +154,13 @@ def test_the_retention_must_outlast_the_callback_urls():
     assert load_settings().retention_days == 90
     with pytest.raises(ConfigError, match="SMS_RETENTION_DAYS"):
         load_settings(retention_days=3)   # callback URLs live 4 days by default
+
+
+@pytest.mark.integration
+def test_the_retention_benchmark_runs_and_prints_its_figures():
+    result = subprocess.run([sys.executable, "bench/retention.py", "--mariadb", MARIADB, "--kept", "3000",
+                             "--due", "2500", "--recent", "500", "--idle-calls", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^pruned\s+2500$", result.stdout, re.M), result.stdout
+    assert re.search(r"^call with nothing due \(ms\)\s+\d", result.stdout, re.M), result.stdout
