@@ -151,7 +151,8 @@ class Server(TcpWSGIServer):
     def maintenance(self, now: float) -> None:
         cutoff = now - self.adj.channel_timeout
         for channel in self.active_channels.values():
-            if not channel.requests and channel.creation_time < cutoff:
+            # Nothing being answered, nothing left to send: a request not yet whole, or none.
+            if not channel.requests and not channel.total_outbufs_len and channel.creation_time < cutoff:
                 channel.will_close = True
 
 
