@@ -9,7 +9,7 @@ import pytest
 
 from settings import EXAMPLE_FLOWER_LOGIN, ConfigError, load_settings
 from tasks.runtime import Runtime
-from tests.conftest import ROOT, app_env, free_port
+from tests.conftest import ROOT, app_env, compose_services, free_port
 
 URLS = {
     "database_url": "mysql+mysqldb://sms:db-pa55word@db.example:3306/astercc?charset=utf8mb4",
@@ -51,11 +51,14 @@ def test_a_good_flower_login_and_webhook_keys_are_accepted(monkeypatch):
     assert load_settings().webhook_keys == ["n" * 32, "o" * 32]
 
 
-def test_flower_will_not_start_with_the_example_login(mariadb_url, tmp_path):
-    env = app_env(mariadb_url, "filesystem://", FLOWER_BASIC_AUTH=EXAMPLE_FLOWER_LOGIN)
-    result = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1",
-                             f"--port={free_port()}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+@pytest.mark.parametrize("login", [EXAMPLE_FLOWER_LOGIN, ""], ids=["the example login", "no login"])
+def test_compose_s_flower_will_not_start_with_the_example_login_or_none(mariadb_url, login):
+    """The command docker-compose.yml runs, as its shell runs it (on 127.0.0.1 and a free port)."""
+    sh, option, script = compose_services()["flower"]["command"]
+    script = script.replace("$$", "$").replace("--port=5555", f"--port={free_port()} --address=127.0.0.1")
+    script = script.replace("celery ", f"{sys.executable} -m celery ", 1)
+    env = app_env(mariadb_url, "filesystem://", FLOWER_BASIC_AUTH=login)
+    result = subprocess.run([sh, option, script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "FLOWER_BASIC_AUTH" in result.stderr and "change-me" not in result.stderr
 
