@@ -30,7 +30,7 @@ from typing import Callable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db import store
+from db import retention, store
 from db.models import WaitReason as W
 from providers.base import (
     AccountError,
@@ -501,7 +501,8 @@ def poll(rt: Runtime, row_id: int) -> str:
 
 def reap(rt: Runtime, limit: int = 1000) -> int:
     """Route rows whose dispatch was interrupted between claiming and routing them (the next tick releases
-    them) and close rows whose report never came. Returns how many rows were routed."""
+    them), close rows whose report never came, and prune our records of rows final for longer than
+    `SMS_RETENTION_DAYS`. Returns how many rows were routed."""
     s = rt.settings
     unrouted = store.find_unrouted(rt.engine, UNROUTED_AFTER_S, limit)
     if unrouted:
@@ -511,6 +512,9 @@ def reap(rt: Runtime, limit: int = 1000) -> int:
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
+    pruned = retention.prune(rt.engine, s.retention_days, batch=1000, max_batches=10)
+    if pruned:
+        log.info("reaper: %d records of rows final for over %d days pruned", pruned, s.retention_days)
     return routed
 
 

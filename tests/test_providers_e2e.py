@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import text
-from werkzeug.serving import make_server
 
 from providers import smsc_text
 from settings import load_settings
@@ -28,7 +27,7 @@ from simulators.smsc import SmscSimulator
 from tasks.runtime import Runtime
 from tasks.smpp_receiver import apply_smsc_report, run_receiver
 from tests.conftest import app_env, compose_worker, insert_rows, rows_by_id, started, wait_until
-from webhooks.app import TokenlessLogHandler, create_app
+from webhooks.app import create_app, make_server
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +37,16 @@ FAST = {"SMS_DISPATCH_INTERVAL_S": 1, "SMS_RETRY_BASE_S": 0.2, "SMS_RETRY_MAX_S"
 
 @contextmanager
 def webhook_app(database_url: str, secret: str):
-    """The webhook app on a free 127.0.0.1 port, threaded, applying reports to `database_url`; yields
+    """The webhook app on a free 127.0.0.1 port, served as `smsctl webhooks` serves it, applying reports to `database_url`; yields
     its public URL."""
     app = create_app(load_settings(database_url=database_url, webhook_secret=secret))
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=TokenlessLogHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    server, stop = make_server(app, "127.0.0.1", 0), threading.Event()
+    thread = threading.Thread(target=server.run_until, args=(stop,), daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        server.shutdown()
-        server.server_close()
+        stop.set()
         thread.join(timeout=5)
 
 
