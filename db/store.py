@@ -750,7 +750,7 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
 def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     """Rows claimed more than `grace_s` ago and never routed: their dispatch died (or lost the database)
     between claiming and routing them, and left alone they would never be sent. Marks them `pending` in
-    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them.""" 
+    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them."""
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
         rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at)

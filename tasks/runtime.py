@@ -94,6 +94,8 @@ class Runtime:
     """Set on a warm shutdown: no new provider call starts, the rows are handed back."""
     _slots: dict = field(default_factory=dict)
     _breakers: tuple = (0.0, {})
+    alerted: dict = field(default_factory=dict)
+    """When this process last logged each kind of repeated `ALERT:` (`tasks.workflow._alert_once`)."""
 
     @property
     def engine(self):

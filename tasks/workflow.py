@@ -192,9 +192,8 @@ def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
 
 def _alert_once(rt: Runtime, key: str, message: str, *args) -> None:
     """Log an `ALERT:` line at most every `ALERT_EVERY_S` per `key` in this process."""
-    alerts = rt.__dict__.setdefault("_alerted", {})
-    if time.monotonic() - alerts.get(key, -math.inf) >= ALERT_EVERY_S:
-        alerts[key] = time.monotonic()
+    if time.monotonic() - rt.alerted.get(key, -math.inf) >= ALERT_EVERY_S:
+        rt.alerted[key] = time.monotonic()
         log.error(message, *args)
 
 
