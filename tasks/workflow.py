@@ -210,13 +210,11 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
             account, rt.rate(provider), cost=parts,
             identity=identity_of(message.recipient, text_sent, rt.identity_key(provider)),
             identical_s=rt.identical_s(provider), max_wait_s=THROTTLE_MAX_WAIT_S,
-        )
+        ).wait()
     except ThrottleUnavailable as exc:
         log.warning("send of row %d waits: the rate limiter is unavailable (%s)", message.reference, exc)
         return Retry(THROTTLE_DOWN_RETRY_S, f"rate limiter unavailable: {exc}")
     if permit.reserved:
-        if permit.wait_s > 0:
-            time.sleep(permit.wait_s)
         return None
     reason = {
         "identical": f"identical message to this recipient sent less than {rt.identical_s(provider):g} s ago",
