@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     gap = smallest_gap([at for at, identity in arrivals if identity == shared])
     print(f"backend {args.backend}, {args.processes} processes, limit {args.rate:g}/s, "
           f"{args.count} messages of {args.cost} part(s), send within {args.send_within_s:g} s, guard "
-          f"{args.guard_s:g} s, jitter {args.jitter_ms:g} ms, {args.late_share:.0%} of sleeps up to {args.late_ms:g} ms late")
+          f"{args.guard_s:g} s, jitter {args.jitter_ms:g} ms, {args.late_share:.0%} of sleeps up to "
+          f"{args.late_ms:g} ms late")
     print(f"achieved rate            {args.count * args.cost / elapsed:.2f} parts/s")
     print(f"largest one-second window {largest_window(times, [args.cost] * len(times))} parts "
           f"(limit {args.rate:g})")

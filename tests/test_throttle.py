@@ -10,6 +10,7 @@ import hashlib
 import multiprocessing
 import random
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -181,6 +182,28 @@ def test_a_permit_that_is_not_reserved_is_waited_for_as_it_is(throttle):
     paused = throttle.acquire("accolades:1", 10)
     assert paused.wait(lambda seconds: pytest.fail("slept for a refused permit")) is paused
     assert throttle.given_back_count("accolades:1") == 0
+
+
+def test_the_threads_of_one_process_share_one_throttle(throttle):
+    # Celery's threads pool: one throttle object, several threads asking at once.
+    times, errors = [], []
+
+    def send(count):
+        try:
+            for _ in range(count):
+                permit = throttle.acquire("mobilgroup:1", 20).wait()
+                assert permit.reserved, permit
+                times.append(time.time())
+        except Exception as exc:  # noqa: BLE001 - reported below, with the thread's own error
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(10,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and len(times) == 40, errors
+    assert largest_window(times) <= 20
 
 
 def reserve_all(throttle, rate: float, costs: list[int]) -> list[float]:
