@@ -341,17 +341,16 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
             account, rt.rate(provider), cost=parts,
             identity=identity_of(message.recipient, text_sent, rt.identity_key(provider)),
             identical_s=rt.identical_s(provider), max_wait_s=THROTTLE_MAX_WAIT_S,
-        )
+        ).wait()
     except ThrottleUnavailable as exc:
         log.warning("send of row %d waits: the rate limiter is unavailable (%s)", message.reference, exc)
         return Retry(THROTTLE_DOWN_RETRY_S, f"rate limiter unavailable: {exc}")
     if permit.reserved:
-        if permit.wait_s > 0:
-            time.sleep(permit.wait_s)
         return None
     reason = {
         "identical": f"identical message to this recipient sent less than {rt.identical_s(provider):g} s ago",
         "paused": f"{provider} account paused after an account error",
+        "late": f"this worker woke too late for its {provider} slots (host overloaded)",
     }.get(permit.reason, f"{provider} rate limit of {rt.rate(provider):g}/s")
     try:
         throttled = f"{rt.throttle.throttled_count(account)} {provider} sends throttled so far"
@@ -466,12 +465,12 @@ def poll(rt: Runtime, row_id: int) -> str:
     from tasks.throttle import ThrottleUnavailable
 
     try:
-        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"), max_wait_s=THROTTLE_MAX_WAIT_S)
+        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"),
+                                     max_wait_s=THROTTLE_MAX_WAIT_S).wait()
     except ThrottleUnavailable:
         permit = None
     if permit is None or not permit.reserved:  # asked again when the poll's lease ends (`POLL_LEASE_S`)
         return "throttled"
-    time.sleep(permit.wait_s)
     try:
         answer = client.status(mobilgroup_request_id(s, row_id, resends))
         report = replace(answer, reference=row_id, resends=resends)
