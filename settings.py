@@ -1,8 +1,10 @@
 """Every setting of the dispatcher, read from the environment (or a `.env` file) and validated once.
 
 `get_settings()` is the one entry point. A bad or missing value raises `ConfigError`, whose message names
-the environment variable to fix; processes let it stop them at start-up. Secrets are `SecretStr`, so they
-never appear in a repr, a log line or Flower.
+the environment variable to fix; processes let it stop them at start-up. Secrets are `SecretStr`, and the
+passwords in URLs are masked in `repr()` and `str()`, so they never appear in a log line or Flower. Start-up
+refuses the example Flower login and weak webhook keys (see `.env.example`), and `startup_warnings()` names
+what is allowed but unsafe.
 
 The variable names are a contract with operators (see `../shared/DESIGN.md`, "Configuration contract"):
 add new ones in the same style, never rename.
@@ -10,6 +12,7 @@ add new ones in the same style, never rename.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url as redis_url_parts
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from providers.smsc_text import CHANNEL_PREFIXES, channel_name
 
@@ -28,6 +33,16 @@ PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
 
 VAR_DIR = Path(os.environ.get("SMS_VAR_DIR", "var")).resolve()
+
+
+URL_FIELDS = ("database_url", "broker_url", "redis_url")
+"""Settings that are URLs and may carry a password."""
+
+EXAMPLE_FLOWER_LOGIN = "admin:change-me"
+EXAMPLE_WEBHOOK_SECRET = "change-me-to-64-random-characters-eg-openssl-rand-hex-32"
+"""The placeholders of `.env.example`: anyone who read it knows them, so start-up refuses them."""
+WEBHOOK_KEY_MIN_CHARS = 32
+FLOWER_PASSWORD_MIN_CHARS = 12
 
 
 class ConfigError(RuntimeError):
@@ -98,6 +113,15 @@ class Settings(BaseSettings):
     # --- webhooks -----------------------------------------------------------------------------
     public_url: str | None = None
     webhook_secret: SecretStr | None = None
+    """Comma-separated keys: the first signs callback URLs, every one verifies them (rotation)."""
+    webhook_token_ttl_s: int | None = Field(default=None, ge=60)
+    """How long a callback URL is accepted after it was issued; default a day more than the report timeout."""
+    flower_basic_auth: SecretStr | None = Field(default=None, validation_alias="FLOWER_BASIC_AUTH")
+    """Flower's logins, `user:password[,user:password…]`, read here only to refuse the example one."""
+
+    # --- retention ----------------------------------------------------------------------------
+    retention_days: int = Field(default=90, ge=1)
+    """Our own records of finished rows are pruned this long after they finished (see `db.retention`)."""
 
     # --- Mobilgroup ---------------------------------------------------------------------------
     mobilgroup_url: str = "https://sms.mobilgroup.ru/extxml.php"
@@ -132,7 +156,10 @@ class Settings(BaseSettings):
 
     # --- smsc.ru (SMPP) -----------------------------------------------------------------------
     smsc_host: str = "smpp.smsc.ru"
-    smsc_port: int = Field(default=3700, ge=1, le=65535)
+    """One host or several, comma-separated (`smpp.smsc.ru,smpp2.smsc.ru`), each optionally `host:port`;
+    a session binds to the first that accepts."""
+    smsc_port: int | None = Field(default=None, ge=1, le=65535)
+    """Default 3700, or 3443 with `SMS_SMSC_TLS`."""
     smsc_system_id: str | None = None
     smsc_password: SecretStr | None = None
     smsc_system_type: str = ""
@@ -141,6 +168,14 @@ class Settings(BaseSettings):
     smsc_channels: str = ""
     """smsc.ru's non-SMS channels a text may ask for by its prefix, e.g. `viber,tgm` for `__VIBER__:` and
     `__TGM__:` texts; empty: none (such texts end `failed`)."""
+
+    smsc_window: int = Field(default=300, ge=1, le=10_000)
+    """Submits in flight at once on a worker process's SMPP session (smsc.ru's sample: 300 at 30/s)."""
+    smsc_tls: bool = False
+    smsc_ca_file: str | None = None
+    """PEM file of the certificate authorities that may sign smsc.ru's TLS certificate; default the system's."""
+    smsc_bind: Literal["transmitter", "transceiver"] = "transmitter"
+    """`transceiver`: workers' sessions also take receipts and replies (accounts that allow it)."""
 
     # --- per provider: room in the broker, threads, unknown outcomes -----------------------------
     mobilgroup_max_inflight: int | None = Field(default=None, ge=1)
@@ -205,6 +240,28 @@ class Settings(BaseSettings):
                 raise ValueError("must be an http:// or https:// URL with a host name")
         return value
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short key can be guessed offline from one callback URL; the example one is public.
+        if value is not None and value.get_secret_value() and not _keys(value):
+            raise ValueError("lists no key (keys are separated by commas)")
+        for key in _keys(value):
+            if key == EXAMPLE_WEBHOOK_SECRET or len(key) < WEBHOOK_KEY_MIN_CHARS:
+                raise ValueError(f"every key must be at least {WEBHOOK_KEY_MIN_CHARS} random characters and "
+                                 "not the example one (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _check_flower_login(cls, value: SecretStr | None) -> SecretStr | None:
+        for login in filter(None, (part.strip() for part in (value.get_secret_value() if value else "").split(","))):
+            user, _, password = login.partition(":")
+            if login == EXAMPLE_FLOWER_LOGIN or not user or len(password) < FLOWER_PASSWORD_MIN_CHARS:
+                raise ValueError(f"each login must be user:password with a password of at least "
+                                 f"{FLOWER_PASSWORD_MIN_CHARS} characters, and not the example one")
+        return value
+
     @field_validator("default_region")
     @classmethod
     def _check_region(cls, value: str) -> str:
@@ -214,6 +271,21 @@ class Settings(BaseSettings):
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a region code the phone-number library knows (such as RU or RO)")
         return region
+
+    @field_validator("smsc_host")
+    @classmethod
+    def _check_smsc_host(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",")]
+        if not all(entries) or any(" " in entry for entry in entries):
+            raise ValueError("must be one host name or several, comma-separated (host or host:port each)")
+        return value
+
+    @field_validator("smsc_ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError("names no readable file")
+        return value or None
 
     @field_validator("redis_url")
     @classmethod
@@ -236,6 +308,28 @@ class Settings(BaseSettings):
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             object.__setattr__(self, "redis_url", self.broker_url)
         return self
+
+    @model_validator(mode="after")
+    def _default_smsc_port(self) -> "Settings":
+        if self.smsc_port is None:
+            object.__setattr__(self, "smsc_port", 3443 if self.smsc_tls else 3700)
+        return self
+
+    @model_validator(mode="after")
+    def _check_token_ttl(self) -> "Settings":
+        # A callback URL that expires before the report timeout refuses reports we still wait for.
+        if self.webhook_token_ttl_s is not None and self.webhook_token_ttl_s <= self.report_timeout_s:
+            raise ValueError(f"SMS_WEBHOOK_TOKEN_TTL_S ({self.webhook_token_ttl_s}) must be longer than "
+                             f"SMS_REPORT_TIMEOUT_S ({self.report_timeout_s})")
+        # A pruned row sent again starts its sends afresh: no callback URL of its earlier sends may still work.
+        if self.token_ttl_s >= self.retention_days * 86_400:
+            raise ValueError(f"SMS_RETENTION_DAYS ({self.retention_days}) must be longer than callback URLs "
+                             f"stay valid (SMS_WEBHOOK_TOKEN_TTL_S, {self.token_ttl_s} s)")
+        return self
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name in URL_FIELDS and value else value
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -297,6 +391,25 @@ class Settings(BaseSettings):
         """Whether a send of `provider` whose answer never came is sent again."""
         return provider == "mobilgroup" or getattr(self, f"{provider}_on_unknown") == "resend"
 
+    @property
+    def webhook_keys(self) -> list[str]:
+        """`SMS_WEBHOOK_SECRET`'s keys, the signing one first; empty when unset."""
+        return _keys(self.webhook_secret)
+
+    @property
+    def token_ttl_s(self) -> int:
+        """`SMS_WEBHOOK_TOKEN_TTL_S`, or a day more than the report timeout."""
+        return self.webhook_token_ttl_s or self.report_timeout_s + 86_400
+
+    def startup_warnings(self) -> list[str]:
+        """What is allowed but unsafe, for a process to log once as it starts."""
+        warnings = []
+        host = urlsplit(self.public_url).hostname if self.public_url else None
+        if self.public_url and self.public_url.startswith("http:") and not _loopback(host):
+            warnings.append("SMS_PUBLIC_URL is plain http:// on a host that is not loopback: callback URLs, "
+                            "each a capability for its message, cross the network unencrypted; use https://")
+        return warnings
+
     def poll_after_s(self) -> int:
         if self.mobilgroup_poll_after_s is not None:
             return self.mobilgroup_poll_after_s
@@ -330,6 +443,27 @@ REQUIRED_BY_PROVIDER = {
     "ozeki": ("ozeki_url", "ozeki_username", "ozeki_password"),
     "smsc": ("smsc_host", "smsc_port", "smsc_system_id", "smsc_password"),
 }
+
+
+def _keys(secret: SecretStr | None) -> list[str]:
+    return [key.strip() for key in (secret.get_secret_value() if secret else "").split(",") if key.strip()]
+
+
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, shown as `***`."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads (a broker list, say): nothing of it is shown
+        return "<url hidden>"
 
 
 def parse_routes(value: str) -> list[tuple[str, str]]:

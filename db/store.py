@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, true, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -102,7 +102,9 @@ def due_rows(limit: int):
     flight): such a row cannot be won, and at the head of every claim it would take the claim's room."""
     bc, arc, d = BatchContact.__table__, BatchContactArchive.__table__, Dispatch.__table__
     return (
-        select(bc.c.id, bc.c.schedulertime)
+        # asterCC's zero date (due at once) comes back as None: SQLite would hand it over as a text that is no date.
+        select(bc.c.id, func.nullif(bc.c.schedulertime, literal_column("'0000-00-00 00:00:00'"),
+                                    type_=bc.c.schedulertime.type).label("schedulertime"))
         .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id)
                      .outerjoin(d, d.c.batchcontact_id == bc.c.id))
         .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),
@@ -748,7 +750,7 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
 def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     """Rows claimed more than `grace_s` ago and never routed: their dispatch died (or lost the database)
     between claiming and routing them, and left alone they would never be sent. Marks them `pending` in
-    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them.""" 
+    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them."""
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
         rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at)
@@ -1007,3 +1009,21 @@ def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit
             conn.execute(update(BatchContact).where(BatchContact.id.in_(ids))
                          .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
     return len(ids)
+
+
+def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int] | None:
+    """A receipt said the part `provider_message_id` (of a message sent in one or several parts) was
+    delivered: forget that id and return (row id, how many of the row's part ids still await their receipt),
+    or None when no row of `provider` has that id. Every statement commits on its own, so that of two parts
+    settled at the same moment at least the later sees the other gone: the row's message is delivered
+    once the count reaches 0. An undelivered part's id stays, for its receipt to find the row."""
+    m = MessageId
+    with autocommit_twin(engine).connect() as conn:
+        row_id = conn.scalar(select(m.batchcontact_id).where(m.provider == provider,
+                                                              m.provider_message_id == provider_message_id))
+        if row_id is None:
+            return None
+        conn.execute(delete(m).where(m.provider == provider, m.provider_message_id == provider_message_id))
+        left = conn.scalar(select(func.count()).select_from(m).where(m.provider == provider,
+                                                                     m.batchcontact_id == row_id))
+    return row_id, int(left)

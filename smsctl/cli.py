@@ -90,7 +90,7 @@ def db_drop_astercc_index() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 def webhooks(host: str, port: int) -> None:
-    """Serve the delivery-report app (development; use gunicorn in production)."""
+    """Serve the delivery-report app (waitress: slow or idle clients hold no thread)."""
     from webhooks.app import serve
 
     _settings().require("webhook_secret")

@@ -94,8 +94,6 @@ class StandIns:
     """The four provider simulators, the webhook app and the SMPP receiver, run in this process."""
 
     def __init__(self):
-        from werkzeug.serving import make_server
-
         from simulators.accolades import AccoladesSimulator
         from simulators.mobilgroup import MobilgroupSimulator
         from simulators.ozeki import OzekiSimulator
@@ -106,17 +104,12 @@ class StandIns:
         self.ozeki = OzekiSimulator(report_delay_s=1.0).start()
         self.smsc = SmscSimulator(receipt_delay_s=1.0)
         self.smsc.start()
-        self._make_server = make_server
-        self._web = None
-        self._receiver_stop = threading.Event()
+        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.public_url = ""
 
     def env(self) -> dict[str, str]:
         # The webhook app's port is taken now so that the workers can be told the callback URL.
-        from webhooks.app import TokenlessLogHandler
-
-        self._web_handler = TokenlessLogHandler
         import socket
 
         with socket.socket() as probe:
@@ -141,22 +134,19 @@ class StandIns:
         """The webhook app and the SMPP receiver; they write to the database, so they start after it exists."""
         from settings import get_settings
         from tasks.smpp_receiver import run_receiver
-        from webhooks.app import create_app
+        from webhooks.app import create_app, make_server
 
         port = int(self.public_url.rsplit(":", 1)[1])
-        self._web = self._make_server("127.0.0.1", port, create_app(), threaded=True,
-                                      request_handler=self._web_handler)
+        web = make_server(create_app(), "127.0.0.1", port)
         self._threads = [
-            threading.Thread(target=self._web.serve_forever, daemon=True),
-            threading.Thread(target=run_receiver, args=(get_settings(), self._receiver_stop), daemon=True),
+            threading.Thread(target=web.run_until, args=(self._stop,), daemon=True),
+            threading.Thread(target=run_receiver, args=(get_settings(), self._stop), daemon=True),
         ]
         for thread in self._threads:
             thread.start()
 
     def stop(self) -> None:
-        self._receiver_stop.set()
-        if self._web:
-            self._web.shutdown()
+        self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
         for simulator in (self.mobilgroup, self.accolades, self.ozeki, self.smsc):

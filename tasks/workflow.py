@@ -30,11 +30,12 @@ from typing import Callable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db import store
+from db import retention, store
 from db.models import WaitReason as W
 from providers.base import (
     AccountError,
     OutgoingMessage,
+    PartlySent,
     PermanentError,
     ProviderError,
     ThrottledError,
@@ -255,9 +256,8 @@ def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
 
 def _alert_once(rt: Runtime, key: str, message: str, *args) -> None:
     """Log an `ALERT:` line at most every `ALERT_EVERY_S` per `key` in this process."""
-    alerts = rt.__dict__.setdefault("_alerted", {})
-    if time.monotonic() - alerts.get(key, -math.inf) >= ALERT_EVERY_S:
-        alerts[key] = time.monotonic()
+    if time.monotonic() - rt.alerted.get(key, -math.inf) >= ALERT_EVERY_S:
+        rt.alerted[key] = time.monotonic()
         log.error(message, *args)
 
 
@@ -338,6 +338,9 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
         except AccountError as exc:
             return _account_problem(rt, job, exc)
+        except PartlySent as exc:
+            store.finish_error(rt.engine, row_id, f"{job.provider}: {exc}", token=job.token, unknown=True)
+            return "error"
         except UnknownOutcome as exc:
             return _unknown_outcome(rt, job, exc)
         except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
@@ -404,17 +407,16 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
             account, rt.rate(provider), cost=parts,
             identity=identity_of(message.recipient, text_sent, rt.identity_key(provider)),
             identical_s=rt.identical_s(provider), max_wait_s=THROTTLE_MAX_WAIT_S,
-        )
+        ).wait()
     except ThrottleUnavailable as exc:
         log.warning("send of row %d waits: the rate limiter is unavailable (%s)", message.reference, exc)
         return Retry(THROTTLE_DOWN_RETRY_S, f"rate limiter unavailable: {exc}")
     if permit.reserved:
-        if permit.wait_s > 0:
-            time.sleep(permit.wait_s)
         return None
     reason = {
         "identical": f"identical message to this recipient sent less than {rt.identical_s(provider):g} s ago",
         "paused": f"{provider} account paused after an account error",
+        "late": f"this worker woke too late for its {provider} slots (host overloaded)",
     }.get(permit.reason, f"{provider} rate limit of {rt.rate(provider):g}/s")
     try:
         throttled = f"{rt.throttle.throttled_count(account)} {provider} sends throttled so far"
@@ -565,12 +567,12 @@ def poll(rt: Runtime, row_id: int) -> str:
     from tasks.throttle import ThrottleUnavailable
 
     try:
-        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"), max_wait_s=THROTTLE_MAX_WAIT_S)
+        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"),
+                                     max_wait_s=THROTTLE_MAX_WAIT_S).wait()
     except ThrottleUnavailable:
         permit = None
     if permit is None or not permit.reserved:  # asked again when the poll's lease ends (`POLL_LEASE_S`)
         return "throttled"
-    time.sleep(permit.wait_s)
     try:
         answer = client.status(mobilgroup_request_id(s, row_id, resends))
         report = replace(answer, reference=row_id, resends=resends)
@@ -599,7 +601,8 @@ def poll(rt: Runtime, row_id: int) -> str:
 
 def reap(rt: Runtime, limit: int = 1000) -> int:
     """Route rows whose dispatch was interrupted between claiming and routing them (the next tick releases
-    them) and close rows whose report never came. Returns how many rows were routed."""
+    them), close rows whose report never came, and prune our records of rows final for longer than
+    `SMS_RETENTION_DAYS`. Returns how many rows were routed."""
     s = rt.settings
     unrouted = store.find_unrouted(rt.engine, UNROUTED_AFTER_S, limit)
     if unrouted:
@@ -609,6 +612,9 @@ def reap(rt: Runtime, limit: int = 1000) -> int:
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
+    pruned = retention.prune(rt.engine, s.retention_days, batch=1000, max_batches=10)
+    if pruned:
+        log.info("reaper: %d records of rows final for over %d days pruned", pruned, s.retention_days)
     return routed
 
 

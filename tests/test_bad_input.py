@@ -44,7 +44,7 @@ REFERENCES = itertools.count(100)
 @dataclass(frozen=True)
 class Case:
     kind: str
-    """`target`, `text`, `archive`, `answer`, `setting` (and the sections for webhooks and PDUs)."""
+    """`target`, `text`, `archive`, `schedule`, `answer`, `setting`."""
     given: object
     outcome: str
     detail: str
@@ -131,7 +131,12 @@ CATALOGUE: list[Case] = [
     # --- asterCC rows -----------------------------------------------------------------------------------
     Case("archive", 0, FAILED, "the message text is missing"),          # no archive row at all
     Case("archive", 999_999, FAILED, "the message text is missing"),    # an archive id that does not exist
-    # --- schedules (SMS_MAX_AGE_S: the send path's rows go here) ---------------------------------------
+    # --- schedules: asterCC's `schedulertime` as SQL (SMS_MAX_AGE_S is 3 days) -------------------------
+    Case("schedule", "'0000-00-00 00:00:00'", SENT, "queued"),          # the zero date: due at once
+    Case("schedule", "NOW() - INTERVAL 2 DAY", SENT, "queued"),         # late, within SMS_MAX_AGE_S
+    Case("schedule", "NOW() - INTERVAL 4 DAY", FAILED, "expired: due "),
+    Case("schedule", "NOW() - INTERVAL 7 YEAR", FAILED, "more than 3 days ago (SMS_MAX_AGE_S)"),
+    Case("schedule", "NOW() + INTERVAL 1 HOUR", "new", ""),             # not due yet: not claimed
     # --- provider answers -------------------------------------------------------------------------------
     Case("answer", b"<response><result>OK</resu", RETRIED, "unreadable answer from Mobilgroup", ("mobilgroup",)),
     Case("answer", b"", RETRIED, "unreadable answer from Mobilgroup", ("mobilgroup",)),
@@ -153,8 +158,8 @@ CATALOGUE: list[Case] = [
          "neither a country calling code"),
     Case("setting", {"SMS_ALLOWED_COUNTRIES": "999"}, FAILED, "SMS_ALLOWED_COUNTRIES"),
     Case("setting", {"SMS_SMSC_CHANNELS": "viber,fax"}, FAILED, "SMS_SMSC_CHANNELS: Value error, unknown channel"),
-    # --- webhook requests (the webhooks work adds its rows here) -------------------------------------
-    # --- SMPP PDUs (the SMPP receiver work adds its rows here) ---------------------------------------
+    # --- webhook requests: their table is `tests/test_webhooks.py::STRANGERS` (checked through the app)
+    # --- SMPP PDUs: their tables are `tests/test_smsc_receiver_hostile.py::SURVIVABLE` and `FATAL` (a real socket)
 ]
 
 
@@ -262,6 +267,27 @@ def test_provider_answers(case):
             sender.close()
     assert case.outcome == FAILED or not isinstance(raised.value, PermanentError)
     assert not re.search(r"\d{5}", str(raised.value)), "a provider's number reached error_msg"
+
+
+@pytest.mark.parametrize("case", cases("schedule"))
+def test_schedules(case, db, mariadb_url):
+    """A row due long ago (a first deployment on an old table, a restart after a long outage) is not sent:
+    it ends `failed`, saying when it was due; a late one within `SMS_MAX_AGE_S` is sent."""
+    from tasks import workflow
+    from tasks.runtime import Runtime
+
+    (row,) = insert_rows(db, [("+7 903 123-45-67", "Your appointment is tomorrow.")], schedule_sql=case.given)
+    rt = Runtime(load_settings(**ROUTING, database_url=mariadb_url, mobilgroup_user_id="1", mobilgroup_user="u",
+                               mobilgroup_password="p"))
+    released: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: released.extend(ids))
+    after = rows_by_id(db)[row]
+    if case.outcome == SENT:
+        assert released == [row] and after["state"] == case.detail
+    elif case.outcome == FAILED:
+        assert (released, after["status"]) == ([], "failed") and case.detail in after["error_msg"]
+    else:
+        assert (released, after["status"], after["state"]) == ([], "new", None)
 
 
 @pytest.mark.parametrize("case", cases("setting"))

@@ -3,7 +3,8 @@ Redis → several `celery worker` processes → the Mobilgroup simulator, which 
 arrived.
 
 What a call centre relies on: four worker processes together never send more than the account's limit in
-any one second and still drain a backlog at close to that limit; an identical message (same recipient and
+any one second and still drain a backlog at close to that limit, and none sends on a slot it woke up too late
+for; an identical message (same recipient and
 text) reaches the provider only after the identical-request interval, even when the first one was a failed
 attempt being retried; waiting for the limiter is not a failed attempt, and the worker log says why a
 message waits; a backlog is sent oldest due first; and with the limiter's Redis unreachable nothing
@@ -19,7 +20,9 @@ import pytest
 from bench.throttle_bench import largest_window, smallest_gap
 from simulators.mobilgroup import MobilgroupSimulator
 from smsctl.processes import pool_option
+from tasks.throttle import KEY_PREFIX, SEND_WITHIN_S, RedisThrottle
 from tests.conftest import (
+    REDIS_PREFIX,
     app_env,
     free_port,
     insert_rows,
@@ -115,6 +118,16 @@ def test_four_processes_keep_20_per_second_and_identical_messages_a_minute_apart
     in_order = sum(sends[o]["time"] < sends[n]["time"] for o in older for n in newer) / (len(older) * len(newer))
     print(f"older-due rows sent before newer-due rows in {in_order:.1%} of pairs")
     assert in_order >= 0.95
+
+    # Every wake-up is reported (each pool process still holds its last one); none later than SEND_WITHIN_S sent.
+    throttle = RedisThrottle(redis_url, prefix=REDIS_PREFIX + KEY_PREFIX)
+    account = f"mobilgroup:{sim.user_id}"
+    lateness, given_back = sorted(throttle.lateness(account)), throttle.given_back_count(account)
+    throttle.close()
+    print(f"wake-up after slot: p50 {lateness[len(lateness) // 2] * 1000:.1f} ms, max {lateness[-1] * 1000:.1f} ms "
+          f"over {len(lateness)} wake-ups; {given_back} slot(s) given back")
+    assert len(lateness) >= len(sends) - 4
+    assert sum(late > SEND_WITHIN_S for late in lateness) <= given_back
 
     logs = "".join(worker.log() for worker in fleet)
     assert logs.count("identical message to this recipient sent less than 60 s ago") >= 2
