@@ -96,6 +96,10 @@ class Runtime:
     _breakers: tuple = (0.0, {})
     alerted: dict = field(default_factory=dict)
     """When this process last logged each kind of repeated `ALERT:` (`tasks.workflow._alert_once`)."""
+    confirm_asked: dict = field(default_factory=dict)
+    """When this process last asked each unavailable provider about rows in doubt (`tasks.workflow.fail_over`)."""
+    taken_rows: set = field(default_factory=set)
+    """Rows in doubt their provider said it has: they wait for it and are not asked about again."""
 
     @property
     def engine(self):

@@ -148,8 +148,7 @@ def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState
 def _confirm_not_taken(rt: Runtime, provider: str) -> None:
     """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
     never came; those it has not may then move. Stops at the first question it cannot answer."""
-    asked = rt.__dict__.setdefault("_confirm_asked", {})
-    if time.monotonic() - asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
+    if time.monotonic() - rt.confirm_asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
         return
     try:
         client = rt.client(provider)
@@ -157,8 +156,8 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
         return
     if not hasattr(client, "has_request"):
         return
-    asked[provider] = time.monotonic()
-    known = rt.__dict__.setdefault("_taken_rows", set())  # it has these: they wait for it, never asked again
+    rt.confirm_asked[provider] = time.monotonic()
+    known = rt.taken_rows
     for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
         if row.id in known:
             continue
