@@ -263,15 +263,15 @@ def _shown(path: Path) -> str:
 def _summary(engine, sample, stand_ins: StandIns) -> None:
     with engine.connect() as conn:
         rows = conn.execute(text(
-            "SELECT b.id, b.status, b.error_msg, d.state, d.attempts, d.provider FROM cc10_batchcontacts b "
+            "SELECT b.id, b.status, b.error_msg, d.state, d.failures, d.provider FROM cc10_batchcontacts b "
             "LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id ORDER BY b.id")).all()
     sends = Counter(e["outcome"] for e in stand_ins.mobilgroup.events("send"))
     shown = [(row, what) for row, (_, _, _, what) in zip(rows, sample)]
     ordinary = [pair for pair in shown if pair[1] == "due now"]
-    print("\n  id  what it shows                            provider    status   attempts  error_msg")
+    print("\n  id  what it shows                            provider    status   failures  error_msg")
     print("  --  ---------------------------------------  ----------  -------  --------  ---------")
     for row, what in ordinary[:4] + [pair for pair in shown if pair[1] != "due now"]:
-        print(f"  {row.id:>2}  {what:<39}  {row.provider or '-':<10}  {row.status:<7}  {row.attempts or 0:>8}"
+        print(f"  {row.id:>2}  {what:<39}  {row.provider or '-':<10}  {row.status:<7}  {row.failures or 0:>8}"
               f"  {row.error_msg}")
     print(f"  (and {len(ordinary) - 4} more 'due now' rows)")
     totals = Counter(r.status for r in rows)
