@@ -332,11 +332,12 @@ def insert_missing_archive(engine, archive_id: int, target: str) -> int:
 
 @pytest.mark.integration
 def test_the_catalogue_through_real_workers(db, mariadb_url, redis_url, celery):
-    """Targets, Mobilgroup's texts and asterCC rows of the catalogue, plus 150 Romanian numbers written as
-    international digits, through beat, a worker of docker-compose.yml and the simulators."""
+    """Targets, Mobilgroup's texts, asterCC rows and expired schedules of the catalogue, plus 150 Romanian
+    numbers written as international digits, through beat, a worker of docker-compose.yml and the simulators."""
     targets = [case for case in CATALOGUE if case.kind == "target"]
     texts = [case for case in CATALOGUE if case.kind == "text" and "mobilgroup" in case.providers]
     archives = [case for case in CATALOGUE if case.kind == "archive"]
+    expired = [case for case in CATALOGUE if case.kind == "schedule" and case.outcome == FAILED]
     romanian = [f"40712{i:06d}" for i in range(150)]
     mobilgroup, accolades = MobilgroupSimulator(), AccoladesSimulator(report_delay_s=0)
     with started(mobilgroup), started(accolades):
@@ -346,13 +347,16 @@ def test_the_catalogue_through_real_workers(db, mariadb_url, redis_url, celery):
         text_numbers = [f"+7 916 300-{i // 100:02d}-{i % 100:02d}" for i in range(len(texts))]
         text_ids = insert_rows(db, [(number, case.given) for number, case in zip(text_numbers, texts)])
         archive_ids = [insert_missing_archive(db, case.given, "+7 916 400-00-01") for case in archives]
+        expired_ids = [insert_rows(db, [("+7 916 400-00-02", f"A reminder due long ago ({i})")],
+                                   schedule_sql=case.given)[0] for i, case in enumerate(expired)]
         romanian_ids = insert_rows(db, [(number, f"Comanda {i} a fost expediată.") for i, number in
                                         enumerate(romanian)])
         env = app_env(
             mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="mobilgroup", SMS_ROUTES="40=accolades",
             SMS_DEFAULT_REGION="RU", SMS_MOBILGROUP_URL=mobilgroup.api_url,
             SMS_MOBILGROUP_USER_ID=mobilgroup.user_id, SMS_MOBILGROUP_USER=mobilgroup.user,
-            SMS_MOBILGROUP_PASSWORD=mobilgroup.password, SMS_MOBILGROUP_RATE=500, SMS_ACCOLADES_URL=accolades.url, SMS_ACCOLADES_ACCOUNT=accolades.account,
+            SMS_MOBILGROUP_PASSWORD=mobilgroup.password, SMS_MOBILGROUP_RATE=500, SMS_ACCOLADES_URL=accolades.url,
+            SMS_ACCOLADES_ACCOUNT=accolades.account,
             SMS_ACCOLADES_PASSWORD=accolades.password, SMS_ACCOLADES_RATE=500, SMS_DISPATCH_INTERVAL_S=1)
         celery("worker", env, *compose_worker("worker"))
         celery("beat", env)
@@ -384,6 +388,8 @@ def test_the_catalogue_through_real_workers(db, mariadb_url, redis_url, celery):
             assert row_id not in sent, f"{case.given!r} was sent"
     for row_id, case in zip(archive_ids, archives):
         assert outcome[row_id] == ("failed", case.detail) and row_id not in sent
+    for row_id, case in zip(expired_ids, expired):
+        assert outcome[row_id][0] == "failed" and case.detail in outcome[row_id][1] and row_id not in sent
     expected_number |= {row_id: number for row_id, number in zip(romanian_ids, romanian)}
     expected_number |= {row_id: re.sub(r"\D", "", number) for row_id, number, case in
                         zip(text_ids, text_numbers, texts) if case.outcome == SENT}
