@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -288,13 +288,16 @@ def expire_leases(engine: Engine, provider: str, *, resend: bool, limit: int) ->
 def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *, probe: bool = False) -> list[int]:
     """Move up to `limit` waiting rows of `provider` that are due (oldest due first) to `queued`, to be put in
     the broker, which gives them `requeue_s` to start. With `probe`, the one row is the probe of a paused
-    account: the oldest waiting, whatever it waits for. Returns their ids."""
+    account: the oldest waiting for the pause, or otherwise due. Returns their ids."""
     if limit <= 0:
         return []
     d = Dispatch.__table__
     # NULL: waiting since its claim, for its provider's room.
+    due = or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= db_now())
+    # A probe may be a row waiting for the pause to end whatever its time says (the circuit decides), but
+    # not one held back for its own reason (a rate-limit slot, the identical-request rule, a backoff).
     ready = and_(d.c.provider == provider, d.c.state == S.WAITING,
-                 true() if probe else or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= db_now()))
+                 or_(d.c.wait_reason == W.PAUSED, due) if probe else due)
     token = uuid.uuid4().hex
     with engine.begin() as conn:
         ids = list(conn.scalars(select(d.c.batchcontact_id).where(ready).order_by(d.c.due_at, d.c.batchcontact_id)

@@ -293,7 +293,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
         return _account_problem(rt, job, AccountError(f"{job.provider} is not configured: {exc}"))
     if job.text is None or not job.text.strip():
         why = "the message text is missing" if job.text is None else "the message text is empty"
-        store.finish_failed(rt.engine, row_id, why, token=job.token)
+        _finish_failed(rt, job, why)
         return "failed"
     callback = None
     if job.provider in REPORTING_BY_CALLBACK:
@@ -305,7 +305,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
     try:
         parts = provider.check(message)
     except PermanentError as exc:
-        store.finish_failed(rt.engine, row_id, str(exc), token=job.token)
+        _finish_failed(rt, job, str(exc))
         return "failed"
 
     breaker = rt.breaker(job.provider)
@@ -316,10 +316,12 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
     with rt.provider_call(job.provider) as got_thread:
         if not got_thread:
+            _unsent(rt, job)
             return _wait(rt, job, BUSY_RETRY_S, f"every thread this worker gives {job.provider} is in a call",
                          W.BUSY)
         waited = _wait_for_slot(rt, job.provider, message, parts)
         if isinstance(waited, Retry):
+            _unsent(rt, job)
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
         if time.monotonic() - leased_at + s.http_timeout_s + LEASE_MARGIN_S > s.send_lease_s:
             return _hand_back(rt, job, "its lease would run out before the provider's deadline")
@@ -331,14 +333,14 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
             if job.probe:
                 _account_works(rt, job.provider)
             _reached(rt, job.provider)
-            store.finish_failed(rt.engine, row_id, str(exc), token=job.token)
+            _finish_failed(rt, job, str(exc))
             return "failed"
         except ThrottledError as exc:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
         except AccountError as exc:
             return _account_problem(rt, job, exc)
         except PartlySent as exc:
-            store.finish_error(rt.engine, row_id, f"{job.provider}: {exc}", token=job.token, unknown=True)
+            _finish_error(rt, job, f"{job.provider}: {exc}", unknown=True)
             return "error"
         except UnknownOutcome as exc:
             return _unknown_outcome(rt, job, exc)
@@ -353,10 +355,10 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
     _reached(rt, job.provider)
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
-    recorded = _until_recorded(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
+    recorded = _through_outage(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
                                                              poll_after, provider=job.provider,
                                                              index_ids=accepted.reports_by_id),
-                               row_id, s.send_lease_s / 2)
+                               row_id, s.send_lease_s / 2, "an accepted send")
     if not recorded:
         log.warning("send of row %d: accepted by %s after its lease was taken over; the current holder decides "
                     "the row", row_id, job.provider)
@@ -365,20 +367,21 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
     return "accepted"
 
 
-def _until_recorded(record: Callable[[], bool], row_id: int, within_s: float) -> bool:
-    """Write an accepted send down, retrying through a database outage for up to `within_s`: once the
-    provider has the message, an unrecorded send would be taken for an unknown outcome when its lease runs
-    out and, by policy, sent again."""
+def _through_outage(write: Callable[[], bool], row_id: int, within_s: float, what: str):
+    """Run `write`, a record of what became of a send, retrying through a database outage for up to
+    `within_s`: a send whose outcome stays unwritten keeps its lease, and when the lease runs out it is
+    taken for an unknown outcome (the provider may have the message) and, by policy, sent again; one given
+    back unsent would wait out the lease for nothing."""
     deadline = time.monotonic() + within_s
     delay = 0.5
     while True:
         try:
-            return record()
+            return write()
         except DBAPIError as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("row %d was accepted but could not be recorded (%s); trying again in %.1f s",
-                        row_id, type(exc).__name__, delay)
+            log.warning("row %d: %s could not be recorded (%s); trying again in %.1f s",
+                        row_id, what, type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -441,18 +444,37 @@ def _wait(rt: Runtime, job: store.SendJob, delay_s: float, reason: str, wait_rea
     window = s.account_retry_window_s if account else s.retry_window_s
     if job.age_s + delay_s > window:
         tries = job.failures + (1 if failed else 0)
-        store.finish_error(rt.engine, job.id, f"{reason} (gave up after {tries} failed attempts in "
-                                              f"{_duration(job.age_s)})" if tries else
-                           f"{reason} (gave up after waiting {_duration(job.age_s)})",
-                           token=job.token, unknown=unknown)
+        _finish_error(rt, job, f"{reason} (gave up after {tries} failed attempts in {_duration(job.age_s)})"
+                      if tries else f"{reason} (gave up after waiting {_duration(job.age_s)})", unknown=unknown)
         return "error"
-    store.wait_again(rt.engine, job.id, job.token, delay_s, reason, wait_reason, failed=failed, unknown=unknown)
+    _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, delay_s, reason, wait_reason,
+                                             failed=failed, unknown=unknown),
+                    job.id, rt.settings.send_lease_s / 2, "a wait")
     return wait_reason
+
+
+def _finish_error(rt: Runtime, job: store.SendJob, reason: str, *, unknown: bool = False) -> None:
+    _through_outage(lambda: store.finish_error(rt.engine, job.id, reason, token=job.token, unknown=unknown),
+                    job.id, rt.settings.send_lease_s / 2, "an error")
+
+
+def _finish_failed(rt: Runtime, job: store.SendJob, reason: str) -> None:
+    _through_outage(lambda: store.finish_failed(rt.engine, job.id, reason, token=job.token),
+                    job.id, rt.settings.send_lease_s / 2, "a refusal")
+
+
+def _unsent(rt: Runtime, job: store.SendJob) -> None:
+    """The probe of a paused account went back unsent (a rate-limit slot, no thread free): the next tick
+    may send another, rather than waiting out this one's lease."""
+    if job.probe:
+        store.drop_probe(rt.engine, job.provider)
 
 
 def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
     """Nothing was sent: the row waits to be released again at once (to another worker, or this one)."""
-    store.wait_again(rt.engine, job.id, job.token, 0, reason, W.PROBE if job.probe else W.BUSY)
+    _unsent(rt, job)
+    _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, 0, reason, W.BUSY),
+                    job.id, rt.settings.send_lease_s / 2, "a row given back")
     return "handed back"
 
 
@@ -470,9 +492,8 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
     log.warning("send of row %d: outcome unknown at %s (%s)", job.id, job.provider, exc)
     _failed_on_the_way(rt, job, exc)
     if not s.resends_unknown(job.provider):
-        store.finish_error(rt.engine, job.id, f"{job.provider} may or may not have this message: {exc} "
-                                              f"(SMS_{job.provider.upper()}_ON_UNKNOWN=error)",
-                           token=job.token, unknown=True)
+        _finish_error(rt, job, f"{job.provider} may or may not have this message: {exc} "
+                               f"(SMS_{job.provider.upper()}_ON_UNKNOWN=error)", unknown=True)
         return "error"
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
     return _wait(rt, job, delay, f"no answer from {job.provider}, sending again: {exc}", W.UNKNOWN,
@@ -512,7 +533,7 @@ def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
     if not exc.by_nature and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS:
         if job.probe:
             _account_works(rt, job.provider)
-        store.finish_failed(rt.engine, job.id, str(exc), token=job.token)
+        _finish_failed(rt, job, str(exc))
         return "failed"
     if store.trip_breaker(rt.engine, job.provider, s.account_retry_s, str(exc)):
         log.error("ALERT: %s account problem, sending paused for %.0f s, then one probe: %s",
