@@ -32,7 +32,7 @@ def test_one_threads_worker_sends_every_part_once_over_one_session(db, mariadb_u
 
     rows = rows_by_id(db)
     assert sorted(rows) == sorted(ids)
-    assert {(r["status"], r["state"], r["attempts"]) for r in rows.values()} == {("success", "accepted", 1)}
+    assert {(r["status"], r["state"], r["failures"]) for r in rows.values()} == {("success", "accepted", 0)}
     assert len(submits) == parts and {s["status"] for s in submits} == {0}
     assert max(Counter((s["destination_addr"], s["short_message"]) for s in submits).values()) == 1
     assert [b["mode"] for b in binds] == ["tx"], "one session for the sending worker process"
