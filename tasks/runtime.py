@@ -75,6 +75,9 @@ def build_client(name: str, s: Settings) -> Provider:
     raise ValueError(f"unknown provider {name!r}")
 
 
+SLOT_WAIT_S = 0.2
+"""How long a send waits for one of its provider's threads before it gives its row back."""
+
 BREAKER_CACHE_S = 1.0
 """How long a process trusts what it last read of the providers' account circuits: a send that was already
 in the broker when its account's circuit opened reaches the provider at most this long after."""
@@ -125,8 +128,9 @@ class Runtime:
     @contextmanager
     def provider_call(self, provider: str):
         """Yields True while this thread holds one of `provider`'s threads (`Settings.threads_for`), False
-        (at once, without waiting) when they are all in use: a provider that hangs then holds at most its
-        share of the worker, and the caller puts the row back to wait."""
+        when they stay all in use for `SLOT_WAIT_S`: a provider that hangs then holds at most its share of
+        the worker, and the caller puts the row back to wait; a burst to a provider that answers at once
+        waits a moment for a thread instead of going back to the database."""
         if not self.concurrency:
             yield True
             return
@@ -135,7 +139,7 @@ class Runtime:
             if slots is None:
                 size = self.settings.threads_for(provider, self.concurrency, self.providers_served)
                 slots = self._slots[provider] = threading.BoundedSemaphore(size)
-        got = slots.acquire(blocking=False)
+        got = slots.acquire(timeout=SLOT_WAIT_S)
         try:
             yield got
         finally:
