@@ -14,11 +14,13 @@ provider never accepted it, *sent twice* when it accepted it more than once.
 from __future__ import annotations
 
 import glob
+import os
 import statistics
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import redis
@@ -163,9 +165,9 @@ def running(*servers):
 def accolades_env(stage: Stage, sim: AccoladesSimulator, database_url: str | None = None,
                   broker_url: str | None = None, **settings) -> dict[str, str]:
     return stage.env(database_url or stage.database_url, broker_url or stage.redis_url,
-                     SMS_DEFAULT_PROVIDER="accolades", SMS_ACCOLADES_URL=sim.url,
-                     SMS_ACCOLADES_ACCOUNT=sim.account, SMS_ACCOLADES_PASSWORD=sim.password,
-                     **{**FAST, **settings})
+                     **{"SMS_DEFAULT_PROVIDER": "accolades", "SMS_ACCOLADES_URL": sim.url,
+                        "SMS_ACCOLADES_ACCOUNT": sim.account, "SMS_ACCOLADES_PASSWORD": sim.password,
+                        **FAST, **settings})
 
 
 def mobilgroup_settings(sim: MobilgroupSimulator) -> dict[str, str]:
@@ -377,19 +379,24 @@ def _delays(sends: dict[int, list[float]], due: dict[int, float], ids: list[int]
 
 
 def paused_beside_healthy(stage: Stage, paused_rows: int = 300, healthy_rows: int = 30, inflight: int = 10,
-                          retry_s: float = 5, window_s: int = 40, timeout_s: float = 120) -> IsolationRun:
+                          retry_s: float = 5, window_s: int = 40, identical_s: float = 1,
+                          timeout_s: float = 120) -> IsolationRun:
     """Mobilgroup answers "not enough money" (error 9) to every send, with its in-flight cap at `inflight`;
-    `paused_rows` Mobilgroup rows fall due, then `healthy_rows` Accolades rows. The account pause
-    (`SMS_ACCOUNT_RETRY_S`) is shortened to `retry_s` and the window through which its rows wait
-    (`SMS_ACCOUNT_RETRY_WINDOW_S`, a day by default) to `window_s`, so that they end in test time."""
-    with running(MobilgroupSimulator(balance=0, price=1), AccoladesSimulator()) as (broke, healthy_sim):
+    `paused_rows` Mobilgroup rows fall due and, once Mobilgroup has refused the first, `healthy_rows`
+    Accolades rows. The account pause (`SMS_ACCOUNT_RETRY_S`, 300 s by default) is shortened to `retry_s`,
+    the window through which its rows wait (`SMS_ACCOUNT_RETRY_WINDOW_S`, a day) to `window_s`, so that they
+    end in test time; and the identical-request rule (`SMS_MOBILGROUP_IDENTICAL_S`, 60 s) to `identical_s`,
+    which must stay under the pause: a probe is the oldest waiting row, often one refused a pause ago."""
+    broke, healthy_sim = MobilgroupSimulator(balance=0, price=1), AccoladesSimulator()
+    with running(broke, healthy_sim):
         troubled = add_rows(stage.engine, [ru_number(i) for i in range(paused_rows)])
-        healthy = add_rows(stage.engine, [ro_number(i) for i in range(healthy_rows)])
         env = accolades_env(stage, healthy_sim, SMS_DEFAULT_PROVIDER="mobilgroup", SMS_ROUTES="40=accolades",
                             SMS_ACCOLADES_RATE=50, SMS_MOBILGROUP_MAX_INFLIGHT=inflight,
                             SMS_ACCOUNT_RETRY_S=retry_s, SMS_ACCOUNT_RETRY_WINDOW_S=window_s,
-                            **mobilgroup_settings(broke))
+                            SMS_MOBILGROUP_IDENTICAL_S=identical_s, **mobilgroup_settings(broke))
         processes = [stage.start("worker", env), stage.start("beat", env)]
+        wait_for(lambda: broke.events("send"), 60, "Mobilgroup's first refusal")
+        healthy = add_rows(stage.engine, [ro_number(i) for i in range(healthy_rows)])
         settle(stage.engine, troubled + healthy, timeout_s)
         return IsolationRun("paused beside healthy",
                             _delays(sends_by_id(healthy_sim), due_epochs(stage.engine, healthy), healthy),
@@ -426,6 +433,10 @@ def hung_beside_healthy(stage: Stage, hung_rows: int = 1000, healthy_rows: int =
                             [str(p.log_path) for p in processes], stuck_connections=stuck)
 
 
+FAKETIME_SHIM = Path(__file__).resolve().parent / "faketime"
+"""`sitecustomize` for a process under libfaketime: see `bench/faketime/sitecustomize.py`."""
+
+
 def libfaketime() -> str:
     """The path of libfaketime's multithreaded library (Debian package `faketime`, `make deps`)."""
     found = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1")
@@ -436,15 +447,18 @@ def libfaketime() -> str:
 
 def skewed_worker(stage: Stage, offset_s: int, rows: int = 20, due_in_s: int = 3,
                   timeout_s: float = 60) -> IsolationRun:
-    """A worker whose clock is `offset_s` off (libfaketime; beat, the database and the provider keep the true
-    time): `rows` Accolades rows due `due_in_s` from now; their delays from due to the provider."""
+    """A worker whose wall clock is `offset_s` off (libfaketime, its monotonic clock true; beat, the database
+    and the provider keep the true time): once it is up, `rows` Accolades rows due `due_in_s` later; their
+    delays from due to the provider."""
     with running(AccoladesSimulator()) as sim, ExitStack() as stack:
-        ids = add_rows(stage.engine, [ro_number(i) for i in range(rows)], due=f"NOW() + INTERVAL {due_in_s} SECOND")
         env = accolades_env(stage, sim, SMS_ACCOLADES_RATE=50)
         skewed = {**env, "LD_PRELOAD": libfaketime(), "FAKETIME": f"{offset_s:+d}s",
-                  "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+                  "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1",
+                  "PYTHONPATH": os.pathsep.join(filter(None, [str(FAKETIME_SHIM), env.get("PYTHONPATH")]))}
         processes = [stage.start("worker", skewed), stage.start("beat", env)]
         stack.callback(lambda: [p.kill() for p in processes])
+        wait_for(lambda: " ready." in log_of(processes[0]), 60, "the worker to start")
+        ids = add_rows(stage.engine, [ro_number(i) for i in range(rows)], due=f"NOW() + INTERVAL {due_in_s} SECOND")
         settle(stage.engine, ids, timeout_s)
         return IsolationRun(f"clock {offset_s:+d} s", _delays(sends_by_id(sim), due_epochs(stage.engine, ids), ids),
                             [], outcomes(stage.engine, ids), ids, [], [str(p.log_path) for p in processes])
