@@ -49,7 +49,8 @@ class Stage:
     """Where a scenario plays: `engine` reads and writes the test database directly (never through a proxy);
     `database_url` and `redis_url` are what the processes get unless a scenario puts a proxy between;
     `env(database_url, broker_url, **settings)` makes a deployment's environment (this run's Redis prefix
-    included); `start(kind, env, *args)` starts `celery worker|beat`, stopped by the caller afterwards."""
+    included); `start(kind, env, *args)` starts `celery worker|beat`, stopped by the caller afterwards;
+    `scratch` is the processes' `TMPDIR` (kombu dumps there what it could not give back to a lost Redis)."""
 
     engine: object
     database_url: str
@@ -57,6 +58,7 @@ class Stage:
     redis_prefix: str
     env: Callable[..., dict[str, str]]
     start: Callable[..., Process]
+    scratch: Path
 
 
 # --- rows ------------------------------------------------------------------------------------------
@@ -111,6 +113,14 @@ def outcomes(engine, ids: list[int]) -> dict[int, tuple[str, str, str]]:
     return {r.id: (r.state, r.status, r.error_msg) for r in rows if r.id in wanted}
 
 
+def unknowns(engine, ids: list[int]) -> list[int]:
+    """Rows whose send was ever settled as an unknown outcome."""
+    with engine.connect() as conn:
+        return list(conn.scalars(text("SELECT batchcontact_id FROM sms_dispatch WHERE unknowns > 0 AND"
+                                      " batchcontact_id BETWEEN :lo AND :hi ORDER BY 1"),
+                                 {"lo": min(ids), "hi": max(ids)}))
+
+
 def due_epochs(engine, ids: list[int]) -> dict[int, float]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, UNIX_TIMESTAMP(schedulertime) FROM cc10_batchcontacts"
@@ -138,7 +148,13 @@ def settle(engine, ids: list[int], timeout_s: float) -> float:
                  timeout_s, "every row to settle", interval_s=0.25)
     except TimeoutError as exc:
         left = Counter(s for s in states(engine, ids).values() if s is None or s in OPEN_STATES)
-        raise TimeoutError(f"{exc}; still open: {dict(left)}") from None
+        with engine.connect() as conn:
+            examples = conn.execute(text(
+                "SELECT batchcontact_id, state, wait_reason, attempts, last_error, lease_until, NOW() AS now"
+                " FROM sms_dispatch WHERE state IN ('queued', 'sending', 'waiting') AND batchcontact_id"
+                " BETWEEN :lo AND :hi LIMIT 3"), {"lo": min(ids), "hi": max(ids)}).all()
+        raise TimeoutError(f"{exc}; still open: {dict(left)}; for example "
+                           f"{[tuple(map(str, row)) for row in examples]}") from None
     return time.time()
 
 
@@ -165,8 +181,9 @@ def running(*servers):
 def accolades_env(stage: Stage, sim: AccoladesSimulator, database_url: str | None = None,
                   broker_url: str | None = None, **settings) -> dict[str, str]:
     return stage.env(database_url or stage.database_url, broker_url or stage.redis_url,
-                     **{"SMS_DEFAULT_PROVIDER": "accolades", "SMS_ACCOLADES_URL": sim.url,
-                        "SMS_ACCOLADES_ACCOUNT": sim.account, "SMS_ACCOLADES_PASSWORD": sim.password,
+                     **{"TMPDIR": str(stage.scratch), "SMS_DEFAULT_PROVIDER": "accolades",
+                        "SMS_ACCOLADES_URL": sim.url, "SMS_ACCOLADES_ACCOUNT": sim.account,
+                        "SMS_ACCOLADES_PASSWORD": sim.password,
                         **FAST, **settings})
 
 
@@ -195,11 +212,15 @@ class FaultRun:
     """Rows a worker was sending (`sending`) when the fault struck."""
     held: list[int]
     """Rows in the broker or a worker's prefetch (`queued`) when the fault struck."""
+    waiting: list[int]
+    """Rows waiting in the database (`waiting`) when the fault struck."""
     fault_at: float
     back_at: float
     """When the fault ended: the new worker started, the server reachable again."""
     settled_at: float
     sends: dict[int, list[float]] = field(repr=False)
+    unknown: list[int] = field(default_factory=list)
+    """Rows settled at least once as an unknown outcome (a lease ran out: the request may have left)."""
     sent_before_back: int = 0
     logs: list[str] = field(default_factory=list, repr=False)
 
@@ -244,8 +265,9 @@ def _result(scenario: str, stage: Stage, sim, ids: list[int], snapshot: dict[int
         doubled=sorted(i for i, times in sends.items() if len(times) > 1),
         in_flight=sorted(i for i, s in snapshot.items() if s == "sending"),
         held=sorted(i for i, s in snapshot.items() if s == "queued"),
-        fault_at=fault_at, back_at=back_at, settled_at=settled_at, sends=sends, sent_before_back=sent_before_back,
-        logs=[str(p.log_path) for p in processes])
+        waiting=sorted(i for i, s in snapshot.items() if s == "waiting"),
+        fault_at=fault_at, back_at=back_at, settled_at=settled_at, sends=sends, unknown=unknowns(stage.engine, ids),
+        sent_before_back=sent_before_back, logs=[str(p.log_path) for p in processes])
 
 
 def deploy(stage: Stage, rows: int = 300, latency_s: float = 3.0, rate: float = 20, grace_s: float = 10,
@@ -305,12 +327,7 @@ def redis_loss(stage: Stage, rows: int = 600, latency_s: float = 0.2, rate: floa
         proxy.cut()
         fault_at = time.time()
         snapshot = states(stage.engine, ids)
-        direct = redis.Redis.from_url(stage.redis_url, socket_timeout=5)
-        try:
-            for key in direct.scan_iter(match=stage.redis_prefix + "*", count=1000):
-                direct.delete(key)
-        finally:
-            direct.close()
+        empty_redis(stage)
         time.sleep(max(0.0, fault_at + outage_s - time.time()))
         sent = len(sim.events("send"))
         proxy.restore()
@@ -339,6 +356,17 @@ def database_loss(stage: Stage, rows: int = 400, latency_s: float = 0.2, rate: f
         back_at = time.time()
         return _result("MariaDB loss", stage, sim, ids, snapshot, fault_at, back_at, sent, timeout_s,
                        [worker, beat])
+
+
+def empty_redis(stage: Stage) -> None:
+    """Delete this run's Redis keys (`redis_prefix`), as a restart without persistence loses them; never
+    another run's."""
+    direct = redis.Redis.from_url(stage.redis_url, socket_timeout=5)
+    try:
+        for key in direct.scan_iter(match=stage.redis_prefix + "*", count=1000):
+            direct.delete(key)
+    finally:
+        direct.close()
 
 
 def _host_port(url: str, default_port: int) -> tuple[str, int]:
@@ -415,9 +443,10 @@ def hung_beside_healthy(stage: Stage, hung_rows: int = 1000, healthy_rows: int =
     with running(ozeki, mobilgroup, FaultProxy("127.0.0.1", ozeki.server_address[1])) as (_, _, proxy):
         proxy.blackhole()
         hung = add_rows(stage.engine, [uk_number(i) for i in range(hung_rows)])
-        env = stage.env(stage.database_url, stage.redis_url, SMS_DEFAULT_PROVIDER="mobilgroup",
-                        SMS_ROUTES="44=ozeki", SMS_OZEKI_URL=proxy.url_for(ozeki.api_url),
-                        SMS_OZEKI_USERNAME=ozeki.username, SMS_OZEKI_PASSWORD=ozeki.password,
+        env = stage.env(stage.database_url, stage.redis_url, TMPDIR=str(stage.scratch),
+                        SMS_DEFAULT_PROVIDER="mobilgroup", SMS_ROUTES="44=ozeki",
+                        SMS_OZEKI_URL=proxy.url_for(ozeki.api_url), SMS_OZEKI_USERNAME=ozeki.username,
+                        SMS_OZEKI_PASSWORD=ozeki.password,
                         SMS_OZEKI_RATE=hung_rate, SMS_MOBILGROUP_RATE=100, **FAST, **mobilgroup_settings(mobilgroup))
         processes = [stage.start("worker", env), stage.start("beat", env)]
         wait_for(lambda: proxy.accepted >= hung_calls, 60, f"{hung_calls} Ozeki calls to hang")
@@ -460,11 +489,13 @@ def skewed_worker(stage: Stage, offset_s: int, rows: int = 20, due_in_s: int = 3
         wait_for(lambda: " ready." in log_of(processes[0]), 60, "the worker to start")
         ids = add_rows(stage.engine, [ro_number(i) for i in range(rows)], due=f"NOW() + INTERVAL {due_in_s} SECOND")
         settle(stage.engine, ids, timeout_s)
-        return IsolationRun(f"clock {offset_s:+d} s", _delays(sends_by_id(sim), due_epochs(stage.engine, ids), ids),
-                            [], outcomes(stage.engine, ids), ids, [], [str(p.log_path) for p in processes])
+        delays = _delays(sends_by_id(sim), due_epochs(stage.engine, ids), ids)
+        return IsolationRun(f"clock {offset_s:+d} s", delays, [], outcomes(stage.engine, ids), ids, [],
+                            [str(p.log_path) for p in processes])
 
 
-def refused_recipient(stage: Stage, rows: int = 200, rate: float = 20, timeout_s: float = 90) -> tuple[IsolationRun, float]:
+def refused_recipient(stage: Stage, rows: int = 200, rate: float = 20,
+                      timeout_s: float = 90) -> tuple[IsolationRun, float]:
     """Accolades refuses one recipient with HTTP 403 (a destination the account may not send to) and accepts
     the rest: one refused row first, then `rows` others, at a limit of `rate`/s. Returns the run and the
     rate (messages/s) at which the others reached the provider, first to last."""

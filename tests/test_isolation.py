@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def stage(db, mariadb_url, redis_url, celery):
-    return scenarios.Stage(db, mariadb_url, redis_url, REDIS_PREFIX, app_env, celery)
+def stage(db, mariadb_url, redis_url, celery, tmp_path):
+    return scenarios.Stage(db, mariadb_url, redis_url, REDIS_PREFIX, app_env, celery, tmp_path)
 
 
 def requests_per_pause(times: list[float], pause_s: float) -> list[int]:
