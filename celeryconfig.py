@@ -71,6 +71,7 @@ task_reject_on_worker_lost = True
 # for it, and smsc.ru's SMPP session is shared by a process's threads). Prefork with a process per core sent
 # 16 msg/s to a provider answering in 200 ms. Each provider may hold only its share of the threads
 # (`SMS_<PROVIDER>_THREADS`), so one that hangs cannot take the whole worker.
+# Celery reads `-P prefork` as no choice and runs this pool instead: ask for prefork with `-P processes`.
 worker_pool = "threads"
 worker_concurrency = 64
 # A worker holds at most two messages per pool slot, and asks for more once it holds one or fewer per slot

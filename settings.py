@@ -1,8 +1,10 @@
 """Every setting of the dispatcher, read from the environment (or a `.env` file) and validated once.
 
 `get_settings()` is the one entry point. A bad or missing value raises `ConfigError`, whose message names
-the environment variable to fix; processes let it stop them at start-up. Secrets are `SecretStr`, so they
-never appear in a repr, a log line or Flower.
+the environment variable to fix; processes let it stop them at start-up. Secrets are `SecretStr`, and the
+passwords in URLs are masked in `repr()` and `str()`, so they never appear in a log line or Flower. Start-up
+refuses the example Flower login and weak webhook keys (see `.env.example`), and `startup_warnings()` names
+what is allowed but unsafe.
 
 The variable names are a contract with operators (see `../shared/DESIGN.md`, "Configuration contract"):
 add new ones in the same style, never rename.
@@ -10,8 +12,10 @@ add new ones in the same style, never rename.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -20,11 +24,25 @@ import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url as redis_url_parts
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from providers.smsc_text import CHANNEL_PREFIXES, channel_name
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
 
 VAR_DIR = Path(os.environ.get("SMS_VAR_DIR", "var")).resolve()
+
+
+URL_FIELDS = ("database_url", "broker_url", "redis_url")
+"""Settings that are URLs and may carry a password."""
+
+EXAMPLE_FLOWER_LOGIN = "admin:change-me"
+EXAMPLE_WEBHOOK_SECRET = "change-me-to-64-random-characters-eg-openssl-rand-hex-32"
+"""The placeholders of `.env.example`: anyone who read it knows them, so start-up refuses them."""
+WEBHOOK_KEY_MIN_CHARS = 32
+FLOWER_PASSWORD_MIN_CHARS = 12
 
 
 class ConfigError(RuntimeError):
@@ -55,6 +73,15 @@ class Settings(BaseSettings):
     """Prefix routes such as `7=mobilgroup,40=accolades`; the longest matching prefix wins."""
     default_region: str = "RU"
     """Where a number typed without a country code is assumed to be (ISO 3166 code)."""
+    failover: str = ""
+    """Failover routes such as `mobilgroup:accolades,ozeki:accolades` (a provider, then the providers to
+    try next, in order): while a provider is unavailable, its waiting rows go through the next available one."""
+    failover_after_s: float = Field(default=60.0, gt=0)
+    """How long every send to a provider must fail on the way there (refused, timeouts, 5xx) before it
+    counts as unavailable (its circuit opens, as after an account error)."""
+    allowed_countries: str = ""
+    """Where numbers may be, as calling codes (`7,40`) or ISO codes (`RU,RO`): a guard against SMS pumping
+    fraud. Empty: the countries `SMS_ROUTES` names and the default region (see `allowed_numbers`)."""
 
     # --- dispatch, retries, healing -----------------------------------------------------------
     dispatch_interval_s: float = Field(default=2.0, gt=0)
@@ -86,6 +113,15 @@ class Settings(BaseSettings):
     # --- webhooks -----------------------------------------------------------------------------
     public_url: str | None = None
     webhook_secret: SecretStr | None = None
+    """Comma-separated keys: the first signs callback URLs, every one verifies them (rotation)."""
+    webhook_token_ttl_s: int | None = Field(default=None, ge=60)
+    """How long a callback URL is accepted after it was issued; default a day more than the report timeout."""
+    flower_basic_auth: SecretStr | None = Field(default=None, validation_alias="FLOWER_BASIC_AUTH")
+    """Flower's logins, `user:password[,user:password…]`, read here only to refuse the example one."""
+
+    # --- retention ----------------------------------------------------------------------------
+    retention_days: int = Field(default=90, ge=1)
+    """Our own records of finished rows are pruned this long after they finished (see `db.retention`)."""
 
     # --- Mobilgroup ---------------------------------------------------------------------------
     mobilgroup_url: str = "https://sms.mobilgroup.ru/extxml.php"
@@ -120,12 +156,26 @@ class Settings(BaseSettings):
 
     # --- smsc.ru (SMPP) -----------------------------------------------------------------------
     smsc_host: str = "smpp.smsc.ru"
-    smsc_port: int = Field(default=3700, ge=1, le=65535)
+    """One host or several, comma-separated (`smpp.smsc.ru,smpp2.smsc.ru`), each optionally `host:port`;
+    a session binds to the first that accepts."""
+    smsc_port: int | None = Field(default=None, ge=1, le=65535)
+    """Default 3700, or 3443 with `SMS_SMSC_TLS`."""
     smsc_system_id: str | None = None
     smsc_password: SecretStr | None = None
     smsc_system_type: str = ""
     smsc_source_addr: str | None = None
     smsc_rate: float = Field(default=30.0, gt=0)
+    smsc_channels: str = ""
+    """smsc.ru's non-SMS channels a text may ask for by its prefix, e.g. `viber,tgm` for `__VIBER__:` and
+    `__TGM__:` texts; empty: none (such texts end `failed`)."""
+
+    smsc_window: int = Field(default=300, ge=1, le=10_000)
+    """Submits in flight at once on a worker process's SMPP session (smsc.ru's sample: 300 at 30/s)."""
+    smsc_tls: bool = False
+    smsc_ca_file: str | None = None
+    """PEM file of the certificate authorities that may sign smsc.ru's TLS certificate; default the system's."""
+    smsc_bind: Literal["transmitter", "transceiver"] = "transmitter"
+    """`transceiver`: workers' sessions also take receipts and replies (accounts that allow it)."""
 
     # --- per provider: room in the broker, threads, unknown outcomes -----------------------------
     mobilgroup_max_inflight: int | None = Field(default=None, ge=1)
@@ -161,6 +211,24 @@ class Settings(BaseSettings):
         parse_routes(value)
         return value
 
+    @field_validator("failover")
+    @classmethod
+    def _check_failover(cls, value: str) -> str:
+        parse_failover(value)
+        return value
+
+    @field_validator("allowed_countries")
+    @classmethod
+    def _check_countries(cls, value: str) -> str:
+        parse_countries(value)
+        return value
+
+    @field_validator("smsc_channels")
+    @classmethod
+    def _check_channels(cls, value: str) -> str:
+        parse_channels(value)
+        return value
+
     @field_validator("mobilgroup_url", "accolades_url", "ozeki_url", "public_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -170,6 +238,28 @@ class Settings(BaseSettings):
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError("must be an http:// or https:// URL with a host name")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short key can be guessed offline from one callback URL; the example one is public.
+        if value is not None and value.get_secret_value() and not _keys(value):
+            raise ValueError("lists no key (keys are separated by commas)")
+        for key in _keys(value):
+            if key == EXAMPLE_WEBHOOK_SECRET or len(key) < WEBHOOK_KEY_MIN_CHARS:
+                raise ValueError(f"every key must be at least {WEBHOOK_KEY_MIN_CHARS} random characters and "
+                                 "not the example one (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _check_flower_login(cls, value: SecretStr | None) -> SecretStr | None:
+        for login in filter(None, (part.strip() for part in (value.get_secret_value() if value else "").split(","))):
+            user, _, password = login.partition(":")
+            if login == EXAMPLE_FLOWER_LOGIN or not user or len(password) < FLOWER_PASSWORD_MIN_CHARS:
+                raise ValueError(f"each login must be user:password with a password of at least "
+                                 f"{FLOWER_PASSWORD_MIN_CHARS} characters, and not the example one")
         return value
 
     @field_validator("default_region")
@@ -182,6 +272,21 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a region code the phone-number library knows (such as RU or RO)")
         return region
 
+    @field_validator("smsc_host")
+    @classmethod
+    def _check_smsc_host(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",")]
+        if not all(entries) or any(" " in entry for entry in entries):
+            raise ValueError("must be one host name or several, comma-separated (host or host:port each)")
+        return value
+
+    @field_validator("smsc_ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError("names no readable file")
+        return value or None
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -190,10 +295,41 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _lease_outlasts_a_call(self) -> "Settings":
+        # A send starts its provider call only while its lease outlasts the call's deadline by a margin
+        # (tasks.workflow.LEASE_MARGIN_S): with a shorter lease no send would ever start.
+        if self.send_lease_s < self.http_timeout_s + LEASE_HEADROOM_S:
+            raise ValueError(f"SMS_SEND_LEASE_S ({self.send_lease_s}) must be at least SMS_HTTP_TIMEOUT_S "
+                             f"({self.http_timeout_s:g}) + {LEASE_HEADROOM_S} s")
+        return self
+
+    @model_validator(mode="after")
     def _default_redis(self) -> "Settings":
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             object.__setattr__(self, "redis_url", self.broker_url)
         return self
+
+    @model_validator(mode="after")
+    def _default_smsc_port(self) -> "Settings":
+        if self.smsc_port is None:
+            object.__setattr__(self, "smsc_port", 3443 if self.smsc_tls else 3700)
+        return self
+
+    @model_validator(mode="after")
+    def _check_token_ttl(self) -> "Settings":
+        # A callback URL that expires before the report timeout refuses reports we still wait for.
+        if self.webhook_token_ttl_s is not None and self.webhook_token_ttl_s <= self.report_timeout_s:
+            raise ValueError(f"SMS_WEBHOOK_TOKEN_TTL_S ({self.webhook_token_ttl_s}) must be longer than "
+                             f"SMS_REPORT_TIMEOUT_S ({self.report_timeout_s})")
+        # A pruned row sent again starts its sends afresh: no callback URL of its earlier sends may still work.
+        if self.token_ttl_s >= self.retention_days * 86_400:
+            raise ValueError(f"SMS_RETENTION_DAYS ({self.retention_days}) must be longer than callback URLs "
+                             f"stay valid (SMS_WEBHOOK_TOKEN_TTL_S, {self.token_ttl_s} s)")
+        return self
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name in URL_FIELDS and value else value
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -202,10 +338,35 @@ class Settings(BaseSettings):
         return parse_routes(self.routes)
 
     @property
+    def failover_table(self) -> dict[str, list[str]]:
+        """`SMS_FAILOVER` as {provider: the providers to try next, in order}."""
+        return parse_failover(self.failover)
+
+    @property
+    def allowed_numbers(self) -> "Countries":
+        """Where numbers may be: `SMS_ALLOWED_COUNTRIES`, or else every calling code a route's prefix
+        names (`7` for `7=…`, every `3…` code for `3=…`, `44` for `4477=…`) and the default region."""
+        return resolve_allowed_countries(self.allowed_countries, self.routes, self.default_region)
+
+    @property
+    def smsc_channel_names(self) -> frozenset[str]:
+        """`SMS_SMSC_CHANNELS` as channel names (`viber`, `tgm` …)."""
+        return parse_channels(self.smsc_channels)
+
+    @property
     def providers_in_use(self) -> set[str]:
+        """Every provider rows may be sent through: routes, the default, and the failover routes' fallbacks
+        (they need credentials and workers too)."""
         used = {provider for _, provider in self.route_table}
         if self.default_provider:
             used.add(self.default_provider)
+        table = self.failover_table
+        pending = list(used)
+        while pending:  # a fallback's own fallbacks too
+            for fallback in table.get(pending.pop(), ()):
+                if fallback not in used:
+                    used.add(fallback)
+                    pending.append(fallback)
         return used
 
     def max_inflight(self, provider: str) -> int:
@@ -230,6 +391,25 @@ class Settings(BaseSettings):
         """Whether a send of `provider` whose answer never came is sent again."""
         return provider == "mobilgroup" or getattr(self, f"{provider}_on_unknown") == "resend"
 
+    @property
+    def webhook_keys(self) -> list[str]:
+        """`SMS_WEBHOOK_SECRET`'s keys, the signing one first; empty when unset."""
+        return _keys(self.webhook_secret)
+
+    @property
+    def token_ttl_s(self) -> int:
+        """`SMS_WEBHOOK_TOKEN_TTL_S`, or a day more than the report timeout."""
+        return self.webhook_token_ttl_s or self.report_timeout_s + 86_400
+
+    def startup_warnings(self) -> list[str]:
+        """What is allowed but unsafe, for a process to log once as it starts."""
+        warnings = []
+        host = urlsplit(self.public_url).hostname if self.public_url else None
+        if self.public_url and self.public_url.startswith("http:") and not _loopback(host):
+            warnings.append("SMS_PUBLIC_URL is plain http:// on a host that is not loopback: callback URLs, "
+                            "each a capability for its message, cross the network unencrypted; use https://")
+        return warnings
+
     def poll_after_s(self) -> int:
         if self.mobilgroup_poll_after_s is not None:
             return self.mobilgroup_poll_after_s
@@ -252,6 +432,7 @@ class Settings(BaseSettings):
             self.require(*REQUIRED_BY_PROVIDER[provider])
 
 
+LEASE_HEADROOM_S = 10
 INFLIGHT_SECONDS = 10
 INFLIGHT_MIN = 20
 THREADS_RESERVED = 2
@@ -262,6 +443,27 @@ REQUIRED_BY_PROVIDER = {
     "ozeki": ("ozeki_url", "ozeki_username", "ozeki_password"),
     "smsc": ("smsc_host", "smsc_port", "smsc_system_id", "smsc_password"),
 }
+
+
+def _keys(secret: SecretStr | None) -> list[str]:
+    return [key.strip() for key in (secret.get_secret_value() if secret else "").split(",") if key.strip()]
+
+
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, shown as `***`."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads (a broker list, say): nothing of it is shown
+        return "<url hidden>"
 
 
 def parse_routes(value: str) -> list[tuple[str, str]]:
@@ -276,6 +478,69 @@ def parse_routes(value: str) -> list[tuple[str, str]]:
             )
         routes.append((prefix, provider))
     return sorted(routes, key=lambda route: -len(route[0]))
+
+
+def parse_failover(value: str) -> dict[str, list[str]]:
+    """Parse `mobilgroup:accolades,ozeki:accolades:smsc` into {provider: [fallbacks in order]}."""
+    table: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        names = [name.strip() for name in item.split(":")]
+        if len(names) < 2 or any(name not in PROVIDERS for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"failover route {item!r} must look like PROVIDER:FALLBACK[:FALLBACK…] with distinct "
+                             f"providers among {', '.join(PROVIDERS)}")
+        if names[0] in table:
+            raise ValueError(f"{names[0]} has two failover routes")
+        table[names[0]] = names[1:]
+    return table
+
+
+@dataclass(frozen=True)
+class Countries:
+    """Calling codes and ISO region codes; a number is in it when either its code or its region is."""
+
+    codes: frozenset[int]
+    regions: frozenset[str]
+
+    def __contains__(self, number: phonenumbers.PhoneNumber) -> bool:
+        return number.country_code in self.codes or phonenumbers.region_code_for_number(number) in self.regions
+
+    def __str__(self) -> str:
+        return ",".join([str(code) for code in sorted(self.codes)] + sorted(self.regions))
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_allowed_countries(allowed: str, routes: str, default_region: str) -> Countries:
+    """`SMS_ALLOWED_COUNTRIES` from the three settings it depends on (read once: dispatch asks per row)."""
+    if allowed.strip():
+        return parse_countries(allowed)
+    prefixes = [prefix for prefix, _ in parse_routes(routes)]
+    codes = {code for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for prefix in prefixes
+             if str(code).startswith(prefix) or prefix.startswith(str(code))}
+    return Countries(frozenset(codes), frozenset({default_region}))
+
+
+def parse_countries(value: str) -> Countries:
+    """Parse `7,40` or `RU,RO` (or both, mixed) into `Countries`; `ValueError` naming the bad item."""
+    codes, regions = set(), set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        if item.lstrip("+").isdigit() and int(item) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            codes.add(int(item))
+        elif item.upper() in phonenumbers.SUPPORTED_REGIONS:
+            regions.add(item.upper())
+        else:
+            raise ValueError(f"{item!r} is neither a country calling code (such as 7 or 40) nor a region code "
+                             "(such as RU or RO)")
+    return Countries(frozenset(codes), frozenset(regions))
+
+
+def parse_channels(value: str) -> frozenset[str]:
+    """Parse `viber,tgm` into channel names; `ValueError` naming an unknown one."""
+    known = {channel_name(prefix) for prefix in CHANNEL_PREFIXES}
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
+    if names - known:
+        raise ValueError(f"unknown channel {sorted(names - known)[0]!r}: the channels are "
+                         + ", ".join(sorted(known)))
+    return frozenset(names)
 
 
 def load_settings(**overrides) -> Settings:

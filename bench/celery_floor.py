@@ -30,6 +30,7 @@ from celery import Celery
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import redis_cpu, self_cpu  # noqa: E402
+from smsctl.processes import pool_option  # noqa: E402
 from redis_transport import transport_for  # noqa: E402
 from worker_events import BatchedTaskEvents  # noqa: E402
 
@@ -82,7 +83,7 @@ def run(args, events: str, broker: str, log_dir: Path) -> tuple[float, float, fl
     env = {**os.environ, "CELERY_BROKER_URL": broker, "SMS_REDIS_PREFIX": prefix, "FLOOR_EVENTS": events,
            "SMS_VAR_DIR": str(log_dir)}
     store = redis.Redis.from_url(broker, socket_timeout=5)
-    workers = [CeleryProcess(["worker", "-Q", "dispatch", "-P", args.pool, "-c", str(args.concurrency), "-l", "warning",
+    workers = [CeleryProcess(["worker", "-Q", "dispatch", "-P", pool_option(args.pool), "-c", str(args.concurrency), "-l", "warning",
                               "-n", f"floor{n}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"],
                              env, log_dir / f"{events}-worker{n}.log", app="bench.celery_floor")
                for n in range(args.workers)]

@@ -61,7 +61,7 @@ from db.engine import engine_for  # noqa: E402
 from providers.base import OutgoingMessage, PermanentError, ProviderError  # noqa: E402
 from providers.mobilgroup import MobilgroupClient  # noqa: E402
 from simulators.mobilgroup import MobilgroupSimulator  # noqa: E402
-from smsctl.processes import CeleryProcess, stop_all  # noqa: E402
+from smsctl.processes import CeleryProcess, pool_option, stop_all  # noqa: E402
 
 FINAL = ("success", "failed", "error")
 QUEUES = "dispatch,send.mobilgroup"
@@ -542,7 +542,8 @@ def print_table(args, runs: list[Result], light: Result | None, peaks: dict[str,
         (f"messages/s {CORES} cores allow", lambda r: CORES * r.messages / r.all_cpu_s, ".0f", False),
     ]
     print()
-    print(f"workers={args.workers} pool={args.pool} concurrency={args.concurrency} latency={args.latency:g}s "
+    shape = "plain `celery -A tasks worker`" if args.plain else f"pool={args.pool} concurrency={args.concurrency}"
+    print(f"workers={args.workers} {shape} latency={args.latency:g}s "
           f"rows={args.rows} filler={args.filler:,} dispatch_interval={args.dispatch_interval:g}s "
           f"loglevel={args.loglevel}")
     print(f"SMS_MOBILGROUP_RATE={UNCAPPED_RATE} and SMS_MOBILGROUP_IDENTICAL_S=0 so that neither caps the run")
@@ -583,6 +584,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="celery worker processes")
     p.add_argument("--concurrency", type=int, default=8, help="pool size of each worker")
     p.add_argument("--pool", default="prefork", choices=("prefork", "threads", "solo"))
+    p.add_argument("--plain", action="store_true",
+                   help="workers as a newcomer starts them: `celery -A tasks worker`, no pool, concurrency or queues")
     p.add_argument("--latency", type=float, default=0.0, help="simulator answer latency, seconds")
     p.add_argument("--filler", type=int, default=0, help="finished rows already in the table")
     p.add_argument("--light-rows", type=int, default=200, help="rows of the light-load phase (0: skip)")
@@ -631,9 +634,10 @@ def main(argv=None) -> int:
         stack.callback(sampler.stop)
         processes: list[CeleryProcess] = []
         for n in range(args.workers):
+            shape = [] if args.plain else ["-Q", QUEUES, "-P", pool_option(args.pool), "-c", str(args.concurrency)]
             worker = CeleryProcess(
-                ["worker", "-l", args.loglevel, "-Q", QUEUES, "-n", f"bench{n}-{uuid.uuid4().hex[:6]}@%h",
-                 "-P", args.pool, "-c", str(args.concurrency), "--without-mingle", "--without-gossip"],
+                ["worker", "-l", args.loglevel, "-n", f"bench{n}-{uuid.uuid4().hex[:6]}@%h", *shape,
+                 "--without-mingle", "--without-gossip"],
                 env, var_dir / f"worker{n}.log")
             processes.append(worker)
             sampler.watch(worker.proc.pid, "worker")

@@ -7,23 +7,29 @@ One invocation, against MariaDB and Redis on this machine:
    the last `--identical` of them are inserted a second time, as identical messages (same recipient, text);
 2. starts the provider's simulator in this process (`mobilgroup`, `accolades`, `ozeki`: HTTP; `smsc`: SMPP,
    which also refuses identical submits within `--identical-s` as smsc.ru does), then `celery beat` and
-   `--workers` × `--concurrency` `celery worker` processes, on Redis DB `--redis-db` under a run prefix;
+   `--workers` × `--concurrency` `celery worker` processes, on Redis DB `--redis-db` under a run prefix,
+   beside `--busy` processes that only burn CPU (a busy host wakes sleeping senders late);
 3. waits until every row is final (or `--timeout`), reads when each request reached the simulator, and prints
    the achieved rate, the largest one-second window, the batch time against count/rate, the smallest gap
-   between identical requests, how often the send order followed the due order, and the throttle's count;
+   between identical requests, how often the send order followed the due order, the throttle's count, and
+   how late the senders woke after their slots (p50 / p99 / max) and how many slots they gave back for it
+   (`tasks.throttle.Permit.wait`: a send never starts more than `SEND_WITHIN_S` after its slot);
 4. stops every process and the simulator, deletes the run's Redis keys and drops the database.
 
     .venv/bin/python bench/fleet_rate.py --provider mobilgroup --workers 2 --concurrency 2 --rate 20 --count 400
     .venv/bin/python bench/fleet_rate.py --provider smsc --workers 4 --concurrency 1 --rate 30 --identical 3
+    .venv/bin/python bench/fleet_rate.py --workers 4 --concurrency 1 --rate 20 --busy 4
 
 Provider limits: `SMS_<PROVIDER>_RATE` = `--rate`, `SMS_<PROVIDER>_IDENTICAL_S` = `--identical-s`.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -40,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 from bench.throttle_bench import largest_window, smallest_gap
 from db import schema
 from db.engine import engine_for
-from smsctl.processes import CeleryProcess, stop_all
-from tasks.throttle import KEY_PREFIX, RedisThrottle
+from smsctl.processes import CeleryProcess, pool_option, stop_all
+from tasks.throttle import KEY_PREFIX, SEND_WITHIN_S, RedisThrottle
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 FINAL = ("success", "failed", "error")
@@ -128,7 +134,7 @@ def redis_prefix(url: str):
 def celery_processes(env: dict[str, str], args, log_dir: Path):
     """Beat and the workers, each in its own process group; all stopped on exit (SIGTERM, then SIGKILL)."""
     commands = [["beat", "-s", str(log_dir / "beat-schedule")]] + [
-        ["worker", "-P", args.pool, "-c", str(args.concurrency), "-Q", f"dispatch,send.{args.provider}",
+        ["worker", "-P", pool_option(args.pool), "-c", str(args.concurrency), "-Q", f"dispatch,send.{args.provider}",
          "-n", f"fleet{i}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip"]
         for i in range(args.workers)]
     procs: list[CeleryProcess] = []
@@ -138,6 +144,27 @@ def celery_processes(env: dict[str, str], args, log_dir: Path):
         yield
     finally:
         stop_all(procs)
+
+
+def _burn(parent: int) -> None:
+    while os.getppid() == parent:  # ends with the benchmark, however that ends
+        for _ in range(100_000):
+            pass
+
+
+@contextmanager
+def busy(processes: int):
+    """`processes` processes that keep a core busy each, at normal priority, until exit."""
+    burners = [multiprocessing.get_context("spawn").Process(target=_burn, args=(os.getpid(),), daemon=True)
+               for _ in range(processes)]
+    try:
+        for burner in burners:
+            burner.start()
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.join(timeout=5)
 
 
 def insert_rows(url: str, count: int, identical: int) -> None:
@@ -190,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     parser.add_argument("--mariadb", default=os.environ.get("SMS_TEST_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306"))
     parser.add_argument("--redis-db", type=int, default=13)
+    parser.add_argument("--busy", type=int, default=0, help="processes burning CPU beside the run")
     args = parser.parse_args(argv)
     if not 0 <= args.identical <= args.count:
         parser.error("--identical must be between 0 and --count")
@@ -210,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                    SMS_RETRY_BASE_S="0.5", SMS_RETRY_MAX_S="2",
                    **{f"SMS_{args.provider.upper()}_RATE": str(args.rate),
                       f"SMS_{args.provider.upper()}_IDENTICAL_S": str(args.identical_s)})
+        stack.enter_context(busy(args.busy))
         stack.enter_context(celery_processes(env, args, log_dir))
         deadline = time.monotonic() + args.timeout
         while True:
@@ -222,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.5)
         throttle = RedisThrottle(redis_url, prefix=prefix + KEY_PREFIX)
-        throttled = throttle.throttled_count(account_of(args.provider, sim))
+        account = account_of(args.provider, sim)
+        throttled = throttle.throttled_count(account)
+        given_back, lateness = throttle.given_back_count(account), sorted(throttle.lateness(account))
         throttle.close()
 
     sent, refused_identical = arrivals(args.provider, sim)
@@ -242,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"provider {args.provider}, {args.workers} worker(s) x {args.concurrency} ({args.pool}), "
           f"limit {args.rate:g}/s, {args.count} messages + {args.identical} identical, rule {args.identical_s:g} s, "
-          f"simulator latency {args.latency:g} s, dispatch batch {args.dispatch_batch}")
+          f"simulator latency {args.latency:g} s, dispatch batch {args.dispatch_batch}, {args.busy} CPU burner(s)")
     print(f"achieved rate             {(len(distinct) - 1) / took:.2f} messages/s" if took else "achieved rate n/a")
     widest = largest_window(times)
     ordered = sorted(times)
@@ -255,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refused as identical      {refused_identical} submits")
     print(f"sent in due order         {in_due_order:.1%} of row pairs")
     print(f"told to wait (throttle)   {throttled} acquire calls")
+    if len(lateness) > 1:
+        cuts = statistics.quantiles(lateness, n=100, method="inclusive")
+        print(f"wake-up after slot        p50 {cuts[49] * 1000:.1f} ms, p99 {cuts[98] * 1000:.1f} ms, "
+              f"max {lateness[-1] * 1000:.1f} ms over {len(lateness)} wake-ups; {given_back} slot(s) given back "
+              f"(woke over {SEND_WITHIN_S * 1000:g} ms late)")
     print(f"rows not success          {not_success}; most attempts on one row {attempts}")
     return 0 if not_success == 0 else 1
 

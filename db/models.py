@@ -121,6 +121,9 @@ class Dispatch(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """Sends that failed (the backoff's exponent, and what `error_msg` counts); `attempts` also counts sends
     given back unsent (throttled, paused), and never goes down, because it is the lease's fencing token."""
+    routed_provider: Mapped[str | None] = mapped_column(String(16))
+    """Where the row was routed first, when its provider was unavailable and it was moved to `provider`, a
+    fallback (`SMS_FAILOVER`); NULL when it never moved."""
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -130,12 +133,14 @@ class Dispatch(Base):
         Index("ix_sms_dispatch_poll", "provider", "state", "poll_at"),
         Index("ix_sms_dispatch_recipient", "provider", "recipient"),
         Index("ix_sms_dispatch_release", "provider", "state", "due_at"),
+        Index("ix_sms_dispatch_accepted", "accepted_at", "provider", "due_at"),
         {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},
     )
 
 
 class Breaker(Base):
-    """One provider's account circuit: closed (sending), or open after an account error until `open_until`,
+    """One provider's circuit: closed (sending), or open after an account error (or every send failing for
+    `SMS_FAILOVER_AFTER_S`) until `open_until`,
     then one probe send (`probe_row`, until `probe_until`) decides whether its waiting rows are released.
     In the database, on its clock, like every other decision of the fleet: a Redis restart does not close
     an open circuit and let a backlog rush at a refusing provider."""
@@ -150,6 +155,9 @@ class Breaker(Base):
     probe_row: Mapped[int | None] = mapped_column(Integer)
     probe_until: Mapped[datetime | None] = mapped_column(DateTime)
     trips: Mapped[int] = mapped_column(Integer, default=0)
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime)
+    """When the provider's current unbroken streak of sends failing on the way there (refused, timeouts,
+    5xx) began; NULL after any success. A streak older than `SMS_FAILOVER_AFTER_S` opens the circuit."""
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
     __table_args__ = ({"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},)

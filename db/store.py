@@ -10,6 +10,7 @@ Functions take an `Engine` and return plain values; callers never hold a session
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, true, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -101,7 +102,9 @@ def due_rows(limit: int):
     flight): such a row cannot be won, and at the head of every claim it would take the claim's room."""
     bc, arc, d = BatchContact.__table__, BatchContactArchive.__table__, Dispatch.__table__
     return (
-        select(bc.c.id, bc.c.schedulertime)
+        # asterCC's zero date (due at once) comes back as None: SQLite would hand it over as a text that is no date.
+        select(bc.c.id, func.nullif(bc.c.schedulertime, literal_column("'0000-00-00 00:00:00'"),
+                                    type_=bc.c.schedulertime.type).label("schedulertime"))
         .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id)
                      .outerjoin(d, d.c.batchcontact_id == bc.c.id))
         .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),
@@ -232,22 +235,29 @@ def provider_load(engine: Engine, provider: str) -> ProviderLoad:
 def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, limit: int) -> tuple[list[int], int]:
     """Queued rows of `provider` whose task has not started `requeue_s` after it was put in the broker: the
     broker lost it (a Redis restart without persistence, a worker killed with what it had prefetched) or no
-    worker takes that queue. Each is given `requeue_s` more and returned, to be enqueued again (a task that
-    was only late finds the row taken by its twin and does nothing). Rows claimed more than `window_s` ago
-    end `error` instead. Returns (ids to enqueue again, how many ended)."""
+    worker takes that queue. Each is returned, to be enqueued again (a task that was only late finds the row
+    taken by its twin and does nothing), and given as long again as it has already waited, at least
+    `requeue_s`: a queue nobody consumes gets a row's task a handful of times an hour, not every
+    `requeue_s`. Rows claimed more than `window_s` ago end `error` instead. Returns (ids to enqueue again,
+    how many ended)."""
     d = Dispatch.__table__
     lost = and_(d.c.provider == provider, d.c.state == S.QUEUED, d.c.next_attempt_at <= db_now())
     with engine.begin() as conn:
-        rows = conn.execute(select(d.c.batchcontact_id, (seconds_since(d.c.claimed_at) > window_s).label("old"))
+        rows = conn.execute(select(d.c.batchcontact_id, seconds_since(d.c.queued_at).label("queued_s"),
+                                   (seconds_since(d.c.claimed_at) > window_s).label("old"))
                             .where(lost).limit(limit).with_for_update(skip_locked=True)).all()
-        again = [r.batchcontact_id for r in rows if not r.old]
-        if again:
-            conn.execute(update(d).where(d.c.batchcontact_id.in_(again), lost)
-                         .values(next_attempt_at=db_now_plus(requeue_s)))
+        again: dict[int, list[int]] = {}
+        for r in rows:
+            if not r.old:  # the next wait: requeue_s doubled until it is as long as the wait so far
+                wait = requeue_s * 2 ** max(0, math.floor(math.log2(max(r.queued_s or 0, requeue_s) / requeue_s)))
+                again.setdefault(wait, []).append(r.batchcontact_id)
+        for wait, ids in again.items():
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), lost)
+                         .values(next_attempt_at=db_now_plus(wait)))
     ended = [r.batchcontact_id for r in rows if r.old]
     for row_id in ended:
         finish_error(engine, row_id, f"no worker took it from queue send.{provider} (is a worker for it running?)")
-    return again, len(ended)
+    return [row_id for ids in again.values() for row_id in ids], len(ended)
 
 
 @retry_lock_conflicts
@@ -740,7 +750,7 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
 def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     """Rows claimed more than `grace_s` ago and never routed: their dispatch died (or lost the database)
     between claiming and routing them, and left alone they would never be sent. Marks them `pending` in
-    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them.""" 
+    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them."""
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
         rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at)
@@ -791,6 +801,7 @@ class BreakerState:
     probing: bool = False         # a probe send is under way
     opened_s_ago: int | None = None
     trips: int = 0
+    failing_for_s: int | None = None   # age of the unbroken streak of failed sends (None: no streak)
 
 
 def breaker_states(engine: Engine) -> dict[str, BreakerState]:
@@ -799,9 +810,10 @@ def breaker_states(engine: Engine) -> dict[str, BreakerState]:
     with autocommit_twin(engine).connect() as conn:
         rows = conn.execute(select(b.c.provider, b.c.state, b.c.reason, (-seconds_since(b.c.open_until)).label("left"),
                                    (-seconds_since(b.c.probe_until)).label("probe_left"),
-                                   seconds_since(b.c.opened_at).label("ago"), b.c.trips)).all()
+                                   seconds_since(b.c.opened_at).label("ago"), b.c.trips,
+                                   seconds_since(b.c.failing_since).label("failing"))).all()
     return {r.provider: BreakerState(r.provider, r.state == "open", r.reason, max(r.left or 0, 0),
-                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0) for r in rows}
+                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0, r.failing) for r in rows}
 
 
 @retry_lock_conflicts
@@ -849,11 +861,98 @@ def close_breaker(engine: Engine, provider: str) -> bool:
     with engine.begin() as conn:
         closed = conn.execute(
             update(b).where(b.c.provider == provider, b.c.state == "open")
-            .values(state="closed", open_until=None, probe_row=None, probe_until=None, updated_at=db_now())).rowcount
+            .values(state="closed", open_until=None, probe_row=None, probe_until=None, failing_since=None,
+                    updated_at=db_now())).rowcount
         if closed:
             conn.execute(update(d).where(d.c.provider == provider, d.c.state == S.WAITING,
                                          d.c.wait_reason == W.PAUSED).values(next_attempt_at=None))
     return bool(closed)
+
+
+@retry_lock_conflicts
+def note_failure(engine: Engine, provider: str) -> None:
+    """A send to `provider` failed on the way there: start its failure streak unless one is under way (one
+    UPDATE; the INSERT only for a provider never seen before)."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        if not conn.execute(update(b).where(b.c.provider == provider)
+                            .values(failing_since=func.coalesce(b.c.failing_since, db_now()))).rowcount:
+            now = conn.scalar(select(db_now()))
+            conn.execute(_insert_ignore(Breaker).values(provider=provider, state="closed", trips=0, failing_since=now,
+                                                        updated_at=now))
+
+
+@retry_lock_conflicts
+def end_failure_streak(engine: Engine, provider: str) -> None:
+    """A send to `provider` went through: its failure streak, if any, is over."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        conn.execute(update(b).where(b.c.provider == provider, b.c.failing_since.is_not(None))
+                     .values(failing_since=None))
+
+
+@retry_lock_conflicts
+def trip_if_failing(engine: Engine, provider: str, after_s: float, seconds: float, reason: str) -> bool:
+    """Open `provider`'s closed circuit for `seconds` if its failure streak is `after_s` old (a success since
+    then ended it). Returns True if this call opened it."""
+    b = Breaker.__table__
+    with engine.begin() as conn:
+        return bool(conn.execute(
+            update(b).where(b.c.provider == provider, b.c.state == "closed",
+                            b.c.failing_since <= db_now_plus(-after_s))
+            .values(state="open", opened_at=db_now(), reason=_fit(reason, 255), open_until=db_now_plus(seconds),
+                    probe_row=None, probe_until=None, trips=b.c.trips + 1, updated_at=db_now())).rowcount)
+
+
+# --- failover -------------------------------------------------------------------------------------
+
+@retry_lock_conflicts
+def reroute_waiting(engine: Engine, provider: str, fallback: str, limit: int) -> list[int]:
+    """Move up to `limit` waiting rows of `provider` to `fallback`, due at once, recording where each was
+    routed first. Only rows no request of which may have reached a provider (`unknowns` = 0): a row must
+    never be accepted by two. Returns their ids."""
+    d = Dispatch.__table__
+    movable = and_(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns == 0)
+    with engine.begin() as conn:
+        ids = list(conn.scalars(select(d.c.batchcontact_id).where(movable).order_by(d.c.due_at, d.c.batchcontact_id)
+                                .limit(limit).with_for_update(skip_locked=True)))
+        if ids:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), movable)
+                         .values(provider=fallback, routed_provider=func.coalesce(d.c.routed_provider, provider),
+                                 wait_reason=W.ROOM, next_attempt_at=None, updated_at=db_now()))
+            ids = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.batchcontact_id.in_(ids),
+                                                                      d.c.provider == fallback)))
+    return ids
+
+
+@dataclass(frozen=True)
+class InDoubt:
+    """A waiting row whose earlier request to its provider may have arrived: its id, fencing token and
+    operator resends (to name the request)."""
+
+    id: int
+    token: int
+    resends: int
+
+
+def in_doubt(engine: Engine, provider: str, limit: int) -> list[InDoubt]:
+    """Waiting rows of `provider` with an unknown outcome, oldest due first."""
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, d.c.resends)
+                            .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0)
+                            .order_by(d.c.due_at).limit(limit)).all()
+    return [InDoubt(*row) for row in rows]
+
+
+@retry_lock_conflicts
+def not_taken(engine: Engine, row_id: int, token: int) -> bool:
+    """The provider confirmed it has no request of this row: its unknown outcomes are cleared, so that it may
+    move to a fallback. Only if it has not been sent again since (`token`)."""
+    d = Dispatch.__table__
+    with engine.begin() as conn:
+        return bool(conn.execute(update(d).where(d.c.batchcontact_id == row_id, d.c.state == S.WAITING,
+                                                 d.c.attempts == token).values(unknowns=0)).rowcount)
 
 
 def recent_refusals(engine: Engine, provider: str, reason: str, within_s: int) -> int:
@@ -874,6 +973,14 @@ def remember(engine: Engine, name: str, value: str) -> str:
     with engine.begin() as conn:
         conn.execute(_insert_ignore(Meta).values(name=name, value=value))
         return conn.scalar(select(Meta.value).where(Meta.name == name))
+
+
+@retry_lock_conflicts
+def stamp(engine: Engine, name: str) -> None:
+    """Record the database's time now under `name` (e.g. the dispatch tick's last success, for alerts)."""
+    with engine.begin() as conn:  # one UPDATE; the INSERT only the first time
+        if not conn.execute(update(Meta).where(Meta.name == name).values(value=db_now())).rowcount:
+            conn.execute(_insert_ignore(Meta).values(name=name, value=db_now()))
 
 
 def db_clock_offset_s(engine: Engine) -> float:
@@ -902,3 +1009,21 @@ def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit
             conn.execute(update(BatchContact).where(BatchContact.id.in_(ids))
                          .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
     return len(ids)
+
+
+def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int] | None:
+    """A receipt said the part `provider_message_id` (of a message sent in one or several parts) was
+    delivered: forget that id and return (row id, how many of the row's part ids still await their receipt),
+    or None when no row of `provider` has that id. Every statement commits on its own, so that of two parts
+    settled at the same moment at least the later sees the other gone: the row's message is delivered
+    once the count reaches 0. An undelivered part's id stays, for its receipt to find the row."""
+    m = MessageId
+    with autocommit_twin(engine).connect() as conn:
+        row_id = conn.scalar(select(m.batchcontact_id).where(m.provider == provider,
+                                                              m.provider_message_id == provider_message_id))
+        if row_id is None:
+            return None
+        conn.execute(delete(m).where(m.provider == provider, m.provider_message_id == provider_message_id))
+        left = conn.scalar(select(func.count()).select_from(m).where(m.provider == provider,
+                                                                     m.batchcontact_id == row_id))
+    return row_id, int(left)

@@ -45,7 +45,7 @@ from providers.base import (
     TransientError,
 )
 from providers.http import Answer, PartBilledClient, retry_after
-from providers.text import redact
+from providers.text import redact, sendable_text
 
 DEFAULT_URL = "https://client.voipit.ro"
 
@@ -72,7 +72,7 @@ class AccoladesClient(PartBilledClient):
         form = {
             "password": self._password,
             "phoneNumber": self.number(message.recipient),
-            "message": message.text,
+            "message": sendable_text(message.text),
             "messageId": str(message.reference),
         }
         if message.callback_url:

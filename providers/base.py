@@ -100,6 +100,12 @@ class UnknownOutcome(TransientError):
     re-sends it only where a repeat is harmless or the operator's policy says so (`SMS_<P>_ON_UNKNOWN`)."""
 
 
+class PartlySent(UnknownOutcome):
+    """Some parts of a multi-part message were accepted, then a later one failed or went unanswered: the
+    phone may show it incomplete, and sending it again would repeat the first parts. The workflow ends it
+    `error`, saying so, whatever the resend policy."""
+
+
 class AccountError(ProviderError):
     """The account cannot send (credentials, blocked, out of money): pause the account, alert.
 

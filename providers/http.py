@@ -5,11 +5,13 @@ the provider (refused, no route, connect timeout), `UnknownOutcome` when it left
 """
 from __future__ import annotations
 
+import email.utils
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import time
+from datetime import timezone
 
 import requests
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
@@ -136,9 +138,28 @@ def _never_left(exc: requests.RequestException) -> bool:
     return isinstance(reason, (NewConnectionError, ConnectTimeoutError, NameResolutionError))
 
 
-def retry_after(header: str | None) -> float:
-    """Seconds from a `Retry-After` header given in seconds; a minute when absent or given as a date."""
+RETRY_AFTER_BOUNDS_S = (1.0, 3600.0)
+"""Any `Retry-After` is held within these: a provider's answer (or whatever stands in for it) must neither
+make a row retry at once in a loop nor park it for days."""
+
+
+def retry_after(header: str | None, now: float | None = None) -> float:
+    """Seconds to wait from a `Retry-After` header, in seconds or as an HTTP-date (`now`: the epoch seconds
+    it is measured from, default the clock), always within `RETRY_AFTER_BOUNDS_S`: less (0, negative, a date
+    in the past) is 1 s, more (days, infinity, a date far ahead) is an hour; absent or unreadable (NaN, text)
+    is a minute."""
+    low, high = RETRY_AFTER_BOUNDS_S
+    value = (header or "").strip()
     try:
-        return max(float(header), 1.0) if header else 60.0
+        seconds = float(value)
     except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return 60.0
+        if when.tzinfo is None:  # an HTTP-date is GMT; a date without a zone is read as such
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds):
         return 60.0
+    return min(max(seconds, low), high)

@@ -33,17 +33,21 @@ from providers.base import (
     DeliveryReport,
     OutgoingMessage,
     PermanentError,
-    ProviderError,
     ThrottledError,
     TransientError,
 )
 from providers.http import Answer, HttpClient, retry_after
+from providers.text import sendable_text
 
 TRANSLIT_LIMIT = 140
 """Characters allowed with `rus_sms` 0 (the provider transliterates the text)."""
 UNICODE_LIMIT = 64
 """Characters allowed with `rus_sms` 1 (sent as Unicode)."""
 MAX_VALID_HOURS = 48
+
+
+class NoSuchRequestError(PermanentError):
+    """Error 12: the provider has no request with this id (it never arrived, or was never sent)."""
 
 
 class AlreadySentError(PermanentError):
@@ -66,7 +70,7 @@ ERRORS: dict[int, tuple] = {
     9: (AccountError, "not enough money on the account"),
     10: (PermanentError, "the message is too long for the provider"),
     11: (PermanentError, "the provider rejected the schedule time"),
-    12: (PermanentError, "the provider has no request with this id"),
+    12: (NoSuchRequestError, "the provider has no request with this id"),
 }
 """Mobilgroup error code -> (what we raise, operator-readable words[, whether an account error is one by
 nature: 2 and 6 could only be the account's, but a message that somehow breaks the request could meet them
@@ -174,9 +178,7 @@ class MobilgroupClient(HttpClient):
         """The `rus_sms` value for `message`, or `PermanentError` saying why it cannot be sent."""
         if not _DIGITS.fullmatch(message.recipient):
             raise PermanentError("the recipient number must be digits only, in international format")
-        text = message.text
-        if not text.strip():
-            raise PermanentError("the message text is empty")
+        text = sendable_text(message.text)
         if _NOT_XML.search(text):
             raise PermanentError("the message text contains a control character that cannot be sent")
         if self.unicode == "1":
@@ -192,10 +194,11 @@ class MobilgroupClient(HttpClient):
         return "0"
 
     def send(self, message: OutgoingMessage) -> Accepted:
-        """Send `message` with our row id as the request id; a resend of an id the provider already has
-        returns `Accepted(already_sent=True)` once a status request confirms that the request under that id
-        is to this recipient (`confirm_already_sent`)."""
-        fields = [("phone", message.recipient), ("message", message.text), ("id", str(message.reference))]
+        """Send `message` (its text without the comment) with our row id as the request id; a resend of an
+        id the provider already has returns `Accepted(already_sent=True)` once a status request confirms that
+        the request under that id is to this recipient (`confirm_already_sent`)."""
+        fields = [("phone", message.recipient), ("message", sendable_text(message.text)),
+                  ("id", str(message.reference))]
         if self.sender:
             fields.append(("sender", self.sender))
         fields += [(self.unicode_tag, self._unicode_flag(message)), ("valid", str(self.valid_hours))]
@@ -239,6 +242,16 @@ class MobilgroupClient(HttpClient):
             extra.update(dest_status=code, time=_value(dest, "time") or "")
         return DeliveryReport(outcome=outcome, reference=reference, provider_message_id=str(reference),
                               reason=reason, extra=extra)
+
+    def has_request(self, reference: int) -> bool:
+        """Whether the provider has a request under `reference`: False only when it says it has none (error
+        12), so that a send whose answer never came is known not to have arrived. Raises `ProviderError`
+        when it cannot say."""
+        try:
+            self._call("status", [("id", str(reference))], expect_id=reference)
+        except NoSuchRequestError:
+            return False
+        return True
 
     def balance(self) -> str:
         """The account balance as the provider writes it."""

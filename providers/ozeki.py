@@ -58,6 +58,7 @@ from providers.base import (
     TransientError,
 )
 from providers.http import PartBilledClient
+from providers.text import sendable_text
 
 ROOT = "OzApi_CommandResult_SendSms"
 
@@ -153,7 +154,7 @@ class OzekiClient(PartBilledClient):
         if self.sender:
             params["Sender"] = self.sender
         params["Recipient"] = self.number(message.recipient)
-        params["Message"] = message.text
+        params["Message"] = sendable_text(message.text)
         if message.callback_url:
             params["DeliveryReportURL"] = message.callback_url
         answer = self._request("GET", self.url, params=params)

@@ -1,43 +1,66 @@
-"""SMS Center (smsc.ru) over SMPP 3.4: the submitting client, and the reading of receipts and replies.
+"""SMS Center (smsc.ru) over SMPP 3.4: the submitting client, the connection it and the receiver share, and
+the reading of receipts and replies.
 
-`SmscClient` keeps one bound transmitter session per client object (one per worker process: each process
-builds its own client, so N processes keep N submits in flight). The session is bound on first use,
-guarded by a lock so two threads never share it, kept alive past the server's two-minute idle drop by a
-background `enquire_link`, checked for a closed peer before every submit, and rebound after a broken
-connection; after a failed connect or bind, binds are retried no sooner than an exponential backoff
-allows, and sends meanwhile fail fast with the same kind of error. A one-part message is one round trip.
+`SmscClient` keeps one bound session per client object, that is per worker process, shared by all its
+threads (`--pool threads`). Up to `window` `submit_sm` are in flight on it at once; a reader thread matches
+each answer to its submit by sequence number, so each `send()` still blocks its own caller until its own
+`submit_sm_resp` (at most `timeout` seconds). A full window makes a sender wait (within the same
+`timeout`), not fail. The session is bound on first use, kept alive past the server's two-minute idle
+drop by `enquire_link` whenever nothing came from the peer for `enquire_link_s` (a peer that does not
+answer it is taken for dead), and bound again after a lost connection. `hosts` are tried in order
+(`host` or `host:port`, e.g. `smpp.smsc.ru,smpp2.smsc.ru`): a host that cannot be reached or refuses the
+bind passes to the next; when none binds, binds are retried no sooner than an exponential backoff allows,
+and sends meanwhile fail fast with the same error. With `tls`, every connection is TLS with the server's
+certificate and name verified (against `ca_file`, else the system's CAs).
+
+What a failed send raises, by when it failed:
+
+| moment                                               | error                                       |
+| ---------------------------------------------------- | ------------------------------------------- |
+| before the submit was written (no session, no bind)  | `TransientError` (or `AccountError`)        |
+| answered with an error status                        | as in `STATUS_ERRORS`                       |
+| written, then the session was lost or no answer came | `UnknownOutcome`: it may have arrived       |
+| a later part of a long text, after earlier parts were accepted | `UnknownOutcome` saying "k of n parts were sent" |
 
 `submit_sm_resp` statuses map to errors as in `STATUS_ERRORS`: throttled or queue full ->
 `ThrottledError`; login and account problems -> `AccountError`; a bad destination or a malformed message
 -> `PermanentError`; system errors and anything unknown -> `TransientError`.
 
-A long text goes as UDH-concatenated parts, submitted one after another (see `providers.smsc_text` for
-encodings, the comment after `"\n~~~\n"`, and channel prefixes). If a later part fails after earlier parts
-were accepted, the message is reported as `PermanentError`: a retry would send the first parts twice. A
-connection lost after a submit was written but before its answer is a `TransientError`; whether that
-part arrived is unknown, so a retry may deliver it twice (at-least-once, as with any SMPP client).
+A long text goes as UDH-concatenated parts with a 16-bit reference (see `providers.smsc_text` for
+encodings, the comment after `"\\n~~~\\n"`, and channel prefixes), submitted one after another. A text
+with a channel prefix is sent only when its channel is among `channels` (`SMS_SMSC_CHANNELS`: `viber`,
+`tgm` …); otherwise, like a text that is only a comment, it is refused with `PermanentError` before
+anything is sent.
+
+With `bind="transceiver"` the session is bound as a transceiver and smsc.ru may deliver receipts and
+replies on it: each `deliver_sm` goes to `receipts.deliver(fields)` (on a thread of its own, never the
+reader's), whose return value is the `deliver_sm_resp` status; `receipts.tick()` is called about twice
+a second meanwhile. On a transmitter session a stray `deliver_sm` is answered "try again later", so that
+smsc.ru gives it to the receiver.
 
 `parse_deliver_sm` turns the fields of a `deliver_sm` into a `DeliveryReport`: a delivery receipt in the
 text form (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:… text:…`), the HLR form (`id:… stat:…
 err:… imsi:… mcc:… mnc:… cn:… net:… …`, strings URL-encoded) or with the TLVs `receipted_message_id`,
 `message_state`, `network_error_code` (the TLVs win); or a recipient's reply (an MO message).
+`message_id_forms` lists the forms an id in a receipt may stand for (decimal and hexadecimal).
 """
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
-from smpplib import client as smpp_client
-from smpplib import consts, exceptions, smpp
+from smpplib import command_codes, consts, smpp
 
 from providers import smsc_text
 from providers.base import (
@@ -45,18 +68,27 @@ from providers.base import (
     AccountError,
     DeliveryReport,
     OutgoingMessage,
+    PartlySent,
     PermanentError,
     ProviderError,
     ThrottledError,
     TransientError,
+    UnknownOutcome,
 )
-from providers.text import check_recipient
+from providers.text import check_recipient, sendable_text
 
 log = logging.getLogger(__name__)
-SMPPLIB_LOGGER = f"{__name__}.smpplib"
-# smpplib dumps every PDU in hex at DEBUG, numbers and texts included: keep it at INFO whatever the root.
-logging.getLogger(SMPPLIB_LOGGER).setLevel(logging.INFO)
 
+PLAIN_PORT, TLS_PORT = 3700, 3443
+DEFAULT_WINDOW = 300
+"""smsc.ru's sample session keeps a window of 300 pending submits at 30 messages/s (they advise
+1,000–2,000 for bulk); a window larger than a process's threads costs nothing."""
+BIND_MODES = ("transmitter", "transceiver", "receiver")
+MAX_PDU_OCTETS = 16 + 512 + 4 + 0xFFFF + 1024
+"""The longest PDU we read: the header, a deliver_sm's mandatory fields (under 400 octets), one
+`message_payload` at its 64 KiB limit and room for the other optional fields. A peer announcing more is
+talking nonsense (or trying to exhaust our memory): the connection is closed."""
+ESME_RINVCMDLEN, ESME_RINVCMDID, ESME_RX_T_APPN = 0x02, 0x03, 0x64
 ESM_UDHI = 0x40
 # What a failed submit_sm_resp means. Anything not listed is TransientError (retried, then `error`).
 STATUS_ERRORS: dict[int, tuple[type[ProviderError], str]] = {
@@ -107,10 +139,6 @@ def status_error(status: int) -> ProviderError:
     return kind(text)
 
 
-class _SessionLost(Exception):
-    """The SMPP connection broke or the peer unbound; the session must be bound anew."""
-
-
 def _address_fields(source_addr: str | None) -> dict[str, Any]:
     if not source_addr:
         return {"source_addr_ton": consts.SMPP_TON_UNK, "source_addr_npi": consts.SMPP_NPI_UNK,
@@ -122,24 +150,393 @@ def _address_fields(source_addr: str | None) -> dict[str, Any]:
             "source_addr": source_addr}
 
 
+class SessionLost(Exception):
+    """The SMPP connection broke, the peer unbound, or it sent what cannot be framed; bind anew."""
+
+
+class BadPdu(Exception):
+    """A PDU whose length was sound but whose command or body could not be read. The stream is still in
+    step: answer it (`generic_nack` for a request) and go on."""
+
+    def __init__(self, reason: str, command_id: int, sequence: int):
+        super().__init__(reason)
+        self.command_id, self.sequence = command_id, sequence
+
+    @property
+    def is_response(self) -> bool:
+        return bool(self.command_id & 0x80000000)
+
+
+def parse_hosts(hosts: str | Sequence[str], port: int) -> list[tuple[str, int]]:
+    """`smpp.smsc.ru,smpp2.smsc.ru:3701` (or a list of such entries) as (host, port) pairs, in order; an
+    entry without a port takes `port`."""
+    entries = hosts.split(",") if isinstance(hosts, str) else list(hosts)
+    pairs = []
+    for entry in filter(None, (e.strip() for e in entries)):
+        name, sep, number = entry.rpartition(":")
+        if sep and number.isdigit() and name:
+            pairs.append((name, int(number)))
+        else:
+            pairs.append((entry, int(port)))
+    if not pairs:
+        raise ValueError("no SMPP host given")
+    return pairs
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A client TLS context that verifies the server's certificate and name (against `ca_file`, else the
+    system's certificate authorities)."""
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+class Link:
+    """One SMPP connection (plain or TLS) shared by threads: framing with a bounded length, thread-safe
+    sequence numbers, one PDU written at a time. A TLS connection is never read and written at the same
+    moment (OpenSSL does not allow it): its reads take the writers' lock, without waiting for data while
+    they hold it (a writer blocked on a peer that reads nothing ends at `timeout` and loses the session)."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float):
+        self.peer, self.timeout = peer, timeout
+        self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._io = threading.Lock()
+        self._seq_lock = threading.Lock()
+        self._sequence = 0
+        self._buffer = bytearray()
+        sock.settimeout(timeout)
+
+    @classmethod
+    def open(cls, host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> "Link":
+        """Connect (and with `tls`, complete the handshake, verifying the server) within `timeout`."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        return cls(sock, f"{host}:{port}", timeout)
+
+    # smpplib's PDUs number themselves through these two
+    @property
+    def sequence(self) -> int:
+        return self._sequence
+
+    def next_sequence(self) -> int:
+        with self._seq_lock:
+            self._sequence = self._sequence % 0x7FFFFFFF + 1
+            return self._sequence
+
+    def make(self, command: str, **fields):
+        return smpp.make_pdu(command, client=self, **fields)
+
+    def answer(self, request_sequence: int, command: str, status: int = consts.SMPP_ESME_ROK, **fields) -> None:
+        resp = smpp.make_pdu(command, client=self, status=status, **fields)
+        resp.sequence = request_sequence
+        self.send(resp)
+
+    def send(self, pdu) -> None:
+        """Write one PDU whole; `SessionLost` if the connection is gone (then it did not leave whole)."""
+        data = pdu.generate()
+        try:
+            with self._io:
+                self._sock.sendall(data)
+        except (OSError, ValueError) as exc:
+            raise SessionLost(f"write failed ({type(exc).__name__})") from exc
+
+    def read(self, wait_s: float):
+        """The next PDU, or None if none came within `wait_s`. Raises `SessionLost` when the peer closed,
+        the connection broke, or a PDU announced a length outside 16..`MAX_PDU_OCTETS` (nothing of it is
+        read into memory); `BadPdu` for one that was framed but cannot be read."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            pdu = self._next_buffered()
+            if pdu is not None:
+                return pdu
+            left = deadline - time.monotonic()
+            pending = getattr(self._sock, "pending", None)
+            if not (pending and pending()):
+                try:
+                    ready = select.select([self._sock], [], [], max(0.0, left))[0]
+                except (OSError, ValueError) as exc:
+                    raise SessionLost("connection closed") from exc
+                if not ready:
+                    return None
+            chunk = self._recv_tls() if self._tls else self._recv()
+            if chunk == b"":
+                raise SessionLost("closed by the peer")
+            if chunk:
+                self._buffer += chunk
+            elif left <= 0:
+                return None
+
+    def _recv(self) -> bytes:
+        """What a plain socket that select() found readable holds (it does not block)."""
+        try:
+            return self._sock.recv(65536)
+        except (OSError, ValueError) as exc:
+            raise SessionLost(f"read failed ({type(exc).__name__})") from exc
+
+    def _recv_tls(self) -> bytes | None:
+        """What a TLS socket holds, None when its bytes were a record with no data for us (a session
+        ticket, say); never waits, and never while a writer writes."""
+        with self._io:
+            try:
+                self._sock.settimeout(0)
+                return self._sock.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
+            except (OSError, ValueError) as exc:
+                raise SessionLost(f"read failed ({type(exc).__name__})") from exc
+            finally:
+                try:
+                    self._sock.settimeout(self.timeout)
+                except OSError:
+                    pass
+
+    def _next_buffered(self):
+        if len(self._buffer) < 4:
+            return None
+        length = struct.unpack(">L", self._buffer[:4])[0]
+        if not 16 <= length <= MAX_PDU_OCTETS:
+            raise SessionLost(f"a PDU announced {length} octets (allowed: 16 to {MAX_PDU_OCTETS})")
+        if len(self._buffer) < length:
+            return None
+        raw = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        command_id, _, sequence = struct.unpack(">LLL", raw[4:16])
+        try:
+            pdu = smpp.parse_pdu(raw, client=self, allow_unknown_opt_params=True)
+        except Exception as exc:  # smpplib raises whatever its field readers meet: a PDU is untrusted input
+            raise BadPdu(f"unreadable PDU 0x{command_id:08X} ({type(exc).__name__})", command_id,
+                         sequence) from None
+        if pdu is None:
+            raise BadPdu(f"unknown command 0x{command_id:08X}", command_id, sequence)
+        return pdu
+
+    def nack(self, bad: BadPdu) -> None:
+        """Answer a request that could not be read with `generic_nack` (responses are not answered)."""
+        if not bad.is_response:
+            known = bad.command_id in command_codes.commands.values()
+            self.answer(bad.sequence, "generic_nack", ESME_RINVCMDLEN if known else ESME_RINVCMDID)
+
+    def close(self) -> None:
+        """Close now; a thread blocked on this link sees `SessionLost`."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def bind(hosts: Sequence[tuple[str, int]], *, mode: str, system_id: str, password: str, system_type: str,
+         timeout: float, tls: ssl.SSLContext | None) -> Link:
+    """Connect and bind as `mode` to the first of `hosts` that accepts; raise the `ProviderError` that says
+    why none did (a refused login wins over an unreachable host: it is what the operator must fix)."""
+    errors: list[ProviderError] = []
+    for host, port in hosts:
+        try:
+            link = Link.open(host, port, timeout, tls)
+        except ssl.SSLError as exc:
+            errors.append(TransientError(f"TLS with smsc.ru SMPP at {host}:{port} failed ({exc.reason})"))
+            continue
+        except (OSError, ValueError):
+            errors.append(TransientError(f"cannot connect to smsc.ru SMPP at {host}:{port}"))
+            continue
+        try:
+            request = link.make(f"bind_{mode}", system_id=system_id, password=password,
+                                system_type=system_type, interface_version=0x34)
+            link.send(request)
+            resp = link.read(timeout)
+            if resp is None or resp.sequence != request.sequence or not resp.is_response():
+                raise SessionLost("no bind answer")
+        except (SessionLost, BadPdu) as exc:
+            link.close()
+            errors.append(TransientError(f"smsc.ru SMPP at {host}:{port} did not bind us ({exc})"))
+            continue
+        if resp.status != consts.SMPP_ESME_ROK:
+            link.close()
+            errors.append(status_error(resp.status))
+            continue
+        log.info("smsc SMPP session bound as %s at %s", mode, link.peer)
+        return link
+    raise next((e for e in errors if isinstance(e, AccountError)), errors[-1])
+
+
+class ReceiptSink(Protocol):
+    """Where a transceiver session hands the `deliver_sm` it receives (see the module docstring)."""
+
+    def deliver(self, fields: dict[str, Any]) -> int: ...
+
+    def tick(self) -> None: ...
+
+
+class _Waiter:
+    __slots__ = ("done", "pdu", "lost")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.pdu = None
+        self.lost: str | None = None
+
+
+class _NotSent(Exception):
+    """The request never left whole."""
+
+
+class _NoAnswer(Exception):
+    """The request left; the session was lost or the deadline passed before its answer."""
+
+
+class _Session:
+    """A bound link, its reader thread and the requests awaiting answers."""
+
+    def __init__(self, link: Link, sink: ReceiptSink | None):
+        self.link, self.sink = link, sink
+        self.alive = True
+        self.last_rx = time.monotonic()
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._deliveries: queue.Queue | None = queue.Queue() if sink is not None else None
+        threading.Thread(target=self._read_loop, name="smsc-reader", daemon=True).start()
+        if sink is not None:
+            threading.Thread(target=self._deliver_loop, name="smsc-deliveries", daemon=True).start()
+
+    def request(self, pdu, deadline: float):
+        """Send `pdu` and return its answer. `_NotSent` if it never left whole, `_NoAnswer` if it left and
+        no answer came (session lost, or `deadline` passed)."""
+        waiter = _Waiter()
+        with self._lock:
+            if not self.alive:
+                raise _NotSent("the session was lost")
+            self._pending[pdu.sequence] = waiter
+        try:
+            self.link.send(pdu)
+        except SessionLost as exc:
+            with self._lock:
+                self._pending.pop(pdu.sequence, None)
+            self.kill(str(exc))
+            raise _NotSent(str(exc)) from None
+        if not waiter.done.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._pending.pop(pdu.sequence, None)
+            raise _NoAnswer("no answer in time")
+        if waiter.lost is not None:
+            raise _NoAnswer(waiter.lost)
+        return waiter.pdu
+
+    def kill(self, reason: str) -> None:
+        """Close the session; every request awaiting an answer learns it will get none."""
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+            waiting, self._pending = self._pending, {}
+        log.info("smsc SMPP session at %s lost (%s); %d answers outstanding", self.link.peer, reason,
+                 len(waiting))
+        for waiter in waiting.values():
+            waiter.lost = f"the connection to smsc.ru was lost ({reason})"
+            waiter.done.set()
+        self.link.close()
+        if self._deliveries is not None:
+            self._deliveries.put(None)
+
+    def _read_loop(self) -> None:
+        while self.alive:
+            try:
+                pdu = self.link.read(1.0)
+            except BadPdu as bad:
+                log.warning("smsc SMPP: %s", bad)
+                if bad.is_response:
+                    self._fail_one(bad.sequence, "smsc.ru's answer could not be read")
+                else:
+                    self._safely(self.link.nack, bad)
+                continue
+            except SessionLost as exc:
+                self.kill(str(exc))
+                return
+            if pdu is None:
+                continue
+            self.last_rx = time.monotonic()
+            if pdu.is_response():  # generic_nack too
+                with self._lock:
+                    waiter = self._pending.pop(pdu.sequence, None)
+                if waiter is not None:
+                    waiter.pdu = pdu
+                    waiter.done.set()
+            elif pdu.command == "enquire_link":
+                self._safely(self.link.answer, pdu.sequence, "enquire_link_resp")
+            elif pdu.command == "unbind":
+                self._safely(self.link.answer, pdu.sequence, "unbind_resp")
+                self.kill("smsc.ru unbound the session")
+            elif pdu.command == "deliver_sm":
+                if self._deliveries is not None:
+                    self._deliveries.put((pdu.sequence, vars(pdu)))
+                else:  # a transmitter is not meant to get these: let smsc.ru give it to the receiver
+                    self._safely(self.link.answer, pdu.sequence, "deliver_sm_resp", ESME_RX_T_APPN)
+            else:
+                self._safely(self.link.answer, pdu.sequence, "generic_nack", ESME_RINVCMDID)
+
+    def _fail_one(self, sequence: int, reason: str) -> None:
+        with self._lock:
+            waiter = self._pending.pop(sequence, None)
+        if waiter is not None:
+            waiter.lost = reason
+            waiter.done.set()
+
+    def _safely(self, write, *args) -> None:
+        try:
+            write(*args)
+        except SessionLost as exc:
+            self.kill(str(exc))
+
+    def _deliver_loop(self) -> None:
+        while True:
+            try:
+                item = self._deliveries.get(timeout=0.5)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            try:
+                if item:
+                    sequence, fields = item
+                    status = self.sink.deliver(fields)
+                    self._safely(self.link.answer, sequence, "deliver_sm_resp", status)
+                self.sink.tick()
+            except Exception:  # one report gone wrong must not stop the others
+                log.exception("smsc deliver_sm on the transceiver session could not be handled")
+
+
 class SmscClient:
     """smsc.ru over SMPP; see the module docstring. Thread-safe; one bound session per object."""
 
     name = "smsc"
 
-    def __init__(self, *, host: str, port: int, system_id: str, password: str, system_type: str = "",
-                 source_addr: str | None = None, timeout: float = 15.0, max_parts: int = 6,
-                 enquire_link_s: float = 30.0, rebind_min_s: float = 0.5, rebind_max_s: float = 60.0):
-        self.host, self.port = host, int(port)
+    def __init__(self, *, host: str | Sequence[str], port: int = PLAIN_PORT, system_id: str, password: str,
+                 system_type: str = "", source_addr: str | None = None, timeout: float = 15.0,
+                 max_parts: int = 6, enquire_link_s: float = 30.0, rebind_min_s: float = 0.5,
+                 rebind_max_s: float = 60.0, window: int = DEFAULT_WINDOW, tls: bool = False,
+                 ca_file: str | None = None, bind: str = "transmitter", receipts: ReceiptSink | None = None,
+                 channels: frozenset[str] = frozenset()):
+        if bind not in ("transmitter", "transceiver"):
+            raise ValueError(f"bind must be transmitter or transceiver, not {bind!r}")
+        self.hosts = parse_hosts(host, port)
         self._system_id, self._password, self._system_type = system_id, password, system_type or ""
         self._source = _address_fields(source_addr)
         self.timeout = timeout
         self.max_parts = max_parts
+        self.channels = frozenset(channels)
+        """Names of the channels (`smsc_text.channel_name`) a text may ask for by its prefix."""
         self.enquire_link_s = enquire_link_s
+        self.window = window
+        self._tls = tls_context(ca_file) if tls else None
+        self._mode = bind
+        self._receipts = receipts if bind == "transceiver" else None
         self._rebind_min_s, self._rebind_max_s = rebind_min_s, rebind_max_s
-        self._lock = threading.Lock()
-        self._smpp: smpp_client.Client | None = None
-        self._last_io = 0.0
+        self._slots = threading.BoundedSemaphore(window)
+        self._bind_lock = threading.Lock()
+        self._session: _Session | None = None
         self._bind_failures = 0
         self._bind_retry_at = 0.0
         self._bind_error: ProviderError | None = None
@@ -152,6 +549,12 @@ class SmscClient:
     def iso(self) -> bool:
         return self._system_type.upper() == "ISO"
 
+    @property
+    def peer(self) -> str | None:
+        """`host:port` of the bound session, if any."""
+        session = self._session
+        return session.link.peer if session is not None and session.alive else None
+
     # --- the Provider protocol ------------------------------------------------------------------
     def check(self, message: OutgoingMessage) -> int:
         return self._layout(message).billed_parts
@@ -160,39 +563,43 @@ class SmscClient:
         plan = self._layout(message)
         short_messages = plan.short_messages(ref=message.reference)
         ids: list[str] = []
-        with self._lock:
-            for octets in short_messages:
-                try:
-                    ids.append(self._submit(message.recipient, plan, octets))
-                except ProviderError as exc:
-                    if not ids:
-                        raise
-                    raise PermanentError(
-                        f"smsc.ru accepted only {len(ids)} of {len(short_messages)} parts ({exc}); the rest "
-                        "is not resent, so that the first parts are not sent twice"
-                    ) from exc
+        for octets in short_messages:
+            try:
+                ids.append(self._submit(message.recipient, plan, octets))
+            except ProviderError as exc:
+                if not ids:
+                    raise
+                raise PartlySent(
+                    f"{len(ids)} of {len(short_messages)} parts were sent, then: {exc}; the message may "
+                    "reach the phone incomplete, and sending it again would repeat the first parts"
+                ) from exc
         return Accepted(provider_message_id=",".join(ids), parts=plan.billed_parts, reports_by_id=True)
 
     def close(self) -> None:
-        """Stop the keep-alive and unbind."""
+        """Stop the keep-alive, unbind and close."""
         self._stop.set()
         if self._keeper is not None:
             self._keeper.join(timeout=self.timeout)
             self._keeper = None
-        with self._lock:
-            if self._smpp is not None:
-                try:
-                    self._exchange(smpp.make_pdu("unbind", client=self._smpp), min(self.timeout, 2.0))
-                except (_SessionLost, ProviderError):
-                    pass
-                self._drop()
+        with self._bind_lock:
+            session, self._session = self._session, None
+        if session is not None and session.alive:
+            try:
+                session.request(session.link.make("unbind"), time.monotonic() + min(self.timeout, 2.0))
+            except (_NotSent, _NoAnswer):
+                pass
+            session.kill("closed")
 
     # --- text -----------------------------------------------------------------------------------
     def _layout(self, message: OutgoingMessage) -> smsc_text.Layout:
         check_recipient(message.recipient)
+        channel = smsc_text.channel_of(message.text)
+        if channel is None:
+            sendable_text(message.text)  # refuses an empty text and one that is only a comment
+        elif smsc_text.channel_name(channel) not in self.channels:
+            raise PermanentError(f"the text starts with smsc.ru's {channel} channel prefix, and the "
+                                 f"{smsc_text.channel_name(channel)} channel is not enabled (SMS_SMSC_CHANNELS)")
         plan = smsc_text.layout(message.text, iso=self.iso)
-        if plan.billed_parts == 0 or not message.text.partition(smsc_text.COMMENT_SEPARATOR)[0].strip():
-            raise PermanentError("the message text is empty")
         if plan.billed_parts > self.max_parts:
             raise PermanentError(f"the message text is too long: {plan.billed_parts} SMS parts, "
                                  f"at most {self.max_parts} allowed")
@@ -200,146 +607,80 @@ class SmscClient:
 
     # --- session --------------------------------------------------------------------------------
     def _submit(self, recipient: str, plan: smsc_text.Layout, octets: bytes) -> str:
-        """Submit one part on a live session; return smsc.ru's message id. Caller holds the lock."""
-        self._ensure_session()
-        payload = {"short_message": octets} if len(octets) <= smsc_text.MAX_SHORT_MESSAGE \
-            else {"message_payload": octets}
-        pdu = smpp.make_pdu(
-            "submit_sm", client=self._smpp, **self._source,
-            dest_addr_ton=consts.SMPP_TON_INTL, dest_addr_npi=consts.SMPP_NPI_ISDN,
-            destination_addr=recipient, esm_class=ESM_UDHI if plan.concatenated else 0,
-            registered_delivery=1, data_coding=plan.data_coding, **payload,
-        )
+        """Submit one part; return smsc.ru's message id."""
+        deadline = time.monotonic() + self.timeout
+        session = self._live_session()
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TransientError(f"all {self.window} submits of the SMPP window stayed unanswered for "
+                                 f"{self.timeout:g} s; this one was not sent")
         try:
-            resp = self._exchange(pdu, self.timeout)
-        except _SessionLost as exc:
-            self._drop()
-            raise TransientError(f"the connection to smsc.ru broke before it answered ({exc})") from None
+            payload = {"short_message": octets} if len(octets) <= smsc_text.MAX_SHORT_MESSAGE \
+                else {"message_payload": octets}
+            pdu = session.link.make(
+                "submit_sm", **self._source,
+                dest_addr_ton=consts.SMPP_TON_INTL, dest_addr_npi=consts.SMPP_NPI_ISDN,
+                destination_addr=recipient, esm_class=ESM_UDHI if plan.concatenated else 0,
+                registered_delivery=1, data_coding=plan.data_coding, **payload,
+            )
+            try:
+                resp = session.request(pdu, deadline)
+            except _NotSent as exc:
+                raise TransientError(f"the connection to smsc.ru broke before the message left ({exc})") \
+                    from None
+            except _NoAnswer as exc:
+                raise UnknownOutcome(f"smsc.ru did not answer the message ({exc}); it may have arrived") \
+                    from None
+        finally:
+            self._slots.release()
         if resp.status != consts.SMPP_ESME_ROK:
             if resp.status in _BIND_STATUSES:
-                self._drop()
+                session.kill(f"SMPP status 0x{resp.status:02X}")
             raise status_error(resp.status)
-        return (resp.message_id or b"").decode("ascii", "replace")
+        return (getattr(resp, "message_id", None) or b"").decode("ascii", "replace")
 
-    def _ensure_session(self) -> None:
-        """Make sure a bound, live session exists, binding one if needed. Caller holds the lock."""
-        if self._smpp is not None:
+    def _live_session(self) -> _Session:
+        """The bound session, binding one if there is none. Threads wait while one of them binds."""
+        session = self._session
+        if session is not None and session.alive:
+            return session
+        with self._bind_lock:
+            if self._session is not None and self._session.alive:
+                return self._session
+            self._session = None
+            if self._bind_error is not None and time.monotonic() < self._bind_retry_at:
+                raise type(self._bind_error)(str(self._bind_error))
             try:
-                self._drain()
-                if time.monotonic() - self._last_io > self.enquire_link_s:
-                    self._exchange(smpp.make_pdu("enquire_link", client=self._smpp), self.timeout)
-            except _SessionLost:
-                log.info("smsc SMPP session lost; binding again")
-                self._drop()
-        if self._smpp is None:
-            self._bind()
-
-    def _bind(self) -> None:
-        now = time.monotonic()
-        if self._bind_error is not None and now < self._bind_retry_at:
-            raise type(self._bind_error)(str(self._bind_error))
-        conn = smpp_client.Client(self.host, self.port, timeout=self.timeout, allow_unknown_opt_params=True,
-                                  logger_name=SMPPLIB_LOGGER)
-        try:
-            conn.connect()
-            conn.bind_transmitter(system_id=self._system_id, password=self._password,
-                                  system_type=self._system_type)
-        except exceptions.PDUError as exc:
-            status = exc.args[1] if len(exc.args) > 1 else consts.SMPP_ESME_RBINDFAIL
-            raise self._bind_failed(conn, status_error(status)) from None
-        except (exceptions.ConnectionError, OSError, exceptions.UnknownCommandError, struct.error):
-            raise self._bind_failed(
-                conn, TransientError(f"cannot connect to smsc.ru SMPP at {self.host}:{self.port}")
-            ) from None
-        self._smpp, self._last_io = conn, time.monotonic()
-        self._bind_failures, self._bind_error = 0, None
-        self.binds += 1
-        log.info("smsc SMPP session bound as transmitter")
-        if self._keeper is None and self.enquire_link_s > 0:
-            self._stop.clear()
-            self._keeper = threading.Thread(target=self._keep_alive, name="smsc-enquire-link", daemon=True)
-            self._keeper.start()
-
-    def _bind_failed(self, conn: smpp_client.Client, error: ProviderError) -> ProviderError:
-        """Note a failed bind and when the next may be tried; return `error` for the caller to raise."""
-        conn.disconnect()
-        self._bind_failures += 1
-        delay = min(self._rebind_max_s, self._rebind_min_s * 2 ** (self._bind_failures - 1))
-        self._bind_retry_at, self._bind_error = time.monotonic() + delay, error
-        log.warning("smsc SMPP bind failed (%s); next try in %.1f s", error, delay)
-        return error
-
-    def _drop(self) -> None:
-        if self._smpp is not None:
-            self._smpp.disconnect()
-            self._smpp = None
-
-    def _drain(self) -> None:
-        """Answer what the peer sent while we were idle, and notice a closed connection before we
-        write a submit into it (a write to a closed peer succeeds, only the read would fail)."""
-        sock = self._smpp._socket  # smpplib exposes no readiness check of its own
-        while select.select([sock], [], [], 0)[0]:
-            try:
-                if not sock.recv(1, socket.MSG_PEEK):
-                    raise _SessionLost("closed by smsc.ru")
-            except OSError as exc:
-                raise _SessionLost("connection reset") from exc
-            self._answer_peer(self._read())
-
-    def _read(self):
-        try:
-            pdu = self._smpp.read_pdu()
-        except (exceptions.ConnectionError, exceptions.PDUError, exceptions.UnknownCommandError,
-                OSError, struct.error) as exc:
-            raise _SessionLost(type(exc).__name__) from exc
-        self._last_io = time.monotonic()
-        return pdu
-
-    def _exchange(self, request, timeout: float):
-        """Send `request` and return its response, answering whatever else the peer sends meanwhile."""
-        deadline = time.monotonic() + timeout
-        try:
-            self._smpp.send_pdu(request)
-        except (exceptions.ConnectionError, exceptions.PDUError, OSError) as exc:
-            raise _SessionLost(type(exc).__name__) from exc
-        while True:
-            if time.monotonic() > deadline:
-                raise _SessionLost(f"no answer within {timeout:g} s")
-            pdu = self._read()
-            if pdu.is_response() and pdu.sequence == request.sequence:
-                return pdu
-            self._answer_peer(pdu)
-
-    def _answer_peer(self, pdu) -> None:
-        if pdu.command == "enquire_link":
-            self._reply(pdu, "enquire_link_resp")
-        elif pdu.command == "unbind":
-            self._reply(pdu, "unbind_resp")
-            raise _SessionLost("smsc.ru unbound the session")
-
-    def _reply(self, request, command: str) -> None:
-        resp = smpp.make_pdu(command, client=self._smpp)
-        resp.sequence = request.sequence
-        try:
-            self._smpp.send_pdu(resp)
-        except (exceptions.ConnectionError, exceptions.PDUError, OSError) as exc:
-            raise _SessionLost(type(exc).__name__) from exc
+                link = bind(self.hosts, mode=self._mode, system_id=self._system_id, password=self._password,
+                            system_type=self._system_type, timeout=self.timeout, tls=self._tls)
+            except ProviderError as exc:
+                self._bind_failures += 1
+                delay = min(self._rebind_max_s, self._rebind_min_s * 2 ** (self._bind_failures - 1))
+                self._bind_retry_at, self._bind_error = time.monotonic() + delay, exc
+                log.warning("smsc SMPP bind failed (%s); next try in %.1f s", exc, delay)
+                raise
+            self._bind_failures, self._bind_error = 0, None
+            self._session = _Session(link, self._receipts)
+            self.binds += 1
+            if self._keeper is None and self.enquire_link_s > 0:
+                self._stop.clear()
+                self._keeper = threading.Thread(target=self._keep_alive, name="smsc-enquire-link", daemon=True)
+                self._keeper.start()
+            return self._session
 
     def _keep_alive(self) -> None:
-        """Background thread: an enquire_link whenever the session has been idle for enquire_link_s."""
+        """Background thread: an enquire_link whenever nothing came from smsc.ru for `enquire_link_s`; a
+        session whose peer does not answer it is closed (its submits in flight get `UnknownOutcome`)."""
         while not self._stop.wait(max(0.05, self.enquire_link_s / 4)):
-            idle = time.monotonic() - self._last_io >= self.enquire_link_s
-            if not idle or not self._lock.acquire(blocking=False):  # a busy session needs no keep-alive
+            session = self._session
+            if session is None or not session.alive or \
+                    time.monotonic() - session.last_rx < self.enquire_link_s:
                 continue
             try:
-                if self._smpp is not None:
-                    self._drain()
-                    self._exchange(smpp.make_pdu("enquire_link", client=self._smpp), self.timeout)
-            except _SessionLost:
-                log.info("smsc SMPP session lost while idle; it is bound again on the next send")
-                self._drop()
-            finally:
-                self._lock.release()
+                session.request(session.link.make("enquire_link"), time.monotonic() + self.timeout)
+            except _NotSent:
+                pass
+            except _NoAnswer as exc:
+                session.kill(f"no answer to enquire_link: {exc}")
 
 
 # --- receipts and replies ---------------------------------------------------------------------------
@@ -506,3 +847,20 @@ def parse_deliver_sm(fields: Mapping[str, Any]) -> DeliveryReport:
     extra.update({key: parsed[key] for key in _HLR_EXTRA if parsed.get(key)})
     return DeliveryReport(outcome=outcome, provider_message_id=message_id, reason=_reason(stat, err, words),
                           extra=extra)
+
+
+def message_id_forms(message_id: str) -> list[str]:
+    """The ids a receipt's message id may stand for, the id as written first. smsc.ru does not say whether
+    its receipts write a message id as its `submit_sm_resp` did or in the other base, as some SMSCs do
+    (decimal in the answer, hexadecimal in the receipt, or the reverse), so a hexadecimal-looking id is also
+    read as hexadecimal and written in decimal, a decimal one is also written in hexadecimal, and leading
+    zeros are dropped. Ids of one account are numbers of about the same size, so the forms of one id are
+    hardly ever another id of ours."""
+    given = message_id.strip()
+    forms = [given, given.lstrip("0") or "0"]
+    if re.fullmatch(r"[0-9A-Fa-f]{1,16}", given):
+        forms.append(str(int(given, 16)))
+    if given.isdigit() and len(given) <= 20:
+        number = int(given)
+        forms += [format(number, "x"), format(number, "X")]
+    return list(dict.fromkeys(forms))

@@ -4,10 +4,15 @@ Encoding (the seed, and smsc.ru's public SMPP page as digested in PROVIDERS.md):
 
 | text                                         | data_coding | one SMS     | per concatenated part |
 | -------------------------------------------- | ----------- | ----------- | --------------------- |
-| fits GSM 03.38 (extension chars count two)   | 0, GSM-7 unpacked, one septet per octet | 160 | 153 |
-| same, bound with system_type `ISO`           | 1, ISO-8859-1 octets | 160 | 153           |
-| else fits ISO-8859-1, bound with `ISO`       | 1, ISO-8859-1 octets | 140 | 134           |
-| anything else                                | 8, UCS-2 (UTF-16BE)  | 70  | 67 (code units) |
+| fits GSM 03.38 (extension chars count two)   | 0, GSM-7 unpacked, one septet per octet | 160 | 152 |
+| same, bound with system_type `ISO`           | 1, ISO-8859-1 octets | 160 | 152           |
+| else fits ISO-8859-1, bound with `ISO`       | 1, ISO-8859-1 octets | 140 | 133           |
+| anything else                                | 8, UCS-2 (UTF-16BE)  | 70  | 66 (code units) |
+
+The parts of a long text carry a concatenation header with a 16-bit reference (information element 0x08,
+7 octets: one character per part fewer than the common 8-bit header), the row id modulo 65,536, so that
+the parts of two long messages to one phone are not put together as one. `sms_count` (what providers that
+split texts themselves bill) keeps the common 8-bit figures (153, 134, 67).
 
 With system_type `ISO` the server reads data_coding 1 as ISO-8859-1 and still sends GSM on the air when
 the text fits GSM, so such texts are counted as GSM; a Latin-1 text outside GSM is counted as 8-bit data.
@@ -20,7 +25,8 @@ sends such a part in the `message_payload` TLV instead of `short_message`.
 
 Texts starting with a channel prefix (`__VIBER__:`, `__MAIL__:`, …) are not SMS for the server: they go
 whole, untouched, in one submit (never split into UDH parts the server would not reassemble), and count
-as one part.
+as one part. The client sends them only for the channels it is configured for (`SMS_SMSC_CHANNELS`); the
+other providers refuse them (`providers.text.sendable_text`).
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ _ESC = 0x1B
 _GSM_CODE = {char: code for code, char in enumerate(_GSM_BASIC) if code != _ESC}
 _GSM_DECODE_EXT = {code: char for char, code in _GSM_EXTENSION.items()}
 
-UDH_LENGTH = 6
+UDH_LENGTH = 7
+"""Octets of our concatenation header, its length octet included."""
 MAX_SHORT_MESSAGE = 254
 """The most octets `short_message` may hold; a longer part travels in `message_payload`."""
 
@@ -92,7 +99,9 @@ class _Codec:
     single: int
     """Units one unconcatenated SMS holds."""
     part: int
-    """Units one concatenated part holds (the UDH takes the rest)."""
+    """Units one concatenated part holds behind the common 8-bit-reference header (6 octets)."""
+    part16: int
+    """Units one part holds behind our 16-bit-reference header (7 octets)."""
     cost: Callable[[str], int]
     encode: Callable[[str], bytes]
 
@@ -113,10 +122,10 @@ def _ucs2(text: str) -> bytes:
     return text.encode("utf-16-be")
 
 
-GSM7 = _Codec(0, 160, 153, _gsm_cost, gsm_encode)
-ISO_AS_GSM = _Codec(1, 160, 153, _gsm_cost, _latin1)
-ISO_8BIT = _Codec(1, 140, 134, lambda char: 1, _latin1)
-UCS2 = _Codec(8, 70, 67, _ucs2_cost, _ucs2)
+GSM7 = _Codec(0, 160, 153, 152, _gsm_cost, gsm_encode)
+ISO_AS_GSM = _Codec(1, 160, 153, 152, _gsm_cost, _latin1)
+ISO_8BIT = _Codec(1, 140, 134, 133, lambda char: 1, _latin1)
+UCS2 = _Codec(8, 70, 67, 66, _ucs2_cost, _ucs2)
 
 
 def _codec_for(text: str, iso: bool) -> _Codec:
@@ -141,27 +150,33 @@ class Layout:
         return len(self.segments) > 1
 
     def short_messages(self, ref: int) -> list[bytes]:
-        """The octets of each submit: for a concatenated text, each segment behind the 8-bit
-        concatenation UDH (IEI 0x00) with reference `ref` (0-255)."""
+        """The octets of each submit: for a concatenated text, each segment behind the 16-bit
+        concatenation UDH (IEI 0x08) with reference `ref` modulo 65,536."""
         if not self.concatenated:
             return list(self.segments)
-        total = len(self.segments)
-        return [bytes((5, 0, 3, ref & 0xFF, total, seq)) + segment
+        total, high, low = len(self.segments), (ref >> 8) & 0xFF, ref & 0xFF
+        return [bytes((UDH_LENGTH - 1, 0x08, 4, high, low, total, seq)) + segment
                 for seq, segment in enumerate(self.segments, start=1)]
 
 
-def is_channel_message(text: str) -> bool:
-    """True for smsc.ru's special texts (`__VIBER__: …`, `__HLR__`, …) that are not plain SMS."""
-    return text.startswith(CHANNEL_PREFIXES)
+def channel_of(text: str) -> str | None:
+    """The channel prefix of one of smsc.ru's special texts (`__VIBER__:` for `__VIBER__: …`, `__HLR__`, …)
+    that are not plain SMS; None for a plain SMS."""
+    return next((prefix for prefix in CHANNEL_PREFIXES if text.startswith(prefix)), None)
 
 
-def _split(body: str, codec: _Codec) -> list[str]:
+def channel_name(prefix: str) -> str:
+    """The name `SMS_SMSC_CHANNELS` uses for a channel prefix: `viber` for `__VIBER__:`."""
+    return prefix.strip("_:").lower()
+
+
+def _split(body: str, codec: _Codec, part: int) -> list[str]:
     if sum(map(codec.cost, body)) <= codec.single:
         return [body]
     chunks, current, used = [], [], 0
     for char in body:
         cost = codec.cost(char)
-        if used + cost > codec.part:
+        if used + cost > part:
             chunks.append("".join(current))
             current, used = [], 0
         current.append(char)
@@ -173,19 +188,20 @@ def _split(body: str, codec: _Codec) -> list[str]:
 def sms_count(text: str) -> int:
     """How many SMS a plain text takes on the air: GSM 03.38 when it fits (extension characters count
     two), else UCS-2. What a provider that encodes the text itself (Accolades, Ozeki) bills."""
-    return len(_split(text, _codec_for(text, iso=False))) if text else 0
+    codec = _codec_for(text, iso=False)
+    return len(_split(text, codec, codec.part)) if text else 0
 
 
 def layout(text: str, *, iso: bool = False) -> Layout:
     """Lay `text` out as described in the module docstring. A text with nothing before the comment
     separator has zero billed parts (the caller refuses it)."""
     codec = _codec_for(text, iso)
-    if is_channel_message(text):
+    if channel_of(text):
         return Layout(codec.data_coding, (codec.encode(text),), 1)
     body, separator, comment = text.partition(COMMENT_SEPARATOR)
     if not body:
         return Layout(codec.data_coding, (), 0)
-    chunks = _split(body, codec)
+    chunks = _split(body, codec, codec.part16)
     chunks[-1] += separator + comment
     return Layout(codec.data_coding, tuple(map(codec.encode, chunks)), len(chunks))
 

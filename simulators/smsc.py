@@ -8,9 +8,13 @@ sent nothing for `idle_timeout_s` (two minutes at smsc.ru). After `receipt_delay
 receipt in the text form (`id:… sub:001 dlvrd:001 submit date:… done date:… stat:DELIVRD err:000 text:…`,
 and the TLVs too when `receipt_tlvs`) for every accepted part to a bound receiver or transceiver. It holds
 receipts while none is bound, and sends again those a receiver answered with an error status or left
-unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat:UNDELIV err:001`.
+unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat:UNDELIV err:001`, and so
+does the part numbered `undeliverable_part` of every concatenated message. Receipts write the message id
+as `submit_sm_resp` did (decimal), or in hexadecimal with `receipt_ids="hex"`.
 `send_reply(from_number, text)` delivers a recipient's reply (an MO message). `fail_next(status, count)`
-makes the next submits fail; `latency_s` delays every `submit_sm_resp` (a slow link, per session).
+makes the next submits fail; `latency_s` delays every `submit_sm_resp` without holding up the submits
+behind it (an SMSC answering a window of submits, each after `latency_s`); `max_in_flight` is the most
+submits one session had awaiting their answer at once. `TlsFront` puts a TLS endpoint in front of it.
 
 Everything is recorded in `journal` (dicts with a `kind`: `bind`, `submit`, `deliver`, `deliver_resp`,
 `unbind`, `drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes.
@@ -20,8 +24,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import select
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -77,6 +83,7 @@ class _Session(socketserver.BaseRequestHandler):
     server: "SmscSimulator"
 
     def setup(self) -> None:
+        self.in_flight = 0
         self.mode: str | None = None
         self.system_id = ""
         self.write_lock = threading.Lock()
@@ -148,8 +155,12 @@ class _Session(socketserver.BaseRequestHandler):
             self._answer(pdu, "generic_nack", status=consts.SMPP_ESME_RINVBNDSTS)
         elif command == "submit_sm":
             status, message_id = self.server._submit(self, pdu)
-            time.sleep(self.server.latency_s)
-            self._answer(pdu, "submit_sm_resp", status=status, message_id=message_id or "")
+            if self.server.latency_s > 0 and self.server._scheduler:
+                self.server._in_flight(self, +1)
+                self.server._scheduler.call_later(
+                    self.server.latency_s, lambda: self._answer_later(pdu, status, message_id))
+            else:
+                self._answer(pdu, "submit_sm_resp", status=status, message_id=message_id or "")
         elif command == "deliver_sm_resp":
             fields = self.unacked.pop(pdu.sequence, None)
             self.server.record(kind="deliver_resp", status=pdu.status, sequence=pdu.sequence)
@@ -158,6 +169,13 @@ class _Session(socketserver.BaseRequestHandler):
         elif not pdu.is_response():
             self._answer(pdu, "generic_nack", status=ESME_RINVCMDID)
         return True
+
+    def _answer_later(self, pdu, status: int, message_id: str | None) -> None:
+        self.server._in_flight(self, -1)
+        try:
+            self._answer(pdu, "submit_sm_resp", status=status, message_id=message_id or "")
+        except OSError:  # the session went away meanwhile: its client never gets this answer
+            pass
 
     def _bind(self, pdu) -> bool:
         mode = _BIND_MODES[pdu.command]
@@ -202,7 +220,8 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
                  password: str = "secret", identical_window_s: float = 60.0,
                  identical_status: int = consts.SMPP_ESME_RTHROTTLED, receipt_delay_s: float = 0.5,
                  receipts: bool = True, receipt_tlvs: bool = False, undeliverable_suffix: str = "13",
-                 idle_timeout_s: float | None = 120.0, latency_s: float = 0.0):
+                 idle_timeout_s: float | None = 120.0, latency_s: float = 0.0,
+                 undeliverable_part: int | None = None, receipt_ids: str = "dec"):
         socketserver.ThreadingTCPServer.__init__(self, (host, port), _Session)
         self.system_id, self.password = system_id, password
         self.identical_window_s = identical_window_s
@@ -212,6 +231,9 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
         self.undeliverable_suffix = undeliverable_suffix
         self.idle_timeout_s = idle_timeout_s
         self.latency_s = latency_s
+        self.undeliverable_part = undeliverable_part
+        self.receipt_ids = receipt_ids
+        self.max_in_flight = 0
         self.sequence = SimpleSequenceGenerator()
         Journal.__init__(self)
         self._sessions: set[_Session] = set()
@@ -300,6 +322,11 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
         except OSError:
             pass
 
+    def _in_flight(self, session: _Session, change: int) -> None:
+        with self.lock:
+            session.in_flight += change
+            self.max_in_flight = max(self.max_in_flight, session.in_flight)
+
     def _submit(self, session: _Session, pdu) -> tuple[int, str | None]:
         data = pdu.message_payload or pdu.short_message or b""
         udh = data[: 1 + data[0]] if pdu.esm_class & 0x40 and data else b""
@@ -322,13 +349,18 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
                     udh=udh, short_message=bytes(data), text=bytes(data[len(udh):]),
                     registered_delivery=pdu.registered_delivery, payload=bool(pdu.message_payload))
         if message_id and self.receipts and pdu.registered_delivery and self._scheduler:
-            receipt = self._receipt(message_id, source, destination, pdu.data_coding, data[len(udh):])
+            part = udh[-1] if len(udh) >= 6 else None
+            receipt = self._receipt(message_id, source, destination, pdu.data_coding, data[len(udh):],
+                                    failed=part is not None and part == self.undeliverable_part)
             self._redeliver(receipt)
         return status, message_id
 
-    def _receipt(self, message_id: str, source: str, destination: str, coding: int, text: bytes) -> dict:
-        failed = bool(self.undeliverable_suffix) and destination.endswith(self.undeliverable_suffix)
+    def _receipt(self, message_id: str, source: str, destination: str, coding: int, text: bytes,
+                 failed: bool = False) -> dict:
+        failed = failed or bool(self.undeliverable_suffix) and destination.endswith(self.undeliverable_suffix)
         stat, err, state = ("UNDELIV", "001", 5) if failed else ("DELIVRD", "000", 2)
+        if self.receipt_ids == "hex":
+            message_id = format(int(message_id), "X")
         stamp = time.strftime("%y%m%d%H%M")
         excerpt = text[:20].decode("latin-1") if coding in (0, 1, 3) else ""
         body = (f"id:{message_id} sub:001 dlvrd:{'000' if failed else '001'} submit date:{stamp} "
@@ -365,6 +397,77 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
             pending, self._pending = self._pending, []
         for fields in pending:
             self._deliver(fields)
+
+
+class TlsFront:
+    """A TLS endpoint on 127.0.0.1 in front of a plain SMPP server on `backend_port` (smsc.ru serves SMPP
+    over TLS on port 3443): each TLS connection is relayed to a plain one. A client that does not speak
+    TLS is refused: its handshake fails and the connection is closed (`refused` counts those).
+    `certfile` and `keyfile` are PEM files."""
+
+    def __init__(self, backend_port: int, certfile: str, keyfile: str, port: int = 0, host: str = "127.0.0.1"):
+        self.backend_port = backend_port
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(certfile, keyfile)
+        self._listener = socket.create_server((host, port))
+        self.port = self._listener.getsockname()[1]
+        self.refused = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "TlsFront":
+        self._spawn(self._accept_loop)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._listener.close()
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name="smsc-tls-front", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self._listener], [], [], 0.1)[0]:
+                conn, _ = self._listener.accept()
+                self._spawn(self._relay, conn)
+
+    def _relay(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        try:
+            tls = self._context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.refused += 1
+            raw.close()
+            return
+        with tls, socket.create_connection(("127.0.0.1", self.backend_port), timeout=5) as backend:
+            # One thread reads and writes the TLS side: OpenSSL does not allow both at once.
+            while not self._stop.is_set():
+                readable = [tls] if tls.pending() else \
+                    select.select([tls, backend], [], [], 0.1)[0]
+                try:
+                    if tls in readable:
+                        tls.settimeout(0)
+                        try:
+                            data = tls.recv(65536)
+                        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                            data = None
+                        tls.settimeout(5)
+                        if data == b"":
+                            return
+                        if data:
+                            backend.sendall(data)
+                    if backend in readable:
+                        data = backend.recv(65536)
+                        if not data:
+                            return
+                        tls.sendall(data)
+                except OSError:
+                    return
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options) -> None:

@@ -1,4 +1,5 @@
-"""`smsctl`: the operator's command line (database set-up, webhooks, SMPP receiver, simulators, demo).
+"""`smsctl`: the operator's command line (database set-up, webhooks, SMPP receiver, metrics, status,
+simulators, demo).
 
 The Celery processes themselves are started with `celery -A tasks worker|beat|flower`. Every command reads
 the same environment as they do; a bad setting stops it with a message naming the variable.
@@ -89,7 +90,7 @@ def db_drop_astercc_index() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 def webhooks(host: str, port: int) -> None:
-    """Serve the delivery-report app (development; use gunicorn in production)."""
+    """Serve the delivery-report app (waitress: slow or idle clients hold no thread)."""
     from webhooks.app import serve
 
     _settings().require("webhook_secret")
@@ -104,6 +105,27 @@ def smpp_receiver() -> None:
     settings = _settings()
     settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
     run_receiver(settings)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9464, show_default=True, type=int)
+def metrics(host: str, port: int) -> None:
+    """Serve Prometheus /metrics, read from the database and Redis at each scrape."""
+    from smsctl.metrics import serve
+
+    serve(_settings(), host, port)
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Redraw the screen until interrupted (Ctrl-C).")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="Seconds between redraws with --watch.")
+def status(watch: bool, interval: float) -> None:
+    """One screen per provider: available or why not, sent / failed / waiting, oldest waiting row."""
+    from smsctl.status import run
+
+    run(_settings(), watch, interval)
 
 
 @main.command()

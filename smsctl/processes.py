@@ -63,3 +63,9 @@ def stop_all(processes: list[CeleryProcess]) -> None:
         process.terminate()
     for process in processes:
         process.stop()
+
+
+def pool_option(pool: str) -> str:
+    """The `celery worker -P` value that selects `pool`. Celery takes `-P prefork` for "no choice" and then
+    runs the pool `celeryconfig` names (threads), so prefork is asked for by its other name."""
+    return "processes" if pool == "prefork" else pool

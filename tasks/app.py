@@ -38,6 +38,8 @@ def _check_settings(**_):
     except ConfigError as exc:
         logging.getLogger("tasks").critical("cannot start: %s", exc)
         raise SystemExit(f"cannot start: {exc}") from None
+    for warning in settings.startup_warnings():
+        logging.getLogger("tasks").warning("%s", warning)
 
 
 CLOCK_WARN_S = 2.0

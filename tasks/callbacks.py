@@ -1,20 +1,26 @@
 """Signed callback URLs for the providers that report delivery by calling us back (Accolades, Ozeki).
 
 `callback_url` builds `{SMS_PUBLIC_URL}/reports/{provider}/{token}` for one send of a row; the token
-carries the row id, the row's resend count at that send, and an HMAC-SHA256 over both keyed with
-`SMS_WEBHOOK_SECRET` and salted with the provider's name, so it cannot be forged, altered to name another
-row or send, or moved to another provider's route. `verify_token` gives both back or raises `BadToken`.
+carries the row id, the row's resend count at that send, the time it was issued, and an HMAC-SHA256 over
+them keyed with the first key of `SMS_WEBHOOK_SECRET` and salted with the provider's name, so it cannot be
+forged, altered to name another row or send, or moved to another provider's route. `verify_token` gives
+row and send back, or raises `BadToken`.
 
-Tokens do not expire: a provider may report days later, and a replayed genuine report is harmless because
-reports are applied forward-only. They are, however, a capability for their one row, so the webhook app
-never logs them.
+Tokens expire `SMS_WEBHOOK_TOKEN_TTL_S` after they were issued (longer than the report timeout, after which
+nobody waits for the report). Every key of `SMS_WEBHOOK_SECRET` verifies, so a key is rotated by putting a
+new one first and dropping the old one once the TTL has passed.
+
+Tokens issued before they carried a time never expire by themselves: they are accepted while signed with
+the signing (first) key, so the first rotation retires them. A token is a capability for its one row, so
+the webhook app never logs it.
 """
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import NamedTuple
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature, URLSafeSerializer, URLSafeTimedSerializer
 
 from settings import Settings
 
@@ -22,7 +28,8 @@ WEBHOOK_PROVIDERS = ("accolades", "ozeki")
 
 
 class BadToken(Exception):
-    """The token was not signed by us for this provider (forged, altered, or another provider's)."""
+    """The token was not signed by us for this provider (forged, altered, or another provider's), or it
+    has expired."""
 
 
 class CallbackFor(NamedTuple):
@@ -33,12 +40,15 @@ class CallbackFor(NamedTuple):
     resends: int | None
 
 
-def _serializer(settings: Settings, provider: str) -> URLSafeSerializer | None:
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
-    if not secret:
+def _serializer(settings: Settings, provider: str, *, timed: bool = True):
+    """The signer of `provider`'s tokens (None without keys). itsdangerous signs with the last key of its
+    list and verifies with all; ours lists the signing key first. Tokens without a time verify with the
+    signing key only."""
+    keys = settings.webhook_keys
+    if not keys:
         return None
-    return URLSafeSerializer(secret, salt=f"sms-report:{provider}",
-                             signer_kwargs={"digest_method": hashlib.sha256})
+    kind, keys = (URLSafeTimedSerializer, keys[::-1]) if timed else (URLSafeSerializer, keys[0])
+    return kind(keys, salt=f"sms-report:{provider}", signer_kwargs={"digest_method": hashlib.sha256})
 
 
 def callback_url(settings: Settings, provider: str, reference: int, resends: int) -> str | None:
@@ -54,15 +64,31 @@ def callback_url(settings: Settings, provider: str, reference: int, resends: int
 
 
 def verify_token(settings: Settings, provider: str, token: str) -> CallbackFor:
-    """The row and send that `token` was issued for on `provider`'s route; `BadToken` otherwise."""
+    """The row and send that `token` was issued for on `provider`'s route; `BadToken` otherwise, and when it
+    was issued more than `SMS_WEBHOOK_TOKEN_TTL_S` ago."""
     serializer = _serializer(settings, provider)
     if serializer is None or provider not in WEBHOOK_PROVIDERS:
         raise BadToken("no webhook secret is configured, or no such provider route")
     try:
-        payload = serializer.loads(token)
+        payload, issued = serializer.loads(token, return_timestamp=True)
     except BadSignature:
-        raise BadToken("the token's signature does not match") from None
+        payload = _untimed(settings, provider, token)
+    else:
+        # Measured here rather than by itsdangerous's `max_age`, which also refuses a token issued "in the
+        # future": one from a worker whose clock runs a little ahead of this host's.
+        if time.time() - issued.timestamp() > settings.token_ttl_s:
+            raise BadToken("the token has expired")
     reference, resends = payload if type(payload) is list and len(payload) == 2 else (payload, None)
     if type(reference) is not int or reference <= 0 or not (resends is None or type(resends) is int):
         raise BadToken("the token does not name a row")
     return CallbackFor(reference, resends)
+
+
+def _untimed(settings: Settings, provider: str, token: str):
+    """The payload of a token issued before tokens carried a time (`payload.signature`)."""
+    if token.count(".") != 1:
+        raise BadToken("the token's signature does not match")
+    try:
+        return _serializer(settings, provider, timed=False).loads(token)
+    except BadSignature:
+        raise BadToken("the token's signature does not match") from None

@@ -5,11 +5,18 @@
 a report about a row that is already final, or about a send of it before an operator's resend, is ignored
 (logged as stale or duplicate, never an error).
 A recipient's reply is written to `responsenote`.
+
+Whoever holds a callback URL, and whoever sends an SMS reply, chooses these words, and asterCC's screens
+show them raw: a reason and a reply are stored as `plain_text`, without markup or control characters.
 """
 from __future__ import annotations
 
 import logging
+import unicodedata
+from dataclasses import replace
 from typing import Literal
+
+from markupsafe import Markup
 
 from db import store
 from db.models import DispatchState
@@ -18,6 +25,19 @@ from providers.base import DeliveryReport
 log = logging.getLogger(__name__)
 
 ReportResult = Literal["applied", "duplicate", "stale", "unknown"]
+
+MAX_READ_CHARS = 2000
+"""Longer report text is cut before it is cleaned (the columns hold 255)."""
+_ANGLES = str.maketrans("<>", "\u2039\u203a")
+
+
+def plain_text(text: str) -> str:
+    """`text` as plain words: tags and comments removed (markupsafe's `striptags`, which also decodes
+    entities), any `<` or `>` left shown as `‹ ›`, control and format characters (bidi overrides too)
+    dropped, whitespace collapsed to single spaces; at most `MAX_READ_CHARS` of it read."""
+    text = str(Markup(text[:MAX_READ_CHARS]).striptags())
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    return " ".join(text.translate(_ANGLES).split())
 
 
 def apply_report(provider: str, report: DeliveryReport, rt=None) -> ReportResult:
@@ -28,6 +48,8 @@ def apply_report(provider: str, report: DeliveryReport, rt=None) -> ReportResult
         from tasks.runtime import runtime
 
         rt = runtime()
+    report = replace(report, reason=report.reason and plain_text(report.reason),
+                     reply_text=report.reply_text and plain_text(report.reply_text))
     target = store.find_report_target(
         rt.engine, provider, reference=report.reference, provider_message_id=report.provider_message_id,
         recipient=report.recipient if report.reply_text is not None else None,

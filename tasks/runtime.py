@@ -69,11 +69,9 @@ def build_client(name: str, s: Settings) -> Provider:
         return OzekiClient(url=s.ozeki_url, username=s.ozeki_username, password=secret(s.ozeki_password),
                            sender=s.ozeki_sender, timeout=s.http_timeout_s, session=http_session())
     if name == "smsc":
-        from providers.smsc import SmscClient
+        from tasks.smpp_receiver import smsc_client
 
-        return SmscClient(host=s.smsc_host, port=s.smsc_port, system_id=s.smsc_system_id,
-                          password=secret(s.smsc_password), system_type=s.smsc_system_type,
-                          source_addr=s.smsc_source_addr, timeout=s.http_timeout_s)
+        return smsc_client(s)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -88,14 +86,20 @@ class Runtime:
     _clients: dict = field(default_factory=dict)
     _throttle: object = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    concurrency: int = 1
-    """Threads (or processes) of this worker; set when the worker starts."""
+    concurrency: int = 0
+    """Threads (or processes) of this worker, set when the worker starts; 0 outside a worker (no shares)."""
     providers_served: int = 1
     """How many providers' queues this worker consumes; set when the worker starts."""
     stopping: threading.Event = field(default_factory=threading.Event)
     """Set on a warm shutdown: no new provider call starts, the rows are handed back."""
     _slots: dict = field(default_factory=dict)
     _breakers: tuple = (0.0, {})
+    alerted: dict = field(default_factory=dict)
+    """When this process last logged each kind of repeated `ALERT:` (`tasks.workflow._alert_once`)."""
+    confirm_asked: dict = field(default_factory=dict)
+    """When this process last asked each unavailable provider about rows in doubt (`tasks.workflow.fail_over`)."""
+    taken_rows: set = field(default_factory=set)
+    """Rows in doubt their provider said it has: they wait for it and are not asked about again."""
 
     @property
     def engine(self):
@@ -123,6 +127,9 @@ class Runtime:
         """Yields True while this thread holds one of `provider`'s threads (`Settings.threads_for`), False
         (at once, without waiting) when they are all in use: a provider that hangs then holds at most its
         share of the worker, and the caller puts the row back to wait."""
+        if not self.concurrency:
+            yield True
+            return
         with self._lock:
             slots = self._slots.get(provider)
             if slots is None:
@@ -138,11 +145,16 @@ class Runtime:
     def breaker(self, provider: str):
         """`provider`'s account circuit (`db.store.BreakerState`) as last read, at most `BREAKER_CACHE_S`
         ago; None while it is closed and never tripped."""
+        from sqlalchemy.exc import SQLAlchemyError
+
         from db import store
 
         read_at, states = self._breakers
         if time.monotonic() - read_at > BREAKER_CACHE_S:
-            states = store.breaker_states(self.engine)
+            try:
+                states = store.breaker_states(self.engine)
+            except SQLAlchemyError:  # keep what was last read: the send itself meets the database next
+                pass
             self._breakers = (time.monotonic(), states)
         return states.get(provider)
 

@@ -1,13 +1,28 @@
 """The smsc.ru SMPP receiver (`smsctl smpp-receiver`): a long-running loop, bound as a receiver, that
 turns every `deliver_sm` (delivery receipts and recipients' replies) into a `DeliveryReport` and applies
-it through `tasks.reports.apply_report`.
+it through `apply_smsc_report`; and `smsc_client`, the workers' client, whose transceiver session (with
+`SMS_SMSC_BIND=transceiver`) hands what it receives to the same `ReceiptHandler`.
 
-It keeps the session alive with `enquire_link` while idle (smsc.ru drops a session idle for two minutes),
-notices a dead peer when nothing at all came back for two keep-alive periods, and binds again after a
-broken connection or a failed bind with an exponential backoff. Every `deliver_sm` is answered:
-`ESME_ROK` once the report was applied, or when it names no message of ours or cannot be read (sending it
-again would not help); `ESME_RX_T_APPN` (temporary error, so that smsc.ru delivers it again later) only
-when applying it failed, e.g. the database was down.
+It connects as the workers do (`SMS_SMSC_HOST` tried in order, TLS with `SMS_SMSC_TLS`), keeps the session
+alive with `enquire_link` while idle (smsc.ru drops a session idle for two minutes), notices a dead peer
+when nothing at all came back for two keep-alive periods, and binds again after a broken connection or a
+failed bind with an exponential backoff; a session that ended within `stable_s` of its bind counts as a
+failure too, so a peer that drops us at once, or sends what cannot be read, is not met with a tight loop
+of binds. A PDU announcing a length outside what SMPP allows (`providers.smsc.MAX_PDU_OCTETS`) closes
+the session before any of it is read; one that is framed but unreadable is answered `generic_nack`, a
+`deliver_sm` whose fields make no sense is acknowledged and ignored, and the session goes on.
+
+Every `deliver_sm` is answered: `ESME_ROK` once the report was applied, or when it names no message of
+ours or cannot be read (sending it again would not help); `ESME_RX_T_APPN` (temporary error, so that
+smsc.ru delivers it again later) only when applying it failed, e.g. the database was down.
+
+Receipts (`apply_smsc_report`): the id is looked up as written and in its other forms
+(`providers.smsc.message_id_forms`: smsc.ru does not say whether receipts write ids in decimal or
+hexadecimal). A message sent in several parts is `delivered` only once every part's receipt said so (each
+delivered part's id is settled in `sms_message_ids`, `db.store.settle_delivered_part`); one undelivered
+part makes it `failed` with that part's reason. Should the database fail between settling the last part
+and applying the report, the row keeps `success` without its final state (smsc.ru's redelivery then finds
+no id).
 
 A receipt can overtake the worker that records its message id: smsc.ru may answer `submit_sm` and send
 an immediate receipt (a rejection, say) before the worker has written the id down. A receipt for an id we
@@ -17,44 +32,78 @@ given up (kept in memory: a receiver restart in those seconds loses it, and the 
 A reply the phone split into several SMS arrives as several `deliver_sm`, in any order: the parts are held
 until the last one comes and applied as one reply, so `responsenote` gets all of it. One still incomplete
 after `SPLIT_REPLY_WAIT_S` is applied as far as it came, the gap marked (held in memory: a receiver restart
-in that time loses the parts held).
+in that time loses the parts held, and parts delivered to different processes' transceiver sessions are
+not joined).
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 import logging
-import select
 import signal
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
-from smpplib import client as smpp_client
-from smpplib import consts, exceptions, smpp
+from smpplib import consts
 
-from providers.base import DeliveryReport
-from providers.smsc import SMPPLIB_LOGGER, ReplyPart, parse_deliver_sm, reply_part
+from providers.base import DeliveryReport, ProviderError
+from providers.smsc import (
+    ESME_RINVCMDID,
+    ESME_RX_T_APPN,
+    BadPdu,
+    Link,
+    ReplyPart,
+    SessionLost,
+    SmscClient,
+    bind,
+    message_id_forms,
+    parse_deliver_sm,
+    parse_hosts,
+    reply_part,
+    tls_context,
+)
 
 log = logging.getLogger(__name__)
 
 Apply = Callable[[str, DeliveryReport], str]
-ESME_RX_T_APPN = 0x64
 UNKNOWN_RETRY_S = (1.0, 4.0, 15.0)
 SPLIT_REPLY_WAIT_S = 300.0
 """How long the parts of a split reply wait for the rest."""
 MISSING_PART = "[…]"
 _POLL_S = 0.5
-_BROKEN = (exceptions.ConnectionError, exceptions.PDUError, exceptions.UnknownCommandError, OSError,
-           struct.error)
 
 
-def _default_apply(provider: str, report: DeliveryReport) -> str:
+def apply_smsc_report(provider: str, report: DeliveryReport, rt=None) -> str:
+    """`tasks.reports.apply_report` for smsc.ru, with the receipt rules of the module docstring: the id
+    in each of its forms, and `delivered` only once every part was. Returns what `apply_report` returns,
+    or `awaiting` for a delivered part whose message has parts still awaiting their receipt."""
+    from db import store
     from tasks.reports import apply_report
 
-    return apply_report(provider, report)
+    if rt is None:
+        from tasks.runtime import runtime
+
+        rt = runtime()
+    if report.reply_text is not None or not report.provider_message_id:
+        return apply_report(provider, report, rt=rt)
+    for form in message_id_forms(report.provider_message_id):
+        if report.outcome != "delivered":
+            result = apply_report(provider, replace(report, provider_message_id=form), rt=rt)
+            if result != "unknown":
+                return result
+            continue
+        settled = store.settle_delivered_part(rt.engine, provider, form)
+        if settled is None:
+            continue
+        row_id, awaiting = settled
+        if awaiting:
+            log.info("smsc receipt: a part of row %d delivered, %d more awaited", row_id, awaiting)
+            return "awaiting"
+        return apply_report(provider, replace(report, provider_message_id=None, reference=row_id), rt=rt)
+    return "unknown"
 
 
 class _Overtaken:
@@ -131,111 +180,141 @@ class _SplitReplies:
         return replace(parts[min(parts)], reply_text=text)
 
 
+class ReceiptHandler:
+    """What becomes of each `deliver_sm`, on the receiver's session or a worker's transceiver session:
+    `deliver(fields)` applies it (or holds it) and returns the `deliver_sm_resp` status; `tick()` applies
+    what waited long enough (overtaken receipts, incomplete split replies). Thread-safe."""
+
+    def __init__(self, apply: Apply | None = None, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S,
+                 split_reply_wait_s: float = SPLIT_REPLY_WAIT_S):
+        self._apply = apply or apply_smsc_report
+        self._overtaken = _Overtaken(unknown_retry_s)
+        self._split = _SplitReplies(split_reply_wait_s)
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._overtaken.run_due(self._apply)
+            self._split.run_due(self._apply)
+
+    def deliver(self, fields: dict[str, Any]) -> int:
+        try:
+            report = parse_deliver_sm(fields)
+            part = reply_part(fields) if report.reply_text is not None else None
+        except Exception as exc:  # any field of a PDU may be nonsense; sending it again would not help
+            log.warning("smsc deliver_sm ignored: it cannot be read (%s)", type(exc).__name__)
+            return consts.SMPP_ESME_ROK
+        with self._lock:
+            return self._deliver(report, part)
+
+    def _deliver(self, report: DeliveryReport, part: ReplyPart | None) -> int:
+        whole = None
+        if part is not None:
+            whole = self._split.add(report, part)
+            if not whole:
+                log.info("smsc reply part %d of %d %s", part.number, part.count,
+                         "held for the rest" if whole is None else "of a reply already applied; ignored")
+                return consts.SMPP_ESME_ROK
+            report = whole[1]
+        kind = "reply" if report.reply_text is not None else f"receipt ({report.outcome})"
+        try:
+            result = self._apply("smsc", report)
+        except Exception:
+            # A split reply's parts stay held: smsc.ru's next delivery of this part completes it again.
+            log.exception("smsc %s could not be applied; smsc.ru will deliver it again", kind)
+            return ESME_RX_T_APPN
+        if whole:
+            self._split.applied(whole[0])
+        log.info("smsc %s: %s", kind, result)
+        if result == "unknown" and report.reply_text is None:
+            self._overtaken.add(report)
+        return consts.SMPP_ESME_ROK
+
+
+def smsc_client(settings) -> SmscClient:
+    """The workers' smsc.ru client as `settings` describe it. With `SMS_SMSC_BIND=transceiver`, receipts
+    and replies that arrive on its session go through a `ReceiptHandler`, as the receiver's do."""
+    secret = settings.smsc_password.get_secret_value() if settings.smsc_password is not None else ""
+    return SmscClient(
+        host=settings.smsc_host, port=settings.smsc_port, system_id=settings.smsc_system_id or "",
+        password=secret, system_type=settings.smsc_system_type, source_addr=settings.smsc_source_addr,
+        timeout=settings.http_timeout_s, window=settings.smsc_window, tls=settings.smsc_tls,
+        ca_file=settings.smsc_ca_file, bind=settings.smsc_bind, channels=settings.smsc_channel_names,
+        receipts=ReceiptHandler() if settings.smsc_bind == "transceiver" else None,
+    )
+
+
 def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
                  enquire_link_s: float = 30.0, reconnect_min_s: float = 1.0,
                  reconnect_max_s: float = 60.0, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S,
-                 split_reply_wait_s: float = SPLIT_REPLY_WAIT_S) -> None:
+                 split_reply_wait_s: float = SPLIT_REPLY_WAIT_S, stable_s: float = 60.0) -> None:
     """Receive smsc.ru receipts and replies until `stop_event` is set; without one, until SIGTERM or
     SIGINT (the session is then unbound cleanly). `apply` is called as `apply("smsc", report)`; it
-    defaults to `tasks.reports.apply_report`."""
+    defaults to `apply_smsc_report`."""
     settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
     stop = stop_event or threading.Event()
     if stop_event is None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    apply = apply or _default_apply
-    overtaken = _Overtaken(unknown_retry_s)
-    split = _SplitReplies(split_reply_wait_s)
+    handler = ReceiptHandler(apply, unknown_retry_s, split_reply_wait_s)
+    hosts = parse_hosts(settings.smsc_host, settings.smsc_port)
+    tls = tls_context(settings.smsc_ca_file) if settings.smsc_tls else None
     failures = 0
     while not stop.is_set():
-        conn = smpp_client.Client(settings.smsc_host, settings.smsc_port, timeout=settings.http_timeout_s,
-                                  allow_unknown_opt_params=True, logger_name=SMPPLIB_LOGGER)
-        try:
-            conn.connect()
-            conn.bind_receiver(system_id=settings.smsc_system_id,
-                               password=settings.smsc_password.get_secret_value(),
-                               system_type=settings.smsc_system_type)
-        except _BROKEN as exc:
-            conn.disconnect()
-            failures += 1
+        if failures:
             delay = min(reconnect_max_s, reconnect_min_s * 2 ** (failures - 1))
-            log.warning("smsc SMPP receiver could not bind (%s); next try in %.1f s", exc, delay)
-            stop.wait(delay)
-            continue
-        failures = 0
-        log.info("smsc SMPP receiver bound")
+            log.info("smsc SMPP receiver binds again in %.1f s", delay)
+            if stop.wait(delay):
+                break
         try:
-            _serve_session(conn, stop, apply, enquire_link_s, overtaken, split)
-        except _BROKEN as exc:
-            log.warning("smsc SMPP receiver session lost (%s); binding again", type(exc).__name__)
+            link = bind(hosts, mode="receiver", system_id=settings.smsc_system_id,
+                        password=settings.smsc_password.get_secret_value(),
+                        system_type=settings.smsc_system_type, timeout=settings.http_timeout_s, tls=tls)
+        except ProviderError as exc:
+            failures += 1
+            log.warning("smsc SMPP receiver could not bind (%s)", exc)
+            continue
+        bound_at = time.monotonic()
+        try:
+            _serve_session(link, stop, handler, enquire_link_s)
+        except SessionLost as exc:
+            log.warning("smsc SMPP receiver session lost (%s)", exc)
         finally:
-            conn.disconnect()
+            link.close()
+        failures = failures + 1 if time.monotonic() - bound_at < stable_s else 1
 
 
-def _serve_session(conn: smpp_client.Client, stop: threading.Event, apply: Apply,
-                   enquire_link_s: float, overtaken: _Overtaken, split: _SplitReplies) -> None:
-    """Serve one bound session until the peer goes away (raises) or `stop` is set (unbinds)."""
+def _serve_session(link: Link, stop: threading.Event, handler: ReceiptHandler, enquire_link_s: float) -> None:
+    """Serve one bound session until the peer goes away (raises `SessionLost`) or `stop` is set (unbinds)."""
     last_rx = last_tx = time.monotonic()
     while not stop.is_set():
-        overtaken.run_due(apply)
-        split.run_due(apply)
+        handler.tick()
         now = time.monotonic()
-        if now - last_rx > 2 * enquire_link_s + conn.timeout:
-            raise exceptions.ConnectionError("smsc.ru stopped answering")
+        if now - last_rx > 2 * enquire_link_s + link.timeout:
+            raise SessionLost("smsc.ru stopped answering")
         if now - max(last_rx, last_tx) > enquire_link_s:
-            conn.send_pdu(smpp.make_pdu("enquire_link", client=conn))
+            link.send(link.make("enquire_link"))
             last_tx = now
-        if not select.select([conn._socket], [], [], _POLL_S)[0]:  # smpplib has no readiness check
+        try:
+            pdu = link.read(_POLL_S)
+        except BadPdu as bad:
+            log.warning("smsc SMPP receiver: %s", bad)
+            link.nack(bad)
             continue
-        pdu = conn.read_pdu()
+        if pdu is None:
+            continue
         last_rx = time.monotonic()
         if pdu.command == "deliver_sm":
-            _reply(conn, pdu, "deliver_sm_resp", _handle_deliver(pdu, apply, overtaken, split))
+            link.answer(pdu.sequence, "deliver_sm_resp", handler.deliver(vars(pdu)))
         elif pdu.command == "enquire_link":
-            _reply(conn, pdu, "enquire_link_resp")
+            link.answer(pdu.sequence, "enquire_link_resp")
         elif pdu.command == "unbind":
-            _reply(conn, pdu, "unbind_resp")
-            raise exceptions.ConnectionError("smsc.ru unbound the session")
+            link.answer(pdu.sequence, "unbind_resp")
+            raise SessionLost("smsc.ru unbound the session")
+        elif not pdu.is_response():
+            link.answer(pdu.sequence, "generic_nack", ESME_RINVCMDID)
     try:
-        conn.unbind()
-    except _BROKEN:
+        link.send(link.make("unbind"))
+        link.read(1.0)
+    except (SessionLost, BadPdu):
         pass
-
-
-def _handle_deliver(pdu, apply: Apply, overtaken: _Overtaken, split: _SplitReplies) -> int:
-    """Apply one deliver_sm (or hold it, a part of a split reply); return the command_status of its
-    deliver_sm_resp."""
-    fields = vars(pdu)
-    try:
-        report = parse_deliver_sm(fields)
-    except ValueError as exc:
-        log.warning("smsc deliver_sm ignored: %s", exc)
-        return consts.SMPP_ESME_ROK
-    whole = None
-    part = reply_part(fields) if report.reply_text is not None else None
-    if part is not None:
-        whole = split.add(report, part)
-        if not whole:
-            log.info("smsc reply part %d of %d %s", part.number, part.count,
-                     "held for the rest" if whole is None else "of a reply already applied; ignored")
-            return consts.SMPP_ESME_ROK
-        report = whole[1]
-    kind = "reply" if report.reply_text is not None else f"receipt ({report.outcome})"
-    try:
-        result = apply("smsc", report)
-    except Exception:
-        # A split reply's parts stay held: smsc.ru's next delivery of this part completes it again.
-        log.exception("smsc %s could not be applied; smsc.ru will deliver it again", kind)
-        return ESME_RX_T_APPN
-    if whole:
-        split.applied(whole[0])
-    log.info("smsc %s: %s", kind, result)
-    if result == "unknown" and report.reply_text is None:
-        overtaken.add(report)
-    return consts.SMPP_ESME_ROK
-
-
-def _reply(conn: smpp_client.Client, request, command: str, status: int = consts.SMPP_ESME_ROK) -> None:
-    resp = smpp.make_pdu(command, client=conn, status=status)
-    resp.sequence = request.sequence
-    conn.send_pdu(resp)

@@ -30,11 +30,12 @@ from typing import Callable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db import store
+from db import retention, store
 from db.models import WaitReason as W
 from providers.base import (
     AccountError,
     OutgoingMessage,
+    PartlySent,
     PermanentError,
     ProviderError,
     ThrottledError,
@@ -100,11 +101,74 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
     breakers = store.breaker_states(rt.engine)
     summary = store.waiting_summary(rt.engine)
     # Also a provider no longer configured that still has rows: they go on to their workers, which hold
-    # them as an account problem until SMS_ACCOUNT_RETRY_WINDOW_S ends them, never stuck.
-    for provider in sorted(s.providers_in_use | (summary.keys() - {"unrouted"})):
+    # them as an account problem until SMS_ACCOUNT_RETRY_WINDOW_S ends them, never stuck. Providers whose
+    # circuit is open go first, so that the rows they hand to a fallback are released in this same tick.
+    unavailable = {p for p, b in breakers.items() if b.open}
+    providers = s.providers_in_use | (summary.keys() - {"unrouted"})
+    for provider in sorted(providers, key=lambda p: (p not in unavailable, p)):
         release(rt, provider, enqueue, breakers.get(provider))
+        if provider in unavailable:
+            fail_over(rt, provider, breakers)
     _log_tick(rt, total, summary, breakers)
+    store.stamp(rt.engine, DISPATCH_STAMP)
     return total
+
+
+DISPATCH_STAMP = "dispatch_last_success"
+"""`sms_meta` name under which each dispatch tick that ran to its end records the database's time: an
+operator's alert fires when it grows old (beat stopped, or no worker takes the dispatch queue)."""
+FAILOVER_BATCH = 5000
+"""Waiting rows moved to a fallback per provider and tick: the fallback's room, not this, paces them."""
+CONFIRM_PER_TICK = 20
+"""Rows in doubt whose provider is asked per tick whether it has them (each a request to a troubled provider)."""
+CONFIRM_EVERY_S = 30.0
+"""A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
+hold every tick for its HTTP timeout."""
+
+
+def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
+    """While `provider`'s circuit is open, move its waiting rows to the first of its `SMS_FAILOVER`
+    fallbacks whose circuit is closed. A row whose last request's answer never came may be at `provider`
+    already: it stays, unless `provider` can confirm it has no such request (`has_request`). Returns how
+    many rows moved."""
+    s = rt.settings
+    fallback = next((f for f in s.failover_table.get(provider, ())
+                     if f in s.providers_in_use and not (breakers.get(f) and breakers[f].open)), None)
+    if fallback is None:
+        return 0
+    _confirm_not_taken(rt, provider)
+    moved = store.reroute_waiting(rt.engine, provider, fallback, FAILOVER_BATCH)
+    if moved:
+        log.info("failover: %d waiting rows of %s moved to %s", len(moved), provider, fallback)
+        _alert_once(rt, f"failover:{provider}", "ALERT: %s unavailable (%s): its waiting rows go through %s "
+                    "until a probe gets through", provider, breakers[provider].reason, fallback)
+    return len(moved)
+
+
+def _confirm_not_taken(rt: Runtime, provider: str) -> None:
+    """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
+    never came; those it has not may then move. Stops at the first question it cannot answer."""
+    if time.monotonic() - rt.confirm_asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
+        return
+    try:
+        client = rt.client(provider)
+    except ValueError:  # no longer configured: it cannot be asked
+        return
+    if not hasattr(client, "has_request"):
+        return
+    rt.confirm_asked[provider] = time.monotonic()
+    known = rt.taken_rows
+    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
+        if row.id in known:
+            continue
+        try:
+            has = client.has_request(mobilgroup_request_id(rt.settings, row.id, row.resends))
+        except ProviderError:
+            return
+        if has:
+            known.add(row.id)
+        elif store.not_taken(rt.engine, row.id, row.token):
+            log.info("failover: %s confirms it never got row %d: it may move", provider, row.id)
 
 
 def _route(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
@@ -118,7 +182,7 @@ def _route(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
                                                    f"{_duration(s.max_age_s)} ago (SMS_MAX_AGE_S)")
             continue
         try:
-            recipient = normalise(row.target, s.default_region)
+            recipient = normalise(row.target, s)
         except InvalidNumber as exc:
             store.finish_failed(rt.engine, row.id, str(exc))
             continue
@@ -191,9 +255,8 @@ def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
 
 def _alert_once(rt: Runtime, key: str, message: str, *args) -> None:
     """Log an `ALERT:` line at most every `ALERT_EVERY_S` per `key` in this process."""
-    alerts = rt.__dict__.setdefault("_alerted", {})
-    if time.monotonic() - alerts.get(key, -math.inf) >= ALERT_EVERY_S:
-        alerts[key] = time.monotonic()
+    if time.monotonic() - rt.alerted.get(key, -math.inf) >= ALERT_EVERY_S:
+        rt.alerted[key] = time.monotonic()
         log.error(message, *args)
 
 
@@ -267,12 +330,16 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
         except PermanentError as exc:
             if job.probe:
                 _account_works(rt, job.provider)
+            _reached(rt, job.provider)
             store.finish_failed(rt.engine, row_id, str(exc), token=job.token)
             return "failed"
         except ThrottledError as exc:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
         except AccountError as exc:
             return _account_problem(rt, job, exc)
+        except PartlySent as exc:
+            store.finish_error(rt.engine, row_id, f"{job.provider}: {exc}", token=job.token, unknown=True)
+            return "error"
         except UnknownOutcome as exc:
             return _unknown_outcome(rt, job, exc)
         except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
@@ -283,6 +350,7 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
 
     if job.probe:
         _account_works(rt, job.provider)
+    _reached(rt, job.provider)
     poll_after = s.poll_after_s() if job.provider == "mobilgroup" else None
     ids = (accepted.provider_message_id or "").split(",") if accepted.provider_message_id else []
     recorded = _until_recorded(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
@@ -329,25 +397,25 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     and the row's `last_error`) says how long, why, and how many sends of the provider were throttled so far."""
     from tasks.throttle import ThrottleUnavailable, identity_of
 
-    # smsc.ru strips the comment after the separator: the request it compares is the text before it.
-    text_sent = message.text.partition(COMMENT_SEPARATOR)[0] if provider == "smsc" else message.text
+    # No provider sends the comment after the separator (smsc.ru strips it, the others never get it): the
+    # request compared is the text before it.
+    text_sent = message.text.partition(COMMENT_SEPARATOR)[0]
     account = rt.account(provider)
     try:
         permit = rt.throttle.acquire(
             account, rt.rate(provider), cost=parts,
             identity=identity_of(message.recipient, text_sent, rt.identity_key(provider)),
             identical_s=rt.identical_s(provider), max_wait_s=THROTTLE_MAX_WAIT_S,
-        )
+        ).wait()
     except ThrottleUnavailable as exc:
         log.warning("send of row %d waits: the rate limiter is unavailable (%s)", message.reference, exc)
         return Retry(THROTTLE_DOWN_RETRY_S, f"rate limiter unavailable: {exc}")
     if permit.reserved:
-        if permit.wait_s > 0:
-            time.sleep(permit.wait_s)
         return None
     reason = {
         "identical": f"identical message to this recipient sent less than {rt.identical_s(provider):g} s ago",
         "paused": f"{provider} account paused after an account error",
+        "late": f"this worker woke too late for its {provider} slots (host overloaded)",
     }.get(permit.reason, f"{provider} rate limit of {rt.rate(provider):g}/s")
     try:
         throttled = f"{rt.throttle.throttled_count(account)} {provider} sends throttled so far"
@@ -390,6 +458,7 @@ def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
 
 def _transient_problem(rt: Runtime, job: store.SendJob, exc: ProviderError) -> str:
     s = rt.settings
+    _failed_on_the_way(rt, job, exc)
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
     return _wait(rt, job, delay, str(exc), W.RETRY, failed=True)
 
@@ -399,6 +468,7 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
     (Mobilgroup refuses a repeated id) or where `SMS_<PROVIDER>_ON_UNKNOWN=resend`; else `error`."""
     s = rt.settings
     log.warning("send of row %d: outcome unknown at %s (%s)", job.id, job.provider, exc)
+    _failed_on_the_way(rt, job, exc)
     if not s.resends_unknown(job.provider):
         store.finish_error(rt.engine, job.id, f"{job.provider} may or may not have this message: {exc} "
                                               f"(SMS_{job.provider.upper()}_ON_UNKNOWN=error)",
@@ -407,6 +477,30 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
     return _wait(rt, job, delay, f"no answer from {job.provider}, sending again: {exc}", W.UNKNOWN,
                  failed=True, unknown=True)
+
+
+def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> None:
+    """A send of a provider with a failover route failed on the way there (refused, timeout, 5xx): its
+    failure streak goes on, and once every send has failed for `SMS_FAILOVER_AFTER_S` its circuit opens (its
+    rows then go to the fallback). A probe that fails so keeps the circuit open for another pause."""
+    s, provider = rt.settings, job.provider
+    if job.probe:
+        store.trip_breaker(rt.engine, provider, s.account_retry_s, f"unreachable: {exc}")
+        log.error("ALERT: %s still unreachable (the probe failed), paused again for %.0f s: %s",
+                  provider, s.account_retry_s, exc)
+        rt.forget_breakers()
+        return
+    if provider not in s.failover_table:
+        return
+    store.note_failure(rt.engine, provider)
+    breaker = rt.breaker(provider)
+    if breaker is None or breaker.open or (breaker.failing_for_s or 0) < s.failover_after_s:
+        return
+    if store.trip_if_failing(rt.engine, provider, s.failover_after_s, s.account_retry_s, f"unreachable: {exc}"):
+        log.error("ALERT: %s unavailable: every send failed for %.0f s (SMS_FAILOVER_AFTER_S), the last: %s; its "
+                  "rows go through %s, and one probe tests it every %.0f s", provider, s.failover_after_s, exc,
+                  " or ".join(s.failover_table[provider]), s.account_retry_s)
+    rt.forget_breakers()
 
 
 def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
@@ -432,8 +526,18 @@ def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
 
 def _account_works(rt: Runtime, provider: str) -> None:
     if store.close_breaker(rt.engine, provider):
-        log.error("ALERT: %s account works again (the probe went through): sending resumes", provider)
+        log.error("ALERT: %s works again (the probe went through): sending resumes%s", provider,
+                  "; new rows go to it again" if provider in rt.settings.failover_table else "")
     rt.forget_breakers()
+
+
+def _reached(rt: Runtime, provider: str) -> None:
+    """A send reached `provider` and was answered: a failure streak, if one is under way, is over (no write
+    otherwise)."""
+    breaker = rt.breaker(provider)
+    if breaker is not None and breaker.failing_for_s is not None:
+        store.end_failure_streak(rt.engine, provider)
+        rt.forget_breakers()
 
 
 # --- Mobilgroup status polling --------------------------------------------------------------------
@@ -462,12 +566,12 @@ def poll(rt: Runtime, row_id: int) -> str:
     from tasks.throttle import ThrottleUnavailable
 
     try:
-        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"), max_wait_s=THROTTLE_MAX_WAIT_S)
+        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"),
+                                     max_wait_s=THROTTLE_MAX_WAIT_S).wait()
     except ThrottleUnavailable:
         permit = None
     if permit is None or not permit.reserved:  # asked again when the poll's lease ends (`POLL_LEASE_S`)
         return "throttled"
-    time.sleep(permit.wait_s)
     try:
         answer = client.status(mobilgroup_request_id(s, row_id, resends))
         report = replace(answer, reference=row_id, resends=resends)
@@ -496,7 +600,8 @@ def poll(rt: Runtime, row_id: int) -> str:
 
 def reap(rt: Runtime, limit: int = 1000) -> int:
     """Route rows whose dispatch was interrupted between claiming and routing them (the next tick releases
-    them) and close rows whose report never came. Returns how many rows were routed."""
+    them), close rows whose report never came, and prune our records of rows final for longer than
+    `SMS_RETENTION_DAYS`. Returns how many rows were routed."""
     s = rt.settings
     unrouted = store.find_unrouted(rt.engine, UNROUTED_AFTER_S, limit)
     if unrouted:
@@ -506,6 +611,9 @@ def reap(rt: Runtime, limit: int = 1000) -> int:
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
+    pruned = retention.prune(rt.engine, s.retention_days, batch=1000, max_batches=10)
+    if pruned:
+        log.info("reaper: %d records of rows final for over %d days pruned", pruned, s.retention_days)
     return routed
 
 

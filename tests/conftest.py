@@ -132,8 +132,8 @@ def deadlocks(engine, table: str, times: int):
 def rows_by_id(engine) -> dict[int, dict]:
     with engine.connect() as conn:
         result = conn.execute(text(
-            "SELECT b.id, b.status, b.error_msg, b.contacttime, b.responsenote, d.state, d.attempts,"
-            " d.provider, d.accepted_at FROM cc10_batchcontacts b"
+            "SELECT b.id, b.status, b.error_msg, b.contacttime, b.responsenote, d.state, d.attempts, d.failures,"
+            " d.unknowns, d.wait_reason, d.provider, d.accepted_at FROM cc10_batchcontacts b"
             " LEFT JOIN sms_dispatch d ON d.batchcontact_id = b.id"))
         return {row.id: row._asdict() for row in result}
 

@@ -17,7 +17,7 @@ from providers.base import (
     ThrottledError,
     TransientError,
 )
-from providers.mobilgroup import MobilgroupClient, parse_answer
+from providers.mobilgroup import MobilgroupClient, NoSuchRequestError, parse_answer
 from simulators.mobilgroup import MobilgroupSimulator
 from tests.conftest import free_port
 
@@ -204,7 +204,7 @@ def test_messages_that_can_never_be_sent_fail_before_any_request(message, words,
 @pytest.mark.parametrize("code, error", [
     (1, PermanentError), (2, AccountError), (3, AccountError), (4, AccountError), (5, AccountError),
     (6, AccountError), (8, PermanentError), (9, AccountError), (10, PermanentError),
-    (11, PermanentError), (12, PermanentError), (13, TransientError),
+    (11, PermanentError), (12, NoSuchRequestError), (13, TransientError),
 ])
 def test_every_error_code_maps_to_what_the_workflow_must_do(code, error, canned):
     client = client_for(canned(seed_error(code)).url)

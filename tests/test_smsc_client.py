@@ -4,9 +4,18 @@ import time
 import pytest
 
 from providers import smsc_text
-from providers.base import AccountError, OutgoingMessage, PermanentError, ThrottledError, TransientError
+from providers.base import (
+    AccountError,
+    OutgoingMessage,
+    PartlySent,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+    UnknownOutcome,
+)
 from providers.smsc import SmscClient
 from simulators.smsc import SmscSimulator
+from tests.conftest import free_port, wait_until
 
 NUMBER = "79001234567"
 
@@ -25,7 +34,8 @@ def make_client():
     def make(simulator, **options):
         options = {"system_id": "smsc", "password": "secret", "timeout": 3.0, "rebind_min_s": 0.05,
                    **options}
-        client = SmscClient(host="127.0.0.1", port=simulator.port, **options)
+        options = {"host": "127.0.0.1", "port": simulator.port, **options}
+        client = SmscClient(**options)
         clients.append(client)
         return client
 
@@ -49,12 +59,12 @@ def test_gsm_message_is_one_submit_with_receipt_requested(sim, make_client):
 
 
 def test_long_cyrillic_message_goes_as_udh_parts(sim, make_client):
-    text = "Здравствуйте! Ваш заказ готов к выдаче. " * 5  # 200 characters: 3 UCS-2 parts
+    text = ("Здравствуйте! Ваш заказ готов к выдаче. " * 5)[:198]  # 3 UCS-2 parts of 66
     accepted = make_client(sim).send(msg(text, reference=0x1234))
     submits = sim.events("submit")
     assert accepted.parts == 3
     assert accepted.provider_message_id == ",".join(s["message_id"] for s in submits)
-    assert [s["udh"] for s in submits] == [bytes((5, 0, 3, 0x34, 3, seq)) for seq in (1, 2, 3)]
+    assert [s["udh"] for s in submits] == [bytes((6, 8, 4, 0x12, 0x34, 3, seq)) for seq in (1, 2, 3)]
     assert {(s["data_coding"], s["esm_class"]) for s in submits} == {(8, 0x40)}
     assert "".join(smsc_text.decode(s["text"], 8) for s in submits) == text
 
@@ -65,7 +75,7 @@ def test_long_gsm_message_with_comment(sim, make_client):
     submits = sim.events("submit")
     assert accepted.parts == 2 and len(submits) == 2
     parts = [smsc_text.decode(s["text"], 0) for s in submits]
-    assert parts == ["x" * 153, "x" * 47 + "\n~~~\nrow 42"]
+    assert parts == ["x" * 152, "x" * 48 + "\n~~~\nrow 42"]
 
 
 def test_oversize_part_travels_in_message_payload(sim, make_client):
@@ -113,12 +123,12 @@ def test_submit_statuses_are_mapped(sim, make_client, status, error):
         make_client(sim).send(msg("hi"))
 
 
-def test_a_later_part_failing_is_not_retried(sim, make_client):
+def test_a_later_part_failing_is_an_unknown_outcome_that_says_how_far_it_went(sim, make_client):
     client = make_client(sim)
     client.send(msg("warm-up"))
     sim.fail_next(0, 1)
     sim.fail_next(0x58, 1)
-    with pytest.raises(PermanentError, match="only 1 of 2 parts"):
+    with pytest.raises(PartlySent, match="1 of 2 parts were sent"):
         client.send(msg("z" * 200))
 
 
@@ -193,37 +203,122 @@ def test_close_unbinds(sim, make_client):
     assert sim.sessions() == 0 and [e["mode"] for e in sim.events("unbind")] == ["tx"]
 
 
-def test_threads_sharing_a_client_take_turns_on_one_session(sim, make_client):
+def test_threads_share_one_session_with_a_window_of_submits_in_flight(make_client):
+    """16 threads of one process, a window of 4, an SMSC answering each submit after 100 ms: one bind,
+    4 submits awaiting their answers at once (never more), and every thread gets its own message's id."""
     from concurrent.futures import ThreadPoolExecutor
 
-    client = make_client(sim)
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda n: client.send(msg(f"parallel {n}", reference=n)), range(20)))
-    assert len({r.provider_message_id for r in results}) == 20
-    assert client.binds == 1 and len(sim.events("submit")) == 20
+    simulator = SmscSimulator(receipts=False, latency_s=0.1).start()
+    try:
+        client = make_client(simulator, window=4)
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda n: client.send(msg(f"parallel {n}", reference=n)), range(32)))
+        submits = {s["message_id"]: s["text"] for s in simulator.events("submit")}
+        assert [submits[r.provider_message_id] for r in results] == [f"parallel {n}".encode() for n in range(32)]
+        assert client.binds == 1 and simulator.max_in_flight == 4
+    finally:
+        simulator.stop()
 
 
-def test_each_send_is_one_round_trip_and_processes_send_in_parallel(make_client):
-    """With 50 ms per answer, one client does ~20 one-part sends a second, and two clients (two worker
-    processes) twice that: no per-message bind, no extra round trip, sessions not serialised."""
+def test_one_at_a_time_with_a_window_of_one(make_client):
     from concurrent.futures import ThreadPoolExecutor
 
     simulator = SmscSimulator(receipts=False, latency_s=0.05).start()
     try:
-        clients = [make_client(simulator) for _ in range(2)]
-        for number, client in enumerate(clients):
-            client.send(msg("bind first", recipient=f"7900111000{number}"))
-
-        def batch(pair):
-            number, client = pair
-            for n in range(10):
-                client.send(msg(f"n{n}", reference=n, recipient=f"7900111000{number}"))
-
-        started = time.monotonic()
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(batch, enumerate(clients)))
-        elapsed = time.monotonic() - started
-        assert 0.5 <= elapsed < 0.9  # 10 round trips of 50 ms in each session, side by side
-        assert len(simulator.events("bind")) == 2 and simulator.sessions("tx") == 2
+        client = make_client(simulator, window=1)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda n: client.send(msg(f"one by one {n}", reference=n)), range(8)))
+        assert len(simulator.events("submit")) == 8 and simulator.max_in_flight == 1
     finally:
         simulator.stop()
+
+
+def test_a_session_lost_with_submits_in_flight_gives_each_an_unknown_outcome(make_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    simulator = SmscSimulator(receipts=False, latency_s=2.0).start()
+    try:
+        client = make_client(simulator, timeout=5.0)
+
+        def send(n):
+            try:
+                return client.send(msg(f"in flight {n}", reference=n))
+            except UnknownOutcome as exc:
+                return exc
+
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(send, n) for n in range(5)]
+            wait_until(lambda: len(simulator.events("submit")) == 5, 3)
+            simulator.drop_sessions()
+            outcomes = [f.result(timeout=10) for f in futures]
+        assert all(isinstance(o, UnknownOutcome) and "lost" in str(o) for o in outcomes), outcomes
+    finally:
+        simulator.stop()
+
+
+def test_a_submit_with_no_answer_by_its_deadline_is_an_unknown_outcome(make_client):
+    simulator = SmscSimulator(receipts=False, latency_s=1.0).start()
+    try:
+        client = make_client(simulator, timeout=0.3)
+        with pytest.raises(UnknownOutcome, match="may have arrived"):
+            client.send(msg("slow"))
+        assert len(simulator.events("submit")) == 1
+    finally:
+        simulator.stop()
+
+
+def test_primary_host_down_the_backup_takes_the_session(make_client):
+    backup = SmscSimulator(receipts=False).start()
+    try:
+        down = free_port()
+        client = make_client(backup, host=f"127.0.0.1:{down},127.0.0.1:{backup.port}")
+        client.send(msg("via the backup"))
+        assert client.peer == f"127.0.0.1:{backup.port}" and len(backup.events("submit")) == 1
+    finally:
+        backup.stop()
+
+
+def test_backup_host_that_refuses_the_login_says_so(make_client):
+    backup = SmscSimulator(receipts=False, password="other").start()
+    try:
+        client = make_client(backup, host=f"127.0.0.1:{free_port()},127.0.0.1:{backup.port}")
+        with pytest.raises(AccountError, match="SMS_SMSC_PASSWORD"):
+            client.send(msg("nobody takes it"))
+    finally:
+        backup.stop()
+
+
+def test_a_pdu_announcing_a_huge_length_ends_the_session_not_the_memory():
+    """A peer that answers a submit with a header announcing 4 GiB: nothing of it is read, the submit gets
+    an unknown outcome, and the next send binds a new session."""
+    import socket
+    import struct
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def hostile():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                head = conn.recv(16)  # bind_transmitter, small enough to come whole
+                conn.recv(struct.unpack(">L", head[:4])[0] - 16)
+                conn.sendall(struct.pack(">LLLL", 17, 0x80000009, 0, struct.unpack(">L", head[12:16])[0]) + b"\0")
+                head = conn.recv(16)  # submit_sm
+                conn.sendall(struct.pack(">LLLL", 0xFFFFFFFF, 0x80000004, 0, struct.unpack(">L", head[12:16])[0]))
+                conn.recv(65536)  # until the client closes
+
+    server = threading.Thread(target=hostile, daemon=True)
+    server.start()
+    client = SmscClient(host="127.0.0.1", port=listener.getsockname()[1], system_id="smsc", password="secret",
+                        timeout=3.0)
+    try:
+        for _ in range(2):
+            with pytest.raises(UnknownOutcome, match="4294967295 octets"):
+                client.send(msg("hi"))
+        assert client.binds == 2
+    finally:
+        client.close()
+        server.join(timeout=10)
+        listener.close()

@@ -14,9 +14,8 @@ from db.models import BatchContact, BatchContactArchive
 from settings import load_settings
 from simulators.smsc import SmscSimulator
 from tasks import workflow
-from tasks.reports import apply_report
 from tasks.runtime import Runtime
-from tasks.smpp_receiver import run_receiver
+from tasks.smpp_receiver import apply_smsc_report, run_receiver
 
 
 @pytest.fixture
@@ -76,7 +75,7 @@ def test_receipts_and_a_reply_land_in_astercc(rt, sim):
     results: list[str] = []
 
     def apply(provider, report):
-        results.append(apply_report(provider, report, rt=rt))
+        results.append(apply_smsc_report(provider, report, rt=rt))
         return results[-1]
 
     receiver = threading.Thread(target=run_receiver, args=(rt.settings, stop, apply),
@@ -93,5 +92,5 @@ def test_receipts_and_a_reply_land_in_astercc(rt, sim):
     assert row(engine, delivered) == ("success", "", "Спасибо, заберу завтра")
     status, error_msg, _ = row(engine, failed)
     assert status == "failed" and "the number does not exist" in error_msg
-    # one receipt per part of the long message: the first moves the row, the second is a duplicate
-    assert sorted(results) == ["applied", "applied", "applied", "duplicate"]
+    # one receipt per part of the long message: the first awaits the other, the second moves the row
+    assert sorted(results) == ["applied", "applied", "applied", "awaiting"]

@@ -18,13 +18,14 @@ def msg(text: str) -> OutgoingMessage:
 @pytest.mark.parametrize(("text", "coding", "parts"), [
     ("a" * 160, 0, 1),
     ("a" * 161, 0, 2),
-    ("a" * 153 * 2, 0, 2),
-    ("a" * (153 * 2 + 1), 0, 3),
+    ("a" * 152 * 2, 0, 2),       # 152 per part behind the 16-bit concatenation header
+    ("a" * (152 * 2 + 1), 0, 3),
     ("[" * 80, 0, 1),           # extension characters count double: 160 septets
     ("[" * 81, 0, 2),
     ("Я" * 70, 8, 1),
     ("Я" * 71, 8, 2),
-    ("Я" * 67 * 3, 8, 3),
+    ("Я" * 66 * 3, 8, 3),
+    ("Я" * (66 * 3 + 1), 8, 4),
     ("ok 👍" * 14, 8, 1),        # a character outside the BMP takes two UCS-2 code units: 70 units
     ("ok 👍" * 15, 8, 2),
 ])
@@ -38,7 +39,7 @@ def test_gsm_parts_never_split_an_escape_pair_and_decode_back():
     text = "x" + "€" * 100
     plan = smsc_text.layout(text)
     assert plan.billed_parts == 2
-    assert all(len(segment) <= 153 for segment in plan.segments)
+    assert all(len(segment) <= 152 for segment in plan.segments)
     assert "".join(smsc_text.decode(s, 0) for s in plan.segments) == text
 
 
@@ -79,18 +80,34 @@ def test_channel_prefixes_go_whole_and_untouched():
     plan = smsc_text.layout(text)
     assert len(plan.segments) == 1 and plan.billed_parts == 1
     assert smsc_text.decode(plan.segments[0], plan.data_coding) == text
-    assert client().check(msg("__MAIL__: hi\nsubj:Test")) == 1
+    assert client(channels={"mail"}).check(msg("__MAIL__: hi\nsubj:Test")) == 1
 
 
-@pytest.mark.parametrize("text", ["", "   ", "\n~~~\nonly a comment"])
-def test_empty_text_is_refused(text):
-    with pytest.raises(PermanentError, match="empty"):
+def test_a_channel_prefix_is_refused_unless_its_channel_is_enabled():
+    with pytest.raises(PermanentError, match="viber channel is not enabled"):
+        client(channels={"mail"}).check(msg("__VIBER__: hi"))
+    assert client(channels={"viber"}).check(msg("__VIBER__: hi")) == 1
+
+
+@pytest.mark.parametrize(("text", "reason"), [("", "empty"), ("   ", "empty"),
+                                              ("\n~~~\nonly a comment", "nothing to send")])
+def test_empty_text_is_refused(text, reason):
+    with pytest.raises(PermanentError, match=reason):
         client().check(msg(text))
 
 
 def test_too_many_parts_is_refused_before_sending():
     with pytest.raises(PermanentError, match="7 SMS parts, at most 6"):
-        client().check(msg("Я" * 67 * 7))
+        client().check(msg("Я" * 66 * 7))
+
+
+def test_parts_carry_a_16_bit_reference():
+    parts = smsc_text.layout("Я" * 100).short_messages(ref=0x12345)
+    assert [p[:7] for p in parts] == [bytes((6, 0x08, 4, 0x23, 0x45, 2, seq)) for seq in (1, 2)]
+
+
+def test_other_providers_keep_the_common_part_sizes():
+    assert smsc_text.sms_count("a" * 153 * 2) == 2 and smsc_text.sms_count("Я" * 67 * 3) == 3
 
 
 def test_bad_recipient_is_refused():

@@ -68,11 +68,12 @@ def test_500_due_rows_through_a_flaky_provider_are_each_sent_once(db, mariadb_ur
     assert min(first_send[i] for i in later) >= inserted_at + 11, "a row scheduled later was sent early"
     reasons = {i: (rows[i]["status"], rows[i]["error_msg"]) for i in invalid}
     assert reasons == {
-        invalid[0]: ("failed", "the recipient's phone number has the wrong length for its country"),
+        invalid[0]: ("failed", 'the recipient "**" is not a phone number: it is neither a valid RU number nor a '
+                               "valid international one"),
         invalid[1]: ("failed", "the message text is empty"),
         invalid[2]: ("failed", "the message text is missing"),
         invalid[3]: ("failed", "the message is too long: 141 characters, at most 140 (or 64 in Unicode)"),
-        invalid[4]: ("failed", "the recipient's phone number cannot be read as a phone number"),
+        invalid[4]: ("failed", 'the recipient "call me" is not a phone number: it contains letters'),
     }
     assert not any(int(e["id"]) in invalid for e in sim.events("send")), "an invalid row cost money"
 
@@ -109,7 +110,7 @@ def test_a_worker_killed_mid_batch_loses_and_doubles_nothing(db, mariadb_url, re
     sim = MobilgroupSimulator(latency_s=0.3)
     with started(sim):
         ids = insert_rows(db, [(number(i), f"Your ticket {i} is confirmed.") for i in range(120)])
-        env = mobilgroup_env(mariadb_url, redis_url, sim, SMS_SEND_LEASE_S=10, SMS_REQUEUE_AFTER_S=5,
+        env = mobilgroup_env(mariadb_url, redis_url, sim, SMS_SEND_LEASE_S=13, SMS_HTTP_TIMEOUT_S=3, SMS_LOST_TASK_S=5,
                              SMS_REAP_INTERVAL_S=2)
         victim = celery("worker", env, "-c", "4")
         celery("beat", env)

@@ -1,10 +1,13 @@
-"""The delivery-report app on a real socket, applying reports with the real `apply_report` to asterCC's
-tables and ours in MariaDB: signed URLs, refusals that change nothing (forged, altered, another row's,
-another provider's, malformed, unknown row), duplicates and reordered reports that change nothing, and
-the simulators calling the app back until every message is final."""
+"""The delivery-report app on a real socket (waitress, as `smsctl webhooks` serves it), applying reports
+with the real `apply_report` to asterCC's tables and ours in MariaDB: signed URLs, refusals that change
+nothing (forged, altered, expired, retired keys, another row's, another provider's, malformed, unknown row,
+methods the provider does not use, oversized requests: one table), text stored without markup, duplicates
+and reordered reports that change nothing, and the simulators calling the app back until every message is
+final."""
 from __future__ import annotations
 
 import base64
+import socket
 import hashlib
 import logging
 import threading
@@ -15,9 +18,8 @@ from datetime import datetime
 
 import pytest
 import requests
-from itsdangerous import URLSafeSerializer
+from itsdangerous import TimestampSigner, URLSafeSerializer, URLSafeTimedSerializer
 from sqlalchemy import insert, select, update
-from werkzeug.serving import make_server
 
 from db.models import BatchContact, BatchContactArchive, Dispatch, DispatchState
 from providers.accolades import AccoladesClient
@@ -28,33 +30,35 @@ from simulators.accolades import AccoladesSimulator
 from simulators.ozeki import OzekiSimulator
 from tasks.callbacks import BadToken, callback_url, verify_token
 from tests.conftest import free_port, wait_until
-from webhooks.app import TokenlessLogHandler, create_app
+from webhooks.app import CONNECTION_DEADLINE_S, create_app, make_server
 
 SECRET = "test-webhook-secret-0123456789abcdef"
+OLD_KEY = "the-key-before-the-last-rotation-0123456789"
+RETIRED_KEY = "a-key-dropped-from-the-list-0123456789abcdef"
 NUMBER = "40722555666"
 
 
 # --- fixtures: the app on a real port, over conftest's test database --------------------------------
 
 class Served:
-    """The app served by Werkzeug's threaded server on 127.0.0.1 in a thread, logging as `serve` does."""
+    """The app served by waitress on 127.0.0.1, as `smsctl webhooks` serves it, from a thread."""
 
-    def __init__(self, app):
-        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=TokenlessLogHandler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+    def __init__(self, app, deadline_s: float = CONNECTION_DEADLINE_S):
+        self.server = make_server(app, "127.0.0.1", 0, deadline_s=deadline_s)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self.server.run_until, args=(self._stopping,), daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._stopping.set()
         self.thread.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
 def served(mariadb_url):
-    placeholder = load_settings(database_url=mariadb_url, webhook_secret=SECRET)
+    """The app with two keys: ours signs, the one before the last rotation still verifies."""
+    placeholder = load_settings(database_url=mariadb_url, webhook_secret=f"{SECRET},{OLD_KEY}")
     served = Served(create_app(placeholder))
     yield served
     served.stop()
@@ -254,8 +258,9 @@ def test_forged_token_is_refused(settings, served, db):
 def test_token_altered_to_name_another_row_is_refused(settings, served, db):
     mine, victim = insert_accepted(db, "accolades"), insert_accepted(db, "accolades")
     before = state(db, victim)
-    _, signature = url_for(settings, "accolades", mine).rsplit("/", 1)[1].split(".")
-    altered = base64.urlsafe_b64encode(str(victim).encode()).decode().rstrip("=") + "." + signature
+    _, issued, signature = url_for(settings, "accolades", mine).rsplit("/", 1)[1].split(".")
+    payload = base64.urlsafe_b64encode(f"[{victim},0]".encode()).decode().rstrip("=")
+    altered = f"{payload}.{issued}.{signature}"
     answer = requests.post(f"{served.url}/reports/accolades/{altered}",
                            data=accolades_report(victim, "error", errorMessage="x"), timeout=5)
     assert answer.status_code == 403
@@ -359,7 +364,7 @@ def test_logs_carry_neither_numbers_texts_nor_tokens(settings, served, db, caplo
         requests.post(url, data={"status": "??"}, timeout=5)
     # Everything the server side logged (urllib3 is the test's own client).
     logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("urllib3"))
-    assert f"row {row}" in logged and "/reports/accolades/…" in logged
+    assert f"row {row}" in logged
     assert NUMBER not in logged and token not in logged and token.split(".")[1] not in logged
 
 
@@ -422,3 +427,115 @@ def test_simulators_reports_reach_the_app_and_finish_every_message(settings, ser
         ozeki_sim.stop()
     assert {row: (s[0], s[2]) for row, s in states.items()} == expected
     assert len(reports) == len(expected) and {r["status"] for r in reports} == {200}
+
+
+# --- what strangers send: one table ---------------------------------------------------------------
+
+def token_for(provider: str, row: int, *, key: str = SECRET, issued_ago_s: float = 0, timed: bool = True) -> str:
+    """A token as `callback_url` makes them (signed with `key`, issued `issued_ago_s` ago), or as they were
+    made before they carried a time (`timed=False`)."""
+    options = {"salt": f"sms-report:{provider}", "signer_kwargs": {"digest_method": hashlib.sha256}}
+    if not timed:
+        return URLSafeSerializer(key, **options).dumps([row, 0])
+
+    class IssuedThen(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time() - issued_ago_s)
+
+    return URLSafeTimedSerializer(key, signer=IssuedThen, **options).dumps([row, 0])
+
+
+UNCHANGED = ("success", "", DispatchState.ACCEPTED, None)
+DELIVERED = ("success", "", DispatchState.DELIVERED, None)
+ACCOLADES_ERROR = {"apiName": "sms", "type": "deliveryReport", "status": "error", "id": "{row}",
+                   "errorMessage": "absent"}
+OZEKI_UNDELIVERED = {"SmsId": "s-1", "Delivered": "False", "DeliveryStatus": "Undelivered"}
+FAILED_ABSENT = ("failed", "Accolades could not send the message: absent", DispatchState.FAILED,
+                 "Accolades could not send the message: absent")
+DAY = 86_400
+
+# (what, provider of the row, route, method, token, fields, HTTP status, the row afterwards)
+STRANGERS = [
+    ("forged signature", "accolades", "accolades", "POST", lambda row: token_for("accolades", row)[:-4] + "AAAA",
+     ACCOLADES_ERROR, 403, UNCHANGED),
+    ("not a token", "accolades", "accolades", "POST", lambda row: "not.a.token", ACCOLADES_ERROR, 403, UNCHANGED),
+    ("expired (issued longer ago than the TTL)", "accolades", "accolades", "POST",
+     lambda row: token_for("accolades", row, issued_ago_s=5 * DAY), ACCOLADES_ERROR, 403, UNCHANGED),
+    ("within the TTL (issued three days ago)", "accolades", "accolades", "POST",
+     lambda row: token_for("accolades", row, issued_ago_s=3 * DAY), ACCOLADES_ERROR, 200, FAILED_ABSENT),
+    ("from a worker whose clock runs ahead", "ozeki", "ozeki", "POST",
+     lambda row: token_for("ozeki", row, issued_ago_s=-30), {"SmsId": "s", "Delivered": "True"}, 200, DELIVERED),
+    ("signed with the key before the last rotation", "accolades", "accolades", "POST",
+     lambda row: token_for("accolades", row, key=OLD_KEY), ACCOLADES_ERROR, 200, FAILED_ABSENT),
+    ("signed with a key no longer listed", "accolades", "accolades", "POST",
+     lambda row: token_for("accolades", row, key=RETIRED_KEY), ACCOLADES_ERROR, 403, UNCHANGED),
+    ("issued before tokens had a time, under the signing key", "ozeki", "ozeki", "GET",
+     lambda row: token_for("ozeki", row, timed=False), {"SmsId": "s", "Delivered": "True"}, 200, DELIVERED),
+    ("issued before tokens had a time, under a key since rotated out of first place", "ozeki", "ozeki", "GET",
+     lambda row: token_for("ozeki", row, key=OLD_KEY, timed=False), OZEKI_UNDELIVERED, 403, UNCHANGED),
+    ("another provider's token", "ozeki", "accolades", "POST", lambda row: token_for("ozeki", row),
+     ACCOLADES_ERROR, 403, UNCHANGED),
+    ("HEAD where Ozeki uses GET", "ozeki", "ozeki", "HEAD", lambda row: token_for("ozeki", row),
+     OZEKI_UNDELIVERED, 405, UNCHANGED),
+    ("GET where Accolades posts", "accolades", "accolades", "GET", lambda row: token_for("accolades", row),
+     ACCOLADES_ERROR, 405, UNCHANGED),
+    ("HEAD where Accolades posts", "accolades", "accolades", "HEAD", lambda row: token_for("accolades", row),
+     ACCOLADES_ERROR, 405, UNCHANGED),
+    ("PUT", "ozeki", "ozeki", "PUT", lambda row: token_for("ozeki", row), OZEKI_UNDELIVERED, 405, UNCHANGED),
+    ("DELETE", "accolades", "accolades", "DELETE", lambda row: token_for("accolades", row), ACCOLADES_ERROR,
+     405, UNCHANGED),
+    ("a body over 16 KiB", "accolades", "accolades", "POST", lambda row: token_for("accolades", row),
+     {**ACCOLADES_ERROR, "errorMessage": "x" * 20_000}, 413, UNCHANGED),
+    ("a query string over 16 KiB", "ozeki", "ozeki", "GET", lambda row: token_for("ozeki", row),
+     {**OZEKI_UNDELIVERED, "DeliveryStatus": "x" * 20_000}, 431, UNCHANGED),
+    ("markup and control characters in the reason", "accolades", "accolades", "POST",
+     lambda row: token_for("accolades", row),
+     {**ACCOLADES_ERROR, "errorMessage": "<script>alert(1)</script> <b>Number</b>\x07 not\u202e in\r\nservice"},
+     200, ("failed", "Accolades could not send the message: alert(1) Number not in service", DispatchState.FAILED,
+           "Accolades could not send the message: alert(1) Number not in service")),
+    ("escaped markup in the reason", "accolades", "accolades", "POST", lambda row: token_for("accolades", row),
+     {**ACCOLADES_ERROR, "errorMessage": "&lt;img src=x onerror=alert(1)&gt; <i>gone"}, 200,
+     ("failed", "Accolades could not send the message: ‹img src=x onerror=alert(1)› gone", DispatchState.FAILED,
+      "Accolades could not send the message: ‹img src=x onerror=alert(1)› gone")),
+    ("markup in Ozeki's status word, by GET", "ozeki", "ozeki", "GET", lambda row: token_for("ozeki", row),
+     {**OZEKI_UNDELIVERED, "DeliveryStatus": '<img src=x onerror="alert(1)">'}, 200,
+     ("failed", "Ozeki reported the message undelivered", DispatchState.FAILED,
+      "Ozeki reported the message undelivered")),
+]
+
+
+@pytest.mark.parametrize("provider, route, method, make_token, fields, status, after",
+                         [case[1:] for case in STRANGERS], ids=[case[0] for case in STRANGERS])
+def test_what_strangers_send(served, db, provider, route, method, make_token, fields, status, after):
+    """Each request gets its answer, and changes the row only as a genuine report would: as `after` says."""
+    row = insert_accepted(db, provider)
+    fields = {name: value.format(row=row) if name == "id" else value for name, value in fields.items()}
+    where = "params" if method in ("GET", "HEAD") else "data"
+    answer = requests.request(method, f"{served.url}/reports/{route}/{make_token(row)}", timeout=10,
+                              **{where: fields})
+    assert answer.status_code == status
+    assert state(db, row) == after
+    assert requests.get(f"{served.url}/healthz", timeout=5).status_code == 200
+
+
+def test_a_connection_that_sends_no_whole_request_is_closed_at_the_deadline(mariadb_url):
+    """A client trickling its headers a byte at a time keeps its socket only until the deadline."""
+    served = Served(create_app(load_settings(database_url=mariadb_url, webhook_secret=SECRET)), deadline_s=1)
+    try:
+        with socket.create_connection(("127.0.0.1", served.server.effective_port), timeout=10) as trickle:
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                try:
+                    trickle.sendall(bytes([byte]))
+                    time.sleep(0.2)
+                except OSError:
+                    closed = True
+                    break
+                if time.monotonic() - started > 8:
+                    break
+            if not closed:
+                closed = trickle.recv(1) == b""
+        assert closed and time.monotonic() - started < 8
+    finally:
+        served.stop()

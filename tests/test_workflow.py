@@ -363,3 +363,59 @@ def test_rows_whose_dispatch_died_between_claim_and_route_are_routed_by_the_reap
     assert sorted(enqueued) == [routed_never, claimed_only]
     assert [workflow.send(rt, row) for row in enqueued + [fresh]] == ["accepted"] * 3
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
+
+
+def test_error_7_for_another_number_is_not_taken_for_our_send(runtime, sim, db):
+    """Another sender on the account (a staging copy without its own SMS_MOBILGROUP_ID_PREFIX) already used
+    our row's request id: Mobilgroup answers error 7 "already sent", and the status request shows that
+    request went to another number. The row must not show `success` for a message never sent."""
+    from providers.base import OutgoingMessage
+    from providers.mobilgroup import MobilgroupClient
+
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-21", "hello")])
+    other = MobilgroupClient(url=sim.api_url, user_id=sim.user_id, user=sim.user, password=sim.password)
+    other.send(OutgoingMessage(reference=row, recipient="79161009999", text="staging"))
+    other.close()
+    claim(rt)
+
+    assert workflow.send(rt, row) == "failed"
+    after = rows_by_id(db)[row]
+    assert after["status"] == "failed" and "SMS_MOBILGROUP_ID_PREFIX" in after["error_msg"]
+
+
+def test_error_7_for_our_own_earlier_attempt_is_success(runtime, sim, db):
+    """Our first attempt arrived but its answer was lost: the resend's error 7 is confirmed by the status
+    request (same number) and the row is `success`, sent once."""
+    from providers.base import OutgoingMessage
+    from providers.mobilgroup import MobilgroupClient
+
+    rt = runtime(mobilgroup_id_prefix="42")
+    (row,) = insert_rows(db, [("+7 916 100-00-22", "hello")])
+    first = MobilgroupClient(url=sim.api_url, user_id=sim.user_id, user=sim.user, password=sim.password)
+    first.send(OutgoingMessage(reference=workflow.mobilgroup_request_id(rt.settings, row, 0),
+                               recipient="79161000022", text="hello"))
+    first.close()
+    claim(rt)
+
+    assert workflow.send(rt, row) == "accepted"
+    assert rows_by_id(db)[row]["status"] == "success"
+    assert [e["id"] for e in sim.events("send")] == [str(42 * 10**12 + row)] * 2
+    assert [e["outcome"] for e in sim.events("send")] == ["accepted", "duplicate"]
+
+
+def test_a_changed_mobilgroup_id_prefix_stops_the_start(db, mariadb_url):
+    """The prefix is recorded at the first start; another value later would make retries look new and polls
+    ask for ids Mobilgroup never had, so workers and beat refuse it, naming the variable."""
+    from settings import ConfigError
+    from tasks.app import _check_database
+
+    def start(prefix: str) -> None:
+        _check_database(load_settings(database_url=mariadb_url, default_provider="mobilgroup",
+                                      mobilgroup_user_id="1", mobilgroup_user="u", mobilgroup_password="p",
+                                      mobilgroup_id_prefix=prefix))
+
+    start("7")
+    start("7")
+    with pytest.raises(ConfigError, match="SMS_MOBILGROUP_ID_PREFIX is '8' but .* sent with '7'"):
+        start("8")

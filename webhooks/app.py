@@ -2,8 +2,9 @@
 
 Routes:
 
-- `POST|GET /reports/<provider>/<token>` for `accolades` and `ozeki`. The token (see `tasks.callbacks`)
-  names the row and is signed for that provider. Answers: 403 for a forged or altered token, another
+- `POST /reports/accolades/<token>`, `POST|GET /reports/ozeki/<token>` (the methods each provider uses:
+  any other, `HEAD` included, is 405 and changes nothing). The token (see `tasks.callbacks`) names the row
+  and is signed for that provider. Answers: 403 for a forged, altered or expired token, another
   provider's token, or an Accolades report whose echoed `id` is not the token's row; 400 for a malformed
   report; 404 when no dispatch record of that provider exists for the row; 200 once applied, and also
   for a duplicate or a stale report (forward-only: nothing changes, and the provider must not retry);
@@ -14,17 +15,21 @@ Fields are read from a form POST body and the query string alike: Accolades post
 reports are read either way (see `providers.ozeki`). The app logs provider, row id and result only:
 never a number, a text, or the token (a capability for its row).
 
-Production: `gunicorn 'webhooks.app:create_app()'`; development: `smsctl webhooks` (`serve`).
+`serve` (`smsctl webhooks`, also in docker-compose.yml) runs it under waitress, whose asynchronous I/O reads
+each request whole before a thread handles it: clients that send slowly, or not at all, hold a socket but
+no thread, and each connection is closed `CONNECTION_DEADLINE_S` after it opened unless a request of it is
+being answered. waitress writes no access log, so no token reaches a log.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from flask import Flask, request
+from waitress.server import TcpWSGIServer
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import WSGIRequestHandler, run_simple
 
 from providers import accolades, ozeki
 from providers.base import DeliveryReport
@@ -39,8 +44,15 @@ PARSERS: dict[str, Callable[[Mapping[str, str]], DeliveryReport]] = {
     "accolades": accolades.parse_report,
     "ozeki": ozeki.parse_report,
 }
+METHODS = {"accolades": ("POST",), "ozeki": ("GET", "POST")}
+"""The methods each provider reports with; only these change anything."""
 MAX_REPORT_BYTES = 16 * 1024
 """A report is a handful of short fields; anything bigger is refused (413) before it is parsed."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Request line and headers (Ozeki's GET report carries its fields in the query string)."""
+CONNECTION_DEADLINE_S = 20
+"""A connection is closed this long after it opened unless a request of it is being answered: time enough
+for a provider to send a report, too little for a client trickling bytes to keep a socket."""
 
 
 def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | None = None) -> Flask:
@@ -72,6 +84,8 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
         parse = PARSERS.get(provider)
         if parse is None:
             return _answer(404, "no such report route")
+        if request.method not in METHODS[provider]:  # HEAD above all: Flask would run this view for it
+            return _answer(405, "method not allowed", Allow=", ".join(METHODS[provider]))
         try:
             row, resends = verify_token(settings, provider, token)
         except BadToken:
@@ -110,8 +124,8 @@ def _fields() -> dict[str, str]:
     return fields
 
 
-def _answer(status: int, word: str):
-    return word + "\n", status, {"Content-Type": "text/plain; charset=utf-8"}
+def _answer(status: int, word: str, **headers: str):
+    return word + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers}
 
 
 def _database_apply(settings: Settings) -> ApplyReport:
@@ -122,17 +136,42 @@ def _database_apply(settings: Settings) -> ApplyReport:
     return lambda provider, report: apply_report(provider, report, rt=runtime)
 
 
-class TokenlessLogHandler(WSGIRequestHandler):
-    """The development server's access log, with the token cut from report paths."""
+class Server(TcpWSGIServer):
+    """waitress's server, closing every connection `channel_timeout` after it opened unless a request of it
+    is being answered (waitress itself only closes connections that send nothing at all for that long)."""
 
-    def log_request(self, code="-", size="-"):
-        path = self.path.split("?", 1)[0]
-        if path.startswith("/reports/"):
-            path = path.rsplit("/", 1)[0] + "/…"
-        self.log("info", '"%s %s" %s %s', self.command, path, code, size)
+    def run_until(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set (from another thread: `run()` cannot be stopped so), then close."""
+        try:
+            while not stop.is_set():
+                self.asyncore.loop(timeout=0.05, map=self._map, use_poll=True, count=1)
+        finally:
+            self.close()
+
+    def maintenance(self, now: float) -> None:
+        cutoff = now - self.adj.channel_timeout
+        for channel in self.active_channels.values():
+            # Nothing being answered, nothing left to send: a request not yet whole, or none.
+            if not channel.requests and not channel.total_outbufs_len and channel.creation_time < cutoff:
+                channel.will_close = True
+
+
+def make_server(app, host: str, port: int, *, deadline_s: float = CONNECTION_DEADLINE_S) -> Server:
+    """`app` on `host`:`port` (0: any free port), bound, not yet running (`run()` serves until closed)."""
+    return Server(app, host=host, port=port, threads=8, connection_limit=500, channel_timeout=deadline_s,
+                   cleanup_interval=max(1, deadline_s / 10), max_request_header_size=MAX_HEADER_BYTES,
+                   max_request_body_size=MAX_REPORT_BYTES, asyncore_use_poll=True, ident="")
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve the app with Werkzeug's threaded server until interrupted (development only)."""
+    """Serve the app until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_simple(host, port, create_app(), threaded=True, request_handler=TokenlessLogHandler)
+    settings = get_settings()
+    for warning in settings.startup_warnings():
+        log.warning("%s", warning)
+    server = make_server(create_app(settings), host, port)
+    log.info("serving delivery reports on http://%s:%d", server.effective_host, server.effective_port)
+    try:
+        server.run()
+    finally:
+        server.close()
