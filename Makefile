@@ -12,13 +12,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# System packages: the MariaDB client headers mysqlclient compiles against, and docker-compose, which
-# the tests use to validate docker-compose.yml (no Docker engine needed). A fresh Debian machine may lack both.
+# System packages: the MariaDB client headers mysqlclient compiles against, docker-compose, which the tests
+# use to validate docker-compose.yml (no Docker engine needed), and faketime, which runs a worker on a skewed
+# clock in tests/test_isolation.py. A fresh Debian machine may lack all three.
 deps:
 	@missing=""; \
 	pkg-config --exists libmariadb 2>/dev/null || pkg-config --exists mysqlclient 2>/dev/null \
 	  || missing="libmariadb-dev pkg-config"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
