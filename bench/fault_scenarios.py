@@ -302,7 +302,9 @@ def crash(stage: Stage, rows: int = 300, latency_s: float = 3.0, rate: float = 2
     flight come back in test time."""
     with running(AccoladesSimulator(latency_s=latency_s)) as sim:
         ids, mid_batch = _accolades_batch(stage, rows, 0.25)
-        env = accolades_env(stage, sim, SMS_ACCOLADES_RATE=rate, SMS_SEND_LEASE_S=lease_s)
+        # A lease must outlast a provider call's deadline by 10 s (settings): a short lease needs a short deadline.
+        env = accolades_env(stage, sim, SMS_ACCOLADES_RATE=rate, SMS_SEND_LEASE_S=lease_s,
+                            SMS_HTTP_TIMEOUT_S=min(15, lease_s - 10))
         old = stage.start("worker", env)
         beat = stage.start("beat", env)
         mid_batch(sim)

@@ -288,7 +288,8 @@ def expire_leases(engine: Engine, provider: str, *, resend: bool, limit: int) ->
 def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *, probe: bool = False) -> list[int]:
     """Move up to `limit` waiting rows of `provider` that are due (oldest due first) to `queued`, to be put in
     the broker, which gives them `requeue_s` to start. With `probe`, the one row is the probe of a paused
-    account: the oldest waiting for the pause, or otherwise due. Returns their ids."""
+    account: of the rows waiting for the pause (or otherwise due), one refused the fewest times, the oldest
+    of those. Returns their ids."""
     if limit <= 0:
         return []
     d = Dispatch.__table__
@@ -300,7 +301,10 @@ def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *
                  or_(d.c.wait_reason == W.PAUSED, due) if probe else due)
     token = uuid.uuid4().hex
     with engine.begin() as conn:
-        ids = list(conn.scalars(select(d.c.batchcontact_id).where(ready).order_by(d.c.due_at, d.c.batchcontact_id)
+        # A probe is best a row never refused yet: one refused a pause ago would meet the identical-request
+        # rule (same recipient and text) and go back unsent.
+        order = (d.c.failures, d.c.due_at, d.c.batchcontact_id) if probe else (d.c.due_at, d.c.batchcontact_id)
+        ids = list(conn.scalars(select(d.c.batchcontact_id).where(ready).order_by(*order)
                                 .limit(limit).with_for_update(skip_locked=True)))
         if not ids:
             return []

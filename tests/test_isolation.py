@@ -33,10 +33,10 @@ def requests_per_pause(times: list[float], pause_s: float) -> list[int]:
 def test_a_broke_mobilgroup_account_neither_holds_up_accolades_nor_gets_a_herd(stage):
     """Mobilgroup answers "no money" (error 9) to every send; in-flight cap 10; 300 Mobilgroup rows fall due,
     then 30 Accolades rows. The pause between probes (`SMS_ACCOUNT_RETRY_S`, 300 s by default) is shortened
-    to 5 s and the window its rows wait through (`SMS_ACCOUNT_RETRY_WINDOW_S`, a day) to 40 s: the Accolades
+    to 5 s and the window its rows wait through (`SMS_ACCOUNT_RETRY_WINDOW_S`, a day) to 20 s: the Accolades
     rows all go out within 20 s; Mobilgroup gets about one probe per pause, not a burst; its rows end `error`
     with the account's reason once the window is spent."""
-    pause_s, window_s = 5, 40
+    pause_s, window_s = 5, 20
     run = scenarios.paused_beside_healthy(stage, paused_rows=300, healthy_rows=30, inflight=10,
                                           retry_s=pause_s, window_s=window_s)
     requests = run.troubled_requests
@@ -59,7 +59,7 @@ def test_a_probe_held_back_by_the_identical_request_rule_does_not_shut_the_circu
     back. Another probe must follow within a pause or two, not after the probe's lease (`SMS_SEND_LEASE_S`,
     180 s): an operator who shortens `SMS_ACCOUNT_RETRY_S` below `SMS_MOBILGROUP_IDENTICAL_S` must not get a
     circuit that stays shut."""
-    pause_s, window_s = 5, 40
+    pause_s, window_s = 5, 20
     run = scenarios.paused_beside_healthy(stage, paused_rows=300, healthy_rows=30, inflight=10,
                                           retry_s=pause_s, window_s=window_s, identical_s=60)
     per_pause = requests_per_pause(run.troubled_requests, pause_s)
@@ -70,8 +70,8 @@ def test_a_probe_held_back_by_the_identical_request_rule_does_not_shut_the_circu
 def test_a_provider_that_never_answers_does_not_hold_up_another_in_the_same_worker(stage):
     """Ozeki accepts connections and never answers; 1,000 Ozeki rows fall due, and once its calls hang, 50
     Mobilgroup rows: they reach Mobilgroup with a median under 3 s after they fall due. Then Ozeki answers
-    again and every row ends."""
-    run = scenarios.hung_beside_healthy(stage, hung_rows=1000, healthy_rows=50)
+    again and every row ends (at 100/s, for test time)."""
+    run = scenarios.hung_beside_healthy(stage, hung_rows=1000, healthy_rows=50, hung_rate=100)
     print(f"Mobilgroup due→sent p50 {run.median:.2f} s, p90 {run.percentile(0.9):.2f} s, max "
           f"{max(run.healthy_delays):.2f} s beside {run.stuck_connections} hung Ozeki connections")
     assert run.stuck_connections > 0, "Ozeki was not hanging when the Mobilgroup rows went out"
