@@ -296,15 +296,16 @@ def deploy(stage: Stage, rows: int = 300, latency_s: float = 3.0, rate: float = 
 
 
 def crash(stage: Stage, rows: int = 300, latency_s: float = 3.0, rate: float = 20, lease_s: int = 30,
-          timeout_s: float = 150) -> FaultRun:
+          identical_s: float = 60, timeout_s: float = 150) -> FaultRun:
     """SIGKILL to the worker in the middle of a batch (the machine lost, the OOM killer), a new worker started
     at once. `lease_s` shortens `SMS_SEND_LEASE_S` (default 180) so that the sends the dead worker had in
-    flight come back in test time."""
+    flight come back in test time; their repeat waits out the identical-request rule (`identical_s`, 60 s by
+    default: a request that may have arrived counts as sent)."""
     with running(AccoladesSimulator(latency_s=latency_s)) as sim:
         ids, mid_batch = _accolades_batch(stage, rows, 0.25)
         # A lease must outlast a provider call's deadline by 10 s (settings): a short lease needs a short deadline.
         env = accolades_env(stage, sim, SMS_ACCOLADES_RATE=rate, SMS_SEND_LEASE_S=lease_s,
-                            SMS_HTTP_TIMEOUT_S=min(15, lease_s - 10))
+                            SMS_HTTP_TIMEOUT_S=min(15, lease_s - 10), SMS_ACCOLADES_IDENTICAL_S=identical_s)
         old = stage.start("worker", env)
         beat = stage.start("beat", env)
         mid_batch(sim)

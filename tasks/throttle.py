@@ -109,7 +109,7 @@ class Permit:
 
     `wait_s`: 0.0 means go now. `reserved`: True if a slot is held at now + `wait_s` (call `wait()`, then
     send); False if nothing is held (come back after `wait_s`). `reason`: "ok", "rate", "identical", "paused",
-    or "late" (from `wait()` only).
+    or "late" and "withdrawn" (from `wait()` only).
     """
 
     wait_s: float
@@ -117,7 +117,8 @@ class Permit:
     reason: str
     _slot: _Slot | None = field(default=None, repr=False, compare=False)
 
-    def wait(self, sleep: Callable[[float], None] = time.sleep) -> "Permit":
+    def wait(self, sleep: Callable[[float], None] = time.sleep, *,
+             unless: Callable[[], bool] | None = None) -> "Permit":
         """Sleep until the reserved slot and return the permit to act on at once: reserved (`wait_s` 0), start
         the send now; not reserved, send nothing and come back after its `wait_s`, as for a refused `acquire()`.
 
@@ -126,7 +127,9 @@ class Permit:
         began, the next slot is too far); after `LATE_TRIES` late wake-ups it gets reason "late". A permit
         that is not reserved, or was already waited for, is returned as it is. `sleep` lets a test make the
         caller late. Raises `ThrottleUnavailable` if the store cannot be reached to give a slot back or to ask
-        again: nothing may be sent then.
+        again: nothing may be sent then. When `unless()` is true on waking (the worker is stopping, say), the
+        slot and its identical-request mark are given back and the permit says "withdrawn": a send that never
+        left must not hold the recipient's next identical request back.
         """
         permit, late_wakeups = self, 0
         while permit.reserved and permit._slot is not None:
@@ -135,6 +138,9 @@ class Permit:
                 sleep(ahead)
             woke = time.monotonic()
             late_us = round((woke - slot.start_at) * _MICRO)
+            if unless is not None and unless():
+                slot.give_back(late_us)
+                return Permit(0.0, False, "withdrawn")
             if woke <= slot.start_by:
                 slot.started(late_us)
                 return Permit(0.0, True, "ok")

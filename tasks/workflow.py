@@ -319,14 +319,20 @@ def send(rt: Runtime, row_id: int) -> str | Retry:
             _unsent(rt, job)
             return _wait(rt, job, BUSY_RETRY_S, f"every thread this worker gives {job.provider} is in a call",
                          W.BUSY)
-        waited = _wait_for_slot(rt, job.provider, message, parts)
+        def no_send() -> str | None:
+            """Why this send must not start after all (nothing has left yet), or None."""
+            if rt.stopping.is_set():
+                return "the worker was stopping before it could send"
+            if time.monotonic() - leased_at + s.http_timeout_s + LEASE_MARGIN_S > s.send_lease_s:
+                return "its lease would run out before the provider's deadline"
+            return None
+
+        waited = _wait_for_slot(rt, job.provider, message, parts, unless=lambda: no_send() is not None)
+        if waited is WITHDRAWN or no_send():
+            return _hand_back(rt, job, no_send() or "it gave its rate-limit slot back")
         if isinstance(waited, Retry):
             _unsent(rt, job)
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
-        if time.monotonic() - leased_at + s.http_timeout_s + LEASE_MARGIN_S > s.send_lease_s:
-            return _hand_back(rt, job, "its lease would run out before the provider's deadline")
-        if rt.stopping.is_set():
-            return _hand_back(rt, job, "the worker was stopping before it could send")
         try:
             accepted = provider.send(message)
         except PermanentError as exc:
@@ -394,10 +400,16 @@ def mobilgroup_request_id(s, row_id: int, resends: int) -> int:
     return prefix * MOBILGROUP_PREFIX_STRIDE + row_id + resends * RESEND_STRIDE
 
 
-def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: int) -> Retry | None:
+WITHDRAWN = object()
+"""`_wait_for_slot`'s answer when its `unless` held on waking: the slot was given back, nothing may be sent."""
+
+
+def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: int, *,
+                   unless: Callable[[], bool] | None = None) -> Retry | object | None:
     """Take a slot from the fleet-wide rate limit and the identical-request rule, sleeping briefly when
     the slot is near; a far slot becomes a `Retry` (the row then waits in the database). Its reason (logged,
-    and the row's `last_error`) says how long, why, and how many sends of the provider were throttled so far."""
+    and the row's `last_error`) says how long, why, and how many sends of the provider were throttled so far.
+    `WITHDRAWN` when `unless()` holds as the slot comes: the slot and its identical-request mark are given back."""
     from tasks.throttle import ThrottleUnavailable, identity_of
 
     # No provider sends the comment after the separator (smsc.ru strips it, the others never get it): the
@@ -409,12 +421,14 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
             account, rt.rate(provider), cost=parts,
             identity=identity_of(message.recipient, text_sent, rt.identity_key(provider)),
             identical_s=rt.identical_s(provider), max_wait_s=THROTTLE_MAX_WAIT_S,
-        ).wait()
+        ).wait(unless=unless)
     except ThrottleUnavailable as exc:
         log.warning("send of row %d waits: the rate limiter is unavailable (%s)", message.reference, exc)
         return Retry(THROTTLE_DOWN_RETRY_S, f"rate limiter unavailable: {exc}")
     if permit.reserved:
         return None
+    if permit.reason == "withdrawn":
+        return WITHDRAWN
     reason = {
         "identical": f"identical message to this recipient sent less than {rt.identical_s(provider):g} s ago",
         "paused": f"{provider} account paused after an account error",

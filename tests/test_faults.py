@@ -44,12 +44,13 @@ def test_a_deploy_mid_batch_sends_every_message_exactly_once(stage):
 
 def test_a_crash_mid_batch_loses_nothing_and_resends_only_what_was_on_the_wire(stage):
     """SIGKILL to the worker mid-batch, a new worker at once. Only `SMS_SEND_LEASE_S` is shortened (15 s for
-    180, and with it the provider's deadline, 5 s for 15) so the killed sends settle in test time: no message is lost; only rows whose send was under way at the
+    180, and with it the provider's deadline, 5 s for 15), and the identical-request rule their repeats wait
+    out (10 s for 60), so the killed sends settle in test time: no message is lost; only rows whose send was under way at the
     kill may reach the provider twice; the rows not yet in a call (held by the dead worker, in the broker, or
     waiting in the database) are sent within a minute; every row is settled within the lease plus a minute of
     the kill."""
     lease_s = 15
-    run = scenarios.crash(stage, rows=150, latency_s=3.0, lease_s=lease_s)
+    run = scenarios.crash(stage, rows=150, latency_s=3.0, lease_s=lease_s, identical_s=10)
     print(report(run))
     assert run.lost == [], report(run)
     assert set(run.doubled) <= set(run.in_flight), report(run)

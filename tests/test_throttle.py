@@ -160,6 +160,16 @@ def test_a_sender_that_wakes_too_late_gives_its_slot_back_and_takes_a_new_one(th
     assert throttle.acquire("smsc:1", 100, identity=same, identical_s=60).reason == "identical"
 
 
+def test_a_slot_withdrawn_on_waking_holds_nothing_back(throttle):
+    """A worker told to stop while it waits for its slot sends nothing: the slot and its identical-request
+    mark go back, so the row, sent by another worker, is not held back a minute by a request that never left."""
+    same = identity_of("79991234567", "Your code is 1234", KEY)
+    withdrawn = throttle.acquire("mobilgroup:1", 10, identity=same, identical_s=60).wait(unless=lambda: True)
+    assert (withdrawn.reserved, withdrawn.reason) == (False, "withdrawn")
+    again = throttle.acquire("mobilgroup:1", 10, identity=same, identical_s=60)
+    assert again.reserved and again.wait_s < 0.5, "the withdrawn slot's mark held the message back"
+
+
 def test_a_sender_that_is_late_every_time_sends_nothing_and_is_told_to_come_back(throttle):
     woken = []
 
