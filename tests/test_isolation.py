@@ -33,9 +33,10 @@ def requests_per_pause(times: list[float], pause_s: float) -> list[int]:
 def test_a_broke_mobilgroup_account_neither_holds_up_accolades_nor_gets_a_herd(stage):
     """Mobilgroup answers "no money" (error 9) to every send; in-flight cap 10; 300 Mobilgroup rows fall due,
     then 30 Accolades rows. The pause between probes (`SMS_ACCOUNT_RETRY_S`, 300 s by default) is shortened
-    to 5 s and the window its rows wait through (`SMS_ACCOUNT_RETRY_WINDOW_S`, a day) to 20 s: the Accolades
-    rows all go out within 20 s; Mobilgroup gets about one probe per pause, not a burst; its rows end `error`
-    with the account's reason once the window is spent."""
+    to 5 s, the window its rows wait through (`SMS_ACCOUNT_RETRY_WINDOW_S`, a day) to 20 s, and the
+    identical-request rule (`SMS_MOBILGROUP_IDENTICAL_S`, 60 s) to 1 s, under the pause (the next test shows
+    why): the Accolades rows all go out within 20 s; Mobilgroup gets about one probe per pause, not a burst;
+    its rows end `error` with the account's reason once the window is spent."""
     pause_s, window_s = 5, 20
     run = scenarios.paused_beside_healthy(stage, paused_rows=300, healthy_rows=30, inflight=10,
                                           retry_s=pause_s, window_s=window_s)
