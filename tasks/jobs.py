@@ -88,7 +88,8 @@ def dispatch() -> int:
 
 @app.task(name="sms.send", bind=True, ignore_result=True, max_retries=None)
 def send(self, row_id: int) -> str:
-    outcome = workflow.send(runtime(), row_id)
+    # The task's id owns the lease, so that its retry after a lost database answer can take it again.
+    outcome = workflow.send(runtime(), row_id, owner=self.request.id.replace("-", "") if self.request.id else None)
     if isinstance(outcome, workflow.Retry):
         raise self.retry(countdown=outcome.delay_s, exc=RetryLater(outcome.reason))
     return outcome

@@ -268,14 +268,15 @@ def _duration(seconds: float) -> str:
 
 # --- send -----------------------------------------------------------------------------------------
 
-def send(rt: Runtime, row_id: int) -> str | Retry:
+def send(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
     """Send one queued row. Returns what happened (`skipped`, `accepted`, `failed`, `error`, or the reason
     it waits again), or a `Retry` when the database could not be reached.
 
-    A row not queued (a duplicate, redelivered or stale task) is `skipped` without side effects."""
+    A row not queued (a duplicate, redelivered or stale task) is `skipped` without side effects. `owner`
+    (the task's id) may take the row's lease again, should the database's answer to its first try be lost."""
     s = rt.settings
     try:
-        job = store.begin_send(rt.engine, row_id, s.send_lease_s)
+        job = store.begin_send(rt.engine, row_id, s.send_lease_s, owner)
     except (DBAPIError, OperationalError) as exc:
         # Nothing was sent yet, so trying again is safe; the task stays in this worker, not the broker.
         if not isinstance(exc, OperationalError) and not exc.connection_invalidated:
