@@ -72,14 +72,16 @@ def _check_database(settings) -> None:
 
 @signals.celeryd_after_setup.connect
 def _note_worker_shape(sender, instance, **_):
-    """Each provider's share of the threads depends on the worker's size and on how many providers'
-    queues it serves (`Settings.threads_for`)."""
+    """Each provider's share of the threads depends on the worker's size and on how many of the providers
+    in use it serves (`Settings.threads_for`)."""
     from tasks.runtime import runtime
 
     rt = runtime()
     rt.concurrency = instance.concurrency
     queues = set(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
-    rt.providers_served = max(1, sum(1 for q in queues if str(q).startswith("send.")))
+    # Only the providers this deployment sends through: a queue no row is routed to takes no threads.
+    in_use = {f"send.{provider}" for provider in rt.settings.providers_in_use}
+    rt.providers_served = max(1, sum(1 for q in queues if str(q) in in_use))
 
 
 @signals.worker_shutting_down.connect
