@@ -13,14 +13,14 @@ import argparse
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db import schema, stats  # noqa: E402
+from bench.e2e import bench_database  # noqa: E402
+from db import stats  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from settings import load_settings  # noqa: E402
 from smsctl.metrics import registry  # noqa: E402
@@ -50,13 +50,8 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=10)
     args = parser.parse_args()
 
-    name = f"sms_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.mariadb + "/", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    url = f"{args.mariadb}/{name}?charset=utf8mb4"
-    try:
-        schema.upgrade(url)
+    with bench_database(args.mariadb) as bench:
+        url = bench.admin_url
         engine = engine_for(url)
         began = time.monotonic()
         with engine.begin() as conn:
@@ -83,11 +78,6 @@ def main() -> None:
                 read()
                 took.append(time.monotonic() - began)
             print(f"  {what}: median {statistics.median(took) * 1000:.0f} ms")
-    finally:
-        engine_for(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE {name}"))
-        admin.dispose()
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ import argparse
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy import func, insert, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db import schema  # noqa: E402
+from bench.e2e import bench_database  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from db.models import Dispatch, MessageId  # noqa: E402
 from db.retention import EMPTIED_MARK, prune  # noqa: E402
@@ -55,14 +54,8 @@ def main() -> None:
     parser.add_argument("--idle-calls", type=int, default=5)
     args = parser.parse_args()
 
-    name = f"sms_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.mariadb + "/", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    url = f"{args.mariadb}/{name}?charset=utf8mb4"
-    try:
-        schema.upgrade(url)
-        engine = engine_for(url)
+    with bench_database(args.mariadb) as bench:
+        engine = engine_for(bench.admin_url)
         fill(engine, 1, args.kept, provider="mobilgroup", age_days=DAYS + 200, emptied=True)
         half = args.due // 2
         fill(engine, args.kept + 1, half, provider="accolades", age_days=DAYS + 1, emptied=False)
@@ -91,11 +84,6 @@ def main() -> None:
         print(f"backlog, total (s)             {backlog_s:.2f}")
         print(f"backlog, per {args.batch}-row batch (ms)  {1000 * backlog_s / calls:.1f}")
         print(f"call with nothing due (ms)     {1000 * statistics.median(idle):.1f}")
-        engine.dispose()
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE {name}"))
-        admin.dispose()
 
 
 if __name__ == "__main__":
