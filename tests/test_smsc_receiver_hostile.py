@@ -9,7 +9,7 @@ import struct
 import threading
 import time
 
-from smpplib import consts, smpp
+from smpplib import smpp
 from smpplib.client import SimpleSequenceGenerator
 
 from providers.smsc import MAX_PDU_OCTETS
