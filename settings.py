@@ -205,28 +205,11 @@ class Settings(BaseSettings):
     smsc_identical_s: float = Field(default=60.0, ge=0)
     """Minimum seconds between two requests with the same account, recipient and text; 0 turns it off."""
 
-    @field_validator("routes")
+    @field_validator("routes", "failover", "allowed_countries", "smsc_channels")
     @classmethod
-    def _check_routes(cls, value: str) -> str:
-        parse_routes(value)
-        return value
-
-    @field_validator("failover")
-    @classmethod
-    def _check_failover(cls, value: str) -> str:
-        parse_failover(value)
-        return value
-
-    @field_validator("allowed_countries")
-    @classmethod
-    def _check_countries(cls, value: str) -> str:
-        parse_countries(value)
-        return value
-
-    @field_validator("smsc_channels")
-    @classmethod
-    def _check_channels(cls, value: str) -> str:
-        parse_channels(value)
+    def _check_list(cls, value: str, info) -> str:
+        # Each is a comma-separated list read by its own parser (below), whose ValueError names what is wrong.
+        LIST_PARSERS[info.field_name](value)
         return value
 
     @field_validator("mobilgroup_url", "accolades_url", "ozeki_url", "public_url")
@@ -560,3 +543,8 @@ def load_settings(**overrides) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return load_settings()
+
+
+LIST_PARSERS = {"routes": parse_routes, "failover": parse_failover, "allowed_countries": parse_countries,
+                "smsc_channels": parse_channels}
+"""The parser of each comma-separated list setting, for `Settings._check_list`."""
