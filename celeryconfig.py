@@ -70,9 +70,11 @@ task_reject_on_worker_lost = True
 # the provider's answer, so threads (64 sends in flight in one process; the database and HTTP pools are sized
 # for it, and smsc.ru's SMPP session is shared by a process's threads). Prefork with a process per core sent
 # 16 msg/s to a provider answering in 200 ms. Each provider may hold only its share of the threads
-# (`SMS_<PROVIDER>_THREADS`), so one that hangs cannot take the whole worker.
+# (`SMS_<PROVIDER>_THREADS`), so one that hangs cannot take the whole worker. `worker_pool` runs the beat tasks
+# on threads of their own, never behind the sends, and lets only as many sends run at once as the providers'
+# answers call for: against a provider that answers at once, 64 running threads cost more CPU than 16.
 # Celery reads `-P prefork` as no choice and runs this pool instead: ask for prefork with `-P processes`.
-worker_pool = "threads"
+worker_pool = "worker_pool:TaskPool"
 worker_concurrency = 64
 # A worker holds at most two messages per pool slot, and asks for more once it holds one or fewer per slot
 # (`redis_transport`: the refill then comes in one batch): every slot stays busy while a backlog lasts, and a

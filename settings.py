@@ -361,8 +361,10 @@ class Settings(BaseSettings):
 
     def threads_for(self, provider: str, concurrency: int, providers_served: int) -> int:
         """`SMS_<PROVIDER>_THREADS`, else: a worker serving one provider lets it use all its threads but
-        `THREADS_RESERVED` (kept for the beat tasks); one serving several gives each at most half, so that
-        one provider that hangs leaves the others half the worker."""
+        `THREADS_RESERVED` (so that, should it hang, the sends queued behind its calls still give their rows
+        back at once instead of waiting out its timeouts); one serving several gives each at most half, so
+        that one provider that hangs leaves the others half the worker. The beat tasks have threads of their
+        own (`worker_pool`)."""
         configured = getattr(self, f"{provider}_threads")
         if configured:
             return configured

@@ -25,8 +25,8 @@ One invocation, against MariaDB and Redis on this machine:
    its latency quantiles count the rows it never reached as later than that);
 7. prints one table with both and their ratio, and drops the database and the user.
 
-    .venv/bin/python bench/e2e.py --rows 10000 --workers 2 --concurrency 8 --pool prefork --latency 0
-    .venv/bin/python bench/e2e.py --rows 10000 --pool threads --concurrency 64 --latency 0.2
+    .venv/bin/python bench/e2e.py --rows 6000 --workers 2 --plain --latency 0.2    # `celery -A tasks worker`
+    .venv/bin/python bench/e2e.py --rows 10000 --workers 2 --concurrency 16 --pool threads --latency 0
     .venv/bin/python bench/e2e.py --tick-only --filler 1000000          # the dispatch tick alone
 
 The provider's rate limit (`SMS_MOBILGROUP_RATE`) is raised and the identical-request rule turned off

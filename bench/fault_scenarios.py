@@ -467,6 +467,39 @@ def hung_beside_healthy(stage: Stage, hung_rows: int = 1000, healthy_rows: int =
                             [str(p.log_path) for p in processes], stuck_connections=stuck)
 
 
+def ticks_beside_hung(stage: Stage, *worker_args: str, hung_rows: int = 600, hung_calls: int = 60,
+                      probe_rows: int = 10, due_in_s: int = 2, timeout_s: float = 60) -> list[float]:
+    """A worker that serves Ozeki alone (so Ozeki may hold all its threads but two in calls) while Ozeki
+    accepts connections and never answers; `hung_rows` rows fall due, and once `hung_calls` calls hang,
+    `probe_rows` more `due_in_s` later. Returns the seconds from each probe row's due time to its claim by a
+    dispatch tick: how late the beat tasks run in a worker whose prefetched sends all wait for a thread."""
+    ozeki = OzekiSimulator()
+    with running(ozeki, FaultProxy("127.0.0.1", ozeki.server_address[1])) as (_, proxy):
+        proxy.blackhole()
+        add_rows(stage.engine, [uk_number(i) for i in range(hung_rows)])
+        env = stage.env(stage.database_url, stage.redis_url, TMPDIR=str(stage.scratch),
+                        SMS_DEFAULT_PROVIDER="ozeki", SMS_OZEKI_URL=proxy.url_for(ozeki.api_url),
+                        SMS_OZEKI_USERNAME=ozeki.username, SMS_OZEKI_PASSWORD=ozeki.password,
+                        SMS_OZEKI_RATE=100, **FAST)
+        stage.start("worker", env, *worker_args)
+        stage.start("beat", env)
+        wait_for(lambda: proxy.accepted >= hung_calls, timeout_s, f"{hung_calls} Ozeki calls to hang")
+        probes = add_rows(stage.engine, [uk_number(hung_rows + i) for i in range(probe_rows)],
+                          due=f"NOW() + INTERVAL {due_in_s} SECOND")
+        due = due_epochs(stage.engine, probes)
+        claimed: dict[int, float] = {}
+
+        def all_claimed() -> bool:
+            now = time.time()
+            for row_id, state in states(stage.engine, probes).items():
+                if state is not None:
+                    claimed.setdefault(row_id, now)
+            return len(claimed) == len(probes)
+
+        wait_for(all_claimed, timeout_s, "the probe rows to be claimed", interval_s=0.1)
+        return [claimed[i] - due[i] for i in probes]
+
+
 FAKETIME_SHIM = Path(__file__).resolve().parent / "faketime"
 """`sitecustomize` for a process under libfaketime: see `bench/faketime/sitecustomize.py`."""
 

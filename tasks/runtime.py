@@ -16,6 +16,7 @@ from requests.adapters import HTTPAdapter
 
 from providers.base import Provider
 from settings import Settings, get_settings
+from worker_pool import waiting
 
 # Which setting names the account of each provider: the rate limit and the identical-request rule are per
 # account, shared by every process that sends through it.
@@ -78,6 +79,12 @@ def build_client(name: str, s: Settings) -> Provider:
 SLOT_WAIT_S = 0.2
 """How long a send waits for one of its provider's threads before it gives its row back."""
 
+HANGING_AFTER_S = 1.0
+"""When none of a provider's calls in this process has ended for this long while all its threads are in
+calls, the provider is taken to hang: a send gives its row back at once instead of waiting `SLOT_WAIT_S`.
+Otherwise the sends a worker prefetched each waited in turn, and the worker took in nothing new (its beat
+tasks included) until they were through: 7 s in `tests/test_isolation.py`'s hanging Ozeki."""
+
 BREAKER_CACHE_S = 1.0
 """How long a process trusts what it last read of the providers' account circuits: a send that was already
 in the broker when its account's circuit opened reaches the provider at most this long after."""
@@ -96,6 +103,7 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     """Set on a warm shutdown: no new provider call starts, the rows are handed back."""
     _slots: dict = field(default_factory=dict)
+    _call_ended: dict = field(default_factory=dict)
     _breakers: tuple = (0.0, {})
     alerted: dict = field(default_factory=dict)
     """When this process last logged each kind of repeated `ALERT:` (`tasks.workflow._alert_once`)."""
@@ -128,23 +136,31 @@ class Runtime:
     @contextmanager
     def provider_call(self, provider: str):
         """Yields True while this thread holds one of `provider`'s threads (`Settings.threads_for`), False
-        when they stay all in use for `SLOT_WAIT_S`: a provider that hangs then holds at most its share of
-        the worker, and the caller puts the row back to wait; a burst to a provider that answers at once
-        waits a moment for a thread instead of going back to the database."""
+        when they stay all in use for `SLOT_WAIT_S` (at once when the provider hangs: `HANGING_AFTER_S`): a
+        provider that hangs then holds at most its share of the worker, and the caller puts the row back to
+        wait; a burst to a provider that answers at once waits a moment for a thread instead of going back
+        to the database. The whole stretch counts as
+        waiting for the worker's pool (`worker_pool.waiting`), which lets other sends run meanwhile."""
         if not self.concurrency:
-            yield True
+            with waiting():
+                yield True
             return
         with self._lock:
             slots = self._slots.get(provider)
             if slots is None:
                 size = self.settings.threads_for(provider, self.concurrency, self.providers_served)
                 slots = self._slots[provider] = threading.BoundedSemaphore(size)
-        got = slots.acquire(timeout=SLOT_WAIT_S)
-        try:
-            yield got
-        finally:
-            if got:
-                slots.release()
+                self._call_ended[provider] = time.monotonic()
+        with waiting():
+            got = slots.acquire(blocking=False)
+            if not got and time.monotonic() - self._call_ended.get(provider, 0.0) < HANGING_AFTER_S:
+                got = slots.acquire(timeout=SLOT_WAIT_S)
+            try:
+                yield got
+            finally:
+                if got:
+                    self._call_ended[provider] = time.monotonic()
+                    slots.release()
 
     def breaker(self, provider: str):
         """`provider`'s account circuit (`db.store.BreakerState`) as last read, at most `BREAKER_CACHE_S`

@@ -45,6 +45,7 @@ from providers.smsc_text import COMMENT_SEPARATOR
 from tasks.reports import apply_report
 from tasks.routing import InvalidNumber, normalise, route
 from tasks.runtime import Runtime
+from worker_pool import waiting
 
 log = logging.getLogger(__name__)
 
@@ -602,14 +603,16 @@ def poll(rt: Runtime, row_id: int) -> str:
     from tasks.throttle import ThrottleUnavailable
 
     try:
-        permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"),
-                                     max_wait_s=THROTTLE_MAX_WAIT_S).wait()
+        with waiting():
+            permit = rt.throttle.acquire(rt.account("mobilgroup"), rt.rate("mobilgroup"),
+                                         max_wait_s=THROTTLE_MAX_WAIT_S).wait()
     except ThrottleUnavailable:
         permit = None
     if permit is None or not permit.reserved:  # asked again when the poll's lease ends (`POLL_LEASE_S`)
         return "throttled"
     try:
-        answer = client.status(mobilgroup_request_id(s, row_id, resends))
+        with waiting():
+            answer = client.status(mobilgroup_request_id(s, row_id, resends))
         report = replace(answer, reference=row_id, resends=resends)
     except PermanentError as exc:
         # The status request itself was refused (no request with this id, a request it cannot read): that
