@@ -28,6 +28,7 @@ if broker_url.startswith("filesystem://"):
         "processed_folder": str(_folder / "processed"),
         "store_processed": False,
     }
+    broker_transport = "filesystem_transport:Transport"  # kombu's, without its torn reads
 else:
     # No copy of each delivered message in Redis until it is acknowledged (kombu's ack emulation): it cost
     # two Redis round trips per message, about a fifth of a busy worker's CPU (bench/e2e.py), and duplicates
