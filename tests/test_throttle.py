@@ -217,12 +217,15 @@ def test_the_threads_of_one_process_share_one_throttle(throttle):
 
 
 def reserve_all(throttle, rate: float, costs: list[int]) -> list[float]:
-    """Reserve a slot for each message in turn (far ahead, no sleeping); return the slot times."""
+    """Reserve a slot for each message in turn (far ahead, no sleeping); return the slot times, as the
+    moments (`time.monotonic()`) before which `Permit.wait()` lets no send start. Reading a clock after
+    each `acquire()` measured the test's own scheduling delays too: in one CI run on a busy host, 12 parts
+    at 10/s read as falling into one second."""
     slots = []
     for cost in costs:
         permit = throttle.acquire("smsc:1", rate, cost=cost, max_wait_s=60)
         assert permit.reserved
-        slots.append(time.time() + permit.wait_s)
+        slots.append(permit._slot.start_at)
     return slots
 
 
