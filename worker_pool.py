@@ -40,7 +40,12 @@ GATE_FLOOR = 12
 the database, Redis and the provider's socket (16 threads did best against a provider answering at once)."""
 
 RESIZE_EVERY_S = 1.0
+"""How often the gate's limit follows the waits: often enough to open within a second for a provider that
+slows down, seldom enough that one second's tasks are a fair sample."""
+
 WAIT_SHARE_MAX = 0.95
+"""The share of waiting the limit is worked out from at most (floor / (1 - share) stays finite; 0.95 gives
+20 times the floor, past any `-c` in use)."""
 
 
 class ConcurrencyGate:

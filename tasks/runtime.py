@@ -104,6 +104,7 @@ class Runtime:
     """Set on a warm shutdown: no new provider call starts, the rows are handed back."""
     _slots: dict = field(default_factory=dict)
     _call_ended: dict = field(default_factory=dict)
+    """When a call to each provider last ended in this process (`HANGING_AFTER_S`)."""
     _breakers: tuple = (0.0, {})
     alerted: dict = field(default_factory=dict)
     """When this process last logged each kind of repeated `ALERT:` (`tasks.workflow._alert_once`)."""
@@ -139,8 +140,8 @@ class Runtime:
         when they stay all in use for `SLOT_WAIT_S` (at once when the provider hangs: `HANGING_AFTER_S`): a
         provider that hangs then holds at most its share of the worker, and the caller puts the row back to
         wait; a burst to a provider that answers at once waits a moment for a thread instead of going back
-        to the database. The whole stretch counts as
-        waiting for the worker's pool (`worker_pool.waiting`), which lets other sends run meanwhile."""
+        to the database. The whole stretch counts as waiting for the worker's pool (`worker_pool.waiting`),
+        which lets other sends run meanwhile."""
         if not self.concurrency:
             with waiting():
                 yield True
@@ -153,7 +154,7 @@ class Runtime:
                 self._call_ended[provider] = time.monotonic()
         with waiting():
             got = slots.acquire(blocking=False)
-            if not got and time.monotonic() - self._call_ended.get(provider, 0.0) < HANGING_AFTER_S:
+            if not got and time.monotonic() - self._call_ended[provider] < HANGING_AFTER_S:
                 got = slots.acquire(timeout=SLOT_WAIT_S)
             try:
                 yield got
