@@ -467,7 +467,7 @@ def hung_beside_healthy(stage: Stage, hung_rows: int = 1000, healthy_rows: int =
                             [str(p.log_path) for p in processes], stuck_connections=stuck)
 
 
-def ticks_beside_hung(stage: Stage, *worker_args: str, hung_rows: int = 600, hung_calls: int = 60,
+def ticks_beside_hung(stage: Stage, hung_rows: int = 600, hung_calls: int = 60,
                       probe_rows: int = 10, due_in_s: int = 2, timeout_s: float = 60) -> list[float]:
     """A worker that serves Ozeki alone (so Ozeki may hold all its threads but two in calls) while Ozeki
     accepts connections and never answers; `hung_rows` rows fall due, and once `hung_calls` calls hang,
@@ -481,7 +481,7 @@ def ticks_beside_hung(stage: Stage, *worker_args: str, hung_rows: int = 600, hun
                         SMS_DEFAULT_PROVIDER="ozeki", SMS_OZEKI_URL=proxy.url_for(ozeki.api_url),
                         SMS_OZEKI_USERNAME=ozeki.username, SMS_OZEKI_PASSWORD=ozeki.password,
                         SMS_OZEKI_RATE=100, **FAST)
-        stage.start("worker", env, *worker_args)
+        stage.start("worker", env)
         stage.start("beat", env)
         wait_for(lambda: proxy.accepted >= hung_calls, timeout_s, f"{hung_calls} Ozeki calls to hang")
         probes = add_rows(stage.engine, [uk_number(hung_rows + i) for i in range(probe_rows)],

@@ -1,5 +1,6 @@
 """The worker's pool (`worker_pool.TaskPool`) against the pinned Celery: the beat tasks start while every
-thread is busy with sends, where Celery's own thread pool makes them wait."""
+thread is busy with sends, where Celery's own thread pool makes them wait; and its `ConcurrencyGate`, which
+runs few tasks at once while they do not wait and up to all of them while they do."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +9,7 @@ import time
 from celery.concurrency import thread
 
 import worker_pool
+from tests.conftest import wait_until
 
 
 def started_while_sends_block(pool_cls) -> bool:
@@ -91,15 +93,6 @@ class Load:
             t.join(10)
 
 
-def wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_tasks_that_do_not_wait_run_floor_at_a_time():
     """A provider that answers at once: more threads would only take turns at the interpreter."""
     gate = worker_pool.ConcurrencyGate(floor=3, ceiling=12)
@@ -117,13 +110,13 @@ def test_tasks_that_mostly_wait_open_the_gate_up_to_the_ceiling_and_it_closes_ag
     gate = worker_pool.ConcurrencyGate(floor=2, ceiling=10)
     load = Load(gate, threads=10, work_s=0.005, wait_s=0.2)
     try:
-        assert wait_until(lambda: gate.limit == 10, 5), gate.limit
-        assert wait_until(lambda: load.most == 10, 2), load.most
+        wait_until(lambda: gate.limit == 10, 5, 0.05, "the gate to open to its ceiling")
+        wait_until(lambda: load.most == 10, 2, 0.05, "ten tasks running at once")
     finally:
         load.close()
     quick = Load(gate, threads=10, work_s=0.01)
     try:
-        assert wait_until(lambda: gate.limit == 2, 10), gate.limit
+        wait_until(lambda: gate.limit == 2, 10, 0.05, "the gate to close to its floor")
     finally:
         quick.close()
 
@@ -134,7 +127,7 @@ def test_calls_that_never_return_still_open_the_gate():
     gate = worker_pool.ConcurrencyGate(floor=2, ceiling=8)
     load = Load(gate, threads=8, work_s=0, hang=True)
     try:
-        assert wait_until(lambda: load.running == 8, 5), (load.running, gate.limit)
+        wait_until(lambda: load.running == 8, 5, 0.05, "every task let in although none returns")
     finally:
         load.close()
 
