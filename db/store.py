@@ -21,10 +21,11 @@ from datetime import datetime
 from typing import Iterable
 
 from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, update
-from sqlalchemy.engine import Connection, CursorResult, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from .engine import autocommit_twin, changed_before, db_now, db_now_plus, seconds_since
+from .packet import in_one_trip, run
 from .models import (
     ERROR_MSG_MAX,
     RESPONSENOTE_MAX,
@@ -360,7 +361,7 @@ def assign_routes(engine: Engine, routes: dict[int, tuple[str, str]]) -> None:
                 params = {"provider": provider}
                 for k, (row_id, recipient) in enumerate(chunk):
                     params[f"i{k}"], params[f"r{k}"] = row_id, recipient
-                _run(conn, _set_routes(size), **params)
+                run(conn, _set_routes(size), **params)
 
 
 @functools.lru_cache(maxsize=None)
@@ -387,7 +388,7 @@ def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = No
     connection broke), and its retry must not find the row held by nobody until the lease runs out. The
     job's `token` fences every outcome this send writes: should the lease run out and another send take
     the row, the late writes change nothing."""
-    (taken, _), (_, rows) = _in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id,
+    (taken, _), (_, rows) = in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id,
                                          owner=owner or uuid.uuid4().hex)
     if not taken or not rows:
         return None
@@ -397,101 +398,6 @@ def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = No
         return None
     return SendJob(row_id, provider, recipient or "", content, attempts, failures, age_s or 0, resends, unknowns,
                    reason == W.PROBE)
-
-
-# The statements of every send are built once (per lease or poll delay) with the row id as a parameter,
-# and rendered to the driver's SQL once per dialect (`_run`): building a statement, and SQLAlchemy's work
-# on a compiled one at each execution, cost more CPU than having MariaDB run it.
-
-@dataclass(frozen=True)
-class _Rendered:
-    sql: str
-    # One per parameter of `sql`, in order: the caller's name for it, or None and the value the statement
-    # carries itself.
-    slots: tuple[tuple[str | None, object], ...]
-
-    def values(self, params: dict) -> tuple:
-        return tuple(value if name is None else params[name] for name, value in self.slots)
-
-
-@functools.lru_cache(maxsize=None)
-def _render(statement, dialect) -> _Rendered:
-    """`statement` as the driver's SQL for `dialect`. Only for statements whose parameters and columns the
-    driver takes and gives as they are (no type conversion by SQLAlchemy) and without expanding IN lists:
-    checked here, once, so that a statement changed later fails loudly instead of running differently."""
-    compiled = statement.compile(dialect=dialect)
-    slots, converted = [], []
-    for name in compiled.positiontup:
-        bind = compiled.binds[name]
-        convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
-        if not bind.required:  # its value is known now: converted once, here
-            slots.append((None, convert(bind.value) if convert else bind.value))
-            continue
-        slots.append((name, None))
-        if convert:
-            converted.append(name)
-    converted += [column.name for column in getattr(statement, "selected_columns", ())
-                  if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None]
-    if not compiled.positional or "POSTCOMPILE" in compiled.string or converted:
-        raise ValueError(f"cannot run as rendered SQL on {dialect.name}: {converted or compiled.string}")
-    return _Rendered(compiled.string, tuple(slots))
-
-
-def _run(conn: Connection, statement, **params) -> CursorResult:
-    """Run a statement built once below with `params` for its named parameters. It goes to the driver as
-    SQL rendered once per dialect, which skips about half a millisecond of SQLAlchemy's CPU per send (its
-    cache lookup and parameter processing for compiled statements); transactions, pooling and error
-    handling stay SQLAlchemy's."""
-    rendered = _render(statement, conn.dialect)
-    return conn.exec_driver_sql(rendered.sql, rendered.values(params))
-
-
-@functools.lru_cache(maxsize=None)
-def _transaction_packet(statements: tuple, dialect) -> _Rendered:
-    parts = [_render(statement, dialect) for statement in statements]
-    return _Rendered("; ".join(["START TRANSACTION", *(part.sql for part in parts), "COMMIT"]),
-                     sum((part.slots for part in parts), ()))
-
-
-def _in_one_trip(engine: Engine, statements: tuple, **params) -> list[tuple[int, list[tuple]]]:
-    """Run `statements` (built once below) with `params` as one transaction; returns each one's row count
-    and rows. On MariaDB the transaction goes to the server as one packet of statements (mysqlclient allows
-    several per query), on a connection of `autocommit_twin` so that the packet's own `START TRANSACTION …
-    COMMIT` is the only transaction: one round trip instead of one per statement and one for the COMMIT.
-
-    The packet is run on the driver's cursor: SQLAlchemy reads only a query's first result, and an error in
-    a later statement surfaces when it closes the cursor, where it only logs it. Errors are raised as
-    SQLAlchemy's (`DBAPIError.instance`), as every other statement's are."""
-    if engine.dialect.name != "mysql":
-        with engine.begin() as conn:
-            results = [_run(conn, statement, **params) for statement in statements]
-            return [(r.rowcount, r.fetchall() if r.returns_rows else []) for r in results]
-    with autocommit_twin(engine).connect() as conn:
-        packet = _transaction_packet(statements, conn.dialect)
-        values = packet.values(params)
-        dbapi, connection = conn.dialect.loaded_dbapi, conn.connection.dbapi_connection
-        cursor = None
-        try:
-            cursor = connection.cursor()
-            cursor.execute(packet.sql, values)  # START TRANSACTION's result
-            results = []
-            for _ in statements:
-                cursor.nextset()
-                results.append((cursor.rowcount, list(cursor.fetchall())))
-            cursor.close()  # reads COMMIT's result
-            return results
-        except BaseException as exc:
-            # The server stops a packet at its first failing statement, which leaves the transaction open on
-            # this connection. Closing the connection makes the server roll it back; a retry starts afresh.
-            conn.invalidate()
-            if isinstance(exc, dbapi.Error):
-                # `connection_invalidated` tells callers the connection was lost (a restart), as SQLAlchemy's own
-                # errors do; dropping it here was only a precaution.
-                lost = conn.dialect.is_disconnect(exc, connection, cursor)
-                raise DBAPIError.instance(packet.sql, values, exc, dbapi.Error, connection_invalidated=lost,
-                                          dialect=conn.dialect,
-                                          hide_parameters=conn.engine.hide_parameters) from exc
-            raise
 
 
 @functools.lru_cache(maxsize=None)
@@ -569,7 +475,7 @@ def record_accepted(engine: Engine, row_id: int, token: int, provider_message_id
     transaction (one round trip on MariaDB: `_in_one_trip`)."""
     indexed = provider_message_ids if index_ids else []
     statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s), _contacted())
-    results = _in_one_trip(engine, statements, row_id=row_id, token=token, provider=provider, p_parts=parts,
+    results = in_one_trip(engine, statements, row_id=row_id, token=token, provider=provider, p_parts=parts,
                            p_ids=_fit(",".join(provider_message_ids), 255) or None,
                            **{f"m{k}": m for k, m in enumerate(indexed)})
     if results[-2][0]:
@@ -671,7 +577,7 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
 def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str) -> bool:
     """Move a row forward to `delivered` or `failed`, and asterCC's status with it; False when it was already
     final (forward-only). One transaction (one round trip on MariaDB: `_in_one_trip`)."""
-    (moved, _), _ = _in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
+    (moved, _), _ = in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
                                  last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX))
     return bool(moved)
 

@@ -36,7 +36,7 @@ def test_a_failed_reply_write_does_not_quote_the_reply(db):
 
 
 def test_a_failed_record_of_a_send_does_not_quote_the_provider_s_id(db):
-    """The send's record goes to MariaDB as one packet, outside SQLAlchemy's execution (`store._in_one_trip`)."""
+    """The send's record goes to MariaDB as one packet, outside SQLAlchemy's execution (`db.packet.in_one_trip`)."""
     row_id = due_row(db)
     job = store.begin_send(db, row_id, 300)
     with deadlocks(db, "cc10_batchcontacts", times=store.DEADLOCK_RETRIES):
