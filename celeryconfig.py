@@ -1,14 +1,14 @@
 """Every Celery setting of the dispatcher: broker, queues and routes, beat schedule, acks, prefetch, events.
 
 Values come from `settings` (the environment); the only other module of ours imported here picks the broker
-transport (`redis_transport`). Queues: `dispatch` for the housekeeping beat tasks, and one `send.<provider>`
+transport (`celery_ext.redis_transport`). Queues: `dispatch` for the housekeeping beat tasks, and one `send.<provider>`
 queue per provider so that a slow or paused provider never holds up the others and each can get its own
 workers (`celery -A tasks worker -Q send.smsc`).
 """
 from celery.schedules import schedule
 from kombu import Queue
 
-from redis_transport import transport_for
+from celery_ext.redis_transport import transport_for
 from settings import PROVIDERS, VAR_DIR, get_settings
 
 _s = get_settings()
@@ -28,7 +28,7 @@ if broker_url.startswith("filesystem://"):
         "processed_folder": str(_folder / "processed"),
         "store_processed": False,
     }
-    broker_transport = "filesystem_transport:Transport"  # kombu's, without its torn reads
+    broker_transport = "celery_ext.filesystem_transport:Transport"  # kombu's, without its torn reads
 else:
     # No copy of each delivered message in Redis until it is acknowledged (kombu's ack emulation): it cost
     # two Redis round trips per message, about a fifth of a busy worker's CPU (bench/e2e.py), and duplicates
@@ -71,14 +71,14 @@ task_reject_on_worker_lost = True
 # the provider's answer, so threads (64 sends in flight in one process; the database and HTTP pools are sized
 # for it, and smsc.ru's SMPP session is shared by a process's threads). Prefork with a process per core sent
 # 16 msg/s to a provider answering in 200 ms. Each provider may hold only its share of the threads
-# (`SMS_<PROVIDER>_THREADS`), so one that hangs cannot take the whole worker. `worker_pool` runs the beat tasks
+# (`SMS_<PROVIDER>_THREADS`), so one that hangs cannot take the whole worker. `celery_ext.pool` runs the beat tasks
 # on threads of their own, never behind the sends, and lets only as many sends run at once as the providers'
 # answers call for: against a provider that answers at once, 64 running threads cost more CPU than 16.
 # Celery reads `-P prefork` as no choice and runs this pool instead: ask for prefork with `-P processes`.
-worker_pool = "worker_pool:TaskPool"
+worker_pool = "celery_ext.pool:TaskPool"
 worker_concurrency = 64
 # A worker holds at most two messages per pool slot, and asks for more once it holds one or fewer per slot
-# (`redis_transport`: the refill then comes in one batch): every slot stays busy while a backlog lasts, and a
+# (`celery_ext.redis_transport`: the refill then comes in one batch): every slot stays busy while a backlog lasts, and a
 # backlog still spreads over every worker instead of piling up in one worker's prefetch.
 worker_prefetch_multiplier = 2
 worker_max_tasks_per_child = 10_000
@@ -87,7 +87,7 @@ worker_max_tasks_per_child = 10_000
 # Flower follows each task from its task-received event on. The task-sent event would add a "pending" state
 # before that, at the cost of a second publish per message in the dispatch task (0.2–0.3 ms of CPU per
 # message, about as much as publishing the task itself: bench/celery_floor.py). A worker sends its task events
-# in batches, every quarter of a second (worker_events.py).
+# in batches, every quarter of a second (`celery_ext.events`).
 worker_send_task_events = True
 task_send_sent_event = False
 

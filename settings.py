@@ -364,7 +364,7 @@ class Settings(BaseSettings):
         `THREADS_RESERVED` (so that, should it hang, the sends queued behind its calls still give their rows
         back at once instead of waiting out its timeouts); one serving several gives each at most half, so
         that one provider that hangs leaves the others half the worker. The beat tasks have threads of their
-        own (`worker_pool`)."""
+        own (`celery_ext.pool`)."""
         configured = getattr(self, f"{provider}_threads")
         if configured:
             return configured

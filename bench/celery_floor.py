@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import redis_cpu, self_cpu  # noqa: E402
 from smsctl.processes import pool_option  # noqa: E402
-from redis_transport import transport_for  # noqa: E402
-from worker_events import BatchedTaskEvents  # noqa: E402
+from celery_ext.redis_transport import transport_for  # noqa: E402
+from celery_ext.events import BatchedTaskEvents  # noqa: E402
 
 EVENTS = {"worker+sent": (True, True), "worker": (True, False), "none": (False, False)}
 

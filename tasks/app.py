@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from celery import Celery, signals
 
 from settings import ConfigError, get_settings
-from worker_events import BatchedTaskEvents
+from celery_ext.events import BatchedTaskEvents
 
 app = Celery("tasks", include=["tasks.jobs"])
 app.config_from_object("celeryconfig")

@@ -16,7 +16,7 @@ from requests.adapters import HTTPAdapter
 
 from providers.base import Provider
 from settings import Settings, get_settings
-from worker_pool import waiting
+from celery_ext.pool import waiting
 
 # Which setting names the account of each provider: the rate limit and the identical-request rule are per
 # account, shared by every process that sends through it.
@@ -140,7 +140,7 @@ class Runtime:
         when they stay all in use for `SLOT_WAIT_S` (at once when the provider hangs: `HANGING_AFTER_S`): a
         provider that hangs then holds at most its share of the worker, and the caller puts the row back to
         wait; a burst to a provider that answers at once waits a moment for a thread instead of going back
-        to the database. The whole stretch counts as waiting for the worker's pool (`worker_pool.waiting`),
+        to the database. The whole stretch counts as waiting for the worker's pool (`celery_ext.pool.waiting`),
         which lets other sends run meanwhile."""
         if not self.concurrency:
             with waiting():

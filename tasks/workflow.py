@@ -45,7 +45,7 @@ from providers.smsc_text import COMMENT_SEPARATOR
 from tasks.reports import apply_report
 from tasks.routing import InvalidNumber, normalise, route
 from tasks.runtime import Runtime
-from worker_pool import waiting
+from celery_ext.pool import waiting
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ def configured(script: str, **env: str):
     return json.loads(out)
 
 
-@pytest.mark.parametrize("url, expected", [("redis://127.0.0.1:6379/0", "redis_transport:Transport"),
+@pytest.mark.parametrize("url, expected", [("redis://127.0.0.1:6379/0", "celery_ext.redis_transport:Transport"),
                                            ("rediss://127.0.0.1:6380/0", None)])
 def test_our_redis_transport_serves_plain_redis_only(url, expected):
     assert configured("result = getattr(celeryconfig, 'broker_transport', None)", CELERY_BROKER_URL=url) == expected

@@ -1,5 +1,5 @@
 """The Redis broker transport that keeps one command client per channel and takes messages in batches
-(`redis_transport.py`).
+(`celery_ext/redis_transport.py`).
 
 Against the real Redis: it must speak kombu's own format (a worker on the stock transport and one on ours
 share a queue during an upgrade), keep publishing across what replaces kombu's connection pool, and take
@@ -11,7 +11,7 @@ from kombu import Connection, Queue
 
 from tests.conftest import REDIS_PREFIX, idle_worker_env, publish, wait_until
 
-OURS = "redis_transport:Transport"
+OURS = "celery_ext.redis_transport:Transport"
 
 
 def _connection(url: str, transport: str | None, **options) -> Connection:
@@ -38,7 +38,7 @@ def test_messages_cross_between_our_transport_and_kombus(redis_url, publisher, c
 def test_one_client_per_channel_rebuilt_when_kombu_replaces_the_pool(redis_url):
     with _connection(redis_url, OURS) as conn:
         channel = conn.default_channel
-        assert type(channel).__module__ == "redis_transport"
+        assert type(channel).__module__ == "celery_ext.redis_transport"
         queue = conn.SimpleQueue("transport-test", channel=channel)
         queue.put("a")
         first = channel._command_client

@@ -16,7 +16,7 @@ as many tasks as the time spent waiting for providers asks for, from `GATE_FLOOR
 the threads that wait plus `GATE_FLOOR` that work.
 
 Written against Celery 5.7.0 (`celery.concurrency.thread.TaskPool`: `on_apply` receives the task's name as
-the first of `args`); `tests/test_worker_pool.py` checks that against the pinned Celery. `-P threads` still
+the first of `args`); `tests/test_celery_ext_pool.py` checks that against the pinned Celery. `-P threads` still
 selects Celery's own pool.
 """
 from __future__ import annotations

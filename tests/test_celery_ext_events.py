@@ -1,4 +1,4 @@
-"""Task events, what Flower shows, leave a worker in batches (`worker_events.py`): every task's received,
+"""Task events, what Flower shows, leave a worker in batches (`celery_ext/events.py`): every task's received,
 started and succeeded events still arrive, in far fewer broker messages than events, and a worker stopped
 right after its last task still sends that task's events.
 
@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 
 from tests.conftest import REDIS_PREFIX, idle_worker_env, insert_rows, publish, wait_until
-from worker_events import BUFFER_LIMIT, FLUSH_EVERY_S
+from celery_ext.events import BUFFER_LIMIT, FLUSH_EVERY_S
 
 TASKS = 60
 EVENTS = ("task-received", "task-started", "task-succeeded")

@@ -7,7 +7,7 @@ to send). Here a message is written under a name no consumer takes (`PARTIAL_SUF
 `_size` and `_purge` only look at names ending in `<queue>.msg`) and renamed into place, which is atomic
 within one folder.
 
-Written against kombu 5.7.0; `tests/test_filesystem_transport.py` checks it against the pinned kombu.
+Written against kombu 5.7.0; `tests/test_celery_ext_filesystem_transport.py` checks it against the pinned kombu.
 `celeryconfig` selects it for `filesystem://` brokers.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The worker's pool (`worker_pool.TaskPool`) against the pinned Celery: the beat tasks start while every
+"""The worker's pool (`celery_ext.pool.TaskPool`) against the pinned Celery: the beat tasks start while every
 thread is busy with sends, where Celery's own thread pool makes them wait; and its `ConcurrencyGate`, which
 runs few tasks at once while they do not wait and up to all of them while they do."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 from celery.concurrency import thread
 
-import worker_pool
+from celery_ext import pool as ext_pool
 from tests.conftest import wait_until
 
 
@@ -36,7 +36,7 @@ def started_while_sends_block(pool_cls) -> bool:
 
 
 def test_a_dispatch_tick_starts_while_every_thread_is_busy_with_sends():
-    assert started_while_sends_block(worker_pool.TaskPool)
+    assert started_while_sends_block(ext_pool.TaskPool)
 
 
 def test_celerys_own_thread_pool_makes_it_wait():
@@ -47,7 +47,7 @@ def test_celerys_own_thread_pool_makes_it_wait():
 def test_the_housekeeping_tasks_are_the_beat_tasks():
     from celeryconfig import beat_schedule
 
-    assert {entry["task"] for entry in beat_schedule.values()} == worker_pool.HOUSEKEEPING
+    assert {entry["task"] for entry in beat_schedule.values()} == ext_pool.HOUSEKEEPING
 
 
 def test_a_worker_started_without_options_runs_this_pool():
@@ -55,14 +55,14 @@ def test_a_worker_started_without_options_runs_this_pool():
 
     from tasks.app import app
 
-    assert get_implementation(app.conf.worker_pool) is worker_pool.TaskPool
+    assert get_implementation(app.conf.worker_pool) is ext_pool.TaskPool
 
 
 class Load:
     """`threads` threads each running tasks through `gate` until stopped; a task sleeps `work_s` outside
     `waiting()` and `wait_s` inside it (or, with `hang`, waits inside it until the load stops)."""
 
-    def __init__(self, gate: worker_pool.ConcurrencyGate, threads: int, work_s: float, wait_s: float = 0,
+    def __init__(self, gate: ext_pool.ConcurrencyGate, threads: int, work_s: float, wait_s: float = 0,
                  hang: bool = False):
         self.gate, self.work_s, self.wait_s, self.hang = gate, work_s, wait_s, hang
         self.stop = threading.Event()
@@ -95,7 +95,7 @@ class Load:
 
 def test_tasks_that_do_not_wait_run_floor_at_a_time():
     """A provider that answers at once: more threads would only take turns at the interpreter."""
-    gate = worker_pool.ConcurrencyGate(floor=3, ceiling=12)
+    gate = ext_pool.ConcurrencyGate(floor=3, ceiling=12)
     load = Load(gate, threads=12, work_s=0.01, wait_s=0.0005)
     try:
         time.sleep(3.5)
@@ -107,7 +107,7 @@ def test_tasks_that_do_not_wait_run_floor_at_a_time():
 def test_tasks_that_mostly_wait_open_the_gate_up_to_the_ceiling_and_it_closes_again_after():
     """A provider answering in 200 ms: a thread per request in flight. When the waits stop, the limit
     comes back down to the floor."""
-    gate = worker_pool.ConcurrencyGate(floor=2, ceiling=10)
+    gate = ext_pool.ConcurrencyGate(floor=2, ceiling=10)
     load = Load(gate, threads=10, work_s=0.005, wait_s=0.2)
     try:
         wait_until(lambda: gate.limit == 10, 5, 0.05, "the gate to open to its ceiling")
@@ -124,7 +124,7 @@ def test_tasks_that_mostly_wait_open_the_gate_up_to_the_ceiling_and_it_closes_ag
 def test_calls_that_never_return_still_open_the_gate():
     """A provider that hangs every call let in: no task finishes, and the ones kept out must still get in
     (each then meets its provider's share of the threads and gives its row back)."""
-    gate = worker_pool.ConcurrencyGate(floor=2, ceiling=8)
+    gate = ext_pool.ConcurrencyGate(floor=2, ceiling=8)
     load = Load(gate, threads=8, work_s=0, hang=True)
     try:
         wait_until(lambda: load.running == 8, 5, 0.05, "every task let in although none returns")
@@ -134,7 +134,7 @@ def test_calls_that_never_return_still_open_the_gate():
 
 def test_waits_outside_a_gated_task_are_not_counted():
     """A beat task that calls a provider (failover asking about rows in doubt) does not open the gate."""
-    gate = worker_pool.ConcurrencyGate(floor=2, ceiling=8)
+    gate = ext_pool.ConcurrencyGate(floor=2, ceiling=8)
     outside_done = threading.Event()
 
     def outside():

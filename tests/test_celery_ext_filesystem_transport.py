@@ -1,4 +1,4 @@
-"""The demo's broker (`filesystem_transport`) against the pinned kombu: a consumer never takes a message
+"""The demo's broker (`celery_ext.filesystem_transport`) against the pinned kombu: a consumer never takes a message
 that is still being written, where kombu's own filesystem transport hands it an empty file."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from kombu import Connection
 from kombu.transport import filesystem
 
-import filesystem_transport
+from celery_ext import filesystem_transport
 
 QUEUE = "send.mobilgroup"
 
