@@ -1,7 +1,7 @@
 """Every Celery setting of the dispatcher: broker, queues and routes, beat schedule, acks, prefetch, events.
 
-Values come from `settings` (the environment); the only other module of ours imported here picks the broker
-transport (`celery_ext.redis_transport`). Queues: `dispatch` for the housekeeping beat tasks, and one `send.<provider>`
+Values come from `settings` (the environment) and the provider registry (each provider's queue); the
+overrides of Celery's internals are named from `celery_ext`. Queues: `dispatch` for the housekeeping beat tasks, and one `send.<provider>`
 queue per provider so that a slow or paused provider never holds up the others and each can get its own
 workers (`celery -A tasks worker -Q send.smsc`).
 """
@@ -9,12 +9,13 @@ from celery.schedules import schedule
 from kombu import Queue
 
 from celery_ext.redis_transport import transport_for
-from settings import PROVIDERS, VAR_DIR, get_settings
+from providers.registry import POLLED, REGISTRY
+from settings import VAR_DIR, get_settings
 
 _s = get_settings()
 
 DISPATCH_QUEUE = "dispatch"
-SEND_QUEUES = {provider: f"send.{provider}" for provider in PROVIDERS}
+SEND_QUEUES = {name: entry.queue for name, entry in REGISTRY.items()}
 
 broker_url = _s.broker_url
 if broker_url.startswith("filesystem://"):
@@ -53,7 +54,7 @@ task_routes = {
     "sms.dispatch": {"queue": DISPATCH_QUEUE},
     "sms.poll_due": {"queue": DISPATCH_QUEUE},
     "sms.reap": {"queue": DISPATCH_QUEUE},
-    "sms.poll": {"queue": SEND_QUEUES["mobilgroup"]},
+    "sms.poll": {"queue": SEND_QUEUES[POLLED]},
     # sms.send is routed per message to its provider's queue by the dispatcher.
 }
 

@@ -27,10 +27,10 @@ from redis.connection import parse_url as redis_url_parts
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from providers.registry import PROVIDERS, REGISTRY
 from providers.smsc_text import CHANNEL_PREFIXES, channel_name
 
-PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
-ProviderName = Literal["mobilgroup", "accolades", "ozeki", "smsc"]
+ProviderName = Literal[PROVIDERS]
 
 VAR_DIR = Path(os.environ.get("SMS_VAR_DIR", "var")).resolve()
 
@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _lease_outlasts_a_call(self) -> "Settings":
         # A send starts its provider call only while its lease outlasts the call's deadline by a margin
-        # (tasks.workflow.LEASE_MARGIN_S): with a shorter lease no send would ever start.
+        # (workflow.LEASE_MARGIN_S): with a shorter lease no send would ever start.
         if self.send_lease_s < self.http_timeout_s + LEASE_HEADROOM_S:
             raise ValueError(f"SMS_SEND_LEASE_S ({self.send_lease_s}) must be at least SMS_HTTP_TIMEOUT_S "
                              f"({self.http_timeout_s:g}) + {LEASE_HEADROOM_S} s")
@@ -374,7 +374,12 @@ class Settings(BaseSettings):
 
     def resends_unknown(self, provider: str) -> bool:
         """Whether a send of `provider` whose answer never came is sent again."""
-        return provider == "mobilgroup" or getattr(self, f"{provider}_on_unknown") == "resend"
+        return REGISTRY[provider].repeat_harmless or getattr(self, f"{provider}_on_unknown") == "resend"
+
+    @property
+    def uses_id_prefix(self) -> bool:
+        """Whether `SMS_MOBILGROUP_ID_PREFIX` shapes requests this deployment sends (Mobilgroup is in use)."""
+        return "mobilgroup" in self.providers_in_use
 
     @property
     def webhook_keys(self) -> list[str]:
@@ -414,7 +419,7 @@ class Settings(BaseSettings):
                 + " (and optionally SMS_ROUTES for prefix routes)"
             )
         for provider in sorted(self.providers_in_use):
-            self.require(*REQUIRED_BY_PROVIDER[provider])
+            self.require(*REGISTRY[provider].required)
 
 
 LEASE_HEADROOM_S = 10
@@ -422,12 +427,6 @@ INFLIGHT_SECONDS = 10
 INFLIGHT_MIN = 20
 THREADS_RESERVED = 2
 
-REQUIRED_BY_PROVIDER = {
-    "mobilgroup": ("mobilgroup_url", "mobilgroup_user_id", "mobilgroup_user", "mobilgroup_password"),
-    "accolades": ("accolades_url", "accolades_account", "accolades_password"),
-    "ozeki": ("ozeki_url", "ozeki_username", "ozeki_password"),
-    "smsc": ("smsc_host", "smsc_port", "smsc_system_id", "smsc_password"),
-}
 
 
 def _keys(secret: SecretStr | None) -> list[str]:

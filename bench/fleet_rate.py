@@ -13,7 +13,7 @@ One invocation, against MariaDB and Redis on this machine:
    the achieved rate, the largest one-second window, the batch time against count/rate, the smallest gap
    between identical requests, how often the send order followed the due order, the throttle's count, and
    how late the senders woke after their slots (p50 / p99 / max) and how many slots they gave back for it
-   (`tasks.throttle.Permit.wait`: a send never starts more than `SEND_WITHIN_S` after its slot);
+   (`workflow.throttle.Permit.wait`: a send never starts more than `SEND_WITHIN_S` after its slot);
 4. stops every process and the simulator, deletes the run's Redis keys and drops the database.
 
     .venv/bin/python bench/fleet_rate.py --provider mobilgroup --workers 2 --concurrency 2 --rate 20 --count 400
@@ -47,7 +47,7 @@ from bench.throttle_bench import largest_window, smallest_gap
 from db import schema
 from db.engine import engine_for
 from smsctl.processes import CeleryProcess, pool_option, stop_all
-from tasks.throttle import KEY_PREFIX, SEND_WITHIN_S, RedisThrottle
+from workflow.throttle import KEY_PREFIX, SEND_WITHIN_S, RedisThrottle
 
 PROVIDERS = ("mobilgroup", "accolades", "ozeki", "smsc")
 FINAL = ("success", "failed", "error")
@@ -82,7 +82,7 @@ def simulator(provider: str, args):
 
 
 def account_of(provider: str, sim) -> str:
-    """The throttle's account name, as `tasks.runtime.Runtime.account` builds it."""
+    """The throttle's account name, as `workflow.runtime.Runtime.account` builds it."""
     name = {"mobilgroup": "user_id", "accolades": "account", "ozeki": "username", "smsc": "system_id"}[provider]
     return f"{provider}:{getattr(sim, name)}"
 

@@ -24,8 +24,10 @@ from bench.e2e import bench_database  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from db.models import Dispatch, MessageId  # noqa: E402
 from db.retention import EMPTIED_MARK, prune  # noqa: E402
+from workflow.reap import IDS_NEVER_REUSED  # noqa: E402
 
 DAYS = 90
+KEEP = IDS_NEVER_REUSED
 CHUNK = 5000
 
 
@@ -67,7 +69,7 @@ def main() -> None:
 
         started, pruned, calls = time.perf_counter(), 0, 0
         while True:
-            done = prune(engine, DAYS, batch=args.batch, max_batches=1)
+            done = prune(engine, DAYS, batch=args.batch, max_batches=1, keep_emptied=KEEP)
             calls += 1
             pruned += done
             if done < args.batch:
@@ -76,7 +78,7 @@ def main() -> None:
         idle = []
         for _ in range(args.idle_calls):
             started = time.perf_counter()
-            assert prune(engine, DAYS, batch=args.batch) == 0
+            assert prune(engine, DAYS, batch=args.batch, keep_emptied=KEEP) == 0
             idle.append(time.perf_counter() - started)
 
         print(f"records: {args.kept} emptied Mobilgroup ones kept, {args.due} due, {args.recent} recent")

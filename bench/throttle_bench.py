@@ -1,4 +1,4 @@
-"""Measure the fleet-wide throttle itself (`tasks.throttle`): several processes draining one account's backlog.
+"""Measure the fleet-wide throttle itself (`workflow.throttle`): several processes draining one account's backlog.
 
 Each process takes the next request from a shared queue, asks the throttle, waits for its slot
 (`Permit.wait()`; a refused request is retried after the reported wait), and records when it would have
@@ -31,7 +31,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.throttle import GUARD_S, SEND_WITHIN_S, LocalThrottle, RedisThrottle, identity_of  # noqa: E402
+from workflow.throttle import GUARD_S, SEND_WITHIN_S, LocalThrottle, RedisThrottle, identity_of  # noqa: E402
 
 
 def largest_window(times: list[float], weights: list[int] | None = None, length: float = 1.0) -> int:

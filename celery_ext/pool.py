@@ -4,7 +4,7 @@ their own, and only as many sends running at once as the providers' answers call
 Beat tasks. Celery's thread pool runs what a worker receives on one `ThreadPoolExecutor`, in the order it
 came: a beat task (a dispatch tick, a reap) received behind the worker's prefetched sends waited until every
 one of them had run: with a provider that hangs, each of those sends that finds no thread for it may
-wait (`tasks.runtime.SLOT_WAIT_S`) before giving its row back, and the tick, and the rows of every other
+wait (`workflow.runtime.SLOT_WAIT_S`) before giving its row back, and the tick, and the rows of every other
 provider with it, came late. Here the housekeeping tasks (`HOUSEKEEPING`) run on
 `HOUSEKEEPING_THREADS` threads of their own and start as soon as they arrive.
 

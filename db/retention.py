@@ -4,13 +4,13 @@ of them, in small batches, without touching asterCC's tables (asterCC keeps its 
 A dispatch record in a final state that last changed more than `days` ago is pruned with its provider ids
 (`sms_message_ids`):
 
-- a row that was routed to another provider than Mobilgroup (or never routed) loses its record;
-- a Mobilgroup row keeps a record emptied of everything personal (number, provider ids, last error): its
+- a row that was routed to a provider whose ids may repeat (or never routed) loses its record;
+- a row of a provider that refuses a repeated id (Mobilgroup, `keep_emptied`) keeps a record emptied of everything personal (number, provider ids, last error): its
   row id, state, resend count and times stay.
 
 Why Mobilgroup's stay: an operator may set any finished row back to `new` in asterCC, however old. With its
 record kept, that is a resend, counted, and Mobilgroup gets a request id it never had (`row + n·10^10`, see
-`tasks.workflow.mobilgroup_request_id`). Without it, the row would go out as a first send under the row id
+`providers.mobilgroup.request_id`). Without it, the row would go out as a first send under the row id
 itself, which Mobilgroup already has: it would answer error 7, which we rightly read as "the earlier attempt
 arrived", so asterCC would show `success` for a message never sent. Keeping the resend count keeps error 7
 meaning that. Other providers have no such id: a row whose record is gone is sent again as a new row, which
@@ -37,20 +37,20 @@ from .engine import db_now_plus
 from .models import Dispatch, DispatchState as S, MessageId
 from .store import retry_lock_conflicts
 
-KEEP_EMPTIED = ("mobilgroup",)
-"""Providers whose records are emptied rather than removed: their request ids must never be used twice."""
 EMPTIED_MARK = datetime(1970, 1, 2)
 
 
-def prune(engine: Engine, days: int, batch: int = 1000, max_batches: int = 10) -> int:
+def prune(engine: Engine, days: int, batch: int = 1000, max_batches: int = 10, *,
+          keep_emptied: tuple[str, ...]) -> int:
     """Prune the records of rows final for more than `days` days, `batch` rows per transaction, at most
-    `max_batches` transactions (call again for the rest). Returns how many records were removed or emptied:
+    `max_batches` transactions (call again for the rest). The records of `keep_emptied` providers (those
+    whose request ids must never be used twice) are emptied rather than removed. Returns how many records were removed or emptied:
     less than `batch * max_batches` means none is left for now."""
     if days < 1 or batch < 1:
         raise ValueError("days and batch must be at least 1")
     pruned = 0
     for _ in range(max_batches):
-        done = _prune_batch(engine, days * 86_400, batch)
+        done = _prune_batch(engine, days * 86_400, batch, keep_emptied)
         pruned += done
         if done < batch:
             break
@@ -64,7 +64,7 @@ def _due(age_s: int):
 
 
 @retry_lock_conflicts
-def _prune_batch(engine: Engine, age_s: int, batch: int) -> int:
+def _prune_batch(engine: Engine, age_s: int, batch: int, keep_emptied: tuple[str, ...]) -> int:
     d = Dispatch
     with engine.begin() as conn:
         # Locked (MariaDB) so that a resend cannot take them between this read and the writes; rows a claim
@@ -76,7 +76,7 @@ def _prune_batch(engine: Engine, age_s: int, batch: int) -> int:
             return 0
         conn.execute(delete(MessageId).where(MessageId.batchcontact_id.in_(ids)))
         emptied = conn.execute(
-            update(d).where(d.batchcontact_id.in_(ids), _due(age_s), d.provider.in_(KEEP_EMPTIED))
+            update(d).where(d.batchcontact_id.in_(ids), _due(age_s), d.provider.in_(keep_emptied))
             .values(recipient=None, provider_message_id=None, last_error=None, updated_at=EMPTIED_MARK)).rowcount
         removed = conn.execute(delete(d).where(d.batchcontact_id.in_(ids), _due(age_s))).rowcount
     return emptied + removed

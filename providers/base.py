@@ -27,7 +27,7 @@ class OutgoingMessage:
 
     `reference` is our number for the request: asterCC's row id (`cc10_batchcontacts.id`), stable across
     retries, so providers that deduplicate by our id (Mobilgroup) can recognise a retry after a lost
-    answer; an operator's deliberate resend of a row gets a new one (see `tasks.workflow`). `recipient` is in
+    answer; an operator's deliberate resend of a row gets a new one (see `workflow`). `recipient` is in
     international format, digits only, no `+`. `callback_url` is where a provider that reports delivery
     by HTTP should send its report, or None.
     """

@@ -121,6 +121,19 @@ def _value(element: Element, tag: str) -> str | None:
     return " ".join((child.text or "").split())
 
 
+RESEND_STRIDE = 10**10
+"""Above any asterCC row id (`int(11)`): the n-th resend of row r goes to Mobilgroup as r + n·10^10."""
+PREFIX_STRIDE = 10**12
+"""A deployment's id prefix stands above every row id and resend count."""
+
+
+def request_id(prefix: str | None, row_id: int, resends: int) -> int:
+    """The `id` of our request for a row. Mobilgroup refuses a second request with the same `id` (error 7),
+    which is how a retry after a lost answer is recognised; an operator's resend must therefore go under a
+    new id, and a second deployment on the same account under ids of its own (`prefix`, digits)."""
+    return (int(prefix) if prefix else 0) * PREFIX_STRIDE + row_id + resends * RESEND_STRIDE
+
+
 class MobilgroupClient(HttpClient):
     """A client for one Mobilgroup account. Configuration is validated here (`ValueError`).
 

@@ -12,6 +12,7 @@ import sys
 import click
 
 from settings import ConfigError, get_settings
+from simulators import NAMES as simulator_names
 
 
 def _settings():
@@ -100,11 +101,9 @@ def webhooks(host: str, port: int) -> None:
 @main.command("smpp-receiver")
 def smpp_receiver() -> None:
     """Stay bound to smsc.ru as a receiver and apply delivery receipts and replies."""
-    from tasks.smpp_receiver import run_receiver
+    from workflow.smpp_receiver import run_receiver
 
-    settings = _settings()
-    settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
-    run_receiver(settings)
+    run_receiver(_settings())  # it checks the receiver's settings first
 
 
 @main.command()
@@ -129,19 +128,17 @@ def status(watch: bool, interval: float) -> None:
 
 
 @main.command()
-@click.argument("provider", type=click.Choice(["mobilgroup", "accolades", "ozeki", "smsc"]))
+@click.argument("provider", type=click.Choice(simulator_names))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", required=True, type=int)
 @click.option("--fail-rate", default=0.0, show_default=True, type=float, help="Share of requests answered 503.")
 @click.option("--latency", default=0.0, show_default=True, type=float, help="Seconds before each answer.")
 def simulate(provider: str, host: str, port: int, fail_rate: float, latency: float) -> None:
     """Run a local stand-in for PROVIDER (demo, tests, staging)."""
-    import importlib
+    from simulators import serve
 
-    module = importlib.import_module(f"simulators.{provider}")
-    options = {"fail_rate": fail_rate, "latency_s": latency} if provider != "smsc" else {}
     click.echo(f"{provider} simulator on {host}:{port}", err=True)
-    module.serve(host=host, port=port, **options)
+    serve(provider, host, port, fail_rate=fail_rate, latency_s=latency)
 
 
 @main.command()

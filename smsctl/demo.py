@@ -133,7 +133,7 @@ class StandIns:
     def start_receivers(self) -> None:
         """The webhook app and the SMPP receiver; they write to the database, so they start after it exists."""
         from settings import get_settings
-        from tasks.smpp_receiver import run_receiver
+        from workflow.smpp_receiver import run_receiver
         from webhooks.app import create_app, make_server
 
         port = int(self.public_url.rsplit(":", 1)[1])
@@ -198,7 +198,7 @@ def run_demo(rows: int = 40, timeout_s: int = 180) -> int:
     from db.engine import engine_for
     from settings import get_settings
     from smsctl import overview, status
-    from tasks.throttle import LocalThrottle
+    from workflow.throttle import LocalThrottle
 
     engine = engine_for(env["SMS_DATABASE_URL"])
     schema.upgrade(env["SMS_DATABASE_URL"])

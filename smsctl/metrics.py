@@ -110,7 +110,7 @@ def serve(settings, host: str, port: int) -> None:
     from werkzeug.serving import make_server
 
     from db.engine import engine_for
-    from tasks.throttle import make_throttle
+    from workflow.throttle import make_throttle
 
     app = make_wsgi_app(registry(settings, engine_for(settings.database_url), make_throttle(settings)))
     server = make_server(host, port, app, threaded=True)

@@ -54,10 +54,10 @@ def retention_days(settings: Settings) -> float:
 
 
 def read(settings: Settings, engine, throttle=None) -> Overview:
-    """Everything the views show, read now. `throttle` (`tasks.throttle.make_throttle`) gives each
+    """Everything the views show, read now. `throttle` (`workflow.throttle.make_throttle`) gives each
     provider's throttled count; without it that figure is None."""
-    from tasks.runtime import Runtime
-    from tasks.workflow import DISPATCH_STAMP
+    from workflow.runtime import Runtime
+    from workflow.dispatch import DISPATCH_STAMP
 
     breakers = store.breaker_states(engine)
     waiting, oldest = stats.open_rows(engine)

@@ -83,7 +83,7 @@ def run(settings, watch: bool, interval_s: float) -> None:
 
     from db.engine import engine_for
     from smsctl.overview import read
-    from tasks.throttle import make_throttle
+    from workflow.throttle import make_throttle
 
     engine, throttle = engine_for(settings.database_url), make_throttle(settings)
     console = Console()

@@ -1,4 +1,4 @@
-"""The Celery tasks: each one a thin wrapper over `tasks.workflow`, taking and passing row ids only.
+"""The Celery tasks: each one a thin wrapper over `workflow`, taking and passing row ids only.
 
 | task            | started by          | does                                                        |
 | --------------- | ------------------- | ----------------------------------------------------------- |
@@ -15,10 +15,10 @@ import time
 from celery.utils import uuid
 from celery.utils.log import get_task_logger
 
-from celeryconfig import SEND_QUEUES
-from tasks import workflow
+import workflow
+from providers import registry
 from tasks.app import app
-from tasks.runtime import runtime
+from workflow.runtime import runtime
 
 log = get_task_logger(__name__)
 
@@ -30,7 +30,7 @@ class RetryLater(Exception):
 
 def enqueue_sends(ids: list[int], provider: str) -> None:
     """One `sms.send` per row id on the provider's queue."""
-    _enqueue_each(send, ids, SEND_QUEUES[provider])
+    _enqueue_each(send, ids, registry.entry(provider).queue)
 
 
 def _enqueue_each(task, ids: list[int], queue: str | None = None) -> None:
@@ -89,7 +89,7 @@ def dispatch() -> int:
 @app.task(name="sms.send", bind=True, ignore_result=True, max_retries=None)
 def send(self, row_id: int) -> str:
     # The task's id owns the lease, so that its retry after a lost database answer can take it again.
-    outcome = workflow.send(runtime(), row_id, owner=self.request.id.replace("-", "") if self.request.id else None)
+    outcome = workflow.send_row(runtime(), row_id, owner=self.request.id.replace("-", "") if self.request.id else None)
     if isinstance(outcome, workflow.Retry):
         raise self.retry(countdown=outcome.delay_s, exc=RetryLater(outcome.reason))
     return outcome
@@ -107,7 +107,7 @@ def poll_due() -> int:
 
 @app.task(name="sms.poll", ignore_result=True)
 def poll(row_id: int) -> str:
-    return workflow.poll(runtime(), row_id)
+    return workflow.poll_row(runtime(), row_id)
 
 
 @app.task(name="sms.reap", ignore_result=True)
@@ -115,4 +115,4 @@ def reap() -> int:
     rt = runtime()
     if _too_soon("sms.reap", rt.settings.reap_interval_s):
         return 0
-    return workflow.reap(rt)
+    return workflow.reap_rows(rt)

@@ -26,7 +26,7 @@ from settings import ConfigError, load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.mobilgroup import MobilgroupSimulator
 from simulators.ozeki import OzekiSimulator
-from tasks.routing import InvalidNumber, normalise
+from workflow.routing import InvalidNumber, normalise
 from tests.conftest import app_env, compose_worker, insert_rows, rows_by_id, started, wait_until
 from tests.httpstub import StubServer
 
@@ -273,8 +273,8 @@ def test_provider_answers(case):
 def test_schedules(case, db, mariadb_url):
     """A row due long ago (a first deployment on an old table, a restart after a long outage) is not sent:
     it ends `failed`, saying when it was due; a late one within `SMS_MAX_AGE_S` is sent."""
-    from tasks import workflow
-    from tasks.runtime import Runtime
+    import workflow
+    from workflow.runtime import Runtime
 
     (row,) = insert_rows(db, [("+7 903 123-45-67", "Your appointment is tomorrow.")], schedule_sql=case.given)
     rt = Runtime(load_settings(**ROUTING, database_url=mariadb_url, mobilgroup_user_id="1", mobilgroup_user="u",

@@ -20,8 +20,9 @@ from db import store
 from settings import ConfigError, load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.mobilgroup import MobilgroupSimulator
-from tasks import workflow
-from tasks.runtime import Runtime
+import workflow
+from providers import registry
+from workflow.runtime import Runtime
 from tests.conftest import (REDIS_PREFIX, ROOT, app_env, free_port, insert_rows, rows_by_id, started,
                             wait_until)
 
@@ -202,7 +203,7 @@ def test_a_row_in_doubt_moves_once_mobilgroup_confirms_it_never_got_it(db, maria
         never, arrived = insert_rows(db, [(number(1), "One"), (number(2), "Two")])
         workflow.dispatch_due(rt, lambda ids, provider: None)
         # Both sends' answers were lost; the second one had reached Mobilgroup.
-        mobilgroup.requests[str(workflow.mobilgroup_request_id(rt.settings, arrived, 0))] = {
+        mobilgroup.requests[str(registry.entry("mobilgroup").reference(rt.settings, arrived, 0))] = {
             "phones": ["79161000252"], "accepted": time.time(), "due": None}
         with db.begin() as conn:
             conn.execute(text("UPDATE sms_dispatch SET state = 'waiting', wait_reason = 'unknown', unknowns = 1"))

@@ -24,7 +24,7 @@ import requests
 from bench.throttle_bench import largest_window, smallest_gap
 from simulators.mobilgroup import API_PATH, MobilgroupSimulator
 from smsctl.processes import pool_option
-from tasks.throttle import KEY_PREFIX, SEND_WITHIN_S, RedisThrottle
+from workflow.throttle import KEY_PREFIX, SEND_WITHIN_S, RedisThrottle
 from tests.conftest import (
     REDIS_PREFIX,
     app_env,

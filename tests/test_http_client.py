@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from providers.http import HttpClient
-from tasks.runtime import http_session
+from workflow.runtime import http_session
 from tests.httpstub import StubServer
 
 SHAPES = {

@@ -112,7 +112,7 @@ def test_the_beat_tasks_do_not_wait_behind_sends_that_wait_for_a_thread(stage):
     """A plain worker serving Ozeki alone, Ozeki hanging: all its threads but two sit in Ozeki calls, and
     it holds as many sends again that find no thread. Rows that fall due meanwhile are still claimed by the
     next dispatch tick (every second here): those sends give their rows back at once
-    (`tasks.runtime.HANGING_AFTER_S`), so the worker takes in the tick, which runs on a thread of its own
+    (`workflow.runtime.HANGING_AFTER_S`), so the worker takes in the tick, which runs on a thread of its own
     (`celery_ext.pool`). When each such send waited 0.2 s for a thread first, the rows were claimed 4 s late."""
     delays = scenarios.ticks_beside_hung(stage)
     print(f"due→claimed: {sorted(round(d, 2) for d in delays)}")

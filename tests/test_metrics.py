@@ -17,7 +17,7 @@ from sqlalchemy import text
 from db import store
 from settings import load_settings
 from smsctl import metrics, overview, status
-from tasks.throttle import make_throttle
+from workflow.throttle import make_throttle
 from tests.conftest import REDIS_PREFIX, ROOT, app_env, wait_until
 
 pytestmark = pytest.mark.integration

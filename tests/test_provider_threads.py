@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from settings import load_settings
-from tasks.runtime import Runtime
+from workflow.runtime import Runtime
 
 
 def worker_runtime(concurrency: int, providers_served: int, **settings) -> Runtime:

@@ -24,8 +24,9 @@ from settings import load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.ozeki import OzekiSimulator
 from simulators.smsc import SmscSimulator
-from tasks.runtime import Runtime
-from tasks.smpp_receiver import apply_smsc_report, run_receiver
+from workflow.runtime import Runtime
+from workflow.reports import apply_smpp_receipt
+from workflow.smpp_receiver import run_receiver
 from tests.conftest import app_env, compose_worker, insert_rows, rows_by_id, started, wait_until
 from webhooks.app import create_app, make_server
 
@@ -52,11 +53,11 @@ def webhook_app(database_url: str, secret: str):
 
 @contextmanager
 def smpp_receiver(settings):
-    """`run_receiver` in a thread, applying receipts and replies as it does by default (`apply_smsc_report`)."""
+    """`run_receiver` in a thread, applying receipts and replies as it does by default (`apply_smpp_receipt`)."""
     rt = Runtime(settings)
     stop = threading.Event()
     def apply(provider, report):
-        return apply_smsc_report(provider, report, rt=rt)
+        return apply_smpp_receipt(rt.engine, provider, report)
 
     thread = threading.Thread(target=run_receiver, args=(settings, stop, apply),
                               kwargs={"reconnect_min_s": 0.1}, daemon=True)

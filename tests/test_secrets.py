@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from settings import EXAMPLE_FLOWER_LOGIN, ConfigError, load_settings
-from tasks.runtime import Runtime
+from workflow.runtime import Runtime
 from tests.conftest import ROOT, app_env, compose_services, free_port
 
 URLS = {

@@ -13,9 +13,10 @@ from sqlalchemy import insert, select
 from db.models import BatchContact, BatchContactArchive
 from settings import load_settings
 from simulators.smsc import SmscSimulator
-from tasks import workflow
-from tasks.runtime import Runtime
-from tasks.smpp_receiver import apply_smsc_report, run_receiver
+import workflow
+from workflow.runtime import Runtime
+from workflow.reports import apply_smpp_receipt
+from workflow.smpp_receiver import run_receiver
 
 
 @pytest.fixture
@@ -68,14 +69,14 @@ def test_receipts_and_a_reply_land_in_astercc(rt, sim):
     queued: list[int] = []
     workflow.dispatch_due(rt, lambda ids, provider: queued.extend(ids), budget_s=5)
     assert sorted(queued) == sorted([delivered, failed])
-    assert [workflow.send(rt, row_id) for row_id in (delivered, failed)] == ["accepted", "accepted"]
+    assert [workflow.send_row(rt, row_id) for row_id in (delivered, failed)] == ["accepted", "accepted"]
     assert len(sim.events("submit")) == 3
 
     stop = threading.Event()
     results: list[str] = []
 
     def apply(provider, report):
-        results.append(apply_smsc_report(provider, report, rt=rt))
+        results.append(apply_smpp_receipt(rt.engine, provider, report))
         return results[-1]
 
     receiver = threading.Thread(target=run_receiver, args=(rt.settings, stop, apply),

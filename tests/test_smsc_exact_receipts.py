@@ -16,9 +16,10 @@ from providers.base import DeliveryReport
 from providers.smsc import SmscClient
 from settings import load_settings
 from simulators.smsc import SmscSimulator
-from tasks import workflow
-from tasks.runtime import Runtime
-from tasks.smpp_receiver import ReceiptHandler, apply_smsc_report, run_receiver
+import workflow
+from workflow.runtime import Runtime
+from workflow.reports import apply_smpp_receipt
+from workflow.smpp_receiver import ReceiptHandler, run_receiver
 from tests.conftest import free_port, insert_rows, wait_until
 
 DELIVERABLE, UNDELIVERABLE = "79001234567", "79001230013"
@@ -58,7 +59,7 @@ def runtime(mariadb_url, db):
 def send_rows(rt, rows) -> list[int]:
     ids = insert_rows(rt.engine, rows)
     workflow.dispatch_due(rt, lambda queued, provider: None, budget_s=5)
-    assert [workflow.send(rt, row_id) for row_id in ids] == ["accepted"] * len(ids)
+    assert [workflow.send_row(rt, row_id) for row_id in ids] == ["accepted"] * len(ids)
     return ids
 
 
@@ -81,7 +82,7 @@ def receiver(rt, results: list | None = None):
     stop = threading.Event()
 
     def apply(provider, report):
-        result = apply_smsc_report(provider, report, rt=rt)
+        result = apply_smpp_receipt(rt.engine, provider, report)
         if results is not None:
             results.append(result)
         return result
@@ -136,18 +137,18 @@ def test_a_long_message_is_delivered_only_when_every_part_is_whatever_the_order(
                               reason="" if delivered else "not delivered: the network could not deliver it")
 
     one, two, three = part_ids(rt, first)
-    assert [apply_smsc_report("smsc", receipt(i, True), rt=rt) for i in (three, one)] == ["awaiting"] * 2
+    assert [apply_smpp_receipt(rt.engine, "smsc", receipt(i, True)) for i in (three, one)] == ["awaiting"] * 2
     assert state(rt, first)[0] == "accepted"
-    assert apply_smsc_report("smsc", receipt(two, True), rt=rt) == "applied"
+    assert apply_smpp_receipt(rt.engine, "smsc", receipt(two, True)) == "applied"
     assert state(rt, first) == ("delivered", "success", "")
-    assert apply_smsc_report("smsc", receipt(two, True), rt=rt) == "unknown"  # a repeated receipt finds nothing
+    assert apply_smpp_receipt(rt.engine, "smsc", receipt(two, True)) == "unknown"  # a repeated receipt finds nothing
 
     # The undelivered part's receipt decides, before or after the delivered ones.
     one, two, three = part_ids(rt, second)
-    assert apply_smsc_report("smsc", receipt(one, True), rt=rt) == "awaiting"
-    assert apply_smsc_report("smsc", receipt(three, False), rt=rt) == "applied"
+    assert apply_smpp_receipt(rt.engine, "smsc", receipt(one, True)) == "awaiting"
+    assert apply_smpp_receipt(rt.engine, "smsc", receipt(three, False)) == "applied"
     assert state(rt, second)[:2] == ("failed", "failed")
-    apply_smsc_report("smsc", receipt(two, True), rt=rt)  # the last part delivered changes nothing
+    apply_smpp_receipt(rt.engine, "smsc", receipt(two, True))  # the last part delivered changes nothing
     assert state(rt, second)[:2] == ("failed", "failed")
 
 
@@ -167,7 +168,7 @@ def test_two_long_messages_to_one_phone_sent_at_once_do_not_mix(sim, runtime):
     outcomes = [None, None]
 
     def send(k):
-        outcomes[k] = workflow.send(rt, ids[k])
+        outcomes[k] = workflow.send_row(rt, ids[k])
 
     threads = [threading.Thread(target=send, args=(k,)) for k in (0, 1)]
     for thread in threads:
@@ -191,7 +192,7 @@ def test_two_long_messages_to_one_phone_sent_at_once_do_not_mix(sim, runtime):
 def test_receipts_on_the_workers_transceiver_session_reach_the_rows(sim, runtime):
     simulator = sim()
     rt = runtime(simulator, smsc_bind="transceiver")
-    handler = ReceiptHandler(lambda provider, report: apply_smsc_report(provider, report, rt=rt),
+    handler = ReceiptHandler(lambda provider, report: apply_smpp_receipt(rt.engine, provider, report),
                              unknown_retry_s=(0.2, 0.5))
     rt._clients["smsc"] = SmscClient(host="127.0.0.1", port=simulator.port, system_id="smsc",
                                      password="secret", bind="transceiver", receipts=handler)

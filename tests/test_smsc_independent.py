@@ -24,7 +24,7 @@ from providers import smsc_text
 from providers.base import OutgoingMessage
 from providers.smsc import SmscClient
 from settings import load_settings
-from tasks.smpp_receiver import run_receiver
+from workflow.smpp_receiver import run_receiver
 from tests.conftest import free_port, wait_until
 
 UNDELIVERABLE_SUFFIX = "13"

@@ -9,7 +9,7 @@ from providers.base import OutgoingMessage
 from providers.smsc import SmscClient
 from settings import load_settings
 from simulators.smsc import SmscSimulator
-from tasks.smpp_receiver import run_receiver
+from workflow.smpp_receiver import run_receiver
 
 
 def wait_for(predicate, timeout: float = 5.0):

@@ -14,7 +14,7 @@ from smpplib.client import SimpleSequenceGenerator
 
 from providers.smsc import MAX_PDU_OCTETS
 from settings import load_settings
-from tasks.smpp_receiver import run_receiver
+from workflow.smpp_receiver import run_receiver
 from tests.conftest import wait_until
 
 DELIVER_SM, GENERIC_NACK = 0x00000005, 0x80000000

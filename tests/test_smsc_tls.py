@@ -13,9 +13,10 @@ from providers.base import OutgoingMessage, TransientError
 from providers.smsc import SmscClient
 from settings import load_settings
 from simulators.smsc import SmscSimulator, TlsFront
-from tasks import workflow
-from tasks.runtime import Runtime
-from tasks.smpp_receiver import apply_smsc_report, run_receiver
+import workflow
+from workflow.runtime import Runtime
+from workflow.reports import apply_smpp_receipt
+from workflow.smpp_receiver import run_receiver
 from tests.conftest import insert_rows, wait_until
 
 
@@ -47,12 +48,12 @@ def test_a_send_and_its_receipt_go_through_tls(front, certificate, mariadb_url, 
                                smsc_system_id="smsc", smsc_password="secret", smsc_identical_s=0))
     stop = threading.Event()
     receiver = threading.Thread(target=run_receiver, daemon=True, args=(
-        rt.settings, stop, lambda provider, report: apply_smsc_report(provider, report, rt=rt)))
+        rt.settings, stop, lambda provider, report: apply_smpp_receipt(rt.engine, provider, report)))
     receiver.start()
     try:
         (row_id,) = insert_rows(rt.engine, [("79001234567", "Ваш код: 4711. Never share it.")])
         workflow.dispatch_due(rt, lambda queued, provider: None, budget_s=5)
-        assert workflow.send(rt, row_id) == "accepted"
+        assert workflow.send_row(rt, row_id) == "accepted"
 
         def row_state():
             with rt.engine.connect() as conn:

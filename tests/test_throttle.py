@@ -1,4 +1,4 @@
-"""The fleet-wide rate limit and identical-request rule (`tasks.throttle`), on real Redis and a real SQLite file.
+"""The fleet-wide rate limit and identical-request rule (`workflow.throttle`), on real Redis and a real SQLite file.
 
 Redis must be running on 127.0.0.1:6379 (DB 2 is used, under a random key prefix that is deleted
 afterwards); the tests fail, not skip, without it. Several tests start OS processes, as Celery's prefork
@@ -21,7 +21,7 @@ import redis
 
 from bench.throttle_bench import largest_window
 from settings import load_settings
-from tasks.throttle import (
+from workflow.throttle import (
     GUARD_S, LATE_TRIES, MARGIN_S, SEND_WITHIN_S, LocalThrottle, RedisThrottle, ThrottleUnavailable, identity_of,
     make_throttle,
 )

@@ -28,7 +28,7 @@ from providers.ozeki import OzekiClient
 from settings import ConfigError, load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.ozeki import OzekiSimulator
-from tasks.callbacks import BadToken, callback_url, verify_token
+from workflow.callbacks import BadToken, callback_url, verify_token
 from tests.conftest import free_port, wait_until
 from webhooks.app import CONNECTION_DEADLINE_S, create_app, make_server
 

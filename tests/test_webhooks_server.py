@@ -14,7 +14,7 @@ import requests
 
 from db.models import DispatchState
 from settings import load_settings
-from tasks.callbacks import callback_url
+from workflow.callbacks import callback_url
 from tests.conftest import ROOT, app_env, free_port, wait_until
 from tests.test_webhooks import accolades_report, insert_accepted, state
 

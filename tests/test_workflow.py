@@ -12,8 +12,9 @@ from db import engine as db_engine
 from db import store
 from settings import load_settings
 from simulators.mobilgroup import MobilgroupSimulator
-from tasks import workflow
-from tasks.runtime import Runtime
+import workflow
+from providers import mobilgroup, registry
+from workflow.runtime import Runtime
 from tests.conftest import REDIS_PREFIX, deadlocks, insert_rows, kill_connections, rows_by_id, started
 
 pytestmark = pytest.mark.integration
@@ -65,9 +66,9 @@ def test_a_blocked_account_is_paused_and_one_probe_decides_when_it_sends_again(r
     assert claim(rt) == [first, second], "more than the provider's room went to the broker"
     sim.blocked = True
 
-    assert workflow.send(rt, first) == "paused"
+    assert workflow.send_row(rt, first) == "paused"
     calls = len(sim.events("send"))
-    assert workflow.send(rt, second) == "paused"
+    assert workflow.send_row(rt, second) == "paused"
     assert len(sim.events("send")) == calls, "a paused account was called again"
     rows = rows_by_id(db)
     assert {rows[r]["status"] for r in (first, second, third)} == {"pending"}
@@ -77,16 +78,16 @@ def test_a_blocked_account_is_paused_and_one_probe_decides_when_it_sends_again(r
     pause_over(db)
     probe = claim(rt)
     assert len(probe) == 1 and claim(rt) == [], "not exactly one probe"
-    assert workflow.send(rt, probe[0]) == "paused" and len(sim.events("send")) == calls + 1
+    assert workflow.send_row(rt, probe[0]) == "paused" and len(sim.events("send")) == calls + 1
     assert claim(rt) == [], "a refused probe released the backlog"
 
     sim.blocked = False
     pause_over(db)
     (probe,) = claim(rt)
-    assert workflow.send(rt, probe) == "accepted"
+    assert workflow.send_row(rt, probe) == "accepted"
     rest = claim(rt)
     assert sorted(rest + [probe]) == [first, second, third]
-    assert [workflow.send(rt, row) for row in rest] == ["accepted", "accepted"]
+    assert [workflow.send_row(rt, row) for row in rest] == ["accepted", "accepted"]
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
 
 
@@ -95,8 +96,8 @@ def test_rows_of_a_paused_account_end_as_error_once_the_account_window_is_spent(
     first, second = insert_rows(db, [("+7 916 100-00-01", "one"), ("+7 916 100-00-02", "two")])
     claim(rt)
     sim.blocked = True
-    workflow.send(rt, first)
-    workflow.send(rt, second)
+    workflow.send_row(rt, first)
+    workflow.send_row(rt, second)
     due_now(db, first, second)
     with db.begin() as conn:
         conn.execute(text("UPDATE sms_dispatch SET claimed_at = NOW() - INTERVAL 2 HOUR"))
@@ -114,7 +115,7 @@ def test_transient_failures_end_as_error_with_the_attempt_count_after_the_window
     (row,) = insert_rows(db, [("+7 916 100-00-03", "hello")])
     claim(rt)
     sim.fail_rate = 1.0
-    assert workflow.send(rt, row) == "error"
+    assert workflow.send_row(rt, row) == "error"
     assert rows_by_id(db)[row]["status"] == "error"
     assert rows_by_id(db)[row]["error_msg"] == "Mobilgroup answered HTTP 503 (gave up after 1 failed attempts in 0 s)"
 
@@ -127,8 +128,8 @@ def test_the_retry_window_counts_from_the_claim(runtime, sim, db):
         conn.execute(text("UPDATE sms_dispatch SET claimed_at = NOW() - INTERVAL 2 HOUR"
                           " WHERE batchcontact_id = :row"), {"row": old})
     sim.fail_rate = 1.0
-    assert workflow.send(rt, young) == "retry"
-    assert workflow.send(rt, old) == "error"
+    assert workflow.send_row(rt, young) == "retry"
+    assert workflow.send_row(rt, old) == "error"
 
 
 def test_a_transient_failure_inside_the_window_waits_in_the_database_then_succeeds(runtime, sim, db):
@@ -136,11 +137,11 @@ def test_a_transient_failure_inside_the_window_waits_in_the_database_then_succee
     (row,) = insert_rows(db, [("+7 916 100-00-04", "hello")])
     claim(rt)
     sim.fail_rate = 1.0
-    assert workflow.send(rt, row) == "retry"
+    assert workflow.send_row(rt, row) == "retry"
     sim.fail_rate = 0.0
     due_now(db, row)
     claim(rt)
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     assert rows_by_id(db)[row]["status"] == "success" and rows_by_id(db)[row]["attempts"] == 2
 
 
@@ -148,8 +149,8 @@ def test_a_duplicated_task_is_a_no_op(runtime, sim, db):
     rt = runtime()
     (row,) = insert_rows(db, [("+7 916 100-00-05", "hello")])
     claim(rt)
-    assert workflow.send(rt, row) == "accepted"
-    assert workflow.send(rt, row) == "skipped"
+    assert workflow.send_row(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "skipped"
     assert len(sim.events("send")) == 1
 
 
@@ -159,7 +160,7 @@ def test_a_provider_whose_reports_carry_our_reference_gets_its_id_recorded_but_n
     rt = runtime()
     (row,) = insert_rows(db, [("+7 916 100-00-09", "hello")])
     claim(rt)
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     with db.connect() as conn:
         recorded = conn.execute(text("SELECT provider_message_id FROM sms_dispatch WHERE batchcontact_id = :i"),
                                 {"i": row}).scalar()
@@ -195,19 +196,19 @@ def test_an_operator_resend_of_a_finished_row_is_sent_again(runtime, sim, db, mo
     rt = runtime()
     (row,) = insert_rows(db, [("+7 916 100-00-06", "hello")])
     claim(rt)
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     with db.begin() as conn:
         conn.execute(text("UPDATE cc10_batchcontacts SET status = 'new' WHERE id = :i"), {"i": row})
     assert claim(rt) == [row]
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     # A new request id: Mobilgroup would refuse the old one as "already sent" and send nothing.
     assert [(e["outcome"], e["id"]) for e in sim.events("send")] == [
-        ("accepted", str(row)), ("accepted", str(row + workflow.RESEND_STRIDE))]
+        ("accepted", str(row)), ("accepted", str(row + mobilgroup.RESEND_STRIDE))]
     with db.begin() as conn:
         conn.execute(text("UPDATE sms_dispatch SET poll_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
     assert workflow.claim_polls(rt) == [row]
-    assert workflow.poll(rt, row) == "applied"
-    assert sim.events("status")[-1]["id"] == str(row + workflow.RESEND_STRIDE)
+    assert workflow.poll_row(rt, row) == "applied"
+    assert sim.events("status")[-1]["id"] == str(row + mobilgroup.RESEND_STRIDE)
     assert rows_by_id(db)[row]["state"] == "delivered"
 
 
@@ -215,15 +216,15 @@ def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
     rt = runtime(mobilgroup_poll_after_s=0, retry_max_s=1)
     (row,) = insert_rows(db, [("+7 916 100-00-07", "hello")])
     claim(rt)
-    workflow.send(rt, row)
+    workflow.send_row(rt, row)
     assert workflow.claim_polls(rt) == [row]
     sim.fail_rate = 1.0
-    assert workflow.poll(rt, row) == "retry"
+    assert workflow.poll_row(rt, row) == "retry"
     sim.fail_rate = 0.0
     with db.begin() as conn:
         conn.execute(text("UPDATE sms_dispatch SET poll_at = NOW() WHERE batchcontact_id = :i"), {"i": row})
     assert workflow.claim_polls(rt) == [row]
-    assert workflow.poll(rt, row) == "applied"
+    assert workflow.poll_row(rt, row) == "applied"
     assert rows_by_id(db)[row]["state"] == "delivered"
 
 
@@ -235,7 +236,7 @@ def test_a_row_routed_to_a_provider_since_unconfigured_waits_like_an_account_pro
     with db.begin() as conn:
         conn.execute(text("UPDATE sms_dispatch SET provider = 'ozeki' WHERE batchcontact_id = :i"), {"i": row})
 
-    assert workflow.send(runtime(account_retry_s=30), row) == "paused"
+    assert workflow.send_row(runtime(account_retry_s=30), row) == "paused"
     assert (rows_by_id(db)[row]["status"], rows_by_id(db)[row]["state"]) == ("pending", "waiting")
 
     with db.begin() as conn:
@@ -252,9 +253,9 @@ def test_a_task_for_a_row_that_waits_is_a_no_op(runtime, sim, db):
     (row,) = insert_rows(db, [("+7 916 100-00-11", "hello")])
     claim(rt)
     sim.fail_rate = 1.0
-    assert workflow.send(rt, row) == "retry"
+    assert workflow.send_row(rt, row) == "retry"
 
-    assert workflow.send(rt, row) == "skipped"
+    assert workflow.send_row(rt, row) == "skipped"
     assert claim(rt) == [], "a row was released before it was due"
     after = rows_by_id(db)[row]
     assert (after["state"], after["attempts"]) == ("waiting", 1), "it was sent early"
@@ -266,12 +267,12 @@ def test_a_refused_status_query_keeps_success_and_stops_polling(runtime, sim, db
     rt = runtime(mobilgroup_poll_after_s=0)
     (row,) = insert_rows(db, [("+7 916 100-00-09", "hello")])
     claim(rt)
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     with db.begin() as conn:  # the poll now asks about a request id the provider never had
         conn.execute(text("UPDATE sms_dispatch SET resends = 1 WHERE batchcontact_id = :i"), {"i": row})
     assert workflow.claim_polls(rt) == [row]
 
-    assert workflow.poll(rt, row) == "unconfirmed"
+    assert workflow.poll_row(rt, row) == "unconfirmed"
 
     assert sim.events("status")[-1]["outcome"] == "error 12"
     after = rows_by_id(db)[row]
@@ -295,7 +296,7 @@ def test_an_accepted_send_is_recorded_through_a_database_hiccup(runtime, sim, db
         return real(*args, **kwargs)
 
     monkeypatch.setattr(store, "record_accepted", flaky)
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     assert rows_by_id(db)[row]["status"] == "success"
     assert len(sim.events("send")) == 1
 
@@ -307,7 +308,7 @@ def test_a_send_picked_as_deadlock_victim_goes_ahead(runtime, sim, db):
     (row,) = insert_rows(db, [("+7 916 100-00-09", "hello")])
     claim(rt)
     with deadlocks(db, "sms_dispatch", times=2) as left:
-        assert workflow.send(rt, row) == "accepted"
+        assert workflow.send_row(rt, row) == "accepted"
         assert left() == 0, "the trigger never fired: the test proved nothing"
     assert rows_by_id(db)[row]["status"] == "success"
     assert len(sim.events("send")) == 1
@@ -318,10 +319,10 @@ def test_a_send_that_stays_deadlocked_runs_again_soon(runtime, sim, db):
     (row,) = insert_rows(db, [("+7 916 100-00-10", "hello")])
     claim(rt)
     with deadlocks(db, "sms_dispatch", times=store.DEADLOCK_RETRIES):
-        outcome = workflow.send(rt, row)
+        outcome = workflow.send_row(rt, row)
     assert isinstance(outcome, workflow.Retry) and outcome.delay_s == workflow.RECONNECT_RETRY_S
     assert rows_by_id(db)[row]["state"] == "queued" and not sim.events("send")
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
 
 
 def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, sim, db, mariadb_url, monkeypatch):
@@ -332,13 +333,13 @@ def test_a_send_that_meets_a_dead_database_connection_runs_again_soon(runtime, s
     earlier, row = insert_rows(db, [("+7 916 100-00-14", "before"), ("+7 916 100-00-13", "hello")])
     claim(rt)
     db.dispose()  # and the send's pool with it: earlier tests' connections, some never to be used, are gone
-    assert workflow.send(rt, earlier) == "accepted"  # the one connection the send's pool holds now
+    assert workflow.send_row(rt, earlier) == "accepted"  # the one connection the send's pool holds now
     kill_connections(mariadb_url)
 
-    outcome = workflow.send(rt, row)
+    outcome = workflow.send_row(rt, row)
     assert isinstance(outcome, workflow.Retry) and outcome.delay_s == workflow.RECONNECT_RETRY_S
     assert len(sim.events("send")) == 1
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     db.dispose()  # the test's own pooled connection was killed too, and nothing pings it
     assert rows_by_id(db)[row]["status"] == "success" and len(sim.events("send")) == 2
 
@@ -352,16 +353,16 @@ def test_rows_whose_dispatch_died_between_claim_and_route_are_routed_by_the_reap
     assert [c.id for c in store.claim_due(rt.engine, 1)] == [routed_never]     # both steps of the claim
     assert store._record_claims(rt.engine, 1, "a-dispatch-that-died")           # only the first
     assert claim(rt) == [fresh], "a stranded row was claimed again, or held up the claim"
-    assert workflow.reap(rt) == 0, "reaped inside the grace time"
+    assert workflow.reap_rows(rt) == 0, "reaped inside the grace time"
 
     with db.begin() as conn:
         conn.execute(text("UPDATE sms_dispatch SET updated_at = NOW() - INTERVAL 61 SECOND"
                           " WHERE provider IS NULL"))
-    assert workflow.reap(rt) == 2
-    assert workflow.reap(rt) == 0, "routed twice"
+    assert workflow.reap_rows(rt) == 2
+    assert workflow.reap_rows(rt) == 0, "routed twice"
     enqueued = claim(rt)
     assert sorted(enqueued) == [routed_never, claimed_only]
-    assert [workflow.send(rt, row) for row in enqueued + [fresh]] == ["accepted"] * 3
+    assert [workflow.send_row(rt, row) for row in enqueued + [fresh]] == ["accepted"] * 3
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
 
 
@@ -379,7 +380,7 @@ def test_error_7_for_another_number_is_not_taken_for_our_send(runtime, sim, db):
     other.close()
     claim(rt)
 
-    assert workflow.send(rt, row) == "failed"
+    assert workflow.send_row(rt, row) == "failed"
     after = rows_by_id(db)[row]
     assert after["status"] == "failed" and "SMS_MOBILGROUP_ID_PREFIX" in after["error_msg"]
 
@@ -393,12 +394,12 @@ def test_error_7_for_our_own_earlier_attempt_is_success(runtime, sim, db):
     rt = runtime(mobilgroup_id_prefix="42")
     (row,) = insert_rows(db, [("+7 916 100-00-22", "hello")])
     first = MobilgroupClient(url=sim.api_url, user_id=sim.user_id, user=sim.user, password=sim.password)
-    first.send(OutgoingMessage(reference=workflow.mobilgroup_request_id(rt.settings, row, 0),
+    first.send(OutgoingMessage(reference=registry.entry("mobilgroup").reference(rt.settings, row, 0),
                                recipient="79161000022", text="hello"))
     first.close()
     claim(rt)
 
-    assert workflow.send(rt, row) == "accepted"
+    assert workflow.send_row(rt, row) == "accepted"
     assert rows_by_id(db)[row]["status"] == "success"
     assert [e["id"] for e in sim.events("send")] == [str(42 * 10**12 + row)] * 2
     assert [e["outcome"] for e in sim.events("send")] == ["accepted", "duplicate"]
@@ -408,7 +409,7 @@ def test_a_changed_mobilgroup_id_prefix_stops_the_start(db, mariadb_url):
     """The prefix is recorded at the first start; another value later would make retries look new and polls
     ask for ids Mobilgroup never had, so workers and beat refuse it, naming the variable."""
     from settings import ConfigError
-    from tasks.app import _check_database
+    from workflow.startup import check_database as _check_database
 
     def start(prefix: str) -> None:
         _check_database(load_settings(database_url=mariadb_url, default_provider="mobilgroup",

@@ -3,7 +3,7 @@
 Routes:
 
 - `POST /reports/accolades/<token>`, `POST|GET /reports/ozeki/<token>` (the methods each provider uses:
-  any other, `HEAD` included, is 405 and changes nothing). The token (see `tasks.callbacks`) names the row
+  any other, `HEAD` included, is 405 and changes nothing). The token (see `workflow.callbacks`) names the row
   and is signed for that provider. Answers: 403 for a forged, altered or expired token, another
   provider's token, or an Accolades report whose echoed `id` is not the token's row; 400 for a malformed
   report; 404 when no dispatch record of that provider exists for the row; 200 once applied, and also
@@ -22,6 +22,7 @@ being answered. waitress writes no access log, so no token reaches a log.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -31,20 +32,20 @@ from flask import Flask, request
 from waitress.server import TcpWSGIServer
 from werkzeug.exceptions import HTTPException
 
-from providers import accolades, ozeki
+from db.engine import engine_for
+from providers import registry
 from providers.base import DeliveryReport
 from settings import Settings, get_settings
-from tasks.callbacks import BadToken, verify_token
+from workflow.callbacks import BadToken, verify_token
+from workflow.reports import apply_report as apply_to_database
 
 log = logging.getLogger(__name__)
 
 ApplyReport = Callable[[str, DeliveryReport], str]
 
 PARSERS: dict[str, Callable[[Mapping[str, str]], DeliveryReport]] = {
-    "accolades": accolades.parse_report,
-    "ozeki": ozeki.parse_report,
-}
-METHODS = {"accolades": ("POST",), "ozeki": ("GET", "POST")}
+    name: registry.entry(name).parse_report for name in registry.reporting_by("webhook")}
+METHODS = {name: registry.entry(name).webhook_methods for name in PARSERS}
 """The methods each provider reports with; only these change anything."""
 MAX_REPORT_BYTES = 16 * 1024
 """A report is a handful of short fields; anything bigger is refused (413) before it is parsed."""
@@ -58,11 +59,11 @@ for a provider to send a report, too little for a client trickling bytes to keep
 def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | None = None) -> Flask:
     """The WSGI app. `settings` default to the environment's; `SMS_WEBHOOK_SECRET` must be set.
     `apply_report(provider, report) -> "applied" | "duplicate" | "stale" | "unknown"` defaults to
-    `tasks.reports.apply_report` on these settings' database."""
+    `workflow.reports.apply_report` on these settings' database."""
     settings = settings or get_settings()
     settings.require("webhook_secret")
     if apply_report is None:
-        apply_report = _database_apply(settings)
+        apply_report = functools.partial(apply_to_database, engine_for(settings.database_url))
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
@@ -126,14 +127,6 @@ def _fields() -> dict[str, str]:
 
 def _answer(status: int, word: str, **headers: str):
     return word + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers}
-
-
-def _database_apply(settings: Settings) -> ApplyReport:
-    from tasks.reports import apply_report
-    from tasks.runtime import Runtime
-
-    runtime = Runtime(settings)
-    return lambda provider, report: apply_report(provider, report, rt=runtime)
 
 
 class Server(TcpWSGIServer):

@@ -17,10 +17,12 @@ from dataclasses import replace
 from typing import Literal
 
 from markupsafe import Markup
+from sqlalchemy.engine import Engine
 
 from db import store
 from db.models import DispatchState
 from providers.base import DeliveryReport
+from providers.smsc import message_id_forms
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +42,21 @@ def plain_text(text: str) -> str:
     return " ".join(text.translate(_ANGLES).split())
 
 
-def apply_report(provider: str, report: DeliveryReport, rt=None) -> ReportResult:
-    """Apply `report` from `provider`. Returns `unknown` when no row of ours matches (a webhook answers
-    404), `duplicate` when the row already has this final outcome, `stale` when it has another final
-    outcome or the report says nothing new, else `applied`."""
-    if rt is None:
-        from tasks.runtime import runtime
-
-        rt = runtime()
+def apply_report(engine: Engine, provider: str, report: DeliveryReport) -> ReportResult:
+    """Apply `report` from `provider` to the rows in `engine`'s database. Returns `unknown` when no row of
+    ours matches (a webhook answers 404), `duplicate` when the row already has this final outcome, `stale`
+    when it has another final outcome or the report says nothing new, else `applied`."""
     report = replace(report, reason=report.reason and plain_text(report.reason),
                      reply_text=report.reply_text and plain_text(report.reply_text))
     target = store.find_report_target(
-        rt.engine, provider, reference=report.reference, provider_message_id=report.provider_message_id,
+        engine, provider, reference=report.reference, provider_message_id=report.provider_message_id,
         recipient=report.recipient if report.reply_text is not None else None,
     )
     if target is None:
         log.info("%s report for no known row (ignored)", provider)
         return "unknown"
     if report.reply_text is not None:
-        store.record_reply(rt.engine, target.id, report.reply_text)
+        store.record_reply(engine, target.id, report.reply_text)
         log.info("%s reply recorded on row %d", provider, target.id)
         return "applied"
     if report.resends is not None and report.resends != target.resends:
@@ -69,9 +67,34 @@ def apply_report(provider: str, report: DeliveryReport, rt=None) -> ReportResult
         return "stale"
     delivered = report.outcome == "delivered"
     reason = report.reason or ("not delivered" if not delivered else "")
-    if store.apply_final_report(rt.engine, target.id, delivered, reason):
+    if store.apply_final_report(engine, target.id, delivered, reason):
         log.info("%s report applied to row %d: %s", provider, target.id, report.outcome)
         return "applied"
     same = target.state == (DispatchState.DELIVERED if delivered else DispatchState.FAILED)
     log.info("%s report on row %d ignored: row already %s", provider, target.id, target.state)
     return "duplicate" if same else "stale"
+
+
+def apply_smpp_receipt(engine: Engine, provider: str, report: DeliveryReport) -> str:
+    """`apply_report` for a receipt that came over SMPP (`workflow.smpp_receiver`): the id is looked up in
+    each of its forms (`providers.smsc.message_id_forms`: smsc.ru does not say whether receipts write ids in
+    decimal or hexadecimal), and a message sent in several parts is `delivered` only once every part's
+    receipt said so (each delivered part's id is settled in `sms_message_ids`). Returns what `apply_report`
+    returns, or `awaiting` for a delivered part whose message has parts still awaiting their receipt."""
+    if report.reply_text is not None or not report.provider_message_id:
+        return apply_report(engine, provider, report)
+    for form in message_id_forms(report.provider_message_id):
+        if report.outcome != "delivered":
+            result = apply_report(engine, provider, replace(report, provider_message_id=form))
+            if result != "unknown":
+                return result
+            continue
+        settled = store.settle_delivered_part(engine, provider, form)
+        if settled is None:
+            continue
+        row_id, awaiting = settled
+        if awaiting:
+            log.info("smsc receipt: a part of row %d delivered, %d more awaited", row_id, awaiting)
+            return "awaiting"
+        return apply_report(engine, provider, replace(report, provider_message_id=None, reference=row_id))
+    return "unknown"

@@ -1,7 +1,7 @@
 """The smsc.ru SMPP receiver (`smsctl smpp-receiver`): a long-running loop, bound as a receiver, that
 turns every `deliver_sm` (delivery receipts and recipients' replies) into a `DeliveryReport` and applies
-it through `apply_smsc_report`; and `smsc_client`, the workers' client, whose transceiver session (with
-`SMS_SMSC_BIND=transceiver`) hands what it receives to the same `ReceiptHandler`.
+it through `workflow.reports.apply_smpp_receipt`; and `ReceiptHandler`, which the workers' client also
+hands what its transceiver session receives (with `SMS_SMSC_BIND=transceiver`).
 
 It connects as the workers do (`SMS_SMSC_HOST` tried in order, TLS with `SMS_SMSC_TLS`), keeps the session
 alive with `enquire_link` while idle (smsc.ru drops a session idle for two minutes), notices a dead peer
@@ -16,7 +16,7 @@ Every `deliver_sm` is answered: `ESME_ROK` once the report was applied, or when 
 ours or cannot be read (sending it again would not help); `ESME_RX_T_APPN` (temporary error, so that
 smsc.ru delivers it again later) only when applying it failed, e.g. the database was down.
 
-Receipts (`apply_smsc_report`): the id is looked up as written and in its other forms
+Receipts (`workflow.reports.apply_smpp_receipt`): the id is looked up as written and in its other forms
 (`providers.smsc.message_id_forms`: smsc.ru does not say whether receipts write ids in decimal or
 hexadecimal). A message sent in several parts is `delivered` only once every part's receipt said so (each
 delivered part's id is settled in `sms_message_ids`, `db.store.settle_delivered_part`); one undelivered
@@ -37,6 +37,7 @@ not joined).
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -49,7 +50,10 @@ from typing import Any
 
 from smpplib import consts
 
+from db.engine import engine_for
+from providers import registry
 from providers.base import DeliveryReport, ProviderError
+from providers.registry import RECEIVED
 from providers.smsc import (
     ESME_RINVCMDID,
     ESME_RX_T_APPN,
@@ -57,14 +61,14 @@ from providers.smsc import (
     Link,
     ReplyPart,
     SessionLost,
-    SmscClient,
     bind,
-    message_id_forms,
     parse_deliver_sm,
     parse_hosts,
     reply_part,
     tls_context,
 )
+
+from workflow.reports import apply_smpp_receipt
 
 log = logging.getLogger(__name__)
 
@@ -74,36 +78,6 @@ SPLIT_REPLY_WAIT_S = 300.0
 """How long the parts of a split reply wait for the rest."""
 MISSING_PART = "[…]"
 _POLL_S = 0.5
-
-
-def apply_smsc_report(provider: str, report: DeliveryReport, rt=None) -> str:
-    """`tasks.reports.apply_report` for smsc.ru, with the receipt rules of the module docstring: the id
-    in each of its forms, and `delivered` only once every part was. Returns what `apply_report` returns,
-    or `awaiting` for a delivered part whose message has parts still awaiting their receipt."""
-    from db import store
-    from tasks.reports import apply_report
-
-    if rt is None:
-        from tasks.runtime import runtime
-
-        rt = runtime()
-    if report.reply_text is not None or not report.provider_message_id:
-        return apply_report(provider, report, rt=rt)
-    for form in message_id_forms(report.provider_message_id):
-        if report.outcome != "delivered":
-            result = apply_report(provider, replace(report, provider_message_id=form), rt=rt)
-            if result != "unknown":
-                return result
-            continue
-        settled = store.settle_delivered_part(rt.engine, provider, form)
-        if settled is None:
-            continue
-        row_id, awaiting = settled
-        if awaiting:
-            log.info("smsc receipt: a part of row %d delivered, %d more awaited", row_id, awaiting)
-            return "awaiting"
-        return apply_report(provider, replace(report, provider_message_id=None, reference=row_id), rt=rt)
-    return "unknown"
 
 
 class _Overtaken:
@@ -122,7 +96,7 @@ class _Overtaken:
         while self._due and self._due[0][0] <= time.monotonic():
             _, _, attempt, report = heapq.heappop(self._due)
             try:
-                result = apply("smsc", report)
+                result = apply(RECEIVED, report)
             except Exception:
                 log.exception("smsc receipt could not be applied on its retry")
                 result = "unknown"
@@ -166,7 +140,7 @@ class _SplitReplies:
         for key in [key for key, (since, _) in self._held.items() if now - since >= self.wait_s]:
             came = len(self._held[key][1])
             try:
-                result = apply("smsc", self._joined(key))
+                result = apply(RECEIVED, self._joined(key))
             except Exception:
                 log.exception("smsc reply with a part missing could not be applied; trying again later")
                 self._held[key] = (now, self._held[key][1])
@@ -185,9 +159,9 @@ class ReceiptHandler:
     `deliver(fields)` applies it (or holds it) and returns the `deliver_sm_resp` status; `tick()` applies
     what waited long enough (overtaken receipts, incomplete split replies). Thread-safe."""
 
-    def __init__(self, apply: Apply | None = None, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S,
+    def __init__(self, apply: Apply, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S,
                  split_reply_wait_s: float = SPLIT_REPLY_WAIT_S):
-        self._apply = apply or apply_smsc_report
+        self._apply = apply
         self._overtaken = _Overtaken(unknown_retry_s)
         self._split = _SplitReplies(split_reply_wait_s)
         self._lock = threading.Lock()
@@ -218,7 +192,7 @@ class ReceiptHandler:
             report = whole[1]
         kind = "reply" if report.reply_text is not None else f"receipt ({report.outcome})"
         try:
-            result = self._apply("smsc", report)
+            result = self._apply(RECEIVED, report)
         except Exception:
             # A split reply's parts stay held: smsc.ru's next delivery of this part completes it again.
             log.exception("smsc %s could not be applied; smsc.ru will deliver it again", kind)
@@ -231,27 +205,16 @@ class ReceiptHandler:
         return consts.SMPP_ESME_ROK
 
 
-def smsc_client(settings) -> SmscClient:
-    """The workers' smsc.ru client as `settings` describe it. With `SMS_SMSC_BIND=transceiver`, receipts
-    and replies that arrive on its session go through a `ReceiptHandler`, as the receiver's do."""
-    secret = settings.smsc_password.get_secret_value() if settings.smsc_password is not None else ""
-    return SmscClient(
-        host=settings.smsc_host, port=settings.smsc_port, system_id=settings.smsc_system_id or "",
-        password=secret, system_type=settings.smsc_system_type, source_addr=settings.smsc_source_addr,
-        timeout=settings.http_timeout_s, window=settings.smsc_window, tls=settings.smsc_tls,
-        ca_file=settings.smsc_ca_file, bind=settings.smsc_bind, channels=settings.smsc_channel_names,
-        receipts=ReceiptHandler() if settings.smsc_bind == "transceiver" else None,
-    )
-
-
 def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
                  enquire_link_s: float = 30.0, reconnect_min_s: float = 1.0,
                  reconnect_max_s: float = 60.0, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S,
                  split_reply_wait_s: float = SPLIT_REPLY_WAIT_S, stable_s: float = 60.0) -> None:
     """Receive smsc.ru receipts and replies until `stop_event` is set; without one, until SIGTERM or
-    SIGINT (the session is then unbound cleanly). `apply` is called as `apply("smsc", report)`; it
-    defaults to `apply_smsc_report`."""
-    settings.require("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")
+    SIGINT (the session is then unbound cleanly). `apply` is called as `apply(provider, report)`; it
+    defaults to `workflow.reports.apply_smpp_receipt` on the settings' database."""
+    settings.require(*registry.entry(RECEIVED).required)
+    if apply is None:
+        apply = functools.partial(apply_smpp_receipt, engine_for(settings.database_url))
     stop = stop_event or threading.Event()
     if stop_event is None:
         for signum in (signal.SIGTERM, signal.SIGINT):

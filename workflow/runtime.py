@@ -6,27 +6,27 @@ instead of setting them up per message.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
 from requests.adapters import HTTPAdapter
+from sqlalchemy.exc import SQLAlchemyError
 
+from db import store
+from db.engine import engine_for
+from providers import registry
 from providers.base import Provider
 from settings import Settings, get_settings
-from celery_ext.pool import waiting
-
-# Which setting names the account of each provider: the rate limit and the identical-request rule are per
-# account, shared by every process that sends through it.
-ACCOUNT_FIELD = {
-    "mobilgroup": "mobilgroup_user_id",
-    "accolades": "accolades_account",
-    "ozeki": "ozeki_username",
-    "smsc": "smsc_system_id",
-}
-
+from workflow.reports import apply_smpp_receipt
+from workflow.smpp_receiver import ReceiptHandler
+from workflow.throttle import make_throttle
 
 HTTP_POOL_SIZE = 64
 """Keep-alive connections kept per provider host and process: one per thread of a `--pool threads` worker
@@ -45,35 +45,13 @@ def http_session() -> requests.Session:
 
 
 def build_client(name: str, s: Settings) -> Provider:
-    """A provider client configured from the settings (credentials were checked at start-up)."""
-    def secret(value):
-        return value.get_secret_value() if value is not None else ""
+    """A provider client configured from the settings (`providers.registry`); ValueError for settings its
+    constructor refuses. An SMPP transceiver session hands what it receives to a `ReceiptHandler` that
+    applies it to this database."""
+    def receipts():
+        return ReceiptHandler(functools.partial(apply_smpp_receipt, engine_for(s.database_url)))
 
-    if name == "mobilgroup":
-        from providers.mobilgroup import MobilgroupClient
-
-        return MobilgroupClient(
-            url=s.mobilgroup_url, user_id=s.mobilgroup_user_id, user=s.mobilgroup_user,
-            password=secret(s.mobilgroup_password), sender=s.mobilgroup_sender,
-            valid_hours=s.mobilgroup_valid_hours, unicode=s.mobilgroup_unicode,
-            unicode_tag=s.mobilgroup_unicode_tag, timeout=s.http_timeout_s, session=http_session(),
-        )
-    if name == "accolades":
-        from providers.accolades import AccoladesClient
-
-        return AccoladesClient(url=s.accolades_url, account=s.accolades_account,
-                               password=secret(s.accolades_password), timeout=s.http_timeout_s,
-                               session=http_session())
-    if name == "ozeki":
-        from providers.ozeki import OzekiClient
-
-        return OzekiClient(url=s.ozeki_url, username=s.ozeki_username, password=secret(s.ozeki_password),
-                           sender=s.ozeki_sender, timeout=s.http_timeout_s, session=http_session())
-    if name == "smsc":
-        from tasks.smpp_receiver import smsc_client
-
-        return smsc_client(s)
-    raise ValueError(f"unknown provider {name!r}")
+    return registry.entry(name).make_client(s, session=http_session(), receipts=receipts)
 
 
 SLOT_WAIT_S = 0.2
@@ -88,6 +66,12 @@ tasks included) until they were through: 7 s in `tests/test_isolation.py`'s hang
 BREAKER_CACHE_S = 1.0
 """How long a process trusts what it last read of the providers' account circuits: a send that was already
 in the broker when its account's circuit opened reaches the provider at most this long after."""
+
+
+ALERT_EVERY_S = 60.0
+"""A repeated `ALERT:` line (a queue no worker takes, a provider failed over) is logged at most this often."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,16 +91,17 @@ class Runtime:
     """When a call to each provider last ended in this process (`HANGING_AFTER_S`)."""
     _breakers: tuple = (0.0, {})
     alerted: dict = field(default_factory=dict)
-    """When this process last logged each kind of repeated `ALERT:` (`tasks.workflow._alert_once`)."""
+    """When this process last logged each kind of repeated `ALERT:` (`alert_once`)."""
     confirm_asked: dict = field(default_factory=dict)
-    """When this process last asked each unavailable provider about rows in doubt (`tasks.workflow.fail_over`)."""
+    """When this process last asked each unavailable provider about rows in doubt (`workflow.dispatch.fail_over`)."""
     taken_rows: set = field(default_factory=set)
     """Rows in doubt their provider said it has: they wait for it and are not asked about again."""
+    waiting: Callable[[], AbstractContextManager] = nullcontext
+    """Marks a stretch spent waiting for a provider; a worker sets its pool's (`celery_ext.pool.waiting`),
+    which lets another task run meanwhile."""
 
     @property
     def engine(self):
-        from db.engine import engine_for
-
         return engine_for(self.settings.database_url)
 
     def client(self, name: str) -> Provider:
@@ -129,8 +114,6 @@ class Runtime:
     def throttle(self):
         with self._lock:
             if self._throttle is None:
-                from tasks.throttle import make_throttle
-
                 self._throttle = make_throttle(self.settings)
             return self._throttle
 
@@ -143,7 +126,7 @@ class Runtime:
         to the database. The whole stretch counts as waiting for the worker's pool (`celery_ext.pool.waiting`),
         which lets other sends run meanwhile."""
         if not self.concurrency:
-            with waiting():
+            with self.waiting():
                 yield True
             return
         with self._lock:
@@ -152,7 +135,7 @@ class Runtime:
                 size = self.settings.threads_for(provider, self.concurrency, self.providers_served)
                 slots = self._slots[provider] = threading.BoundedSemaphore(size)
                 self._call_ended[provider] = time.monotonic()
-        with waiting():
+        with self.waiting():
             got = slots.acquire(blocking=False)
             if not got and time.monotonic() - self._call_ended[provider] < HANGING_AFTER_S:
                 got = slots.acquire(timeout=SLOT_WAIT_S)
@@ -163,13 +146,15 @@ class Runtime:
                     self._call_ended[provider] = time.monotonic()
                     slots.release()
 
+    def alert_once(self, key: str, message: str, *args) -> None:
+        """Log an `ALERT:` line at most every `ALERT_EVERY_S` per `key` in this process."""
+        if time.monotonic() - self.alerted.get(key, -math.inf) >= ALERT_EVERY_S:
+            self.alerted[key] = time.monotonic()
+            log.error(message, *args)
+
     def breaker(self, provider: str):
         """`provider`'s account circuit (`db.store.BreakerState`) as last read, at most `BREAKER_CACHE_S`
         ago; None while it is closed and never tripped."""
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from db import store
-
         read_at, states = self._breakers
         if time.monotonic() - read_at > BREAKER_CACHE_S:
             try:
@@ -184,10 +169,10 @@ class Runtime:
         self._breakers = (0.0, {})
 
     def account(self, provider: str) -> str:
-        return f"{provider}:{getattr(self.settings, ACCOUNT_FIELD[provider])}"
+        return f"{provider}:{getattr(self.settings, registry.entry(provider).account)}"
 
     def identity_key(self, provider: str) -> bytes:
-        """The key of `provider`'s identical-request digests (`tasks.throttle.identity_of`)."""
+        """The key of `provider`'s identical-request digests (`workflow.throttle.identity_of`)."""
         password = getattr(self.settings, f"{provider}_password")
         return password.get_secret_value().encode() if password else b""
 

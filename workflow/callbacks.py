@@ -22,9 +22,10 @@ from typing import NamedTuple
 
 from itsdangerous import BadSignature, URLSafeSerializer, URLSafeTimedSerializer
 
+from providers import registry
 from settings import Settings
 
-WEBHOOK_PROVIDERS = ("accolades", "ozeki")
+WEBHOOK_PROVIDERS = registry.reporting_by("webhook")
 
 
 class BadToken(Exception):

@@ -1,0 +1,197 @@
+"""A beat tick (`sms.dispatch`): claim the due rows, refuse the invalid and expired ones, route the rest,
+and release each provider's ready rows to the broker, up to its room; while a provider's circuit is open,
+its one probe, and its waiting rows moved to a failover provider.
+
+Only `queued` rows have a task in the broker, at most `SMS_<PROVIDER>_MAX_INFLIGHT` per provider with the
+`sending` ones, so one provider's backlog or outage never takes another's room. Each tick also re-enqueues
+queued rows whose task has not started within `SMS_LOST_TASK_S` (lost with a Redis restart or a killed
+worker), and settles sends whose lease ran out (their outcome is unknown).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from db import store
+from providers import registry
+from providers.base import ProviderError
+from workflow.routing import InvalidNumber, normalise, route
+from workflow.runtime import Runtime
+from workflow.wording import duration
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[list[int], str], None]
+"""Puts send tasks for these row ids on the provider's queue."""
+
+
+def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -> int:
+    """A beat tick: claim the due rows batch by batch (until none are left or `budget_s` is spent), refuse
+    invalid and expired ones, route the rest, then release each provider's ready rows to the broker.
+    Returns how many rows were claimed."""
+    s = rt.settings
+    deadline = time.monotonic() + (budget_s if budget_s is not None else s.dispatch_interval_s)
+    total = 0
+    while True:
+        claimed = store.claim_due(rt.engine, s.dispatch_batch)
+        total += len(claimed)
+        route_claimed(rt, claimed)
+        if len(claimed) < s.dispatch_batch or time.monotonic() >= deadline:
+            break
+    breakers = store.breaker_states(rt.engine)
+    summary = store.waiting_summary(rt.engine)
+    # Also a provider no longer configured that still has rows: they go on to their workers, which hold
+    # them as an account problem until SMS_ACCOUNT_RETRY_WINDOW_S ends them, never stuck. Providers whose
+    # circuit is open go first, so that the rows they hand to a fallback are released in this same tick.
+    unavailable = {p for p, b in breakers.items() if b.open}
+    providers = s.providers_in_use | (summary.keys() - {"unrouted"})
+    for provider in sorted(providers, key=lambda p: (p not in unavailable, p)):
+        release(rt, provider, enqueue, breakers.get(provider))
+        if provider in unavailable:
+            fail_over(rt, provider, breakers)
+    _log_tick(rt, total, summary, breakers)
+    store.stamp(rt.engine, DISPATCH_STAMP)
+    return total
+
+
+DISPATCH_STAMP = "dispatch_last_success"
+"""`sms_meta` name under which each dispatch tick that ran to its end records the database's time: an
+operator's alert fires when it grows old (beat stopped, or no worker takes the dispatch queue)."""
+FAILOVER_BATCH = 5000
+"""Waiting rows moved to a fallback per provider and tick: the fallback's room, not this, paces them."""
+CONFIRM_PER_TICK = 20
+"""Rows in doubt whose provider is asked per tick whether it has them (each a request to a troubled provider)."""
+CONFIRM_EVERY_S = 30.0
+"""A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
+hold every tick for its HTTP timeout."""
+
+
+def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
+    """While `provider`'s circuit is open, move its waiting rows to the first of its `SMS_FAILOVER`
+    fallbacks whose circuit is closed. A row whose last request's answer never came may be at `provider`
+    already: it stays, unless `provider` can confirm it has no such request (`has_request`). Returns how
+    many rows moved."""
+    s = rt.settings
+    fallback = next((f for f in s.failover_table.get(provider, ())
+                     if f in s.providers_in_use and not (breakers.get(f) and breakers[f].open)), None)
+    if fallback is None:
+        return 0
+    _confirm_not_taken(rt, provider)
+    moved = store.reroute_waiting(rt.engine, provider, fallback, FAILOVER_BATCH)
+    if moved:
+        log.info("failover: %d waiting rows of %s moved to %s", len(moved), provider, fallback)
+        rt.alert_once(f"failover:{provider}", "ALERT: %s unavailable (%s): its waiting rows go through %s "
+                    "until a probe gets through", provider, breakers[provider].reason, fallback)
+    return len(moved)
+
+
+def _confirm_not_taken(rt: Runtime, provider: str) -> None:
+    """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
+    never came; those it has not may then move. Stops at the first question it cannot answer."""
+    if time.monotonic() - rt.confirm_asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
+        return
+    try:
+        client = rt.client(provider)
+    except ValueError:  # no longer configured: it cannot be asked
+        return
+    if not hasattr(client, "has_request"):
+        return
+    rt.confirm_asked[provider] = time.monotonic()
+    known = rt.taken_rows
+    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
+        if row.id in known:
+            continue
+        try:
+            has = client.has_request(registry.entry(provider).reference(rt.settings, row.id, row.resends))
+        except ProviderError:
+            return
+        if has:
+            known.add(row.id)
+        elif store.not_taken(rt.engine, row.id, row.token):
+            log.info("failover: %s confirms it never got row %d: it may move", provider, row.id)
+
+
+def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
+    """Refuse invalid numbers and expired rows at once, record each other row's provider and normalised
+    number (they then wait for their provider's room). Returns the routed row ids by provider."""
+    s = rt.settings
+    routes: dict[int, tuple[str, str]] = {}
+    for row in claimed:
+        if row.overdue_s > s.max_age_s:
+            store.finish_failed(rt.engine, row.id, f"expired: due {row.due_at:%Y-%m-%d %H:%M}, more than "
+                                                   f"{duration(s.max_age_s)} ago (SMS_MAX_AGE_S)")
+            continue
+        try:
+            recipient = normalise(row.target, s)
+        except InvalidNumber as exc:
+            store.finish_failed(rt.engine, row.id, str(exc))
+            continue
+        routes[row.id] = (route(recipient, s), recipient)
+    store.assign_routes(rt.engine, routes)
+    by_provider: dict[str, list[int]] = {}
+    for row_id, (provider, _) in routes.items():
+        by_provider.setdefault(provider, []).append(row_id)
+    return by_provider
+
+
+def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.BreakerState | None) -> None:
+    """One provider's part of a tick: settle sends whose lease ran out, enqueue again queued rows whose task
+    was lost, and put waiting rows that are due in the broker, up to the provider's room. While its account
+    circuit is open, only its one probe goes, once the pause is over; rows that waited through pauses
+    longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end `error`."""
+    s, engine = rt.settings, rt.engine
+    room = s.max_inflight(provider)
+    resent, ended = store.expire_leases(engine, provider, resend=s.resends_unknown(provider), limit=room)
+    if resent or ended:
+        log.warning("%s: %d sends stopped before their answer came (worker killed or hung); %s", provider,
+                    resent + len(ended), "sending them again" if resent else "they end as error (ON_UNKNOWN=error)")
+    again, abandoned = store.requeue_lost(engine, provider, s.lost_task_s, s.retry_window_s, room)
+    if abandoned:
+        log.error("ALERT: %s: %d rows ended as error: no worker took them from queue send.%s within "
+                  "SMS_RETRY_WINDOW_S", provider, abandoned, provider)
+    load = store.provider_load(engine, provider)
+    if load.oldest_queued_s is not None and load.oldest_queued_s > s.requeue_after_s:
+        rt.alert_once(f"queue:{provider}", "ALERT: %s: rows have waited %d s in queue send.%s and no worker "
+                    "takes them: start a worker for that queue", provider, load.oldest_queued_s, provider)
+    if breaker is not None and breaker.open:
+        gave_up = store.end_waiting(engine, provider, s.account_retry_window_s,
+                                    f"{provider} account problem: {breaker.reason} (gave up after waiting "
+                                    f"{duration(s.account_retry_window_s)}, SMS_ACCOUNT_RETRY_WINDOW_S)")
+        if gave_up:
+            log.error("ALERT: %s: %d rows ended as error after waiting through the account problem", provider, gave_up)
+        fresh = []
+        if breaker.open_for_s == 0 and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s):
+            fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
+            if fresh:
+                log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0])
+            else:
+                store.drop_probe(engine, provider)
+    else:
+        fresh = store.release_waiting(engine, provider, room - load.inflight, s.lost_task_s)
+    if again:
+        log.warning("%s: %d queued rows had no task started within %d s (broker restarted, or the worker "
+                    "holding them died); enqueued again", provider, len(again), s.lost_task_s)
+    if again or fresh:
+        enqueue(again + fresh, provider)
+
+
+def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
+              breakers: dict[str, store.BreakerState]) -> None:
+    """One INFO line per provider that had rows open at the start of the tick: in flight, waiting and why,
+    its account circuit."""
+    if claimed:
+        log.info("dispatch: claimed %d rows", claimed)
+    for provider, counts in sorted(summary.items()):
+        breaker = breakers.get(provider)
+        circuit = "closed" if breaker is None or not breaker.open else (
+            f"open ({breaker.reason}; probe {'under way' if breaker.probing else f'in {breaker.open_for_s} s'})")
+        inflight = counts.get("queued", 0) + counts.get("sending", 0)
+        waiting = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())
+                            if reason not in ("queued", "sending")) or "none"
+        log.info("dispatch: %s: in flight %d of %d, waiting: %s; account circuit %s", provider, inflight,
+                 rt.settings.max_inflight(provider) if provider in rt.settings.providers_in_use else 0,
+                 waiting, circuit)
+
+
