@@ -91,6 +91,6 @@ def test_receipts_and_a_reply_land_in_astercc(rt, sim):
     assert not receiver.is_alive()
     assert row(engine, delivered) == ("success", "", "Спасибо, заберу завтра")
     status, error_msg, _ = row(engine, failed)
-    assert status == "failed" and "the number does not exist" in error_msg
+    assert status == "failed" and "no such number (smsc.ru error 1)" in error_msg
     # one receipt per part of the long message: the first awaits the other, the second moves the row
     assert sorted(results) == ["applied", "applied", "applied", "awaiting"]
