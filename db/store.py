@@ -556,13 +556,17 @@ class ReportTarget:
 
 def find_report_target(engine: Engine, provider: str, *, reference: int | None = None,
                        provider_message_id: str | None = None, recipient: str | None = None) -> ReportTarget | None:
-    """The dispatch record a report is about: by our row id, else by the provider's id, else (replies) the
+    """The dispatch record a report is about: by our row id (and, given both, only if the provider's id is
+    the one it recorded at sending, or it recorded none), else by the provider's id, else (replies) the
     latest message this provider sent to `recipient`."""
     d = Dispatch
     query = select(d.batchcontact_id, d.state, d.resends).where(d.provider == provider)
     # A read of one row per report: on the autocommit twin it needs no ROLLBACK round trip afterwards.
     with autocommit_twin(engine).connect() as conn:
         if reference is not None:
+            if provider_message_id:
+                query = query.where(or_(d.provider_message_id.is_(None),
+                                        d.provider_message_id == provider_message_id))
             row = conn.execute(query.where(d.batchcontact_id == reference)).first()
         elif provider_message_id:
             row = conn.execute(query.join(MessageId, MessageId.batchcontact_id == d.batchcontact_id)
