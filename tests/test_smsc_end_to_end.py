@@ -145,3 +145,15 @@ def spent(engine, row_id: int):
     with engine.connect() as conn:
         return tuple(conn.execute(select(Dispatch.cost, Dispatch.parts_reported)
                                   .where(Dispatch.batchcontact_id == row_id)).one())
+
+
+def test_a_throttled_submit_waits_counts_as_no_failure_and_slows_the_session(rt, sim):
+    row_id = insert_new(rt.engine, "79001234567", f"Order {uuid.uuid4().hex[:8]} is ready")
+    workflow.dispatch_due(rt, lambda ids, provider: None, budget_s=5)
+    sim.fail_next(0x58)
+    assert workflow.send(rt, row_id) == "throttled"
+    with rt.engine.connect() as conn:
+        waited = conn.execute(select(Dispatch.state, Dispatch.wait_reason, Dispatch.failures)
+                              .where(Dispatch.batchcontact_id == row_id)).one()
+    assert tuple(waited) == ("waiting", "throttled", 0)
+    assert row(rt.engine, row_id).status == "pending" and rt.client("smsc").pace_gap_s > 0
