@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from providers.registry import PROVIDERS, REGISTRY
+from providers.smsc import MAX_PASSWORD_CHARS, MAX_SYSTEM_ID_CHARS, credential_problem
 from providers.smsc_text import CHANNEL_PREFIXES, channel_name
 
 ProviderName = Literal[PROVIDERS]
@@ -261,6 +262,17 @@ class Settings(BaseSettings):
         entries = [entry.strip() for entry in value.split(",")]
         if not all(entries) or any(" " in entry for entry in entries):
             raise ValueError("must be one host name or several, comma-separated (host or host:port each)")
+        return value
+
+    @field_validator("smsc_system_id", "smsc_password")
+    @classmethod
+    def _check_smsc_credentials(cls, value, info):
+        # smpplib would cut a longer one silently; every bind would then be a refused login (see providers.smsc).
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+        limit = MAX_SYSTEM_ID_CHARS if info.field_name == "smsc_system_id" else MAX_PASSWORD_CHARS
+        problem = credential_problem(secret, limit) if secret else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("smsc_ca_file")

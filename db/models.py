@@ -13,8 +13,9 @@ for delivery reports that name only those.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy import DateTime, Index, Integer, String, Text
+from sqlalchemy import DateTime, Index, Integer, Numeric, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # asterCC's columns are varchar(255) in its sibling asterCRM; longer values are cut to fit.
@@ -124,6 +125,10 @@ class Dispatch(Base):
     routed_provider: Mapped[str | None] = mapped_column(String(16))
     """Where the row was routed first, when its provider was unavailable and it was moved to `provider`, a
     fallback (`SMS_FAILOVER`); NULL when it never moved."""
+    cost: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    """What the provider's report said the message cost (smsc.ru's receipts), in the account's currency."""
+    parts_reported: Mapped[int | None] = mapped_column(Integer)
+    """How many parts the provider's report counted; `parts` is our own count at sending."""
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -134,6 +139,7 @@ class Dispatch(Base):
         Index("ix_sms_dispatch_recipient", "provider", "recipient"),
         Index("ix_sms_dispatch_release", "provider", "state", "due_at"),
         Index("ix_sms_dispatch_accepted", "accepted_at", "provider", "due_at"),
+        Index("ix_sms_dispatch_spend", "accepted_at", "provider", "cost", "parts", "parts_reported"),
         {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},
     )
 

@@ -2,13 +2,15 @@
 
 Every query here must stay cheap on a `sms_dispatch` of millions of rows, since Prometheus runs them every
 scrape: each one is answered from an index (`ix_sms_dispatch_release` for the totals and the oldest waiting
-row, `ix_sms_dispatch_accepted` for the last hour's sends, `ix_sms_dispatch_state_updated` for the last
-hour's endings), never from the asterCC tables, which may have no index at all. asterCC's status of a row
+row, `ix_sms_dispatch_accepted` for the last hour's sends, `ix_sms_dispatch_spend` for the last day's
+costs and parts, `ix_sms_dispatch_state_updated` for the last hour's endings), never from the asterCC
+tables, which may have no index at all. asterCC's status of a row
 is read from our state (`STATUS_OF_STATE`), which the same transaction writes beside it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 from sqlalchemy import Integer, and_, case, func, select
 from sqlalchemy.engine import Engine
@@ -112,6 +114,44 @@ def last_hour(engine: Engine) -> tuple[dict[tuple[str, str], int], dict[str, int
     counts = {(provider or UNROUTED, "sent"): n for provider, n, _ in sent}
     counts.update({(provider or UNROUTED, state): n for provider, state, n in ended})
     return counts, {provider: int(minute or 0) for provider, _, minute in sent}
+
+
+SPEND_WINDOWS_S = {"1h": WINDOW_S, "1d": 86_400}
+"""The windows of the cost and parts figures, by their label."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Rows a provider accepted within a window: `messages` in all, `parts` of them (the provider's count
+    where its report gave one, else ours), and the `cost` its reports gave for the `priced` ones."""
+
+    messages: int
+    parts: int
+    cost: Decimal
+    priced: int
+
+
+def spend(engine: Engine) -> dict[tuple[str, str], Spend]:
+    """{(provider, window label of `SPEND_WINDOWS_S`): its `Spend`}, from `ix_sms_dispatch_spend` alone."""
+    d = Dispatch.__table__
+    parts = func.coalesce(d.c.parts_reported, d.c.parts)
+    columns = []
+    for seconds in SPEND_WINDOWS_S.values():
+        inside = d.c.accepted_at >= db_now_plus(-seconds)
+        columns += [func.sum(case((inside, 1), else_=0)), func.sum(case((inside, parts), else_=0)),
+                    func.sum(case((inside, d.c.cost), else_=None)),
+                    func.sum(case((and_(inside, d.c.cost.is_not(None)), 1), else_=0))]
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(d.c.provider, *columns)
+                            .where(d.c.accepted_at >= db_now_plus(-max(SPEND_WINDOWS_S.values())))
+                            .group_by(d.c.provider)).all()
+    figures = {}
+    for provider, *sums in rows:
+        for k, window in enumerate(SPEND_WINDOWS_S):
+            messages, n_parts, cost, priced = sums[4 * k:4 * k + 4]
+            figures[(provider or UNROUTED, window)] = Spend(int(messages or 0), int(n_parts or 0),
+                                                           Decimal(cost or 0), int(priced or 0))
+    return figures
 
 
 def _delays(engine: Engine, start, end, where) -> dict[str, Delays]:

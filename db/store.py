@@ -18,9 +18,12 @@ import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Iterable
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    Integer, String, and_, bindparam, case, delete, func, insert, literal_column, or_, select, update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
@@ -553,13 +556,17 @@ class ReportTarget:
 
 def find_report_target(engine: Engine, provider: str, *, reference: int | None = None,
                        provider_message_id: str | None = None, recipient: str | None = None) -> ReportTarget | None:
-    """The dispatch record a report is about: by our row id, else by the provider's id, else (replies) the
+    """The dispatch record a report is about: by our row id (and, given both, only if the provider's id is
+    the one it recorded at sending, or it recorded none), else by the provider's id, else (replies) the
     latest message this provider sent to `recipient`."""
     d = Dispatch
     query = select(d.batchcontact_id, d.state, d.resends).where(d.provider == provider)
     # A read of one row per report: on the autocommit twin it needs no ROLLBACK round trip afterwards.
     with autocommit_twin(engine).connect() as conn:
         if reference is not None:
+            if provider_message_id:
+                query = query.where(or_(d.provider_message_id.is_(None),
+                                        d.provider_message_id == provider_message_id))
             row = conn.execute(query.where(d.batchcontact_id == reference)).first()
         elif provider_message_id:
             row = conn.execute(query.join(MessageId, MessageId.batchcontact_id == d.batchcontact_id)
@@ -574,11 +581,14 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
 
 
 @retry_lock_conflicts
-def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str) -> bool:
-    """Move a row forward to `delivered` or `failed`, and asterCC's status with it; False when it was already
-    final (forward-only). One transaction (one round trip on MariaDB: `_in_one_trip`)."""
+def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str, *,
+                       cost: Decimal | None = None, parts: int | None = None) -> bool:
+    """Move a row forward to `delivered` or `failed`, and asterCC's status with it, keeping the `cost` and
+    `parts` the report gave (None keeps what the row has); False when it was already final (forward-only).
+    One transaction (one round trip on MariaDB: `_in_one_trip`)."""
     (moved, _), _ = in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
-                                 last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX))
+                                 last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
+                                 cost=None if cost is None else str(cost), parts_reported=parts)
     return bool(moved)
 
 
@@ -589,7 +599,10 @@ def _finalise(delivered: bool):
         update(d)
         .where(d.batchcontact_id == bindparam("row_id"), or_(*(d.state == state for state in OPEN_TO_REPORTS)))
         .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
-                last_error=None if delivered else bindparam("last_error"))
+                last_error=None if delivered else bindparam("last_error"),
+                # The cost goes as text: the server reads it exactly, and no driver conversion is involved.
+                cost=func.coalesce(bindparam("cost", type_=String()), d.cost),
+                parts_reported=func.coalesce(bindparam("parts_reported", type_=Integer()), d.parts_reported))
     )
 
 

@@ -3,7 +3,9 @@
 Per the seed (`002_…txt`) a message is a form POST to `<url>/<account>/sms/send` with `password`,
 `phoneNumber`, `message`, and optionally `messageId` (echoed in the report) and `sendResultTo` (where the
 report goes). Success is `{"type": "ok"}` and carries no id of the provider's, so reports are matched by
-our row id, which we send as `messageId`.
+our row id, which we send as `messageId`. The seed says Accolades "will start a http(s) request" with the
+report's fields (`REPORT_FIELDS`) but not which method, so the webhook reads them from a GET query string
+and a POST form alike.
 
 Answers and what the workflow does with them (`providers.base` explains the error types):
 
@@ -122,6 +124,10 @@ def _raise_for_answer(answer: Answer) -> None:
     if 400 <= status < 500:
         raise AccountError(f"Accolades refused our request: {said} (HTTP {status}, code {code})", by_nature=False)
     raise TransientError(f"Accolades gave an answer we do not understand (HTTP {answer.status})")
+
+
+REPORT_FIELDS = frozenset({"apiName", "type", "status", "id", "errorMessage"})
+"""The fields of a status notification, as the seed lists them."""
 
 
 def parse_report(fields: Mapping[str, str]) -> DeliveryReport:

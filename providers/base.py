@@ -18,6 +18,7 @@ number, a message text or a secret.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal, Protocol
 
 
@@ -77,6 +78,10 @@ class DeliveryReport:
     reply_text: str | None = None
     recipient: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    cost: Decimal | None = None
+    """What the provider charged for the message, in the account's currency, where the report says."""
+    parts: int | None = None
+    """How many SMS parts the provider counted, where the report says."""
 
 
 class ProviderError(Exception):

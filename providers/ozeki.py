@@ -2,8 +2,8 @@
 
 Per the seed (`004_…txt`) a message is an HTTP GET of the API address (`SMS_OZEKI_URL`, e.g.
 `http://host:9509/api`) with `command=SendSms`, `Username`, `Password`, `Sender` (optional),
-`Recipient`, `Message` and `DeliveryReportURL` (the seed's table spells it `DelivaryReportURL`, its
-example and Ozeki's other pages `DeliveryReportURL`; we send the latter). The answer is XML rooted at
+`Recipient`, `Message` and the report URL, under both its spellings: `DeliveryReportURL` (the seed's
+example and Ozeki's other pages) and `DelivaryReportURL` (the seed's table). The answer is XML rooted at
 `<OzApi_CommandResult_SendSms>` holding `Code`, `Message` and, on success, `SmsId`. As the seed prints
 it the closing tag does not match the opening one (`</OzApi_CommandResult_SencdSms>`): `parse_answer`
 repairs exactly that, then parses with defusedxml, which refuses DTDs and entity declarations.
@@ -33,10 +33,12 @@ The recipient is sent with a leading `+` (the seed's example, `%2b0615546670`); 
 bare digits.
 
 Delivery reports. Ozeki requests `DeliveryReportURL` as an `SMSDeliveryReport` notification, a
-form-urlencoded POST per its notification pages; the seed only says the URL "will be requested with
-delivery details". `parse_report` therefore takes the fields from a POST body or a GET query alike and
-reads the outcome from `Delivered` (true/false) or else from a status word in `DeliveryStatus`, `Status`
-or `State` (delivered / undelivered, failed, error, expired, rejected / sent, enroute, accepted …).
+form-urlencoded POST carrying `NotificationName` per its notification pages; the seed only says the URL
+"will be requested with delivery details", and the public pages name no other field of this notification
+beyond the `SmsId` its answer gave. `parse_report` therefore takes the fields from a POST body or a GET
+query alike and reads the outcome from `Delivered` (true/false) or else from a status word in
+`DeliveryStatus`, `Status` or `State` (delivered / undelivered, failed, error, expired, rejected / sent,
+enroute, accepted …); `REPORT_FIELDS` are the fields it knows.
 """
 from __future__ import annotations
 
@@ -93,6 +95,9 @@ _STATUS_WORDS = {
     "pending": "accepted", "buffered": "accepted", "queued": "accepted",
 }
 _WORD = re.compile(r"[A-Za-z][A-Za-z _-]{0,40}")
+REPORT_FIELDS = frozenset({"NotificationName", "SmsId", "Sender", "Recipient", "Delivered", "DeliveryStatus",
+                           "Status", "State"})
+"""The fields of a delivery report we know: those `parse_report` reads, and the sender and recipient."""
 
 
 def parse_answer(body: bytes) -> Element:
@@ -156,7 +161,8 @@ class OzekiClient(PartBilledClient):
         params["Recipient"] = self.number(message.recipient)
         params["Message"] = sendable_text(message.text)
         if message.callback_url:
-            params["DeliveryReportURL"] = message.callback_url
+            # Both spellings: Ozeki's pages write DeliveryReportURL, the seed's table DelivaryReportURL.
+            params["DeliveryReportURL"] = params["DelivaryReportURL"] = message.callback_url
         answer = self._request("GET", self.url, params=params)
         root = self._read(answer.status, answer.body)
         code_text = _child(root, "Code") or ""

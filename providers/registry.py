@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import accolades, mobilgroup, ozeki, smsc
 from .base import DeliveryReport, Provider
 
 ReportsBy = Literal["poll", "webhook", "smpp"]
@@ -50,6 +51,8 @@ class ProviderEntry:
     parse_report: Callable[[Mapping[str, str]], DeliveryReport] | None = None
     """Reads a webhook report's fields (`reports == "webhook"`)."""
     webhook_methods: tuple[str, ...] = ()
+    report_fields: frozenset[str] = frozenset()
+    """The fields its webhook reports are known to carry; others are logged by name, once."""
 
     @property
     def queue(self) -> str:
@@ -58,9 +61,7 @@ class ProviderEntry:
 
 
 def _mobilgroup(s, *, session=None, receipts=None) -> Provider:
-    from .mobilgroup import MobilgroupClient
-
-    return MobilgroupClient(
+    return mobilgroup.MobilgroupClient(
         url=s.mobilgroup_url, user_id=s.mobilgroup_user_id, user=s.mobilgroup_user,
         password=_secret(s.mobilgroup_password), sender=s.mobilgroup_sender, valid_hours=s.mobilgroup_valid_hours,
         unicode=s.mobilgroup_unicode, unicode_tag=s.mobilgroup_unicode_tag, timeout=s.http_timeout_s,
@@ -69,31 +70,23 @@ def _mobilgroup(s, *, session=None, receipts=None) -> Provider:
 
 
 def _mobilgroup_request_id(s, row_id: int, resends: int) -> int:
-    from .mobilgroup import request_id
-
-    return request_id(s.mobilgroup_id_prefix, row_id, resends)
+    return mobilgroup.request_id(s.mobilgroup_id_prefix, row_id, resends)
 
 
 def _accolades(s, *, session=None, receipts=None) -> Provider:
-    from .accolades import AccoladesClient
-
-    return AccoladesClient(url=s.accolades_url, account=s.accolades_account, password=_secret(s.accolades_password),
+    return accolades.AccoladesClient(url=s.accolades_url, account=s.accolades_account, password=_secret(s.accolades_password),
                            timeout=s.http_timeout_s, session=session)
 
 
 def _ozeki(s, *, session=None, receipts=None) -> Provider:
-    from .ozeki import OzekiClient
-
-    return OzekiClient(url=s.ozeki_url, username=s.ozeki_username, password=_secret(s.ozeki_password),
+    return ozeki.OzekiClient(url=s.ozeki_url, username=s.ozeki_username, password=_secret(s.ozeki_password),
                        sender=s.ozeki_sender, timeout=s.http_timeout_s, session=session)
 
 
 def _smsc(s, *, session=None, receipts=None) -> Provider:
     """With `SMS_SMSC_BIND=transceiver`, receipts and replies that arrive on the workers' own session go to
     a handler from `receipts`, as the receiver's do."""
-    from .smsc import SmscClient
-
-    return SmscClient(
+    return smsc.SmscClient(
         host=s.smsc_host, port=s.smsc_port, system_id=s.smsc_system_id or "", password=_secret(s.smsc_password),
         system_type=s.smsc_system_type, source_addr=s.smsc_source_addr, timeout=s.http_timeout_s,
         window=s.smsc_window, tls=s.smsc_tls, ca_file=s.smsc_ca_file, bind=s.smsc_bind,
@@ -102,28 +95,18 @@ def _smsc(s, *, session=None, receipts=None) -> Provider:
     )
 
 
-def _accolades_report(fields: Mapping[str, str]) -> DeliveryReport:
-    from .accolades import parse_report
-
-    return parse_report(fields)
-
-
-def _ozeki_report(fields: Mapping[str, str]) -> DeliveryReport:
-    from .ozeki import parse_report
-
-    return parse_report(fields)
-
-
 REGISTRY: dict[str, ProviderEntry] = {entry.name: entry for entry in (
     ProviderEntry("mobilgroup", _mobilgroup, account="mobilgroup_user_id", reports="poll", repeat_harmless=True,
                   required=("mobilgroup_url", "mobilgroup_user_id", "mobilgroup_user", "mobilgroup_password"),
                   reference=_mobilgroup_request_id),
     ProviderEntry("accolades", _accolades, account="accolades_account", reports="webhook", repeat_harmless=False,
                   required=("accolades_url", "accolades_account", "accolades_password"),
-                  parse_report=_accolades_report, webhook_methods=("POST",)),
+                  parse_report=accolades.parse_report, webhook_methods=("GET", "POST"),
+                  report_fields=accolades.REPORT_FIELDS),
     ProviderEntry("ozeki", _ozeki, account="ozeki_username", reports="webhook", repeat_harmless=False,
                   required=("ozeki_url", "ozeki_username", "ozeki_password"),
-                  parse_report=_ozeki_report, webhook_methods=("GET", "POST")),
+                  parse_report=ozeki.parse_report, webhook_methods=("GET", "POST"),
+                  report_fields=ozeki.REPORT_FIELDS),
     ProviderEntry("smsc", _smsc, account="smsc_system_id", reports="smpp", repeat_harmless=False,
                   required=("smsc_host", "smsc_port", "smsc_system_id", "smsc_password")),
 )}

@@ -24,7 +24,14 @@ What a failed send raises, by when it failed:
 
 `submit_sm_resp` statuses map to errors as in `STATUS_ERRORS`: throttled or queue full ->
 `ThrottledError`; login and account problems -> `AccountError`; a bad destination or a malformed message
--> `PermanentError`; system errors and anything unknown -> `TransientError`.
+-> `PermanentError`; system errors and anything unknown -> `TransientError`. ESME_RTHROTTLED (0x58) also
+slows the session: from then on submits leave at least `PACE_START_S` apart, twice that after each further
+0x58 (up to `PACE_MAX_S`), the gap halving every `PACE_HALF_LIFE_S` without one; a later part of a long
+text that is throttled is submitted again at that pace within `timeout` rather than left half sent.
+
+A system id longer than 15 characters or a password longer than 8 (SMPP 3.4's fields, which smpplib would
+cut silently), or one that is not ASCII, is refused with `ValueError` by the constructor and by `bind`:
+smsc.ru's SMPP page states no longer limit, and a cut password is a refused login.
 
 A long text goes as UDH-concatenated parts with a 16-bit reference (see `providers.smsc_text` for
 encodings, the comment after `"\\n~~~\\n"`, and channel prefixes), submitted one after another. A text
@@ -41,7 +48,9 @@ smsc.ru gives it to the receiver.
 `parse_deliver_sm` turns the fields of a `deliver_sm` into a `DeliveryReport`: a delivery receipt in the
 text form (`id:… sub:… dlvrd:… submit date:… done date:… stat:… err:… text:…`), the HLR form (`id:… stat:…
 err:… imsi:… mcc:… mnc:… cn:… net:… …`, strings URL-encoded) or with the TLVs `receipted_message_id`,
-`message_state`, `network_error_code` (the TLVs win); or a recipient's reply (an MO message).
+`message_state`, `network_error_code` (the TLVs win), with smsc.ru's error code in words and in figures
+(`SMSC_ERRORS`: "…: the subscriber is blocked (…) (smsc.ru error 13)") and, from smsc.ru's own TLVs, the
+message's cost (0x2000) and number of parts (0x2002); or a recipient's reply (an MO message).
 `message_id_forms` lists the forms an id in a receipt may stand for (decimal and hexadecimal).
 """
 from __future__ import annotations
@@ -57,6 +66,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
@@ -88,6 +98,11 @@ MAX_PDU_OCTETS = 16 + 512 + 4 + 0xFFFF + 1024
 """The longest PDU we read: the header, a deliver_sm's mandatory fields (under 400 octets), one
 `message_payload` at its 64 KiB limit and room for the other optional fields. A peer announcing more is
 talking nonsense (or trying to exhaust our memory): the connection is closed."""
+MAX_SYSTEM_ID_CHARS, MAX_PASSWORD_CHARS = 15, 8
+"""What SMPP 3.4's bind carries of a system id and a password (16 and 9 octets with the closing NUL).
+smsc.ru's SMPP page states no other limit, and smpplib cuts a longer value without a word, so a longer one
+is refused before any bind: cut, it would be refused as a wrong login, and smsc.ru blocks an address after
+5 refused logins in 30 minutes."""
 ESME_RINVCMDLEN, ESME_RINVCMDID, ESME_RX_T_APPN = 0x02, 0x03, 0x64
 ESM_UDHI = 0x40
 # What a failed submit_sm_resp means. Anything not listed is TransientError (retried, then `error`).
@@ -124,6 +139,9 @@ STATUS_ERRORS: dict[int, tuple[type[ProviderError], str]] = {
     0xC3: (PermanentError, "smsc.ru expected an optional field"),
     0xC4: (PermanentError, "smsc.ru refused the value of an optional field"),
 }
+PACE_START_S, PACE_MAX_S, PACE_HALF_LIFE_S = 0.05, 2.0, 30.0
+"""After ESME_RTHROTTLED the session leaves at least `PACE_START_S` between submits, twice as much after
+each further one (up to `PACE_MAX_S`), and the gap halves every `PACE_HALF_LIFE_S` without one."""
 _THROTTLE_RETRY_S = {0x58: 60.0, 0x14: 10.0}
 """0x58 waits out the identical-request minute (our own rate limiter already keeps us under the rate)."""
 _BIND_STATUSES = {0x04, 0x0D, 0x0E, 0x0F}
@@ -137,6 +155,24 @@ def status_error(status: int) -> ProviderError:
     if kind is ThrottledError:
         return ThrottledError(text, retry_after=_THROTTLE_RETRY_S.get(status, 60.0))
     return kind(text)
+
+
+def credential_problem(value: str, limit: int) -> str | None:
+    """Why `value` cannot go whole into an SMPP 3.4 bind field of `limit` characters, or None."""
+    if not value.isascii():
+        return "must be Latin letters, digits and punctuation (smsc.ru accepts no others)"
+    if len(value) > limit:
+        return f"is {len(value)} characters long; SMPP 3.4 carries at most {limit}, and a cut one is refused"
+    return None
+
+
+def check_credentials(system_id: str, password: str) -> None:
+    """Raise `ValueError` unless both go whole into an SMPP 3.4 bind (see `MAX_PASSWORD_CHARS`)."""
+    for what, value, limit in (("system id", system_id, MAX_SYSTEM_ID_CHARS),
+                               ("password", password, MAX_PASSWORD_CHARS)):
+        problem = credential_problem(value, limit)
+        if problem:
+            raise ValueError(f"the smsc.ru SMPP {what} {problem}")
 
 
 def _address_fields(source_addr: str | None) -> dict[str, Any]:
@@ -165,6 +201,40 @@ class BadPdu(Exception):
     @property
     def is_response(self) -> bool:
         return bool(self.command_id & 0x80000000)
+
+
+DELIVER_SM = 0x00000005
+VENDOR_TLV_TAGS = range(0x1400, 0x4000)
+"""SMPP 3.4's range of vendor-specific TLV tags; smpplib knows none of them (it skips them with a warning)."""
+_DELIVER_SM_HEAD = ("cstr", 2, "cstr", 2, "cstr", 3, "cstr", "cstr", 4)
+"""deliver_sm's mandatory fields before sm_length: C strings and runs of one-octet integers."""
+
+
+def split_vendor_tlvs(raw: bytes) -> tuple[bytes, dict[int, bytes]]:
+    """A `deliver_sm` PDU without its vendor-specific TLVs (`VENDOR_TLV_TAGS`), and those TLVs by tag. A PDU
+    whose fields cannot be walked is returned as it came, for smpplib to judge."""
+    body, pos = raw[16:], 0
+    try:
+        for item in _DELIVER_SM_HEAD:
+            pos = body.index(0, pos) + 1 if item == "cstr" else pos + item
+        pos += 1 + body[pos]  # sm_length and short_message
+        if pos > len(body):
+            return raw, {}
+        kept, vendor = bytearray(raw[:16] + body[:pos]), {}
+        while pos < len(body):
+            tag, size = struct.unpack(">HH", body[pos:pos + 4])
+            value = body[pos + 4:pos + 4 + size]
+            if len(value) < size:
+                return raw, {}
+            if tag in VENDOR_TLV_TAGS:
+                vendor[tag] = value
+            else:
+                kept += body[pos:pos + 4 + size]
+            pos += 4 + size
+    except (ValueError, IndexError, struct.error):
+        return raw, {}
+    kept[:4] = struct.pack(">L", len(kept))
+    return bytes(kept), vendor
 
 
 def parse_hosts(hosts: str | Sequence[str], port: int) -> list[tuple[str, int]]:
@@ -305,6 +375,9 @@ class Link:
         raw = bytes(self._buffer[:length])
         del self._buffer[:length]
         command_id, _, sequence = struct.unpack(">LLL", raw[4:16])
+        vendor: dict[int, bytes] = {}
+        if command_id == DELIVER_SM:
+            raw, vendor = split_vendor_tlvs(raw)
         try:
             pdu = smpp.parse_pdu(raw, client=self, allow_unknown_opt_params=True)
         except Exception as exc:  # smpplib raises whatever its field readers meet: a PDU is untrusted input
@@ -312,6 +385,8 @@ class Link:
                          sequence) from None
         if pdu is None:
             raise BadPdu(f"unknown command 0x{command_id:08X}", command_id, sequence)
+        if vendor:
+            pdu.vendor_tlvs = vendor
         return pdu
 
     def nack(self, bad: BadPdu) -> None:
@@ -332,7 +407,9 @@ class Link:
 def bind(hosts: Sequence[tuple[str, int]], *, mode: str, system_id: str, password: str, system_type: str,
          timeout: float, tls: ssl.SSLContext | None) -> Link:
     """Connect and bind as `mode` to the first of `hosts` that accepts; raise the `ProviderError` that says
-    why none did (a refused login wins over an unreachable host: it is what the operator must fix)."""
+    why none did (a refused login wins over an unreachable host: it is what the operator must fix).
+    `ValueError` (`check_credentials`) for a system id or password that would not go whole."""
+    check_credentials(system_id, password)
     errors: list[ProviderError] = []
     for host, port in hosts:
         try:
@@ -521,6 +598,7 @@ class SmscClient:
                  channels: frozenset[str] = frozenset()):
         if bind not in ("transmitter", "transceiver"):
             raise ValueError(f"bind must be transmitter or transceiver, not {bind!r}")
+        check_credentials(system_id, password)
         self.hosts = parse_hosts(host, port)
         self._system_id, self._password, self._system_type = system_id, password, system_type or ""
         self._source = _address_fields(source_addr)
@@ -542,8 +620,43 @@ class SmscClient:
         self._bind_error: ProviderError | None = None
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
+        self._pace_lock = threading.Lock()
+        self._gap_s, self._throttled_at, self._next_submit_at = 0.0, 0.0, 0.0
+        self.throttles = 0
+        """How many submits smsc.ru answered ESME_RTHROTTLED (each slowed the session's pace)."""
         self.binds = 0
         """How many sessions this client has bound (the tests watch reconnects through it)."""
+
+    @property
+    def pace_gap_s(self) -> float:
+        """The least time now left between two submits of this client: 0 until smsc.ru throttles it."""
+        with self._pace_lock:
+            return self._gap_now(time.monotonic())
+
+    def _gap_now(self, now: float) -> float:
+        gap = self._gap_s * 0.5 ** ((now - self._throttled_at) / PACE_HALF_LIFE_S)
+        return gap if gap >= PACE_START_S / 8 else 0.0
+
+    def _slow_down(self) -> None:
+        with self._pace_lock:
+            now = time.monotonic()
+            self._gap_s = min(PACE_MAX_S, max(PACE_START_S, 2 * self._gap_now(now)))
+            self._throttled_at = now
+            self.throttles += 1
+        log.info("smsc asked us to slow down (ESME_RTHROTTLED): %.2f s between submits for a while", self._gap_s)
+
+    def _await_turn(self, deadline: float) -> None:
+        """Wait for this submit's turn at the session's pace; `TransientError` (nothing sent) when it would
+        come after `deadline`."""
+        with self._pace_lock:
+            now = time.monotonic()
+            turn = max(now, self._next_submit_at)
+            if turn > deadline:
+                raise TransientError("smsc.ru asked us to slow down, and this message's turn did not come in "
+                                     "time; it was not sent")
+            self._next_submit_at = turn + self._gap_now(now)
+        if turn > now:
+            time.sleep(turn - now)
 
     @property
     def iso(self) -> bool:
@@ -565,7 +678,7 @@ class SmscClient:
         ids: list[str] = []
         for octets in short_messages:
             try:
-                ids.append(self._submit(message.recipient, plan, octets))
+                ids.append(self._submit_part(message.recipient, plan, octets, first=not ids))
             except ProviderError as exc:
                 if not ids:
                     raise
@@ -606,10 +719,23 @@ class SmscClient:
         return plan
 
     # --- session --------------------------------------------------------------------------------
+    def _submit_part(self, recipient: str, plan: smsc_text.Layout, octets: bytes, first: bool) -> str:
+        """Submit one part. A later part that smsc.ru throttles is submitted again at the slower pace until
+        `timeout` has passed (giving up would leave the message half sent); the first one raises, and the
+        workflow retries the message later."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self._submit(recipient, plan, octets)
+            except ThrottledError:
+                if first or time.monotonic() + self.pace_gap_s >= deadline:
+                    raise
+
     def _submit(self, recipient: str, plan: smsc_text.Layout, octets: bytes) -> str:
         """Submit one part; return smsc.ru's message id."""
         deadline = time.monotonic() + self.timeout
         session = self._live_session()
+        self._await_turn(deadline)
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TransientError(f"all {self.window} submits of the SMPP window stayed unanswered for "
                                  f"{self.timeout:g} s; this one was not sent")
@@ -635,6 +761,8 @@ class SmscClient:
         if resp.status != consts.SMPP_ESME_ROK:
             if resp.status in _BIND_STATUSES:
                 session.kill(f"SMPP status 0x{resp.status:02X}")
+            if resp.status == consts.SMPP_ESME_RTHROTTLED:
+                self._slow_down()
             raise status_error(resp.status)
         return (getattr(resp, "message_id", None) or b"").decode("ascii", "replace")
 
@@ -684,6 +812,8 @@ class SmscClient:
 
 
 # --- receipts and replies ---------------------------------------------------------------------------
+TLV_COST, TLV_FLAGS, TLV_PARTS = 0x2000, 0x2001, 0x2002
+"""smsc.ru's own TLVs in a receipt: the message's cost as text (`n.nnnn`), flags, the number of parts."""
 ESM_RECEIPT_TYPES = {0x04, 0x20}
 """esm_class message types (bits 2-5) of an SMSC delivery receipt and an intermediate notification."""
 
@@ -706,15 +836,15 @@ _STAT_OUTCOME = {
 }
 # smsc.ru's error codes in a status ("коды ошибок в статусе", public docs), in operators' words.
 SMSC_ERRORS = {
-    1: "the number does not exist",
-    6: "the phone is off or out of coverage",
-    11: "the number cannot receive SMS",
-    12: "an error in the recipient's phone or SIM card",
-    13: "the recipient is blocked by the operator",
-    21: "the recipient's phone does not support the service",
-    200: "virtual sending (smsc.ru test mode)",
-    219: "the recipient changed the SIM card recently",
-    220: "the operator's queue for this recipient is full",
+    1: "no such number",
+    6: "the subscriber is offline (phone off or out of coverage)",
+    11: "the service is not connected (the number cannot receive SMS, e.g. in roaming)",
+    12: "an error in the subscriber's phone or SIM card",
+    13: "the subscriber is blocked (by the operator, for non-payment, or at their own request)",
+    21: "the subscriber's phone does not support the service",
+    200: "virtual sending: smsc.ru's test mode sent nothing",
+    219: "the subscriber replaced the SIM card (named senders are blocked for 24 hours)",
+    220: "the operator's queue for the subscriber overflowed",
     240: "the recipient is busy",
     243: "no contract for this destination",
     244: "mailings are forbidden for this recipient",
@@ -765,8 +895,8 @@ def _reason(stat: str, err: str, words: str) -> str:
         return ""
     code = int(err) if err.isdigit() else None
     if code and code in SMSC_ERRORS:
-        return f"{words} ({SMSC_ERRORS[code]}, error {code})"
-    return f"{words} (error {err})" if code else words
+        return f"{words}: {SMSC_ERRORS[code]} (smsc.ru error {code})"
+    return f"{words} (smsc.ru error {code})" if code else words
 
 
 def _strip_udh(data: bytes, esm_class: int) -> bytes:
@@ -845,8 +975,33 @@ def parse_deliver_sm(fields: Mapping[str, Any]) -> DeliveryReport:
     outcome, words = _STAT_OUTCOME.get(stat, ("accepted", ""))
     extra = {"stat": stat, "err": err}
     extra.update({key: parsed[key] for key in _HLR_EXTRA if parsed.get(key)})
+    vendor = fields.get("vendor_tlvs") or {}
+    if TLV_FLAGS in vendor:
+        extra["flags"] = bytes(vendor[TLV_FLAGS]).hex()
     return DeliveryReport(outcome=outcome, provider_message_id=message_id, reason=_reason(stat, err, words),
-                          extra=extra)
+                          extra=extra, cost=_cost(vendor.get(TLV_COST)), parts=_count(vendor.get(TLV_PARTS)))
+
+
+_COST = re.compile(r"\d{1,6}(\.\d{1,4})?")
+
+
+def _cost(value: bytes | None) -> Decimal | None:
+    """TLV 0x2000: the cost as text (`n.nnnn`); None when absent or not such a number."""
+    text = bytes(value or b"").rstrip(b"\0").decode("ascii", "replace").strip()
+    return Decimal(text) if _COST.fullmatch(text) else None
+
+
+def _count(value: bytes | None) -> int | None:
+    """TLV 0x2002: the number of parts, as digits or as a 1, 2 or 4 octet integer (smsc.ru does not say
+    which); None when absent or not a plausible count."""
+    data = bytes(value or b"").rstrip(b"\0")
+    if data.isdigit():
+        count = int(data)
+    elif len(bytes(value or b"")) in (1, 2, 4):
+        count = int.from_bytes(bytes(value), "big")
+    else:
+        return None
+    return count if 1 <= count <= 255 else None
 
 
 def message_id_forms(message_id: str) -> list[str]:

@@ -6,8 +6,8 @@ invalid requests from one IP blacklist it for `blacklist_s`), `phoneNumber` pres
 optional `+` (400), `message` present (400) and at most `max_length` characters (413). Errors come as
 `{"type": "Error", "message": …, "code": …}`; success as `{"type": "ok"}`.
 
-After an accepted send with `sendResultTo`, the status notification is POSTed there after `report_delay_s`
-(fields `apiName=sms`, `type=deliveryReport`, `status`, `id` = the `messageId` given, and `errorMessage`
+After an accepted send with `sendResultTo`, the status notification is sent there after `report_delay_s`, as
+a form POST (or the query of a GET with `report_method="GET"`: the seed names no method) (fields `apiName=sms`, `type=deliveryReport`, `status`, `id` = the `messageId` given, and `errorMessage`
 with `status=error`): `error` for a number ending in `undeliverable_suffix`, `sent` otherwise.
 `force(status, code, message)` makes the next request get that error answer (tests and demos of the
 error paths); the base adds `fail_rate` (HTTP 503) and `latency_s`.
@@ -50,14 +50,17 @@ class AccoladesSimulator(SimulatorServer):
     """Accolades on 127.0.0.1:`port` (0 picks a free one). Options: `account`, `password` (what it
     accepts), `undeliverable_suffix`, `report_delay_s`, `max_length`, `blacklist_after`, `blacklist_s`,
     `forbidden` (international numbers it refuses with HTTP 403, as for a destination the account may not
-    send to), and the base's `fail_rate`, `latency_s`, `seed`."""
+    send to), `report_method` (`POST` or `GET`), and the base's `fail_rate`, `latency_s`, `seed`."""
 
     def __init__(self, port: int = 0, *, host: str = "127.0.0.1", account: str = "1000",
                  password: str = "demo", undeliverable_suffix: str = "13", report_delay_s: float = 0.5,
                  max_length: int = 918, blacklist_after: int = 5, blacklist_s: float = 300.0,
-                 forbidden: tuple[str, ...] = (), fail_rate: float = 0.0, latency_s: float = 0.0,
-                 seed: int | None = None):
+                 forbidden: tuple[str, ...] = (), report_method: str = "POST", fail_rate: float = 0.0,
+                 latency_s: float = 0.0, seed: int | None = None):
         super().__init__(AccoladesHandler, host, port, fail_rate=fail_rate, latency_s=latency_s, seed=seed)
+        if report_method not in ("POST", "GET"):
+            raise ValueError("report_method must be POST or GET")
+        self.report_method = report_method
         self.account, self.password = str(account), password
         self.forbidden = set(forbidden)
         self.undeliverable_suffix = undeliverable_suffix
@@ -88,7 +91,8 @@ class AccoladesSimulator(SimulatorServer):
                       "id": event["id"]}
             if failed:
                 fields["errorMessage"] = "The destination number is not reachable"
-            self.reports.schedule(event["callback"], fields, id=event["id"], report_status=fields["status"])
+            self.reports.schedule(event["callback"], fields, method=self.report_method, id=event["id"],
+                                  report_status=fields["status"])
         return _json(200, {"type": "ok"})
 
     def _accept(self, method: str, path: str, body: bytes, client_ip: str) -> dict:

@@ -16,7 +16,8 @@ notification there, as a form POST (or the query of a GET with `report_method="G
 pages name the notification but not all its fields; this is our reading (see `providers.ozeki`).
 `force(code)` makes the next request get that code (e.g. 303, 306, 401, 701).
 
-Journal: `kind="send"` (`sms_id`, `recipient`, `sender`, `message`, `callback`), `kind="reject"` (`code`),
+Journal: `kind="send"` (`sms_id`, `recipient`, `sender`, `message`, `callback`, `report_url_params`: which
+spellings of the report URL the request carried), `kind="reject"` (`code`),
 `kind="report"` per callback attempt (`sms_id`, `delivered`, `status` = the HTTP answer).
 """
 from __future__ import annotations
@@ -113,7 +114,8 @@ class OzekiSimulator(SimulatorServer):
         recipient = fields["Recipient"].lstrip("+")
         callback = fields.get("DeliveryReportURL") or fields.get("DelivaryReportURL") or ""
         self.record(kind="send", sms_id=sms_id, recipient=recipient, sender=fields.get("Sender", ""),
-                    message=fields["Message"], callback=callback)
+                    message=fields["Message"], callback=callback,
+                    report_url_params=sorted(set(fields) & {"DeliveryReportURL", "DelivaryReportURL"}))
         if callback:
             delivered = not (self.undeliverable_suffix and recipient.endswith(self.undeliverable_suffix))
             report = {"NotificationName": "SMSDeliveryReport", "SmsId": sms_id,

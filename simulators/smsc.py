@@ -6,18 +6,20 @@ it refuses a second identical request (same login, sender, recipient, data_codin
 `identical_window_s` (with `identical_status`, ESME_RTHROTTLED by default), and drops a session that
 sent nothing for `idle_timeout_s` (two minutes at smsc.ru). After `receipt_delay_s` it sends a delivery
 receipt in the text form (`id:… sub:001 dlvrd:001 submit date:… done date:… stat:DELIVRD err:000 text:…`,
-and the TLVs too when `receipt_tlvs`) for every accepted part to a bound receiver or transceiver. It holds
-receipts while none is bound, and sends again those a receiver answered with an error status or left
-unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat:UNDELIV err:001`, and so
-does the part numbered `undeliverable_part` of every concatenated message. Receipts write the message id
-as `submit_sm_resp` did (decimal), or in hexadecimal with `receipt_ids="hex"`.
+and the TLVs too when `receipt_tlvs`; with `receipt_cost` (text such as `1.9500`) also smsc.ru's own TLVs
+0x2000 that cost, 0x2001 flags 0 and 0x2002 the message's number of parts as one octet) for every accepted
+part to a bound receiver or transceiver. It holds receipts while none is bound, and sends again those a
+receiver answered with an error status or left unanswered when it went away. Numbers ending in `undeliverable_suffix` get `stat:UNDELIV err:001` (the
+code is `receipt_error`), and so does the part numbered `undeliverable_part` of every concatenated message.
+Receipts write the message id as `submit_sm_resp` did (decimal), or in hexadecimal with `receipt_ids="hex"`.
 `send_reply(from_number, text)` delivers a recipient's reply (an MO message). `fail_next(status, count)`
 makes the next submits fail; `latency_s` delays every `submit_sm_resp` without holding up the submits
 behind it (an SMSC answering a window of submits, each after `latency_s`); `max_in_flight` is the most
 submits one session had awaiting their answer at once. `TlsFront` puts a TLS endpoint in front of it.
 
 Everything is recorded in `journal` (dicts with a `kind`: `bind`, `submit`, `deliver`, `deliver_resp`,
-`unbind`, `drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes.
+`unbind`, `drop`); `events(kind)` filters it. PDUs are read and written with smpplib's PDU classes
+(vendor TLVs, which smpplib cannot write, are appended to its bytes).
 """
 from __future__ import annotations
 
@@ -200,10 +202,17 @@ class _Session(socketserver.BaseRequestHandler):
         return True
 
     def deliver(self, fields: dict) -> None:
-        pdu = smpp.make_pdu("deliver_sm", client=self.server.sequence, **fields)
+        """Send a `deliver_sm` of `fields`; `vendor_tlvs` ({tag: octets}, which smpplib cannot write) are
+        appended to it."""
+        vendor = fields.get("vendor_tlvs") or {}
+        pdu = smpp.make_pdu("deliver_sm", client=self.server.sequence,
+                            **{key: value for key, value in fields.items() if key != "vendor_tlvs"})
+        data = pdu.generate() + b"".join(struct.pack(">HH", tag, len(value)) + value
+                                         for tag, value in vendor.items())
         self.unacked[pdu.sequence] = fields
         try:
-            self.write(pdu)
+            with self.write_lock:
+                self.request.sendall(struct.pack(">L", len(data)) + data[4:])
         except OSError:
             self.unacked.pop(pdu.sequence, None)
             raise
@@ -221,7 +230,8 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
                  identical_status: int = consts.SMPP_ESME_RTHROTTLED, receipt_delay_s: float = 0.5,
                  receipts: bool = True, receipt_tlvs: bool = False, undeliverable_suffix: str = "13",
                  idle_timeout_s: float | None = 120.0, latency_s: float = 0.0,
-                 undeliverable_part: int | None = None, receipt_ids: str = "dec"):
+                 undeliverable_part: int | None = None, receipt_ids: str = "dec", receipt_error: int = 1,
+                 receipt_cost: str | None = None):
         socketserver.ThreadingTCPServer.__init__(self, (host, port), _Session)
         self.system_id, self.password = system_id, password
         self.identical_window_s = identical_window_s
@@ -233,6 +243,7 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
         self.latency_s = latency_s
         self.undeliverable_part = undeliverable_part
         self.receipt_ids = receipt_ids
+        self.receipt_error, self.receipt_cost = receipt_error, receipt_cost
         self.max_in_flight = 0
         self.sequence = SimpleSequenceGenerator()
         Journal.__init__(self)
@@ -349,16 +360,16 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
                     udh=udh, short_message=bytes(data), text=bytes(data[len(udh):]),
                     registered_delivery=pdu.registered_delivery, payload=bool(pdu.message_payload))
         if message_id and self.receipts and pdu.registered_delivery and self._scheduler:
-            part = udh[-1] if len(udh) >= 6 else None
+            part, parts = (udh[-1], udh[-2]) if len(udh) >= 6 else (None, 1)
             receipt = self._receipt(message_id, source, destination, pdu.data_coding, data[len(udh):],
-                                    failed=part is not None and part == self.undeliverable_part)
+                                    failed=part is not None and part == self.undeliverable_part, parts=parts)
             self._redeliver(receipt)
         return status, message_id
 
     def _receipt(self, message_id: str, source: str, destination: str, coding: int, text: bytes,
-                 failed: bool = False) -> dict:
+                 failed: bool = False, parts: int = 1) -> dict:
         failed = failed or bool(self.undeliverable_suffix) and destination.endswith(self.undeliverable_suffix)
-        stat, err, state = ("UNDELIV", "001", 5) if failed else ("DELIVRD", "000", 2)
+        stat, err, state = ("UNDELIV", f"{self.receipt_error:03d}", 5) if failed else ("DELIVRD", "000", 2)
         if self.receipt_ids == "hex":
             message_id = format(int(message_id), "X")
         stamp = time.strftime("%y%m%d%H%M")
@@ -370,7 +381,10 @@ class SmscSimulator(Journal, socketserver.ThreadingTCPServer):
                   "data_coding": 0, "short_message": body.encode("latin-1")}
         if self.receipt_tlvs:
             fields.update(receipted_message_id=message_id, message_state=state,
-                          network_error_code=bytes((3, 0, int(err))))
+                          network_error_code=bytes((3,)) + int(err).to_bytes(2, "big"))
+        if self.receipt_cost is not None:
+            fields["vendor_tlvs"] = {0x2000: self.receipt_cost.encode("ascii") + b"\0", 0x2001: bytes((0,)),
+                                     0x2002: bytes((parts,))}
         return fields
 
     def _deliver(self, fields: dict) -> None:

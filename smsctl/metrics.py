@@ -14,6 +14,8 @@ process's, and a metrics process can restart without losing anything. Metric nam
 | `sms_report_delay_seconds` | provider | gauge histogram: accepted → delivery report, reports of the last hour |
 | `sms_rate_limit` / `sms_sent_per_second` | provider | configured rate; sends per second over the last minute |
 | `sms_throttled_total` | provider | sends the rate limiter told to wait |
+| `sms_cost_total` | provider, window | gauge: what the reports of rows sent in the last `1h` / `1d` said they cost |
+| `sms_parts_per_message` | provider, window | parts per row sent in the last `1h` / `1d` (the provider's count where it reported one) |
 | `sms_dispatch_last_success_timestamp_seconds` | | when a dispatch tick last ran to its end |
 """
 from __future__ import annotations
@@ -80,6 +82,18 @@ def render(view: overview.Overview):
         if p.throttled is not None:
             throttled.add_metric([p.name], p.throttled)
     yield from (waiting, oldest, available, hour, rate, sent_rate, throttled)
+
+    # A gauge: summed over a window of the table, it falls as rows leave the window, which a counter must not.
+    cost = GaugeMetricFamily("sms_cost_total", "What the providers' reports said the rows sent in the window "
+                             "cost, in the account's currency.", labels=["provider", "window"])
+    parts = GaugeMetricFamily("sms_parts_per_message", "SMS parts per row sent in the window (the provider's "
+                              "count where its report gave one, else ours).", labels=["provider", "window"])
+    for p in view.providers:
+        for window, spent in p.spend.items():
+            cost.add_metric([p.name, window], float(spent.cost))
+            if spent.messages:
+                parts.add_metric([p.name, window], spent.parts / spent.messages)
+    yield from (cost, parts)
 
     for name, delays, what in (("sms_due_to_sent_seconds", view.due_to_sent, "from due to accepted by the "
                                 "provider, rows sent in the last hour"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from db import stats, store
 from settings import Settings
@@ -34,6 +35,8 @@ class ProviderView:
     """Sends told to wait by the rate limiter so far (None: the limiter could not be read)."""
     failing_for_s: int | None
     fallbacks: tuple[str, ...]
+    spend: dict[str, stats.Spend] = field(default_factory=dict)
+    """Cost and parts of its rows sent in the last hour (`1h`) and day (`1d`)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ def read(settings: Settings, engine, throttle=None) -> Overview:
     waiting, oldest = stats.open_rows(engine)
     hour, minute = stats.last_hour(engine)
     messages = stats.messages(engine, retention_days(settings))
+    spend = stats.spend(engine)
     seen = {p for p, _ in messages} | set(waiting) | {p for p, _ in hour}
     names = sorted(settings.providers_in_use | (seen - {stats.UNROUTED}))
     rt = Runtime(settings)
@@ -85,6 +89,8 @@ def read(settings: Settings, engine, throttle=None) -> Overview:
             rate=rt.rate(name) if configured else None, sent_per_s=minute.get(name, 0) / 60,
             throttled=throttled, failing_for_s=breaker.failing_for_s if breaker else None,
             fallbacks=tuple(settings.failover_table.get(name, ())),
+            spend={window: spend.get((name, window), stats.Spend(0, 0, Decimal(0), 0))
+                   for window in stats.SPEND_WINDOWS_S},
         ))
     return Overview(views, messages, stats.due_to_sent(engine), stats.report_delay(engine),
                     stats.stamp_age_s(engine, DISPATCH_STAMP), retention_days(settings))

@@ -1,5 +1,6 @@
 """`smsctl status [--watch]`: one screen, a line per provider: available or why not, sent / failed / error in
-the last hour, rows waiting and why, the oldest waiting row's age, rate limit and use.
+the last hour, rows waiting and why, the oldest waiting row's age, rate limit and use, and what the rows
+sent in the last hour and day cost by the providers' reports, with their parts per message.
 
 The numbers are `smsctl.overview.read()`'s, the same the metrics serve. On a terminal the screen is a
 `rich` table (`--watch` redraws it in place); otherwise plain lines, one per provider, for scripts and logs.
@@ -46,6 +47,18 @@ def _rate(p: ProviderView) -> str:
     return f"{p.sent_per_s:.1f} of {p.rate:g}/s ({100 * p.sent_per_s / p.rate:.0f}%)"
 
 
+def _cost(p: ProviderView) -> str:
+    """The last hour's and day's cost by the providers' reports, `-` where no report gave one."""
+    return " / ".join(f"{spent.cost:.4f}" if spent.priced else "-"
+                      for spent in (p.spend.get(window) for window in ("1h", "1d")) if spent is not None)
+
+
+def _parts(p: ProviderView) -> str:
+    """Parts per message of the last day's rows."""
+    spent = p.spend.get("1d")
+    return f"{spent.parts / spent.messages:.2f}" if spent is not None and spent.messages else "-"
+
+
 def _footer(view: Overview) -> str:
     tick = ("no dispatch tick has finished yet" if view.dispatch_age_s is None
             else f"last dispatch tick {_age(max(view.dispatch_age_s, 0))} ago")
@@ -57,13 +70,14 @@ def screen(view: Overview):
     table = Table(title="SMS providers", title_justify="left", expand=False)
     for column, justify in (("provider", "left"), ("status", "left"), ("sent 1 h", "right"),
                             ("failed 1 h", "right"), ("error 1 h", "right"), ("waiting", "left"),
-                            ("oldest waiting", "right"), ("rate use", "right"), ("throttled", "right")):
+                            ("oldest waiting", "right"), ("rate use", "right"), ("throttled", "right"),
+                            ("cost 1 h / 1 d", "right"), ("parts/msg", "right")):
         table.add_column(column, justify=justify)
     for p in view.providers:
         status = Text(_availability(p), style="green" if p.available else "bold red")
         table.add_row(p.name, status, str(p.last_hour["sent"]), str(p.last_hour["failed"]),
                       str(p.last_hour["error"]), _waiting(p), _age(p.oldest_waiting_s), _rate(p),
-                      "-" if p.throttled is None else str(p.throttled))
+                      "-" if p.throttled is None else str(p.throttled), _cost(p), _parts(p))
     return Group(table, Text(_footer(view), style="dim"))
 
 
@@ -71,7 +85,8 @@ def plain(view: Overview) -> str:
     """The status screen as plain lines."""
     lines = [f"{p.name}: {_availability(p)}; last hour sent {p.last_hour['sent']}, failed {p.last_hour['failed']}, "
              f"error {p.last_hour['error']}; waiting: {_waiting(p)}; oldest waiting {_age(p.oldest_waiting_s)}; "
-             f"rate {_rate(p)}; throttled {'-' if p.throttled is None else p.throttled}"
+             f"rate {_rate(p)}; throttled {'-' if p.throttled is None else p.throttled}; "
+             f"cost 1 h / 1 d {_cost(p)}; parts/msg {_parts(p)}"
              for p in view.providers]
     return "\n".join(lines + [_footer(view)])
 

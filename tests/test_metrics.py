@@ -160,7 +160,7 @@ def test_status_shows_the_same_numbers_as_plain_lines_and_as_a_table(settings, r
            "retry 2, unknown 1, paused 1; oldest waiting 15 min; rate 0.0 of 5/s (0%)" in lines["mobilgroup"]
     assert "\x1b[" not in shown, "no terminal codes when the output is not a terminal"
 
-    console = Console(record=True, width=220)
+    console = Console(record=True, width=260)
     console.print(status.screen(overview.read(settings, rows)))
     screen = console.export_text()
     assert "unavailable: unreachable: connection refused" in screen

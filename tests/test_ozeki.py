@@ -70,7 +70,8 @@ def test_seed_answer_over_http_gives_the_smsid_and_the_seed_query():
     assert {k: v[0] for k, v in parse_qs(parts.query).items()} == {
         "command": "SendSms", "Username": USERNAME, "Password": PASSWORD, "Sender": "+0615546669",
         "Recipient": "+" + NUMBER, "Message": "Hello world",
-        "DeliveryReportURL": "http://yourapp.example/smsdelivered.php?x=1"}
+        "DeliveryReportURL": "http://yourapp.example/smsdelivered.php?x=1",
+        "DelivaryReportURL": "http://yourapp.example/smsdelivered.php?x=1"}
 
 
 @pytest.mark.parametrize("body", [

@@ -178,7 +178,7 @@ def test_smsc_messages_long_and_cyrillic_finish_by_receipts_through_real_workers
         assert (row["provider"], row["failures"]) == ("smsc", 0)
         if number.endswith("13"):
             assert (row["state"], row["status"]) == ("failed", "failed")
-            assert "the number does not exist" in row["error_msg"]
+            assert "no such number (smsc.ru error 1)" in row["error_msg"]
         else:
             assert (row["state"], row["status"], row["error_msg"]) == ("delivered", "success", "")
     assert rows_by_id(db)[replier]["responsenote"] == "Спасибо, заберу завтра"

@@ -13,7 +13,9 @@ from providers.base import (
     TransientError,
     UnknownOutcome,
 )
+from providers import smsc
 from providers.smsc import SmscClient
+from settings import ConfigError, load_settings
 from simulators.smsc import SmscSimulator
 from tests.conftest import free_port, wait_until
 
@@ -127,9 +129,65 @@ def test_a_later_part_failing_is_an_unknown_outcome_that_says_how_far_it_went(si
     client = make_client(sim)
     client.send(msg("warm-up"))
     sim.fail_next(0, 1)
-    sim.fail_next(0x58, 1)
+    sim.fail_next(0x08, 1)
     with pytest.raises(PartlySent, match="1 of 2 parts were sent"):
         client.send(msg("z" * 200))
+
+
+def test_a_throttled_submit_slows_the_sessions_pace_which_recovers(sim, make_client, monkeypatch):
+    client = make_client(sim)
+    client.send(msg("first"))
+    assert client.pace_gap_s == 0.0
+    sim.fail_next(0x58)
+    with pytest.raises(ThrottledError):
+        client.send(msg("second"))
+    gap = client.pace_gap_s
+    assert smsc.PACE_START_S * 0.9 <= gap <= smsc.PACE_START_S
+    for n in range(4):
+        client.send(msg(f"paced {n}"))
+    times = [e["time"] for e in sim.events("submit")[-4:]]
+    assert min(b - a for a, b in zip(times, times[1:])) >= gap * 0.8
+    sim.fail_next(0x58)
+    with pytest.raises(ThrottledError):
+        client.send(msg("third"))
+    assert client.pace_gap_s > 1.5 * gap and client.throttles == 2
+    monkeypatch.setattr(smsc, "PACE_HALF_LIFE_S", 0.05)
+    wait_until(lambda: client.pace_gap_s == 0.0, timeout_s=3, interval_s=0.05)
+
+
+def test_a_throttled_later_part_is_submitted_again_and_the_message_goes_whole(sim, make_client):
+    client = make_client(sim)
+    client.send(msg("warm-up"))
+    sim.fail_next(0, 1)
+    sim.fail_next(0x58, 1)
+    accepted = client.send(msg("z" * 200))
+    statuses = [e["status"] for e in sim.events("submit")[1:]]
+    assert statuses == [0, 0x58, 0] and accepted.parts == 2
+    assert len(accepted.provider_message_id.split(",")) == 2
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"password": "123456789"}, "password is 9 characters long; SMPP 3.4 carries at most 8"),
+    ({"system_id": "s" * 16}, "system id is 16 characters long; SMPP 3.4 carries at most 15"),
+    ({"password": "пароль"}, "password must be Latin letters"),
+])
+def test_credentials_that_smpp_would_cut_are_refused_before_any_bind(sim, make_client, options, words):
+    with pytest.raises(ValueError, match=words):
+        make_client(sim, **options)
+    with pytest.raises(ValueError, match=words):
+        smsc.bind([("127.0.0.1", sim.port)], mode="receiver", system_id=options.get("system_id", "smsc"),
+                  password=options.get("password", "secret"), system_type="", timeout=3.0, tls=None)
+    assert sim.events("bind") == []
+
+
+@pytest.mark.parametrize(("variable", "value", "limit"), [
+    ("smsc_password", "123456789", 8), ("smsc_system_id", "s" * 16, 15),
+])
+def test_start_up_names_the_credential_too_long_for_smpp(variable, value, limit):
+    with pytest.raises(ConfigError, match=f"SMS_{variable.upper()}: .*at most {limit}") as caught:
+        load_settings(**{variable: value})
+    assert value not in str(caught.value)
+    assert load_settings(**{variable: value[:limit]})
 
 
 def test_peer_restart_mid_batch(make_client):

@@ -111,7 +111,7 @@ def test_receipt_ids_in_decimal_or_hexadecimal_find_their_row(sim, runtime, rece
     in_receipts = {t.split(b" ")[0][3:].decode() for t in deliver_texts}
     assert (in_receipts == written) == (receipt_ids == "dec")  # the hex case really writes other ids
     assert state(rt, delivered) == ("delivered", "success", "")
-    assert state(rt, failed)[1] == "failed" and "the number does not exist" in state(rt, failed)[2]
+    assert state(rt, failed)[1] == "failed" and "no such number (smsc.ru error 1)" in state(rt, failed)[2]
 
 
 def test_a_long_message_with_one_undelivered_part_is_failed_with_that_parts_reason(sim, runtime):
@@ -125,7 +125,7 @@ def test_a_long_message_with_one_undelivered_part_is_failed_with_that_parts_reas
     assert [e["short_message"].split(b"stat:")[1][:7] for e in simulator.events("deliver")] == \
         [b"DELIVRD", b"UNDELIV", b"DELIVRD"]
     status = state(rt, row_id)
-    assert status[:2] == ("failed", "failed") and "the number does not exist" in status[2]
+    assert status[:2] == ("failed", "failed") and "no such number (smsc.ru error 1)" in status[2]
 
 
 def test_a_long_message_is_delivered_only_when_every_part_is_whatever_the_order(sim, runtime):

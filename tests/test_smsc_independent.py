@@ -222,7 +222,7 @@ def test_300_messages_long_and_cyrillic_through_an_smpp_server_not_ours():
     expected = {s["id"]: "undelivered" if s["destination"].endswith(UNDELIVERABLE_SUFFIX) else "delivered"
                 for s in smsc.submits}
     assert {r.provider_message_id: r.outcome for r in receipts} == expected
-    assert all("the number does not exist" in r.reason for r in receipts if r.outcome == "undelivered")
+    assert all("no such number (smsc.ru error 1)" in r.reason for r in receipts if r.outcome == "undelivered")
     # And the recipient's reply, in UCS-2, read with its sender.
     replies = [(r.recipient, r.reply_text) for _, r in reports if r.reply_text is not None]
     assert replies == [(sample[0][0], REPLY)]

@@ -78,7 +78,7 @@ def test_receipts_and_a_reply_reach_apply(sim, client):
     by_id = {r.provider_message_id: r for r in receiver.reports[:2]}
     assert by_id[ok.provider_message_id].outcome == "delivered"
     assert by_id[bad.provider_message_id].outcome == "undelivered"
-    assert "the number does not exist" in by_id[bad.provider_message_id].reason
+    assert "no such number (smsc.ru error 1)" in by_id[bad.provider_message_id].reason
     reply = receiver.reports[2]
     assert (reply.reply_text, reply.recipient) == ("Спасибо, заберу завтра", "79001234567")
     assert [e["status"] for e in sim.events("deliver_resp")] == [0, 0, 0]

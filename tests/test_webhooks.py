@@ -170,6 +170,76 @@ def test_ozeki_reports_by_post_and_by_get(settings, served, db):
                                           "Ozeki reported the message undelivered (Undelivered)")
 
 
+def test_accolades_reports_by_get_and_by_post_and_head_is_refused(settings, served, db):
+    by_get, by_post, by_head = (insert_accepted(db, "accolades") for _ in range(3))
+    got = requests.get(url_for(settings, "accolades", by_get), params=accolades_report(by_get, "error",
+                       errorMessage="absent"), timeout=5)
+    posted = requests.post(url_for(settings, "accolades", by_post), data=accolades_report(by_post), timeout=5)
+    head = requests.head(url_for(settings, "accolades", by_head), params=accolades_report(by_head), timeout=5)
+    assert (got.status_code, posted.status_code, head.status_code) == (200, 200, 405)
+    assert head.headers["Allow"] == "GET, POST"
+    assert state(db, by_get)[:3] == ("failed", "Accolades could not send the message: absent",
+                                     DispatchState.FAILED)
+    assert state(db, by_post) == ("success", "", DispatchState.DELIVERED, None)
+    assert state(db, by_head) == ("success", "", DispatchState.ACCEPTED, None)
+
+
+def with_sms_id(engine, row_id: int, sms_id: str) -> int:
+    """The id Ozeki's answer gave the row at sending, as the workflow records it."""
+    with engine.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id).values(provider_message_id=sms_id))
+    return row_id
+
+
+def test_ozeki_s_documented_report_is_matched_by_its_sms_id_as_well_as_the_token(settings, served, db):
+    ours = with_sms_id(db, insert_accepted(db, "ozeki"), "7d678b16-0e81-4a05-805b-851e4794495e")
+    other = with_sms_id(db, insert_accepted(db, "ozeki"), "6b5c6978-0cd6-4a58-86fc-3d1b279b9201")
+    report = {"NotificationName": "SMSDeliveryReport", "Delivered": "False", "DeliveryStatus": "Undelivered"}
+    elsewhere = requests.post(url_for(settings, "ozeki", other), timeout=5,
+                              data={**report, "SmsId": "7d678b16-0e81-4a05-805b-851e4794495e"})
+    assert elsewhere.status_code == 404 and state(db, other) == UNCHANGED
+    applied = requests.post(url_for(settings, "ozeki", ours), timeout=5,
+                            data={**report, "SmsId": "7d678b16-0e81-4a05-805b-851e4794495e"})
+    assert (applied.status_code, applied.text.strip()) == (200, "applied")
+    assert state(db, ours)[0::2] == ("failed", DispatchState.FAILED)
+
+
+def test_every_ozeki_request_carries_both_spellings_of_the_report_url(settings):
+    simulator = OzekiSimulator(username="u", password="pw", report_delay_s=3600).start()
+    client = OzekiClient(url=simulator.api_url, username="u", password="pw", timeout=5)
+    try:
+        callback = url_for(settings, "ozeki", 1)
+        client.send(OutgoingMessage(reference=1, recipient=NUMBER, text="Hi", callback_url=callback))
+    finally:
+        client.close()
+        simulator.stop()
+    (sent,) = simulator.events("send")
+    assert sent["report_url_params"] == ["DelivaryReportURL", "DeliveryReportURL"]
+    assert sent["callback"] == callback
+
+
+def test_unknown_report_fields_are_logged_once_per_provider_by_name_only(mariadb_url, settings, db, caplog):
+    served = Served(create_app(load_settings(database_url=mariadb_url, webhook_secret=SECRET)))
+    rows = [insert_accepted(db, "ozeki") for _ in range(2)] + [insert_accepted(db, "accolades")]
+    report = {"NotificationName": "SMSDeliveryReport", "SmsId": "s-9", "Delivered": "True",
+              "OperatorCode": "secret-value-1", "Price": "0.05"}
+    try:
+        with caplog.at_level(logging.INFO, logger="webhooks.app"):
+            for row in rows[:2]:
+                answer = requests.post(served.url + "/reports/ozeki/" + url_for(settings, "ozeki", row)
+                                       .rsplit("/", 1)[1], data=report, timeout=5)
+                assert answer.status_code == 200
+            answer = requests.get(served.url + "/reports/accolades/" + url_for(settings, "accolades", rows[2])
+                                  .rsplit("/", 1)[1], params=accolades_report(rows[2], "sent", Cost="1"), timeout=5)
+            assert answer.status_code == 200
+    finally:
+        served.stop()
+    said = [r.getMessage() for r in caplog.records if "do not read" in r.getMessage()]
+    assert said == ["ozeki report carries fields we do not read: OperatorCode, Price",
+                    "accolades report carries fields we do not read: Cost"]
+    assert not any("secret-value-1" in r.getMessage() for r in caplog.records)
+
+
 def test_duplicate_report_changes_nothing_the_second_time(settings, served, db):
     row = insert_accepted(db, "accolades")
     url = url_for(settings, "accolades", row)
@@ -397,7 +467,8 @@ def wait_final(engine, rows: list[int], timeout: float = 15.0) -> dict[int, tupl
 
 @pytest.mark.parametrize("report_method", ["POST", "GET"])
 def test_simulators_reports_reach_the_app_and_finish_every_message(settings, served, db, report_method):
-    accolades_sim = AccoladesSimulator(account="77", password="pw", report_delay_s=0.05).start()
+    accolades_sim = AccoladesSimulator(account="77", password="pw", report_delay_s=0.05,
+                                       report_method=report_method).start()
     ozeki_sim = OzekiSimulator(username="u", password="pw", report_delay_s=0.05,
                                report_method=report_method).start()
     accolades = AccoladesClient(url=accolades_sim.url, account="77", password="pw", timeout=5)
@@ -477,9 +548,11 @@ STRANGERS = [
      ACCOLADES_ERROR, 403, UNCHANGED),
     ("HEAD where Ozeki uses GET", "ozeki", "ozeki", "HEAD", lambda row: token_for("ozeki", row),
      OZEKI_UNDELIVERED, 405, UNCHANGED),
-    ("GET where Accolades posts", "accolades", "accolades", "GET", lambda row: token_for("accolades", row),
+    ("GET for Accolades, whose method is not documented", "accolades", "accolades", "GET",
+     lambda row: token_for("accolades", row), ACCOLADES_ERROR, 200, FAILED_ABSENT),
+    ("HEAD where Accolades reports", "accolades", "accolades", "HEAD", lambda row: token_for("accolades", row),
      ACCOLADES_ERROR, 405, UNCHANGED),
-    ("HEAD where Accolades posts", "accolades", "accolades", "HEAD", lambda row: token_for("accolades", row),
+    ("PATCH where Accolades reports", "accolades", "accolades", "PATCH", lambda row: token_for("accolades", row),
      ACCOLADES_ERROR, 405, UNCHANGED),
     ("PUT", "ozeki", "ozeki", "PUT", lambda row: token_for("ozeki", row), OZEKI_UNDELIVERED, 405, UNCHANGED),
     ("DELETE", "accolades", "accolades", "DELETE", lambda row: token_for("accolades", row), ACCOLADES_ERROR,

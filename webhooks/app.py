@@ -2,18 +2,21 @@
 
 Routes:
 
-- `POST /reports/accolades/<token>`, `POST|GET /reports/ozeki/<token>` (the methods each provider uses:
-  any other, `HEAD` included, is 405 and changes nothing). The token (see `workflow.callbacks`) names the row
-  and is signed for that provider. Answers: 403 for a forged, altered or expired token, another
+- `GET|POST /reports/accolades/<token>`, `GET|POST /reports/ozeki/<token>` (the methods each provider may
+  use: any other, `HEAD` included, is 405 and changes nothing). The token (see `workflow.callbacks`) names the
+  row and is signed for that provider. Answers: 403 for a forged, altered or expired token, another
   provider's token, or an Accolades report whose echoed `id` is not the token's row; 400 for a malformed
-  report; 404 when no dispatch record of that provider exists for the row; 200 once applied, and also
+  report; 404 when no dispatch record of that provider exists for the row, or (Ozeki) when the report's
+  `SmsId` is not the one Ozeki gave that row at sending; 200 once applied, and also
   for a duplicate or a stale report (forward-only: nothing changes, and the provider must not retry);
   503 when the database is unreachable, so that a provider that retries will.
 - `GET /healthz`: 200 `ok` (process alive; it does not touch the database).
 
-Fields are read from a form POST body and the query string alike: Accolades posts a form, and Ozeki's
-reports are read either way (see `providers.ozeki`). The app logs provider, row id and result only:
-never a number, a text, or the token (a capability for its row).
+Fields are read from a form POST body and the query string alike: neither provider's documents fix
+the method (see `providers.accolades`, `providers.ozeki`). The first genuine report (its token verified)
+that carries fields its provider's parser does not know (`REPORT_FIELDS`) logs their names, once per
+provider and process, so that the first real report shows what it carried. The app logs provider, row
+id, result and those names only: never a value, a number, a text, or the token (a capability for its row).
 
 `serve` (`smsctl webhooks`, also in docker-compose.yml) runs it under waitress, whose asynchronous I/O reads
 each request whole before a thread handles it: clients that send slowly, or not at all, hold a socket but
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -46,7 +50,10 @@ ApplyReport = Callable[[str, DeliveryReport], str]
 PARSERS: dict[str, Callable[[Mapping[str, str]], DeliveryReport]] = {
     name: registry.entry(name).parse_report for name in registry.reporting_by("webhook")}
 METHODS = {name: registry.entry(name).webhook_methods for name in PARSERS}
-"""The methods each provider reports with; only these change anything."""
+"""The methods each provider may report with; only these change anything."""
+KNOWN_FIELDS = {name: registry.entry(name).report_fields for name in PARSERS}
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,40}")
+"""A field name shown in the log as it came; any other is shown as `?` (a name is the sender's choice)."""
 MAX_REPORT_BYTES = 16 * 1024
 """A report is a handful of short fields; anything bigger is refused (413) before it is parsed."""
 MAX_HEADER_BYTES = 16 * 1024
@@ -67,6 +74,7 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES
+    unknown_fields_logged: set[str] = set()
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
@@ -94,6 +102,7 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
             return _answer(403, "bad token")
         try:
             fields = _fields()
+            _log_unknown_fields(provider, fields, unknown_fields_logged)
             parsed = parse(fields)
         except ValueError as exc:
             log.warning("%s report for row %d refused as malformed: %s", provider, row, exc)
@@ -112,6 +121,16 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
         return _answer(200, result)
 
     return app
+
+
+def _log_unknown_fields(provider: str, fields: Mapping[str, str], logged: set[str]) -> None:
+    """Log the names (never the values) of the fields `provider`'s parser does not know, unless `provider`
+    is in `logged` already; two reports at once may both log (no lock on every report for that)."""
+    unknown = set(fields) - KNOWN_FIELDS[provider]
+    if unknown and provider not in logged:
+        logged.add(provider)
+        names = sorted(name if _FIELD_NAME.fullmatch(name) else "?" for name in unknown)
+        log.info("%s report carries fields we do not read: %s", provider, ", ".join(names[:30]))
 
 
 def _fields() -> dict[str, str]:

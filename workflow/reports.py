@@ -1,7 +1,8 @@
 """The one way a delivery report changes a row, whatever brought it (webhook, SMPP receipt, poll).
 
 `apply_report` finds the row the report is about and moves it forward only: `delivered` keeps asterCC's
-`success`, `undelivered` sets `failed` with the provider's reason, a still-open status changes nothing, and
+`success`, `undelivered` sets `failed` with the provider's reason (either keeps the cost and parts the report
+gives, in `sms_dispatch.cost` and `parts_reported`), a still-open status changes nothing, and
 a report about a row that is already final, or about a send of it before an operator's resend, is ignored
 (logged as stale or duplicate, never an error).
 A recipient's reply is written to `responsenote`.
@@ -67,7 +68,7 @@ def apply_report(engine: Engine, provider: str, report: DeliveryReport) -> Repor
         return "stale"
     delivered = report.outcome == "delivered"
     reason = report.reason or ("not delivered" if not delivered else "")
-    if store.apply_final_report(engine, target.id, delivered, reason):
+    if store.apply_final_report(engine, target.id, delivered, reason, cost=report.cost, parts=report.parts):
         log.info("%s report applied to row %d: %s", provider, target.id, report.outcome)
         return "applied"
     same = target.state == (DispatchState.DELIVERED if delivered else DispatchState.FAILED)
