@@ -30,6 +30,7 @@ from defusedxml import DefusedXmlException
 from providers.base import (
     Accepted,
     AccountError,
+    LoginRefused,
     DeliveryReport,
     OutgoingMessage,
     PermanentError,
@@ -60,8 +61,8 @@ ERRORS: dict[int, tuple] = {
     # 2 and 6 cannot come from one message's content (every request carries every mandatory field, and
     # the command is ours): the URL or the API's version is wrong for every message. Pause, do not fail.
     2: (AccountError, "the provider says a mandatory parameter is missing (check SMS_MOBILGROUP_URL)", False),
-    3: (AccountError, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
-    4: (AccountError, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
+    3: (LoginRefused, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
+    4: (LoginRefused, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
                       "SMS_MOBILGROUP_PASSWORD)"),
     5: (AccountError, "the account is blocked by the provider"),
     6: (AccountError, "the provider does not know the command (check SMS_MOBILGROUP_URL)", False),
@@ -292,8 +293,8 @@ class MobilgroupClient(HttpClient):
         code = int(code_text)
         if code:
             kind, words, *nature = ERRORS.get(code, (TransientError, "unknown error"))
-            if kind is AccountError:
-                raise AccountError(f"Mobilgroup error {code}: {words}", by_nature=nature[0] if nature else True)
+            if issubclass(kind, AccountError):
+                raise kind(f"Mobilgroup error {code}: {words}", by_nature=nature[0] if nature else True)
             raise kind(f"Mobilgroup error {code}: {words}")
         if _value(answer, "result") != "OK":
             raise TransientError("unreadable answer from Mobilgroup (result is not OK)")

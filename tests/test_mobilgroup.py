@@ -12,6 +12,7 @@ import requests
 from providers.base import (
     Accepted,
     AccountError,
+    LoginRefused,
     OutgoingMessage,
     PermanentError,
     ThrottledError,
@@ -202,7 +203,7 @@ def test_messages_that_can_never_be_sent_fail_before_any_request(message, words,
 # --- error codes -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, error", [
-    (1, PermanentError), (2, AccountError), (3, AccountError), (4, AccountError), (5, AccountError),
+    (1, PermanentError), (2, AccountError), (3, LoginRefused), (4, LoginRefused), (5, AccountError),
     (6, AccountError), (8, PermanentError), (9, AccountError), (10, PermanentError),
     (11, PermanentError), (12, NoSuchRequestError), (13, TransientError),
 ])

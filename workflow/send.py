@@ -20,6 +20,8 @@ from db.models import WaitReason as W
 from providers import registry
 from providers.base import (
     AccountError,
+    LoginHeld,
+    LoginRefused,
     OutgoingMessage,
     PartlySent,
     PermanentError,
@@ -28,6 +30,7 @@ from providers.base import (
     UnknownOutcome,
 )
 from providers.smsc_text import COMMENT_SEPARATOR
+from workflow import logins
 from workflow.callbacks import callback_url
 from workflow.runtime import Runtime
 from workflow.throttle import ThrottleUnavailable, identity_of
@@ -133,6 +136,10 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
             return "failed"
         except ThrottledError as exc:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
+        except LoginHeld as exc:  # another process's refused login holds the circuit: nothing was sent
+            _unsent(rt, job)
+            return _wait(rt, job, max(rt.settings.account_retry_s, 1), f"{job.provider} account paused: {exc}",
+                         W.PAUSED, account=True)
         except AccountError as exc:
             return _account_problem(rt, job, exc)
         except PartlySent as exc:
@@ -320,9 +327,16 @@ def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> N
 
 def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
     """An account error opens the provider's circuit: its rows wait, one probe tests it after
-    `SMS_ACCOUNT_RETRY_S`. An error that could be about this one message (`by_nature=False`) ends only this
-    message as `failed`, until `SUSPECT_ROWS` different messages met it."""
+    `SMS_ACCOUNT_RETRY_S`; after refused credentials (`LoginRefused`) no sooner than `workflow.logins.retry_s`,
+    and the circuit keeps their fingerprint. An error that could be about this one message (`by_nature=False`)
+    ends only this message as `failed`, until `SUSPECT_ROWS` different messages met it."""
     s = rt.settings
+    if isinstance(exc, LoginRefused):
+        pause = logins.retry_s(s)
+        store.trip_breaker(rt.engine, job.provider, pause, str(exc), refused_login=rt.fingerprint(job.provider))
+        logins.alert_refused(job.provider, exc, pause, probe=job.probe)
+        rt.forget_breakers()
+        return _wait(rt, job, pause, f"{job.provider} account problem: {exc}", W.PAUSED, account=True, failed=True)
     reason = f"{job.provider} account problem: {exc}"
     if not exc.by_nature and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS:
         if job.probe:
