@@ -30,6 +30,7 @@ from defusedxml import DefusedXmlException
 from providers.base import (
     Accepted,
     AccountError,
+    AlreadySentUnconfirmed,
     LoginRefused,
     DeliveryReport,
     OutgoingMessage,
@@ -210,7 +211,8 @@ class MobilgroupClient(HttpClient):
     def send(self, message: OutgoingMessage) -> Accepted:
         """Send `message` (its text without the comment) with our row id as the request id; a resend of an
         id the provider already has returns `Accepted(already_sent=True)` once a status request confirms that
-        the request under that id is to this recipient (`confirm_already_sent`)."""
+        the request under that id is to this recipient (`confirm_already_sent`); when that status request
+        fails, `AlreadySentUnconfirmed` (ask `confirm_already_sent` again, never send again)."""
         fields = [("phone", message.recipient), ("message", sendable_text(message.text)),
                   ("id", str(message.reference))]
         if self.sender:
@@ -219,7 +221,11 @@ class MobilgroupClient(HttpClient):
         try:
             self._call("send", fields, expect_id=message.reference)
         except AlreadySentError:
-            self.confirm_already_sent(message)
+            try:
+                self.confirm_already_sent(message)
+            except TransientError as exc:
+                raise AlreadySentUnconfirmed(f"Mobilgroup already has this request; confirming that it is ours "
+                                             f"failed: {exc}") from None
             return Accepted(provider_message_id=str(message.reference), already_sent=True)
         return Accepted(provider_message_id=str(message.reference))
 

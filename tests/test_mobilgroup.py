@@ -12,6 +12,7 @@ import requests
 from providers.base import (
     Accepted,
     AccountError,
+    AlreadySentUnconfirmed,
     LoginRefused,
     OutgoingMessage,
     PermanentError,
@@ -166,6 +167,16 @@ def test_resend_after_lost_answer_is_success_and_not_sent_twice(client, sim):
     assert client.send(sms(103)) == Accepted(provider_message_id="103", already_sent=True)
     assert [e["outcome"] for e in sim.events("send")] == ["accepted", "duplicate"]
     assert list(sim.requests) == ["103"]
+
+
+def test_resend_whose_confirmation_is_lost_asks_only_the_confirmation_again(client, sim):
+    client.send(sms(104))
+    sim.should_lose = lambda: (sim.last_recorded() or {}).get("kind") == "status"  # every status answer lost
+    with pytest.raises(AlreadySentUnconfirmed, match="confirming that it is ours failed"):
+        client.send(sms(104))
+    sim.should_lose = lambda: False
+    client.confirm_already_sent(sms(104))
+    assert [e["kind"] for e in sim.events() if e["kind"] in ("send", "status")] == ["send", "send", "status", "status"]
 
 
 # --- text and number checks ------------------------------------------------------------------------

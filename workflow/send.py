@@ -19,7 +19,9 @@ from db import store
 from db.models import WaitReason as W
 from providers import registry
 from providers.base import (
+    Accepted,
     AccountError,
+    AlreadySentUnconfirmed,
     LoginHeld,
     LoginRefused,
     OutgoingMessage,
@@ -27,6 +29,7 @@ from providers.base import (
     PermanentError,
     ProviderError,
     ThrottledError,
+    TransientError,
     UnknownOutcome,
 )
 from providers.smsc_text import COMMENT_SEPARATOR
@@ -147,6 +150,10 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
             return "error"
         except UnknownOutcome as exc:
             return _unknown_outcome(rt, job, exc)
+        except AlreadySentUnconfirmed as exc:
+            accepted = _confirm_only(rt, job, provider, message, exc, no_send)
+            if isinstance(accepted, str):
+                return accepted
         except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
             return _transient_problem(rt, job, exc)
         except Exception as exc:  # a bug must not leave the row stuck or lose it: its outcome is unknown
@@ -227,6 +234,52 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
         throttled = f"{provider} throttled count unavailable"
     log.info("send of row %d throttled for %.1f s: %s (%s)", message.reference, permit.wait_s, reason, throttled)
     return Retry(max(permit.wait_s, 0.05), f"waiting {permit.wait_s:.1f} s: {reason} ({throttled})")
+
+
+CONFIRM_TRIES = 4
+CONFIRM_PAUSE_S = 0.25
+"""A confirmation that failed is asked again this long after, twice as long each time."""
+
+
+def _confirm_only(rt: Runtime, job: store.SendJob, provider, message: OutgoingMessage,
+                  exc: AlreadySentUnconfirmed, no_send: Callable[[], str | None]) -> Accepted | str:
+    """The provider has this row's request already (a resend answered "already sent"), but the status request
+    confirming it is ours failed: ask that again, up to `CONFIRM_TRIES` times, each taking a rate-limit slot
+    (it is a request to the provider), never sending again. Returns `Accepted` once confirmed, or what became
+    of the row: `failed` when the request is another number's, else it waits as it would have (no failure
+    counted, its backoff not grown) and its next attempt is answered "already sent" again."""
+    s, pause, last = rt.settings, CONFIRM_PAUSE_S, exc
+    for _ in range(CONFIRM_TRIES):
+        if no_send() or rt.stopping.wait(pause):
+            break
+        pause *= 2
+        if not _confirm_slot(rt, job.provider):
+            break
+        try:
+            provider.confirm_already_sent(message)
+        except PermanentError as refused:
+            _finish_failed(rt, job, str(refused))
+            return "failed"
+        except TransientError as again:
+            last = again
+            continue
+        except ProviderError as other:  # throttled, or the account: the next attempt meets it as a send
+            last = other
+            break
+        return Accepted(provider_message_id=str(message.reference), already_sent=True)
+    log.info("send of row %d: %s has it, not yet confirmed (%s)", job.id, job.provider, last)
+    return _wait(rt, job, backoff_s(job.failures, s.retry_base_s, s.retry_max_s),
+                 f"{job.provider} already has it, confirming failed: {last}", W.RETRY)
+
+
+def _confirm_slot(rt: Runtime, provider: str) -> bool:
+    """A rate-limit slot for a confirming status request (no identical-request rule: it sends no message)."""
+    try:
+        permit = rt.throttle.acquire(rt.account(provider), rt.rate(provider), identical_s=0,
+                                     max_wait_s=THROTTLE_MAX_WAIT_S).wait()
+    except ThrottleUnavailable:
+        return False
+    return permit.reserved
 
 
 def backoff_s(failures: int, base_s: float, max_s: float) -> float:
