@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import OperationalError
 
@@ -226,6 +227,23 @@ def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
     assert workflow.claim_polls(rt) == [row]
     assert workflow.poll_row(rt, row) == "applied"
     assert rows_by_id(db)[row]["state"] == "delivered"
+
+
+def test_a_status_poll_whose_login_is_refused_pauses_at_the_pace_of_refused_logins(runtime, sim, db):
+    rt = runtime(mobilgroup_poll_after_s=0, account_retry_s=5, login_retry_min_s=600)
+    (row,) = insert_rows(db, [("+7 916 100-00-08", "hello")])
+    claim(rt)
+    workflow.send_row(rt, row)
+    sim.password = "changed"  # in the provider's cabinet, not yet in our settings
+    assert workflow.claim_polls(rt) == [row]
+    assert workflow.poll_row(rt, row) == "retry"
+    circuit = store.breaker_states(db)["mobilgroup"]
+    assert circuit.open and circuit.open_for_s > 590 and circuit.refused_login == rt.fingerprint("mobilgroup")
+    assert sim.password not in circuit.refused_login and "demo" not in circuit.refused_login
+    assert workflow.claim_polls(rt) == [], "polled on while the login is refused"
+    fixed = Runtime(rt.settings.model_copy(update={"mobilgroup_password": SecretStr("changed")}))
+    assert fixed.fingerprint("mobilgroup") != circuit.refused_login
+    assert store.take_probe(db, "mobilgroup", 60, fixed.fingerprint("mobilgroup")), "other credentials wait"
 
 
 def test_a_row_routed_to_a_provider_since_unconfigured_waits_like_an_account_problem(runtime, sim, db):
