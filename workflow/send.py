@@ -357,12 +357,14 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
 def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> None:
     """A send of a provider with a failover route failed on the way there (refused, timeout, 5xx): its
     failure streak goes on, and once every send has failed for `SMS_FAILOVER_AFTER_S` its circuit opens (its
-    rows then go to the fallback). A probe that fails so keeps the circuit open for another pause."""
+    rows then go to the fallback). A probe that fails so keeps the circuit open for another pause. The pause
+    is `SMS_UNREACHABLE_RETRY_S`, not the account errors' `SMS_ACCOUNT_RETRY_S`: a provider that was only
+    unreachable gets its rows back within a minute of answering again."""
     s, provider = rt.settings, job.provider
     if job.probe:
-        store.trip_breaker(rt.engine, provider, s.account_retry_s, f"unreachable: {exc}")
+        store.trip_breaker(rt.engine, provider, s.unreachable_retry_s, f"unreachable: {exc}")
         log.error("ALERT: %s still unreachable (the probe failed), paused again for %.0f s: %s",
-                  provider, s.account_retry_s, exc)
+                  provider, s.unreachable_retry_s, exc)
         rt.forget_breakers()
         return
     if provider not in s.failover_table:
@@ -371,10 +373,10 @@ def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> N
     breaker = rt.breaker(provider)
     if breaker is None or breaker.open or (breaker.failing_for_s or 0) < s.failover_after_s:
         return
-    if store.trip_if_failing(rt.engine, provider, s.failover_after_s, s.account_retry_s, f"unreachable: {exc}"):
+    if store.trip_if_failing(rt.engine, provider, s.failover_after_s, s.unreachable_retry_s, f"unreachable: {exc}"):
         log.error("ALERT: %s unavailable: every send failed for %.0f s (SMS_FAILOVER_AFTER_S), the last: %s; its "
-                  "rows go through %s, and one probe tests it every %.0f s", provider, s.failover_after_s, exc,
-                  " or ".join(s.failover_table[provider]), s.account_retry_s)
+                  "rows go through %s, and one probe tests it every %.0f s (SMS_UNREACHABLE_RETRY_S)", provider,
+                  s.failover_after_s, exc, " or ".join(s.failover_table[provider]), s.unreachable_retry_s)
     rt.forget_breakers()
 
 
