@@ -253,7 +253,7 @@ def _confirm_only(rt: Runtime, job: store.SendJob, provider, message: OutgoingMe
         if no_send() or rt.stopping.wait(pause):
             break
         pause *= 2
-        if not _confirm_slot(rt, job.provider):
+        if not _confirm_slot(rt, job.provider, no_send):
             break
         try:
             provider.confirm_already_sent(message)
@@ -272,14 +272,20 @@ def _confirm_only(rt: Runtime, job: store.SendJob, provider, message: OutgoingMe
                  f"{job.provider} already has it, confirming failed: {last}", W.RETRY)
 
 
-def _confirm_slot(rt: Runtime, provider: str) -> bool:
-    """A rate-limit slot for a confirming status request (no identical-request rule: it sends no message)."""
-    try:
-        permit = rt.throttle.acquire(rt.account(provider), rt.rate(provider), identical_s=0,
-                                     max_wait_s=THROTTLE_MAX_WAIT_S).wait()
-    except ThrottleUnavailable:
-        return False
-    return permit.reserved
+def _confirm_slot(rt: Runtime, provider: str, no_send: Callable[[], str | None]) -> bool:
+    """Wait for a rate-limit slot for a confirming status request (no identical-request rule: it sends no
+    message); False when the rate limiter cannot be reached or the send must stop (`no_send`)."""
+    while not no_send():
+        try:
+            permit = rt.throttle.acquire(rt.account(provider), rt.rate(provider), identical_s=0,
+                                         max_wait_s=THROTTLE_MAX_WAIT_S).wait()
+        except ThrottleUnavailable:
+            return False
+        if permit.reserved:
+            return True
+        if rt.stopping.wait(max(permit.wait_s, 0.05)):
+            return False
+    return False
 
 
 def backoff_s(failures: int, base_s: float, max_s: float) -> float:
