@@ -96,7 +96,8 @@ def test_a_wrong_password_never_gets_us_blocked_and_the_fixed_one_sends_at_once(
             assert {rows[i]["wait_reason"] for i in ids if rows[i]["state"] == "waiting"} <= {"paused", "room"}
             assert {rows[i]["state"] for i in ids} <= {"waiting", "queued"}
             with db.connect() as conn:
-                circuit = conn.execute(text("SELECT state, refused_login FROM sms_breaker WHERE provider = 'smsc'")).one()
+                circuit = conn.execute(text("SELECT state, refused_login FROM sms_breaker"
+                                            " WHERE provider = 'smsc'")).one()
             assert circuit.state == "open" and circuit.refused_login and WRONG not in circuit.refused_login
 
             # As if a probe had just been refused with smsc.ru's own spacing (10 minutes): fixed credentials

@@ -176,7 +176,8 @@ def test_smsctl_smpp_receiver_unbinds_on_sigterm(sim, sqlite_db):
     from pathlib import Path
 
     smsctl = Path(sys.executable).with_name("smsctl")
-    env = {**os.environ, "SMS_DATABASE_URL": str(sqlite_db.url), "SMS_SMSC_HOST": "127.0.0.1", "SMS_SMSC_PORT": str(sim.port),
+    env = {**os.environ, "SMS_DATABASE_URL": str(sqlite_db.url),
+           "SMS_SMSC_HOST": "127.0.0.1", "SMS_SMSC_PORT": str(sim.port),
            "SMS_SMSC_SYSTEM_ID": "smsc", "SMS_SMSC_PASSWORD": "secret"}
     process = subprocess.Popen([str(smsctl), "smpp-receiver"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)

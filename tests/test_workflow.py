@@ -92,6 +92,29 @@ def test_a_blocked_account_is_paused_and_one_probe_decides_when_it_sends_again(r
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
 
 
+def test_a_refused_login_is_probed_at_its_own_pace_and_other_credentials_probe_at_once(runtime, sim, db):
+    rt = runtime(account_retry_s=5, login_retry_min_s=600, mobilgroup_max_inflight=2)
+    first, second, third = insert_rows(db, [("+7 916 100-00-11", "one"), ("+7 916 100-00-12", "two"),
+                                            ("+7 916 100-00-13", "three")])
+    assert claim(rt) == [first, second]
+    sim.password = "changed"
+
+    assert workflow.send_row(rt, first) == "paused"
+    circuit = store.breaker_states(db)["mobilgroup"]
+    assert circuit.open_for_s > 590, "a refused login probed again after SMS_ACCOUNT_RETRY_S"
+    assert circuit.refused_login == rt.fingerprint("mobilgroup")
+    assert workflow.send_row(rt, second) == "paused" and len(sim.events("send")) == 1
+    assert claim(rt) == [], "a probe of the same credentials before the pause is over"
+
+    fixed = Runtime(rt.settings.model_copy(update={"mobilgroup_password": SecretStr("changed")}))
+    (probe,) = claim(fixed)
+    assert claim(fixed) == [], "more than one probe"
+    assert workflow.send_row(fixed, probe) == "accepted"
+    assert store.breaker_states(db)["mobilgroup"].open is False
+    rest = claim(fixed)
+    assert sorted(rest + [probe]) == [first, second, third]
+
+
 def test_rows_of_a_paused_account_end_as_error_once_the_account_window_is_spent(runtime, sim, db):
     rt = runtime(account_retry_s=30, account_retry_window_s=3600)
     first, second = insert_rows(db, [("+7 916 100-00-01", "one"), ("+7 916 100-00-02", "two")])

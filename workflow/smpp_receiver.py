@@ -10,9 +10,10 @@ failed bind with an exponential backoff; a session that ended within `stable_s` 
 failure too, so a peer that drops us at once, or sends what cannot be read, is not met with a tight loop
 of binds. A bind refused for the login is the fleet's business (`workflow.logins`): the receiver opens
 smsc.ru's circuit in the database, does not bind while it is open for a refused login, and binds again
-only as the fleet's one probe (or at once when started with other credentials). A PDU announcing a length outside what SMPP allows (`providers.smsc.MAX_PDU_OCTETS`) closes
-the session before any of it is read; one that is framed but unreadable is answered `generic_nack`, a
-`deliver_sm` whose fields make no sense is acknowledged and ignored, and the session goes on.
+only as the fleet's one probe (or at once when started with other credentials). A PDU announcing a length
+outside what SMPP allows (`providers.smsc.MAX_PDU_OCTETS`) closes the session before any of it is read;
+one that is framed but unreadable is answered `generic_nack`, a `deliver_sm` whose fields make no sense is
+acknowledged and ignored, and the session goes on.
 
 Every `deliver_sm` is answered: `ESME_ROK` once the report was applied, or when it names no message of
 ours or cannot be read (sending it again would not help); `ESME_RX_T_APPN` (temporary error, so that
@@ -209,6 +210,7 @@ class ReceiptHandler:
 
 
 _SETTINGS_DATABASE = object()
+"""`run_receiver`'s default `logins`: the circuit in the settings' database."""
 
 
 def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
