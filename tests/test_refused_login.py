@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from db import store
+from simulators.accolades import AccoladesSimulator
 from simulators.smsc import SmscSimulator
 from tests.conftest import (ROOT, app_env, compose_worker, free_port, insert_rows, rows_by_id, started,
                             wait_until)
@@ -124,3 +125,44 @@ def test_a_wrong_password_never_gets_us_blocked_and_the_fixed_one_sends_at_once(
     assert "ALERT: smsc refused our login" in worker_log and "SMS_SMSC_PASSWORD" in worker_log
     assert WRONG not in worker_log
     print(f"refused logins at {[round(t - first, 1) for t in refused]} s; all sent {took:.0f} s after the fix")
+
+
+def test_a_wrong_accolades_password_is_never_a_burst_and_the_fixed_one_sends_at_once(db, mariadb_url, redis_url,
+                                                                                     celery):
+    """Accolades blacklists an address after a few invalid requests (403.6; the simulator after 5). The plain
+    worker (64 threads) with 40 rows due at 20/s: the first 401 pauses every send already waiting for its
+    rate-limit slot, then one probe per `SMS_LOGIN_RETRY_MIN_S` (10 s here)."""
+    accolades = AccoladesSimulator(blacklist_after=5)
+    with started(accolades):
+        def env(password):
+            return app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="accolades", SMS_DEFAULT_REGION="RO",
+                           SMS_ACCOLADES_URL=accolades.url, SMS_ACCOLADES_ACCOUNT=accolades.account,
+                           SMS_ACCOLADES_PASSWORD=password, SMS_ACCOLADES_RATE=20, SMS_ACCOLADES_IDENTICAL_S=1,
+                           SMS_DISPATCH_INTERVAL_S=1, SMS_ACCOUNT_RETRY_S=1, SMS_LOGIN_RETRY_MIN_S=10)
+
+        ids = insert_rows(db, [(f"+40 721 555 {100 + i:03d}", f"Your code is {1000 + i}") for i in range(40)])
+        wrong = celery("worker", env(WRONG), *compose_worker("worker"))
+        celery("beat", env(WRONG))
+        wait_until(lambda: accolades.events("reject"), 60, what="the first refused request")
+        time.sleep(23)
+
+        refused = sorted(e["time"] for e in accolades.events("reject"))
+        first = refused[0]
+        burst = [t for t in refused if t - first < 2]
+        later = [t for t in refused if t - first >= 2]
+        assert len(burst) <= 2, f"{len(burst)} refused requests at the start"
+        assert 1 <= len(later) <= 2 and all(b - a >= 9 for a, b in zip([first] + later, later)), \
+            f"probes not one per pause: {[round(t - first, 1) for t in refused]}"
+        assert {e["code"] for e in accolades.events("reject")} == {"401"}, "our address was blacklisted (403.6)"
+        assert {r["status"] for i, r in rows_by_id(db).items() if i in ids} == {"pending"}
+
+        wrong.stop()
+        fixed_at = time.monotonic()
+        celery("worker", env(accolades.password), *compose_worker("worker"))
+        rows = wait_until(lambda: all(r["status"] == "success" for r in rows_by_id(db).values()) and rows_by_id(db),
+                          60, what="every row to be sent once the password was fixed")
+        took = time.monotonic() - fixed_at
+    sends = Counter(e["id"] for e in accolades.events("send"))
+    assert len(sends) == len(ids) and set(sends.values()) == {1}
+    assert {rows[i]["provider"] for i in ids} == {"accolades"}
+    print(f"Accolades refused at {[round(t - first, 1) for t in refused]} s; all sent {took:.0f} s after the fix")

@@ -129,6 +129,12 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
         if isinstance(waited, Retry):
             _unsent(rt, job)
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
+        breaker = rt.breaker(job.provider)
+        if breaker is not None and breaker.open and not job.probe:
+            # Opened while this send waited for its slot (another send met a refused login, say): one refusal
+            # must not become a burst of them, each counting toward the provider blocking our address.
+            return _wait(rt, job, max(breaker.open_for_s, 1), f"{job.provider} account paused: {breaker.reason}",
+                         W.PAUSED, account=True)
         try:
             accepted = provider.send(message)
         except PermanentError as exc:
