@@ -4,7 +4,7 @@ SMPP host (`simulators.smsc`, which refuses a wrong password with ESME_RINVPASWD
 
 What a call centre relies on: a wrong password never gets its address blocked by smsc.ru (5 refused logins
 in 30 minutes), no message gives up meanwhile, and the password fixed and the processes restarted, every
-message goes at once, each once. Time is scaled down by `SMS_LOGIN_RETRY_MIN_S` (15 s for 600 s: smsc.ru's
+message goes at once, each once. Time is scaled down by `SMS_LOGIN_RETRY_MIN_S` (15 s for 620 s: smsc.ru's
 30 minutes are 45 s here); `SMS_ACCOUNT_RETRY_S` is shorter still, to show that it does not hurry a probe.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 SPACING_S = 15
 WRONG = "Xq7wrZp2"
 WINDOW_S = 3 * SPACING_S
-"""smsc.ru's 30 minutes, scaled as `SMS_LOGIN_RETRY_MIN_S` is (600 s → 15 s)."""
+"""smsc.ru's 30 minutes, scaled about as `SMS_LOGIN_RETRY_MIN_S` is (620 s → 15 s)."""
 
 
 class Receiver:

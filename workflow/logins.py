@@ -8,7 +8,7 @@ database with a fingerprint of the credentials refused, and from then on:
 - no process logs in with those credentials (`gate`, called by the SMPP client before every bind), except
   the fleet's one probe, taken in the circuit (`db.store.take_probe`) by a dispatch tick or the receiver;
 - probes are spaced by `retry_s`: `SMS_ACCOUNT_RETRY_S`, but never less than `SMS_LOGIN_RETRY_MIN_S`
-  (10 minutes: 3 refused logins in any 30 minutes, and room for one more process refused in the same
+  (620 s: at most 3 refused logins in any 30 minutes, and room for one more process refused in the same
   instant as the first);
 - a process whose credentials have another fingerprint (fixed and restarted) may take the probe at once.
 
