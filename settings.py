@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     """Pause before retrying after an account-level error (bad credentials, blocked, no money)."""
     account_retry_window_s: int = Field(default=86_400, ge=0)
     """How long messages wait through account-level errors before they end as `error`."""
+    login_retry_min_s: float = Field(default=620.0, gt=0)
+    """The least pause between two tries of credentials a provider refused, whatever `SMS_ACCOUNT_RETRY_S`
+    says: smsc.ru blocks an address after 5 refused logins in 30 minutes, and a little over 10 minutes apart
+    (the circuit's times are whole seconds) makes at most 3 in any 30 minutes, leaving room for a second
+    process refused in the same instant. Shorten it only to test."""
+    unreachable_retry_s: float = Field(default=30.0, gt=0)
+    """Pause before probing a provider that could not be reached (connection refused, timeouts, 5xx for
+    `SMS_FAILOVER_AFTER_S`) again: short, so that its rows come back from the fallback within a minute."""
     send_lease_s: int = Field(default=180, ge=10)
     """A send not finished after this long is considered lost (worker killed) and is retried."""
     reap_interval_s: float = Field(default=60.0, gt=0)

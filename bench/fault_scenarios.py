@@ -588,3 +588,65 @@ def refused_recipient(stage: Stage, rows: int = 200, rate: float = 20,
                            [e["time"] for e in sim.events("reject")], outcomes(stage.engine, refused + others),
                            others, refused, [str(p.log_path) for p in processes])
         return run, achieved
+
+
+# --- issue 26: a provider that loses its answers after processing -----------------------------------
+
+@dataclass
+class LossyRun:
+    """How rows fared against a Mobilgroup that processes every request and loses a share of its answers."""
+
+    rows: int
+    settled_s: float
+    """Seconds from the worker's start to every row settled."""
+    outcomes: dict[int, tuple[str, str, str]] = field(repr=False)
+    histories: dict[int, list[tuple[str, bool]]] = field(repr=False)
+    """Per row, the commands of its request id as they came (`send`, `status`), each with whether its answer
+    was lost."""
+    accepted: Counter = field(repr=False)
+    """How often Mobilgroup accepted each request id (a resend it already had is answered error 7)."""
+    failures: dict[int, int] = field(repr=False)
+    """Failed sends counted per row (the exponent of its backoff)."""
+    logs: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def lost(self) -> Counter:
+        return Counter(command for h in self.histories.values() for command, was_lost in h if was_lost)
+
+
+def requests_of(sim: MobilgroupSimulator, request_id: str) -> list[tuple[str, bool]]:
+    """The commands of `request_id` in the order they came, each with whether its answer was lost (the
+    simulator journals a lost answer right after its command)."""
+    history: list[tuple[str, bool]] = []
+    for event in sim.events():
+        if event.get("id") != request_id:
+            continue
+        if event["kind"] in ("send", "status"):
+            history.append((event["kind"], False))
+        elif event["kind"] == "fault" and history and history[-1] == (event["of"], False):
+            history[-1] = (event["of"], True)
+    return history
+
+
+def lossy_mobilgroup(stage: Stage, rows: int = 200, lost_rate: float = 0.3, rate: float = 100,
+                     timeout_s: float = 300, seed: int = 26) -> LossyRun:
+    """Mobilgroup processes every request and loses `lost_rate` of its answers (HTTP 503 after processing);
+    `rows` Mobilgroup rows, the default backoff (2 s doubling, at most 300 s)."""
+    with running(MobilgroupSimulator(lost_rate=lost_rate, seed=seed)) as sim:
+        ids = add_rows(stage.engine, [ru_number(i) for i in range(rows)])
+        env = stage.env(stage.database_url, stage.redis_url,
+                        **{"TMPDIR": str(stage.scratch), **FAST, "SMS_DEFAULT_PROVIDER": "mobilgroup",
+                           "SMS_RETRY_BASE_S": 2, "SMS_RETRY_MAX_S": 300, "SMS_MOBILGROUP_RATE": rate,
+                           "SMS_MOBILGROUP_IDENTICAL_S": 1, **mobilgroup_settings(sim)})
+        began = time.time()
+        processes = [stage.start("worker", env), stage.start("beat", env)]
+        settled_at = settle(stage.engine, ids, timeout_s)
+        time.sleep(2)  # anything still on its way for these rows reaches the simulator
+        with stage.engine.connect() as conn:
+            failures = dict(conn.execute(text("SELECT batchcontact_id, failures FROM sms_dispatch WHERE"
+                                              " batchcontact_id BETWEEN :lo AND :hi"),
+                                         {"lo": min(ids), "hi": max(ids)}).all())
+        return LossyRun(rows, settled_at - began, outcomes(stage.engine, ids),
+                        {i: requests_of(sim, str(i)) for i in ids},
+                        Counter(e["id"] for e in sim.events("send") if e["outcome"] == "accepted"), failures,
+                        [str(p.log_path) for p in processes])

@@ -6,8 +6,10 @@ provider beside a healthy one, each against real MariaDB, Redis, `celery worker`
 Prints, per fault: messages lost (never accepted by the provider), sent twice (accepted more than once), in
 flight at the fault (rows a worker was sending), queued at the fault (rows in the broker or a worker's
 prefetch), seconds from the fault's end (the new worker started, the server back) to the provider's next
-accepted send, and to the last row settled; and for the paused provider beside a healthy one, the healthy
-provider's due→sent p50/p99 and how many requests the paused one received.
+accepted send, and to the last row settled; for the paused provider beside a healthy one, the healthy
+provider's due→sent p50/p99 and how many requests the paused one received; and for a Mobilgroup that loses
+30% of its answers after processing the request (`lossy`), how long the rows took to settle, how many were
+accepted twice, sent again after a lost confirmation, or counted a lost confirmation as a failure.
 
     .venv/bin/python bench/faults.py
     .venv/bin/python bench/faults.py --only crash --log-dir /tmp/faults
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench import fault_scenarios as scenarios  # noqa: E402
 from bench.e2e import bench_database  # noqa: E402
 from smsctl.processes import CeleryProcess, stop_all  # noqa: E402
+from workflow.send import CONFIRM_TRIES  # noqa: E402
 
 QUEUES = "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"
 TABLES = ("cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids", "sms_breaker")
@@ -119,6 +122,21 @@ def print_isolation(run: scenarios.IsolationRun, paused: int, healthy: int) -> N
     print(f"{'Mobilgroup rows ended':<34}{', '.join(ends):>8}")
 
 
+def print_lossy(run: scenarios.LossyRun) -> None:
+    # Sent again after a lost confirmation: only once the send's own and CONFIRM_TRIES more were all lost.
+    resent = [i for i, h in run.histories.items()
+              if any(c == "send" and prev == ("status", True) for prev, (c, _) in zip(h, h[1:]))]
+    overcounted = [i for i, h in run.histories.items() if run.failures[i] > h.count(("send", True))]
+    print(f"\nMobilgroup losing 30% of its answers after processing: {run.rows} rows")
+    print(f"{'all settled after (s)':<44}{run.settled_s:>8.1f}")
+    print(f"{'rows success':<44}{sum(1 for _, st, _ in run.outcomes.values() if st == 'success'):>8}")
+    print(f"{'request ids accepted twice':<44}{sum(1 for n in run.accepted.values() if n > 1):>8}")
+    print(f"{'answers lost: sends / confirmations':<44}{run.lost['send']:>8} / {run.lost['status']}")
+    print(f"{f'rows sent again after {1 + CONFIRM_TRIES} lost confirmations':<44}{len(resent):>8}")
+    print(f"{'rows counting a lost confirmation a failure':<44}{len(overcounted):>8}")
+    print(f"{'most failures of one row':<44}{max(run.failures.values()):>8}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,7 +144,8 @@ def parse_args(argv=None):
                    help="rows of the deploy and crash batches (Redis and MariaDB: twice as many; default 600)")
     p.add_argument("--paused-rows", type=int, default=1000)
     p.add_argument("--healthy-rows", type=int, default=200)
-    p.add_argument("--only", choices=[*FAULTS, "paused"], action="append", help="run only these scenarios")
+    p.add_argument("--lossy-rows", type=int, default=2000)
+    p.add_argument("--only", choices=[*FAULTS, "paused", "lossy"], action="append", help="run only these scenarios")
     p.add_argument("--log-dir", help="keep the Celery logs here (default: a temporary folder)")
     p.add_argument("--mariadb", default=os.environ.get("SMS_BENCH_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306"))
     p.add_argument("--redis", default=os.environ.get("SMS_BENCH_REDIS", "redis://127.0.0.1:6379/15"))
@@ -135,12 +154,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    chosen = args.only or [*FAULTS, "paused"]
+    chosen = args.only or [*FAULTS, "paused", "lossy"]
     with ExitStack() as stack:
         bench = stack.enter_context(bench_database(args.mariadb))
         log_root = Path(args.log_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sms-faults-")))
         prefix = f"{bench.name}:"
-        runs, isolation = [], None
+        runs, isolation, lossy = [], None, None
         for name in chosen:
             log_dir = log_root / name
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +172,8 @@ def main(argv=None) -> int:
                 if name == "paused":
                     isolation = scenarios.paused_beside_healthy(stage, args.paused_rows, args.healthy_rows,
                                                                 window_s=60, timeout_s=600)
+                elif name == "lossy":
+                    lossy = scenarios.lossy_mobilgroup(stage, args.lossy_rows, lost_rate=0.3, timeout_s=900)
                 else:
                     runs.append(FAULTS[name](stage, args.rows))
             finally:
@@ -162,6 +183,8 @@ def main(argv=None) -> int:
             print_faults(runs)
         if isolation:
             print_isolation(isolation, args.paused_rows, args.healthy_rows)
+        if lossy:
+            print_lossy(lossy)
         print(f"\nsettings shortened for time: SMS_SEND_LEASE_S=30 (crash); SMS_ACCOUNT_RETRY_S=5, "
               f"SMS_ACCOUNT_RETRY_WINDOW_S=60, SMS_MOBILGROUP_IDENTICAL_S=1 (paused); {os.cpu_count()} cores")
     return 0

@@ -164,6 +164,10 @@ class Breaker(Base):
     failing_since: Mapped[datetime | None] = mapped_column(DateTime)
     """When the provider's current unbroken streak of sends failing on the way there (refused, timeouts,
     5xx) began; NULL after any success. A streak older than `SMS_FAILOVER_AFTER_S` opens the circuit."""
+    refused_login: Mapped[str | None] = mapped_column(String(64))
+    """While the circuit is open because the provider refused our login: a keyed hash of the credentials it
+    refused (`workflow.logins.fingerprint`), never the secret; NULL otherwise. Only the fleet's one probe
+    logs in again, or a process whose credentials hash otherwise (changed and restarted)."""
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
     __table_args__ = ({"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},)

@@ -735,6 +735,7 @@ class BreakerState:
     opened_s_ago: int | None = None
     trips: int = 0
     failing_for_s: int | None = None   # age of the unbroken streak of failed sends (None: no streak)
+    refused_login: str | None = None   # open for refused credentials: their fingerprint (see `Breaker`)
 
 
 def breaker_states(engine: Engine) -> dict[str, BreakerState]:
@@ -744,18 +745,21 @@ def breaker_states(engine: Engine) -> dict[str, BreakerState]:
         rows = conn.execute(select(b.c.provider, b.c.state, b.c.reason, (-seconds_since(b.c.open_until)).label("left"),
                                    (-seconds_since(b.c.probe_until)).label("probe_left"),
                                    seconds_since(b.c.opened_at).label("ago"), b.c.trips,
-                                   seconds_since(b.c.failing_since).label("failing"))).all()
+                                   seconds_since(b.c.failing_since).label("failing"), b.c.refused_login)).all()
     return {r.provider: BreakerState(r.provider, r.state == "open", r.reason, max(r.left or 0, 0),
-                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0, r.failing) for r in rows}
+                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0, r.failing,
+                                     r.refused_login if r.state == "open" else None) for r in rows}
 
 
 @retry_lock_conflicts
-def trip_breaker(engine: Engine, provider: str, seconds: float, reason: str) -> bool:
+def trip_breaker(engine: Engine, provider: str, seconds: float, reason: str, *,
+                 refused_login: str | None = None) -> bool:
     """Open `provider`'s circuit for `seconds` (again, if it is open: a failed probe, or a send that left
-    before the circuit opened). Returns True if it was closed until now."""
+    before the circuit opened). `refused_login`: the fingerprint of credentials the provider refused (None
+    for any other reason, which clears it). Returns True if it was closed until now."""
     b = Breaker.__table__
     values = dict(reason=_fit(reason, 255), open_until=db_now_plus(seconds), probe_row=None, probe_until=None,
-                  trips=b.c.trips + 1, updated_at=db_now())
+                  trips=b.c.trips + 1, refused_login=refused_login, updated_at=db_now())
     with engine.begin() as conn:
         now = conn.scalar(select(db_now()))
         conn.execute(_insert_ignore(Breaker).values(provider=provider, state="closed", trips=0, updated_at=now))
@@ -767,13 +771,17 @@ def trip_breaker(engine: Engine, provider: str, seconds: float, reason: str) -> 
 
 
 @retry_lock_conflicts
-def take_probe(engine: Engine, provider: str, lease_s: int) -> bool:
-    """Whether the caller may send the one probe of `provider`'s open circuit now: its pause is over and no
+def take_probe(engine: Engine, provider: str, lease_s: int, credentials: str | None = None) -> bool:
+    """Whether the caller may send the one probe of `provider`'s open circuit now: its pause is over, or it
+    is open for refused credentials and the caller's (`credentials`, their fingerprint) are others; and no
     other probe is under way (one holds it for `lease_s`)."""
     b = Breaker.__table__
+    may = b.c.open_until <= db_now()
+    if credentials is not None:
+        may = or_(may, and_(b.c.refused_login.is_not(None), b.c.refused_login != credentials))
     with engine.begin() as conn:
         return bool(conn.execute(
-            update(b).where(b.c.provider == provider, b.c.state == "open", b.c.open_until <= db_now(),
+            update(b).where(b.c.provider == provider, b.c.state == "open", may,
                             or_(b.c.probe_until.is_(None), b.c.probe_until < db_now()))
             .values(probe_until=db_now_plus(lease_s), updated_at=db_now())).rowcount)
 
@@ -795,7 +803,7 @@ def close_breaker(engine: Engine, provider: str) -> bool:
         closed = conn.execute(
             update(b).where(b.c.provider == provider, b.c.state == "open")
             .values(state="closed", open_until=None, probe_row=None, probe_until=None, failing_since=None,
-                    updated_at=db_now())).rowcount
+                    refused_login=None, updated_at=db_now())).rowcount
         if closed:
             conn.execute(update(d).where(d.c.provider == provider, d.c.state == S.WAITING,
                                          d.c.wait_reason == W.PAUSED).values(next_attempt_at=None))

@@ -13,8 +13,9 @@ Answers and what the workflow does with them (`providers.base` explains the erro
 | -------------------------------------- | ---------------- | -------------------------------------------- |
 | 200 `{"type": "ok"}`                   | -                | accepted                                     |
 | 400, 413                               | `PermanentError` | this message is invalid or too large         |
-| 401 (bad account/password, API off)    | `AccountError`   | every message would fail the same way        |
-| 403, incl. `403.6` (IP blacklisted)    | `AccountError`   | the whole account must slow down             |
+| 401 (bad account/password, API off)    | `LoginRefused`   | every message would fail the same way        |
+| `403.6` (IP blacklisted)               | `LoginRefused`   | more invalid requests keep us blacklisted    |
+| other 403                              | `AccountError`   | the whole account must slow down             |
 | 404, 3xx (redirects are not followed)  | `AccountError`   | our path is fixed, so the account number or  |
 |                                        |                  | base URL is wrong: a configuration problem   |
 | 429                                    | `ThrottledError` | honour `Retry-After`                         |
@@ -40,6 +41,7 @@ import requests
 from providers.base import (
     Accepted,
     AccountError,
+    LoginRefused,
     DeliveryReport,
     OutgoingMessage,
     PermanentError,
@@ -107,11 +109,11 @@ def _raise_for_answer(answer: Answer) -> None:
     if status in (400, 413):
         raise PermanentError(f"Accolades refused the message: {said} (code {code})")
     if status == 401:
-        raise AccountError(f"Accolades refused the account (wrong account, API off or wrong password): "
+        raise LoginRefused(f"Accolades refused the account (wrong account, API off or wrong password): "
                            f"{said} (code {code})")
     if status == 403:
         if code == "403.6":
-            raise AccountError("Accolades has temporarily blacklisted our IP address after invalid requests "
+            raise LoginRefused("Accolades has temporarily blacklisted our IP address after invalid requests "
                                f"(code {code}); check the account settings and wait")
         # A refusal we cannot tell from one about this message (a number it will not send to, say).
         raise AccountError(f"Accolades forbids this request: {said} (code {code})", by_nature=False)

@@ -9,7 +9,9 @@ nothing of Celery, the database or Redis. The send task hands it an `OutgoingMes
 | `PermanentError`    | this message can never be sent: asterCC `failed`, `error_msg` = reason |
 | `TransientError`    | retry with backoff inside the retry window, then `error`              |
 | `UnknownOutcome`    | the request left and no answer came: it may have arrived (see below)   |
+| `AlreadySentUnconfirmed` | the provider has it already; only its confirmation is asked again |
 | `AccountError`      | pause the whole account, retry slowly, never burn the queue to failed |
+| `LoginRefused`      | an `AccountError`: credentials refused, probed again at a slower pace  |
 | `ThrottledError`    | the provider asked us to slow down: retry after `retry_after` seconds |
 
 Error messages are shown to call-centre operators in asterCC's `error_msg`: plain words, and never a phone
@@ -99,6 +101,12 @@ class TransientError(ProviderError):
     never left, the provider answered with an error); otherwise raise `UnknownOutcome`."""
 
 
+class AlreadySentUnconfirmed(TransientError):
+    """A resend was answered "already have this request" (Mobilgroup's error 7: an earlier attempt arrived),
+    and the request that confirms it is ours got no usable answer. Nothing is to be sent again: only the
+    confirmation is asked again, with the client's `confirm_already_sent(message)`."""
+
+
 class UnknownOutcome(TransientError):
     """The request left, but its answer never came (a read timeout, a connection lost after sending, an SMPP
     session closed with the submit in flight): the provider may or may not have the message. The workflow
@@ -122,6 +130,17 @@ class AccountError(ProviderError):
     def __init__(self, message: str, *, by_nature: bool = True):
         super().__init__(message)
         self.by_nature = by_nature
+
+
+class LoginRefused(AccountError):
+    """The provider refused our credentials (or shut our address out after refused ones). Providers count
+    such refusals and block the address after a few (smsc.ru: 5 in 30 minutes): the workflow tries the same
+    credentials again only in one probe for the whole fleet, at its own slow pace."""
+
+
+class LoginHeld(AccountError):
+    """Raised by a login gate (see `providers.smsc.SmscClient`) instead of logging in: the fleet's circuit
+    holds these credentials refused and this is not its probe. Nothing was sent."""
 
 
 class ThrottledError(ProviderError):

@@ -30,6 +30,8 @@ from defusedxml import DefusedXmlException
 from providers.base import (
     Accepted,
     AccountError,
+    AlreadySentUnconfirmed,
+    LoginRefused,
     DeliveryReport,
     OutgoingMessage,
     PermanentError,
@@ -60,8 +62,8 @@ ERRORS: dict[int, tuple] = {
     # 2 and 6 cannot come from one message's content (every request carries every mandatory field, and
     # the command is ours): the URL or the API's version is wrong for every message. Pause, do not fail.
     2: (AccountError, "the provider says a mandatory parameter is missing (check SMS_MOBILGROUP_URL)", False),
-    3: (AccountError, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
-    4: (AccountError, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
+    3: (LoginRefused, "the provider does not know the client id (check SMS_MOBILGROUP_USER_ID)"),
+    4: (LoginRefused, "the provider rejected the login or password (check SMS_MOBILGROUP_USER and "
                       "SMS_MOBILGROUP_PASSWORD)"),
     5: (AccountError, "the account is blocked by the provider"),
     6: (AccountError, "the provider does not know the command (check SMS_MOBILGROUP_URL)", False),
@@ -209,7 +211,8 @@ class MobilgroupClient(HttpClient):
     def send(self, message: OutgoingMessage) -> Accepted:
         """Send `message` (its text without the comment) with our row id as the request id; a resend of an
         id the provider already has returns `Accepted(already_sent=True)` once a status request confirms that
-        the request under that id is to this recipient (`confirm_already_sent`)."""
+        the request under that id is to this recipient (`confirm_already_sent`); when that status request
+        fails, `AlreadySentUnconfirmed` (ask `confirm_already_sent` again, never send again)."""
         fields = [("phone", message.recipient), ("message", sendable_text(message.text)),
                   ("id", str(message.reference))]
         if self.sender:
@@ -218,7 +221,11 @@ class MobilgroupClient(HttpClient):
         try:
             self._call("send", fields, expect_id=message.reference)
         except AlreadySentError:
-            self.confirm_already_sent(message)
+            try:
+                self.confirm_already_sent(message)
+            except TransientError as exc:
+                raise AlreadySentUnconfirmed(f"Mobilgroup already has this request; confirming that it is ours "
+                                             f"failed: {exc}") from None
             return Accepted(provider_message_id=str(message.reference), already_sent=True)
         return Accepted(provider_message_id=str(message.reference))
 
@@ -292,8 +299,8 @@ class MobilgroupClient(HttpClient):
         code = int(code_text)
         if code:
             kind, words, *nature = ERRORS.get(code, (TransientError, "unknown error"))
-            if kind is AccountError:
-                raise AccountError(f"Mobilgroup error {code}: {words}", by_nature=nature[0] if nature else True)
+            if issubclass(kind, AccountError):
+                raise kind(f"Mobilgroup error {code}: {words}", by_nature=nature[0] if nature else True)
             raise kind(f"Mobilgroup error {code}: {words}")
         if _value(answer, "result") != "OK":
             raise TransientError("unreadable answer from Mobilgroup (result is not OK)")

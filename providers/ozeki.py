@@ -17,7 +17,8 @@ Codes and what the workflow does with them (`providers.base` explains the error 
 | 301 NotImplementedCommand       | `AccountError`   | this Ozeki has no `SendSms`: every message would fail |
 | 302 InvalidParameter            | `PermanentError` | e.g. a recipient Ozeki cannot use                    |
 | 303 InappropriateCommand        | `PermanentError` |                                                      |
-| 304, 305, 306 (authentication)  | `AccountError`   | credentials or rights: pause the account             |
+| 304, 305, 306 (authentication)  | `AccountError`   | credentials or rights: pause the account (305, a     |
+|                                 |                  | refused password: `LoginRefused`, probed slowly)     |
 | 307 Forbidden address           | `PermanentError` | this recipient is not allowed                        |
 | 401 ApiExtensionUnavailable     | `AccountError`   | Ozeki's configuration; pause, retry slowly           |
 | 501 SmsDestinationNotFound      | `PermanentError` | no route to this destination                         |
@@ -53,6 +54,7 @@ from defusedxml import DefusedXmlException
 from providers.base import (
     Accepted,
     AccountError,
+    LoginRefused,
     DeliveryReport,
     OutgoingMessage,
     PermanentError,
@@ -71,7 +73,7 @@ CODES: dict[int, tuple[type[ProviderError], str]] = {
     303: (PermanentError, "Ozeki says the command is inappropriate (code 303)"),
     304: (AccountError, "Ozeki requires authentication (code 304): set SMS_OZEKI_USERNAME and "
                         "SMS_OZEKI_PASSWORD"),
-    305: (AccountError, "Ozeki rejected the username or password (code 305): check SMS_OZEKI_USERNAME "
+    305: (LoginRefused, "Ozeki rejected the username or password (code 305): check SMS_OZEKI_USERNAME "
                         "and SMS_OZEKI_PASSWORD"),
     306: (AccountError, "Ozeki forbids this user to send SMS (code 306)"),
     307: (PermanentError, "Ozeki forbids sending to this address (code 307)"),

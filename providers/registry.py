@@ -36,8 +36,10 @@ def _row_id(_settings, row_id: int, _resends: int) -> int:
 class ProviderEntry:
     name: str
     make_client: Callable[..., Provider]
-    """`make_client(settings, session=…, receipts=…)`: `session` a `requests.Session` for HTTP providers,
-    `receipts` a factory of the handler an SMPP session hands receipts to (None: it keeps none)."""
+    """`make_client(settings, session=…, receipts=…, login_gate=…)`: `session` a `requests.Session` for HTTP
+    providers, `receipts` a factory of the handler an SMPP session hands receipts to (None: it keeps none),
+    `login_gate` what an SMPP client calls before each bind (it raises to forbid it); HTTP clients log in
+    with every request, and their one probe is the workflow's."""
     required: tuple[str, ...]
     """Settings that must be set to send through it."""
     account: str
@@ -60,7 +62,7 @@ class ProviderEntry:
         return f"send.{self.name}"
 
 
-def _mobilgroup(s, *, session=None, receipts=None) -> Provider:
+def _mobilgroup(s, *, session=None, receipts=None, login_gate=None) -> Provider:
     return mobilgroup.MobilgroupClient(
         url=s.mobilgroup_url, user_id=s.mobilgroup_user_id, user=s.mobilgroup_user,
         password=_secret(s.mobilgroup_password), sender=s.mobilgroup_sender, valid_hours=s.mobilgroup_valid_hours,
@@ -73,24 +75,24 @@ def _mobilgroup_request_id(s, row_id: int, resends: int) -> int:
     return mobilgroup.request_id(s.mobilgroup_id_prefix, row_id, resends)
 
 
-def _accolades(s, *, session=None, receipts=None) -> Provider:
+def _accolades(s, *, session=None, receipts=None, login_gate=None) -> Provider:
     return accolades.AccoladesClient(url=s.accolades_url, account=s.accolades_account, password=_secret(s.accolades_password),
                            timeout=s.http_timeout_s, session=session)
 
 
-def _ozeki(s, *, session=None, receipts=None) -> Provider:
+def _ozeki(s, *, session=None, receipts=None, login_gate=None) -> Provider:
     return ozeki.OzekiClient(url=s.ozeki_url, username=s.ozeki_username, password=_secret(s.ozeki_password),
                        sender=s.ozeki_sender, timeout=s.http_timeout_s, session=session)
 
 
-def _smsc(s, *, session=None, receipts=None) -> Provider:
+def _smsc(s, *, session=None, receipts=None, login_gate=None) -> Provider:
     """With `SMS_SMSC_BIND=transceiver`, receipts and replies that arrive on the workers' own session go to
     a handler from `receipts`, as the receiver's do."""
     return smsc.SmscClient(
         host=s.smsc_host, port=s.smsc_port, system_id=s.smsc_system_id or "", password=_secret(s.smsc_password),
         system_type=s.smsc_system_type, source_addr=s.smsc_source_addr, timeout=s.http_timeout_s,
         window=s.smsc_window, tls=s.smsc_tls, ca_file=s.smsc_ca_file, bind=s.smsc_bind,
-        channels=s.smsc_channel_names,
+        channels=s.smsc_channel_names, login_gate=login_gate,
         receipts=receipts() if receipts is not None and s.smsc_bind == "transceiver" else None,
     )
 

@@ -8,9 +8,12 @@ each answer to its submit by sequence number, so each `send()` still blocks its 
 `timeout`), not fail. The session is bound on first use, kept alive past the server's two-minute idle
 drop by `enquire_link` whenever nothing came from the peer for `enquire_link_s` (a peer that does not
 answer it is taken for dead), and bound again after a lost connection. `hosts` are tried in order
-(`host` or `host:port`, e.g. `smpp.smsc.ru,smpp2.smsc.ru`): a host that cannot be reached or refuses the
-bind passes to the next; when none binds, binds are retried no sooner than an exponential backoff allows,
-and sends meanwhile fail fast with the same error. With `tls`, every connection is TLS with the server's
+(`host` or `host:port`, e.g. `smpp.smsc.ru,smpp2.smsc.ru`): a host that cannot be reached, or breaks off
+before answering the bind, passes to the next; a bind refused for the account (a wrong password, say) is
+not tried on the next host: smsc.ru counts refused logins per address, whichever host met them. When none
+binds, binds are retried no sooner than an exponential backoff allows, and sends meanwhile fail fast with
+the same error. `login_gate`, when given, is called before every bind and may forbid it by raising (the
+workflow's fleet-wide circuit of refused logins, `LoginHeld`). With `tls`, every connection is TLS with the server's
 certificate and name verified (against `ca_file`, else the system's CAs).
 
 What a failed send raises, by when it failed:
@@ -64,7 +67,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -77,6 +80,7 @@ from providers.base import (
     Accepted,
     AccountError,
     DeliveryReport,
+    LoginRefused,
     OutgoingMessage,
     PartlySent,
     PermanentError,
@@ -115,9 +119,9 @@ STATUS_ERRORS: dict[int, tuple[type[ProviderError], str]] = {
     0x08: (TransientError, "smsc.ru had a system error"),
     0x0A: (AccountError, "smsc.ru refused the sender name (source address): check SMS_SMSC_SOURCE_ADDR"),
     0x0B: (PermanentError, "invalid recipient number"),
-    0x0D: (AccountError, "smsc.ru refused the login: check SMS_SMSC_SYSTEM_ID and SMS_SMSC_PASSWORD"),
-    0x0E: (AccountError, "smsc.ru refused the password: check SMS_SMSC_PASSWORD"),
-    0x0F: (AccountError, "smsc.ru does not know the login: check SMS_SMSC_SYSTEM_ID"),
+    0x0D: (LoginRefused, "smsc.ru refused the login: check SMS_SMSC_SYSTEM_ID and SMS_SMSC_PASSWORD"),
+    0x0E: (LoginRefused, "smsc.ru refused the password: check SMS_SMSC_PASSWORD"),
+    0x0F: (LoginRefused, "smsc.ru does not know the login: check SMS_SMSC_SYSTEM_ID"),
     0x14: (ThrottledError, "smsc.ru's queue is full"),
     0x15: (PermanentError, "invalid service type"),
     0x43: (PermanentError, "invalid message class (esm_class)"),
@@ -407,8 +411,10 @@ class Link:
 def bind(hosts: Sequence[tuple[str, int]], *, mode: str, system_id: str, password: str, system_type: str,
          timeout: float, tls: ssl.SSLContext | None) -> Link:
     """Connect and bind as `mode` to the first of `hosts` that accepts; raise the `ProviderError` that says
-    why none did (a refused login wins over an unreachable host: it is what the operator must fix).
-    `ValueError` (`check_credentials`) for a system id or password that would not go whole."""
+    why none did. A bind refused for the account (`AccountError`, e.g. `LoginRefused`) is raised at once,
+    the later hosts untried: the backup host is for a host that cannot be reached, and every refused login
+    counts toward smsc.ru blocking our address. `ValueError` (`check_credentials`) for a system id or
+    password that would not go whole."""
     check_credentials(system_id, password)
     errors: list[ProviderError] = []
     for host, port in hosts:
@@ -433,11 +439,15 @@ def bind(hosts: Sequence[tuple[str, int]], *, mode: str, system_id: str, passwor
             continue
         if resp.status != consts.SMPP_ESME_ROK:
             link.close()
-            errors.append(status_error(resp.status))
+            refused = status_error(resp.status)
+            if isinstance(refused, AccountError):
+                log.warning("smsc SMPP bind at %s:%d refused: %s", host, port, refused)
+                raise refused
+            errors.append(refused)
             continue
         log.info("smsc SMPP session bound as %s at %s", mode, link.peer)
         return link
-    raise next((e for e in errors if isinstance(e, AccountError)), errors[-1])
+    raise errors[-1]
 
 
 class ReceiptSink(Protocol):
@@ -595,7 +605,7 @@ class SmscClient:
                  max_parts: int = 6, enquire_link_s: float = 30.0, rebind_min_s: float = 0.5,
                  rebind_max_s: float = 60.0, window: int = DEFAULT_WINDOW, tls: bool = False,
                  ca_file: str | None = None, bind: str = "transmitter", receipts: ReceiptSink | None = None,
-                 channels: frozenset[str] = frozenset()):
+                 channels: frozenset[str] = frozenset(), login_gate: Callable[[], None] | None = None):
         if bind not in ("transmitter", "transceiver"):
             raise ValueError(f"bind must be transmitter or transceiver, not {bind!r}")
         check_credentials(system_id, password)
@@ -611,6 +621,7 @@ class SmscClient:
         self._tls = tls_context(ca_file) if tls else None
         self._mode = bind
         self._receipts = receipts if bind == "transceiver" else None
+        self._login_gate = login_gate
         self._rebind_min_s, self._rebind_max_s = rebind_min_s, rebind_max_s
         self._slots = threading.BoundedSemaphore(window)
         self._bind_lock = threading.Lock()
@@ -777,6 +788,8 @@ class SmscClient:
             self._session = None
             if self._bind_error is not None and time.monotonic() < self._bind_retry_at:
                 raise type(self._bind_error)(str(self._bind_error))
+            if self._login_gate is not None:
+                self._login_gate()  # raises when the fleet holds this login refused: no bind, no backoff
             try:
                 link = bind(self.hosts, mode=self._mode, system_id=self._system_id, password=self._password,
                             system_type=self._system_type, timeout=self.timeout, tls=self._tls)

@@ -25,11 +25,20 @@ class Journal:
     def __init__(self):
         self.lock = threading.Lock()
         self.journal: list[dict] = []
+        self._recorded = threading.local()
 
     def record(self, **event) -> None:
         event.setdefault("time", time.time())
         with self.lock:
             self.journal.append(event)
+        self._recorded.last = event
+
+    def last_recorded(self) -> dict | None:
+        """The event this thread recorded last (None after `forget_recorded`)."""
+        return getattr(self._recorded, "last", None)
+
+    def forget_recorded(self) -> None:
+        self._recorded.last = None
 
     def events(self, kind: str | None = None) -> list[dict]:
         with self.lock:
@@ -38,16 +47,19 @@ class Journal:
 
 class SimulatorServer(Journal, ThreadingHTTPServer):
     """A provider stand-in. `fail_rate` (0..1) of API requests get HTTP 503 before any processing;
-    `latency_s` delays every API answer."""
+    `lost_rate` (0..1) of the others are processed, then answered HTTP 503 all the same (the answer lost on
+    its way back; its `fault` event names the command and id it lost, as `of` and `id`); `latency_s` delays
+    every API answer."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, handler, host: str = "127.0.0.1", port: int = 0, *, fail_rate: float = 0.0,
-                 latency_s: float = 0.0, seed: int | None = None):
+                 lost_rate: float = 0.0, latency_s: float = 0.0, seed: int | None = None):
         Journal.__init__(self)
         ThreadingHTTPServer.__init__(self, (host, port), handler)
         self.fail_rate = fail_rate
+        self.lost_rate = lost_rate
         self.latency_s = latency_s
         self.random = random.Random(seed)
         self._thread: threading.Thread | None = None
@@ -60,6 +72,10 @@ class SimulatorServer(Journal, ThreadingHTTPServer):
     def should_fail(self) -> bool:
         with self.lock:
             return self.random.random() < self.fail_rate
+
+    def should_lose(self) -> bool:
+        with self.lock:
+            return self.random.random() < self.lost_rate
 
     def start(self) -> "SimulatorServer":
         """Serve in a daemon thread; returns self."""
@@ -116,7 +132,13 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         if self.server.should_fail():
             self.server.record(kind="fault", status=503, path=parts.path)
             return self._reply(503, "text/plain", b"Service Unavailable")
+        self.server.forget_recorded()
         status, content_type, payload = self.handle_api(method, parts.path, parse_qs(parts.query), body)
+        if self.server.should_lose():
+            lost = self.server.last_recorded() or {}
+            self.server.record(kind="fault", status=503, path=parts.path, processed=True, of=lost.get("kind"),
+                               id=lost.get("id"))
+            return self._reply(503, "text/plain", b"Service Unavailable")
         self._reply(status, content_type, payload)
 
     def _reply(self, status: int, content_type: str, payload: bytes) -> None:

@@ -98,13 +98,14 @@ class MobilgroupHandler(SimulatorHandler):
 class MobilgroupSimulator(SimulatorServer):
     """Mobilgroup on 127.0.0.1:`port` (0 picks a free one). Options: `user_id`, `user`, `password` (the
     account it accepts), `blocked`, `balance`, `price` (charged per recipient; 0 never runs out),
-    `undeliverable_suffix`, `pending_s`, and the base's `fail_rate`, `latency_s`, `seed`."""
+    `undeliverable_suffix`, `pending_s`, and the base's `fail_rate`, `lost_rate`, `latency_s`, `seed`."""
 
     def __init__(self, port: int = 0, *, host: str = "127.0.0.1", user_id: str = "1", user: str = "demo",
                  password: str = "demo", blocked: bool = False, balance: float = 1000.0, price: float = 0.0,
                  undeliverable_suffix: str = "13", pending_s: float = 0.0, fail_rate: float = 0.0,
-                 latency_s: float = 0.0, seed: int | None = None):
-        super().__init__(MobilgroupHandler, host, port, fail_rate=fail_rate, latency_s=latency_s, seed=seed)
+                 lost_rate: float = 0.0, latency_s: float = 0.0, seed: int | None = None):
+        super().__init__(MobilgroupHandler, host, port, fail_rate=fail_rate, lost_rate=lost_rate,
+                         latency_s=latency_s, seed=seed)
         self.user_id, self.user, self.password = str(user_id), user, password
         self.blocked = blocked
         self.balance = balance

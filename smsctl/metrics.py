@@ -118,20 +118,32 @@ def registry(settings, engine, throttle=None) -> CollectorRegistry:
     return reg
 
 
-def serve(settings, host: str, port: int) -> None:
-    """Serve `/metrics` on host:port until interrupted."""
+SCRAPE_DEADLINE_S = 60
+"""A connection is closed this long after it opened unless a scrape of it is being answered: a scrape reads
+the database (about a second on a million rows), and a client that trickles bytes or idles keeps no socket."""
+
+
+def make_server(settings, host: str, port: int, *, deadline_s: float = SCRAPE_DEADLINE_S):
+    """`/metrics` of `prometheus_client.make_wsgi_app` on waitress (the webhooks' server: requests read
+    whole before a thread sees them, connections closed `deadline_s` after they opened unless being
+    answered), bound on host:port (0: any free port), not yet running."""
     from prometheus_client import make_wsgi_app
-    from werkzeug.serving import make_server
 
     from db.engine import engine_for
+    from webhooks.app import make_server as waitress_server
     from workflow.throttle import make_throttle
 
     app = make_wsgi_app(registry(settings, engine_for(settings.database_url), make_throttle(settings)))
-    server = make_server(host, port, app, threaded=True)
-    log.info("serving Prometheus metrics at http://%s:%d/metrics", host, port)
+    return waitress_server(app, host, port, deadline_s=deadline_s)
+
+
+def serve(settings, host: str, port: int) -> None:
+    """Serve `/metrics` on host:port until interrupted."""
+    server = make_server(settings, host, port)
+    log.info("serving Prometheus metrics at http://%s:%s/metrics", server.effective_host, server.effective_port)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()

@@ -12,6 +12,7 @@ from providers.accolades import AccoladesClient, parse_report
 from providers.base import (
     Accepted,
     AccountError,
+    LoginRefused,
     OutgoingMessage,
     PermanentError,
     ThrottledError,
@@ -122,10 +123,10 @@ def test_ip_blacklist_403_6_is_an_account_error_that_names_it():
     try:
         bad = client_for(simulator.url, password="wrong")
         for _ in range(3):
-            with pytest.raises(AccountError, match="code 401"):
+            with pytest.raises(LoginRefused, match="code 401"):
                 bad.send(message())
         # Now even the right password is refused: the whole account must slow down.
-        with pytest.raises(AccountError, match="blacklisted") as caught:
+        with pytest.raises(LoginRefused, match="blacklisted") as caught:
             client_for(simulator.url).send(message())
         assert "403.6" in str(caught.value)
         assert simulator.events("send") == []

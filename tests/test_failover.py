@@ -101,7 +101,7 @@ def test_an_unreachable_provider_s_rows_go_through_the_fallback_and_new_rows_ret
     with started(accolades):
         env = provider_env(mariadb_url, redis_url, f"http://127.0.0.1:{port}/extxml.php", accolades,
                            SMS_DEFAULT_PROVIDER="mobilgroup", SMS_FAILOVER="mobilgroup:accolades",
-                           SMS_FAILOVER_AFTER_S=3, SMS_ACCOUNT_RETRY_S=5)
+                           SMS_FAILOVER_AFTER_S=3, SMS_ACCOUNT_RETRY_S=600, SMS_UNREACHABLE_RETRY_S=5)
         ids = insert_rows(db, [(number(i), f"Your order {i} is ready.") for i in range(100)])
         began = time.monotonic()
         worker = celery("worker", env, "-c", "4")
@@ -134,7 +134,8 @@ def test_an_unreachable_provider_s_rows_go_through_the_fallback_and_new_rows_ret
                 trickle.extend(insert_rows(db, [(number(200 + len(trickle)), "Reminder")]))
                 return [e for e in mobilgroup.events("send") if e["outcome"] == "accepted"]
 
-            wait_until(mobilgroup_took_one, 90, interval_s=2, what="a probe to reach Mobilgroup again")
+            # Probed every SMS_UNREACHABLE_RETRY_S (5 s), not every SMS_ACCOUNT_RETRY_S (600 s).
+            wait_until(mobilgroup_took_one, 30, interval_s=2, what="a probe to reach Mobilgroup again")
             wait_until(lambda: metrics.value("sms_provider_available", provider="mobilgroup") == 1, 10,
                        what="Mobilgroup to show available")
             later = insert_rows(db, [(number(300 + i), f"Code {i}") for i in range(20)])
@@ -143,7 +144,8 @@ def test_an_unreachable_provider_s_rows_go_through_the_fallback_and_new_rows_ret
                 rows = rows_by_id(db)
                 return all(rows[i]["status"] == "success" for i in later) and rows
 
-            rows = wait_until(later_done, 90 - (time.monotonic() - back_at), what="new rows to go to Mobilgroup")
+            rows = wait_until(later_done, 60 - (time.monotonic() - back_at), what="new rows to go to Mobilgroup")
+            print(f"new rows back at Mobilgroup {time.monotonic() - back_at:.0f} s after it listened again")
         assert {rows[i]["provider"] for i in later} == {"mobilgroup"}
         assert {int(e["id"]) for e in mobilgroup.events("send")} >= set(later)
         assert not {int(e["id"]) for e in accolades.events("send")} & set(later)
@@ -152,6 +154,7 @@ def test_an_unreachable_provider_s_rows_go_through_the_fallback_and_new_rows_ret
             success_count(db, "mobilgroup")
     log = worker.log()
     assert "ALERT: mobilgroup unavailable: every send failed for 3 s" in log
+    assert "one probe tests it every 5 s (SMS_UNREACHABLE_RETRY_S)" in log
     assert "ALERT: mobilgroup unavailable (unreachable: " in log and "its waiting rows go through accolades" in log
     assert "ALERT: mobilgroup works again (the probe went through)" in log
 

@@ -182,3 +182,40 @@ def test_status_watch_redraws_until_stopped(settings, rows, mariadb_url, redis_u
         finally:
             watch.terminate()
             watch.wait(timeout=10)
+
+
+def test_the_metrics_server_answers_beside_idle_connections_and_closes_them_at_its_deadline(settings, rows):
+    """`smsctl metrics` serves through waitress with a deadline: 20 connections that send nothing hold no
+    thread (scrapes are answered meanwhile) and are closed once the deadline has passed."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    server = metrics.make_server(settings, "127.0.0.1", 0, deadline_s=3)
+    stop = threading.Event()
+    serving = threading.Thread(target=server.run_until, args=(stop,), daemon=True)
+    serving.start()
+    idle = [socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) for _ in range(20)]
+    try:
+        took = []
+        for _ in range(3):
+            began = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.effective_port}/metrics", timeout=10) as answer:
+                body, kind = answer.read().decode(), answer.headers["Content-Type"]
+            took.append(time.monotonic() - began)
+        closed = []
+        for sock in idle:  # the server closes each: recv then reads the end of the stream
+            sock.settimeout(15)
+            closed.append(sock.recv(1) == b"")
+    finally:
+        stop.set()
+        serving.join(timeout=10)
+        for sock in idle:
+            sock.close()
+    assert kind.startswith("text/plain") and "version=0.0.4" in kind
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body) for s in family.samples}
+    assert samples[("sms_messages", (("provider", "accolades"), ("status", "success")))] == 11
+    assert max(took) < 5
+    assert all(closed), "an idle connection outlived the deadline"

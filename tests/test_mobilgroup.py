@@ -12,6 +12,8 @@ import requests
 from providers.base import (
     Accepted,
     AccountError,
+    AlreadySentUnconfirmed,
+    LoginRefused,
     OutgoingMessage,
     PermanentError,
     ThrottledError,
@@ -167,6 +169,16 @@ def test_resend_after_lost_answer_is_success_and_not_sent_twice(client, sim):
     assert list(sim.requests) == ["103"]
 
 
+def test_resend_whose_confirmation_is_lost_asks_only_the_confirmation_again(client, sim):
+    client.send(sms(104))
+    sim.should_lose = lambda: (sim.last_recorded() or {}).get("kind") == "status"  # every status answer lost
+    with pytest.raises(AlreadySentUnconfirmed, match="confirming that it is ours failed"):
+        client.send(sms(104))
+    sim.should_lose = lambda: False
+    client.confirm_already_sent(sms(104))
+    assert [e["kind"] for e in sim.events() if e["kind"] in ("send", "status")] == ["send", "send", "status", "status"]
+
+
 # --- text and number checks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, fits, too_long", [("0", 140, 141), ("1", 64, 65)])
@@ -202,7 +214,7 @@ def test_messages_that_can_never_be_sent_fail_before_any_request(message, words,
 # --- error codes -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, error", [
-    (1, PermanentError), (2, AccountError), (3, AccountError), (4, AccountError), (5, AccountError),
+    (1, PermanentError), (2, AccountError), (3, LoginRefused), (4, LoginRefused), (5, AccountError),
     (6, AccountError), (8, PermanentError), (9, AccountError), (10, PermanentError),
     (11, PermanentError), (12, NoSuchRequestError), (13, TransientError),
 ])

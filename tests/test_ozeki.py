@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from providers.base import AccountError, OutgoingMessage, PermanentError, TransientError
+from providers.base import AccountError, LoginRefused, OutgoingMessage, PermanentError, TransientError
 from providers.ozeki import OzekiClient, parse_answer, parse_report
 from simulators.ozeki import OzekiSimulator
 from tests.conftest import free_port
@@ -115,7 +115,7 @@ def test_plus_prefix_can_be_turned_off():
     (302, PermanentError, "rejected a parameter"),
     (303, PermanentError, "inappropriate"),
     (304, AccountError, "requires authentication"),
-    (305, AccountError, "username or password"),
+    (305, LoginRefused, "username or password"),
     (306, AccountError, "forbids this user"),
     (307, PermanentError, "forbids sending to this address"),
     (401, AccountError, "API extension is unavailable"),

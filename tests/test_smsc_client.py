@@ -6,6 +6,8 @@ import pytest
 from providers import smsc_text
 from providers.base import (
     AccountError,
+    LoginHeld,
+    LoginRefused,
     OutgoingMessage,
     PartlySent,
     PermanentError,
@@ -344,6 +346,34 @@ def test_backup_host_that_refuses_the_login_says_so(make_client):
             client.send(msg("nobody takes it"))
     finally:
         backup.stop()
+
+
+def test_a_refused_login_is_not_tried_on_the_backup_host(make_client):
+    """The backup host is for a host that cannot be reached: smsc.ru counts refused logins per address,
+    whichever host met them."""
+    main, backup = SmscSimulator(receipts=False, password="other").start(), SmscSimulator(receipts=False).start()
+    try:
+        client = make_client(main, host=f"127.0.0.1:{main.port},127.0.0.1:{backup.port}")
+        with pytest.raises(LoginRefused, match="SMS_SMSC_PASSWORD"):
+            client.send(msg("nobody takes it"))
+        assert len(main.events("bind")) == 1 and backup.events("bind") == []
+    finally:
+        main.stop()
+        backup.stop()
+
+
+def test_a_login_gate_that_refuses_stops_the_bind(make_client):
+    simulator = SmscSimulator(receipts=False).start()
+    try:
+        def held():
+            raise LoginHeld("the fleet holds this login refused")
+
+        client = make_client(simulator, login_gate=held)
+        with pytest.raises(LoginHeld):
+            client.send(msg("not now"))
+        assert simulator.events("bind") == []
+    finally:
+        simulator.stop()
 
 
 def test_a_pdu_announcing_a_huge_length_ends_the_session_not_the_memory():

@@ -174,7 +174,7 @@ def test_300_messages_long_and_cyrillic_through_an_smpp_server_not_ours():
         return "applied"
 
     receiver = threading.Thread(target=run_receiver, args=(settings, stop, apply),
-                                kwargs={"reconnect_min_s": 0.1}, daemon=True)
+                                kwargs={"reconnect_min_s": 0.1, "logins": None}, daemon=True)
     clients = [SmscClient(host="127.0.0.1", port=smsc.port, system_id="callcentre", password="secret",
                           timeout=5) for _ in range(3)]
     receiver.start()

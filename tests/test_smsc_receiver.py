@@ -34,7 +34,7 @@ class Receiver:
         self.thread = threading.Thread(
             target=run_receiver, args=(settings, self.stop, self.apply),
             kwargs={"enquire_link_s": 0.3, "reconnect_min_s": 0.05, "unknown_retry_s": unknown_retry_s,
-                    "split_reply_wait_s": split_reply_wait_s},
+                    "split_reply_wait_s": split_reply_wait_s, "logins": None},
             daemon=True)
 
     def apply(self, provider, report):
@@ -168,7 +168,7 @@ def test_receiver_survives_idle_drop_and_server_restart(sim, client):
             second.stop()
 
 
-def test_smsctl_smpp_receiver_unbinds_on_sigterm(sim):
+def test_smsctl_smpp_receiver_unbinds_on_sigterm(sim, sqlite_db):
     import os
     import signal
     import subprocess
@@ -176,7 +176,8 @@ def test_smsctl_smpp_receiver_unbinds_on_sigterm(sim):
     from pathlib import Path
 
     smsctl = Path(sys.executable).with_name("smsctl")
-    env = {**os.environ, "SMS_SMSC_HOST": "127.0.0.1", "SMS_SMSC_PORT": str(sim.port),
+    env = {**os.environ, "SMS_DATABASE_URL": str(sqlite_db.url),
+           "SMS_SMSC_HOST": "127.0.0.1", "SMS_SMSC_PORT": str(sim.port),
            "SMS_SMSC_SYSTEM_ID": "smsc", "SMS_SMSC_PASSWORD": "secret"}
     process = subprocess.Popen([str(smsctl), "smpp-receiver"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)

@@ -171,7 +171,7 @@ def test_the_receiver_survives_malformed_pdus_and_still_applies_a_good_receipt()
                                  smsc_password="secret", http_timeout_s=5)
         receiver = threading.Thread(
             target=run_receiver, args=(settings, stop, lambda provider, report: applied.append(report) or "applied"),
-            kwargs={"reconnect_min_s": 0.2, "enquire_link_s": 30.0}, daemon=True)
+            kwargs={"reconnect_min_s": 0.2, "enquire_link_s": 30.0, "logins": None}, daemon=True)
         receiver.start()
         try:
             wait_until(lambda: any(r.provider_message_id == "9999" for r in applied), 30,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import OperationalError
 
@@ -89,6 +90,29 @@ def test_a_blocked_account_is_paused_and_one_probe_decides_when_it_sends_again(r
     assert sorted(rest + [probe]) == [first, second, third]
     assert [workflow.send_row(rt, row) for row in rest] == ["accepted", "accepted"]
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
+
+
+def test_a_refused_login_is_probed_at_its_own_pace_and_other_credentials_probe_at_once(runtime, sim, db):
+    rt = runtime(account_retry_s=5, login_retry_min_s=600, mobilgroup_max_inflight=2)
+    first, second, third = insert_rows(db, [("+7 916 100-00-11", "one"), ("+7 916 100-00-12", "two"),
+                                            ("+7 916 100-00-13", "three")])
+    assert claim(rt) == [first, second]
+    sim.password = "changed"
+
+    assert workflow.send_row(rt, first) == "paused"
+    circuit = store.breaker_states(db)["mobilgroup"]
+    assert circuit.open_for_s > 590, "a refused login probed again after SMS_ACCOUNT_RETRY_S"
+    assert circuit.refused_login == rt.fingerprint("mobilgroup")
+    assert workflow.send_row(rt, second) == "paused" and len(sim.events("send")) == 1
+    assert claim(rt) == [], "a probe of the same credentials before the pause is over"
+
+    fixed = Runtime(rt.settings.model_copy(update={"mobilgroup_password": SecretStr("changed")}))
+    (probe,) = claim(fixed)
+    assert claim(fixed) == [], "more than one probe"
+    assert workflow.send_row(fixed, probe) == "accepted"
+    assert store.breaker_states(db)["mobilgroup"].open is False
+    rest = claim(fixed)
+    assert sorted(rest + [probe]) == [first, second, third]
 
 
 def test_rows_of_a_paused_account_end_as_error_once_the_account_window_is_spent(runtime, sim, db):
@@ -226,6 +250,23 @@ def test_a_status_poll_that_fails_is_asked_again_later(runtime, sim, db):
     assert workflow.claim_polls(rt) == [row]
     assert workflow.poll_row(rt, row) == "applied"
     assert rows_by_id(db)[row]["state"] == "delivered"
+
+
+def test_a_status_poll_whose_login_is_refused_pauses_at_the_pace_of_refused_logins(runtime, sim, db):
+    rt = runtime(mobilgroup_poll_after_s=0, account_retry_s=5, login_retry_min_s=600)
+    (row,) = insert_rows(db, [("+7 916 100-00-08", "hello")])
+    claim(rt)
+    workflow.send_row(rt, row)
+    sim.password = "changed"  # in the provider's cabinet, not yet in our settings
+    assert workflow.claim_polls(rt) == [row]
+    assert workflow.poll_row(rt, row) == "retry"
+    circuit = store.breaker_states(db)["mobilgroup"]
+    assert circuit.open and circuit.open_for_s > 590 and circuit.refused_login == rt.fingerprint("mobilgroup")
+    assert sim.password not in circuit.refused_login and "demo" not in circuit.refused_login
+    assert workflow.claim_polls(rt) == [], "polled on while the login is refused"
+    fixed = Runtime(rt.settings.model_copy(update={"mobilgroup_password": SecretStr("changed")}))
+    assert fixed.fingerprint("mobilgroup") != circuit.refused_login
+    assert store.take_probe(db, "mobilgroup", 60, fixed.fingerprint("mobilgroup")), "other credentials wait"
 
 
 def test_a_row_routed_to_a_provider_since_unconfigured_waits_like_an_account_problem(runtime, sim, db):

@@ -162,7 +162,10 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
         if gave_up:
             log.error("ALERT: %s: %d rows ended as error after waiting through the account problem", provider, gave_up)
         fresh = []
-        if breaker.open_for_s == 0 and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s):
+        # Refused credentials: a process with other ones (fixed, restarted) probes at once, not after the pause.
+        credentials = rt.fingerprint(provider) if breaker.refused_login else None
+        due = breaker.open_for_s == 0 or (credentials is not None and credentials != breaker.refused_login)
+        if due and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s, credentials):
             fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
             if fresh:
                 log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0])

@@ -8,9 +8,10 @@ import logging
 from dataclasses import replace
 
 from db import store
-from providers.base import AccountError, PermanentError, ProviderError
+from providers.base import AccountError, LoginRefused, PermanentError, ProviderError
 from providers.registry import POLLED
 from providers import registry
+from workflow import logins
 from workflow.reports import apply_report
 from workflow.runtime import Runtime
 from workflow.send import THROTTLE_MAX_WAIT_S
@@ -58,9 +59,16 @@ def poll_row(rt: Runtime, row_id: int) -> str:
         store.stop_polling(rt.engine, row_id, f"status unknown: {exc}")
         return "unconfirmed"
     except AccountError as exc:
-        if store.trip_breaker(rt.engine, POLLED, s.account_retry_s, str(exc)):
-            log.error("ALERT: %s account problem (status poll), paused for %.0f s: %s", POLLED, s.account_retry_s, exc)
-        store.poll_again(rt.engine, row_id, int(s.account_retry_s), s.mobilgroup_poll_max)
+        # Refused credentials: the sends' pace of refused logins and their fingerprint (`workflow.logins`).
+        refused = isinstance(exc, LoginRefused)
+        pause = logins.retry_s(s) if refused else s.account_retry_s
+        if store.trip_breaker(rt.engine, POLLED, pause, str(exc),
+                              refused_login=rt.fingerprint(POLLED) if refused else None):
+            if refused:
+                logins.alert_refused(POLLED, exc, pause, probe=False)
+            else:
+                log.error("ALERT: %s account problem (status poll), paused for %.0f s: %s", POLLED, pause, exc)
+        store.poll_again(rt.engine, row_id, int(pause), s.mobilgroup_poll_max)
         return "retry"
     except ProviderError as exc:
         log.warning("status poll of row %d failed, asking again later: %s", row_id, exc)

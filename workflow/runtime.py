@@ -24,6 +24,7 @@ from db.engine import engine_for
 from providers import registry
 from providers.base import Provider
 from settings import Settings, get_settings
+from workflow import logins
 from workflow.reports import apply_smpp_receipt
 from workflow.smpp_receiver import ReceiptHandler
 from workflow.throttle import make_throttle
@@ -47,11 +48,13 @@ def http_session() -> requests.Session:
 def build_client(name: str, s: Settings) -> Provider:
     """A provider client configured from the settings (`providers.registry`); ValueError for settings its
     constructor refuses. An SMPP transceiver session hands what it receives to a `ReceiptHandler` that
-    applies it to this database."""
+    applies it to this database; an SMPP client binds only as the fleet's account circuit allows
+    (`workflow.logins.gate`)."""
     def receipts():
         return ReceiptHandler(functools.partial(apply_smpp_receipt, engine_for(s.database_url)))
 
-    return registry.entry(name).make_client(s, session=http_session(), receipts=receipts)
+    return registry.entry(name).make_client(s, session=http_session(), receipts=receipts,
+                                            login_gate=logins.gate(engine_for(s.database_url), name))
 
 
 SLOT_WAIT_S = 0.2
@@ -94,6 +97,7 @@ class Runtime:
     """When this process last logged each kind of repeated `ALERT:` (`alert_once`)."""
     confirm_asked: dict = field(default_factory=dict)
     """When this process last asked each unavailable provider about rows in doubt (`workflow.dispatch.fail_over`)."""
+    _fingerprints: dict = field(default_factory=dict)
     taken_rows: set = field(default_factory=set)
     """Rows in doubt their provider said it has: they wait for it and are not asked about again."""
     waiting: Callable[[], AbstractContextManager] = nullcontext
@@ -163,6 +167,13 @@ class Runtime:
                 pass
             self._breakers = (time.monotonic(), states)
         return states.get(provider)
+
+    def fingerprint(self, provider: str) -> str:
+        """The fingerprint of this process's credentials for `provider` (`workflow.logins.fingerprint`)."""
+        with self._lock:
+            if provider not in self._fingerprints:
+                self._fingerprints[provider] = logins.fingerprint(self.engine, self.settings, provider)
+            return self._fingerprints[provider]
 
     def forget_breakers(self) -> None:
         """Read the circuits afresh next time (this process has just changed one)."""

@@ -19,15 +19,21 @@ from db import store
 from db.models import WaitReason as W
 from providers import registry
 from providers.base import (
+    Accepted,
     AccountError,
+    AlreadySentUnconfirmed,
+    LoginHeld,
+    LoginRefused,
     OutgoingMessage,
     PartlySent,
     PermanentError,
     ProviderError,
     ThrottledError,
+    TransientError,
     UnknownOutcome,
 )
 from providers.smsc_text import COMMENT_SEPARATOR
+from workflow import logins
 from workflow.callbacks import callback_url
 from workflow.runtime import Runtime
 from workflow.throttle import ThrottleUnavailable, identity_of
@@ -123,6 +129,12 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
         if isinstance(waited, Retry):
             _unsent(rt, job)
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
+        breaker = rt.breaker(job.provider)
+        if breaker is not None and breaker.open and not job.probe:
+            # Opened while this send waited for its slot (another send met a refused login, say): one refusal
+            # must not become a burst of them, each counting toward the provider blocking our address.
+            return _wait(rt, job, max(breaker.open_for_s, 1), f"{job.provider} account paused: {breaker.reason}",
+                         W.PAUSED, account=True)
         try:
             accepted = provider.send(message)
         except PermanentError as exc:
@@ -133,6 +145,10 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
             return "failed"
         except ThrottledError as exc:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
+        except LoginHeld as exc:  # another process's refused login holds the circuit: nothing was sent
+            _unsent(rt, job)
+            return _wait(rt, job, max(rt.settings.account_retry_s, 1), f"{job.provider} account paused: {exc}",
+                         W.PAUSED, account=True)
         except AccountError as exc:
             return _account_problem(rt, job, exc)
         except PartlySent as exc:
@@ -140,6 +156,10 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
             return "error"
         except UnknownOutcome as exc:
             return _unknown_outcome(rt, job, exc)
+        except AlreadySentUnconfirmed as exc:
+            accepted = _confirm_only(rt, job, provider, message, exc, no_send)
+            if isinstance(accepted, str):
+                return accepted
         except ProviderError as exc:  # TransientError and anything a client did not classify more precisely
             return _transient_problem(rt, job, exc)
         except Exception as exc:  # a bug must not leave the row stuck or lose it: its outcome is unknown
@@ -222,6 +242,58 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     return Retry(max(permit.wait_s, 0.05), f"waiting {permit.wait_s:.1f} s: {reason} ({throttled})")
 
 
+CONFIRM_TRIES = 4
+CONFIRM_PAUSE_S = 0.25
+"""A confirmation that failed is asked again this long after, twice as long each time."""
+
+
+def _confirm_only(rt: Runtime, job: store.SendJob, provider, message: OutgoingMessage,
+                  exc: AlreadySentUnconfirmed, no_send: Callable[[], str | None]) -> Accepted | str:
+    """The provider has this row's request already (a resend answered "already sent"), but the status request
+    confirming it is ours failed: ask that again, up to `CONFIRM_TRIES` times, each taking a rate-limit slot
+    (it is a request to the provider), never sending again. Returns `Accepted` once confirmed, or what became
+    of the row: `failed` when the request is another number's, else it waits as it would have (no failure
+    counted, its backoff not grown) and its next attempt is answered "already sent" again."""
+    s, pause, last = rt.settings, CONFIRM_PAUSE_S, exc
+    for _ in range(CONFIRM_TRIES):
+        if no_send() or rt.stopping.wait(pause):
+            break
+        pause *= 2
+        if not _confirm_slot(rt, job.provider, no_send):
+            break
+        try:
+            provider.confirm_already_sent(message)
+        except PermanentError as refused:
+            _finish_failed(rt, job, str(refused))
+            return "failed"
+        except TransientError as again:
+            last = again
+            continue
+        except ProviderError as other:  # throttled, or the account: the next attempt meets it as a send
+            last = other
+            break
+        return Accepted(provider_message_id=str(message.reference), already_sent=True)
+    log.info("send of row %d: %s has it, not yet confirmed (%s)", job.id, job.provider, last)
+    return _wait(rt, job, backoff_s(job.failures, s.retry_base_s, s.retry_max_s),
+                 f"{job.provider} already has it, confirming failed: {last}", W.RETRY)
+
+
+def _confirm_slot(rt: Runtime, provider: str, no_send: Callable[[], str | None]) -> bool:
+    """Wait for a rate-limit slot for a confirming status request (no identical-request rule: it sends no
+    message); False when the rate limiter cannot be reached or the send must stop (`no_send`)."""
+    while not no_send():
+        try:
+            permit = rt.throttle.acquire(rt.account(provider), rt.rate(provider), identical_s=0,
+                                         max_wait_s=THROTTLE_MAX_WAIT_S).wait()
+        except ThrottleUnavailable:
+            return False
+        if permit.reserved:
+            return True
+        if rt.stopping.wait(max(permit.wait_s, 0.05)):
+            return False
+    return False
+
+
 def backoff_s(failures: int, base_s: float, max_s: float) -> float:
     """Exponential backoff with jitter: about base·2^(failures-1), capped, scattered over its upper half
     so that a burst of failures does not come back as a burst of retries."""
@@ -297,12 +369,14 @@ def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> st
 def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> None:
     """A send of a provider with a failover route failed on the way there (refused, timeout, 5xx): its
     failure streak goes on, and once every send has failed for `SMS_FAILOVER_AFTER_S` its circuit opens (its
-    rows then go to the fallback). A probe that fails so keeps the circuit open for another pause."""
+    rows then go to the fallback). A probe that fails so keeps the circuit open for another pause. The pause
+    is `SMS_UNREACHABLE_RETRY_S`, not the account errors' `SMS_ACCOUNT_RETRY_S`: a provider that was only
+    unreachable gets its rows back within a minute of answering again."""
     s, provider = rt.settings, job.provider
     if job.probe:
-        store.trip_breaker(rt.engine, provider, s.account_retry_s, f"unreachable: {exc}")
+        store.trip_breaker(rt.engine, provider, s.unreachable_retry_s, f"unreachable: {exc}")
         log.error("ALERT: %s still unreachable (the probe failed), paused again for %.0f s: %s",
-                  provider, s.account_retry_s, exc)
+                  provider, s.unreachable_retry_s, exc)
         rt.forget_breakers()
         return
     if provider not in s.failover_table:
@@ -311,18 +385,25 @@ def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> N
     breaker = rt.breaker(provider)
     if breaker is None or breaker.open or (breaker.failing_for_s or 0) < s.failover_after_s:
         return
-    if store.trip_if_failing(rt.engine, provider, s.failover_after_s, s.account_retry_s, f"unreachable: {exc}"):
+    if store.trip_if_failing(rt.engine, provider, s.failover_after_s, s.unreachable_retry_s, f"unreachable: {exc}"):
         log.error("ALERT: %s unavailable: every send failed for %.0f s (SMS_FAILOVER_AFTER_S), the last: %s; its "
-                  "rows go through %s, and one probe tests it every %.0f s", provider, s.failover_after_s, exc,
-                  " or ".join(s.failover_table[provider]), s.account_retry_s)
+                  "rows go through %s, and one probe tests it every %.0f s (SMS_UNREACHABLE_RETRY_S)", provider,
+                  s.failover_after_s, exc, " or ".join(s.failover_table[provider]), s.unreachable_retry_s)
     rt.forget_breakers()
 
 
 def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
     """An account error opens the provider's circuit: its rows wait, one probe tests it after
-    `SMS_ACCOUNT_RETRY_S`. An error that could be about this one message (`by_nature=False`) ends only this
-    message as `failed`, until `SUSPECT_ROWS` different messages met it."""
+    `SMS_ACCOUNT_RETRY_S`; after refused credentials (`LoginRefused`) no sooner than `workflow.logins.retry_s`,
+    and the circuit keeps their fingerprint. An error that could be about this one message (`by_nature=False`)
+    ends only this message as `failed`, until `SUSPECT_ROWS` different messages met it."""
     s = rt.settings
+    if isinstance(exc, LoginRefused):
+        pause = logins.retry_s(s)
+        store.trip_breaker(rt.engine, job.provider, pause, str(exc), refused_login=rt.fingerprint(job.provider))
+        logins.alert_refused(job.provider, exc, pause, probe=job.probe)
+        rt.forget_breakers()
+        return _wait(rt, job, pause, f"{job.provider} account problem: {exc}", W.PAUSED, account=True, failed=True)
     reason = f"{job.provider} account problem: {exc}"
     if not exc.by_nature and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS:
         if job.probe:

@@ -8,9 +8,12 @@ alive with `enquire_link` while idle (smsc.ru drops a session idle for two minut
 when nothing at all came back for two keep-alive periods, and binds again after a broken connection or a
 failed bind with an exponential backoff; a session that ended within `stable_s` of its bind counts as a
 failure too, so a peer that drops us at once, or sends what cannot be read, is not met with a tight loop
-of binds. A PDU announcing a length outside what SMPP allows (`providers.smsc.MAX_PDU_OCTETS`) closes
-the session before any of it is read; one that is framed but unreadable is answered `generic_nack`, a
-`deliver_sm` whose fields make no sense is acknowledged and ignored, and the session goes on.
+of binds. A bind refused for the login is the fleet's business (`workflow.logins`): the receiver opens
+smsc.ru's circuit in the database, does not bind while it is open for a refused login, and binds again
+only as the fleet's one probe (or at once when started with other credentials). A PDU announcing a length
+outside what SMPP allows (`providers.smsc.MAX_PDU_OCTETS`) closes the session before any of it is read;
+one that is framed but unreadable is answered `generic_nack`, a `deliver_sm` whose fields make no sense is
+acknowledged and ignored, and the session goes on.
 
 Every `deliver_sm` is answered: `ESME_ROK` once the report was applied, or when it names no message of
 ours or cannot be read (sending it again would not help); `ESME_RX_T_APPN` (temporary error, so that
@@ -52,7 +55,7 @@ from smpplib import consts
 
 from db.engine import engine_for
 from providers import registry
-from providers.base import DeliveryReport, ProviderError
+from providers.base import DeliveryReport, LoginRefused, ProviderError
 from providers.registry import RECEIVED
 from providers.smsc import (
     ESME_RINVCMDID,
@@ -68,6 +71,7 @@ from providers.smsc import (
     tls_context,
 )
 
+from workflow.logins import ReceiverLogins
 from workflow.reports import apply_smpp_receipt
 
 log = logging.getLogger(__name__)
@@ -205,16 +209,25 @@ class ReceiptHandler:
         return consts.SMPP_ESME_ROK
 
 
+_SETTINGS_DATABASE = object()
+"""`run_receiver`'s default `logins`: the circuit in the settings' database."""
+
+
 def run_receiver(settings, stop_event: threading.Event | None = None, apply: Apply | None = None, *,
                  enquire_link_s: float = 30.0, reconnect_min_s: float = 1.0,
                  reconnect_max_s: float = 60.0, unknown_retry_s: tuple[float, ...] = UNKNOWN_RETRY_S,
-                 split_reply_wait_s: float = SPLIT_REPLY_WAIT_S, stable_s: float = 60.0) -> None:
+                 split_reply_wait_s: float = SPLIT_REPLY_WAIT_S, stable_s: float = 60.0,
+                 logins: ReceiverLogins | None | object = _SETTINGS_DATABASE) -> None:
     """Receive smsc.ru receipts and replies until `stop_event` is set; without one, until SIGTERM or
     SIGINT (the session is then unbound cleanly). `apply` is called as `apply(provider, report)`; it
-    defaults to `workflow.reports.apply_smpp_receipt` on the settings' database."""
+    defaults to `workflow.reports.apply_smpp_receipt` on the settings' database. `logins` is the account
+    circuit the binds obey, by default the one in the settings' database; None only where there is no
+    database (a test of the session alone)."""
     settings.require(*registry.entry(RECEIVED).required)
     if apply is None:
         apply = functools.partial(apply_smpp_receipt, engine_for(settings.database_url))
+    if logins is _SETTINGS_DATABASE:
+        logins = ReceiverLogins(engine_for(settings.database_url), settings, RECEIVED)
     stop = stop_event or threading.Event()
     if stop_event is None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -229,14 +242,27 @@ def run_receiver(settings, stop_event: threading.Event | None = None, apply: App
             log.info("smsc SMPP receiver binds again in %.1f s", delay)
             if stop.wait(delay):
                 break
+        held = logins.wait_s() if logins is not None else 0.0
+        if held:
+            log.info("smsc SMPP receiver: smsc.ru refused our login; waiting for the fleet's probe (%.0f s)", held)
+            stop.wait(held)
+            continue
         try:
             link = bind(hosts, mode="receiver", system_id=settings.smsc_system_id,
                         password=settings.smsc_password.get_secret_value(),
                         system_type=settings.smsc_system_type, timeout=settings.http_timeout_s, tls=tls)
         except ProviderError as exc:
+            if logins is not None and isinstance(exc, LoginRefused):
+                failures = 0  # the circuit, not this loop's backoff, says when to try again
+                logins.refused(exc)
+                continue
             failures += 1
+            if logins is not None:
+                logins.failed()
             log.warning("smsc SMPP receiver could not bind (%s)", exc)
             continue
+        if logins is not None:
+            logins.bound()
         bound_at = time.monotonic()
         try:
             _serve_session(link, stop, handler, enquire_link_s)
