@@ -20,10 +20,10 @@ from sqlalchemy import text
 from db import store
 from simulators.accolades import AccoladesSimulator
 from simulators.smsc import SmscSimulator
-from tests.conftest import (ROOT, app_env, compose_worker, free_port, insert_rows, rows_by_id, started,
+from tests.conftest import (ROOT, app_env, compose_worker, insert_rows, rows_by_id, started,
                             wait_until)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timing]  # counts logins within seconds of each other
 
 SPACING_S = 15
 WRONG = "Xq7wrZp2"

@@ -3,14 +3,14 @@ server's local time, are shifted by the offset the server keeps now. On a server
 is zero) nothing changes. Records emptied by retention keep their mark (1970-01-02).
 
 Revision ID: 0009
-Revises: 0005
+Revises: 0008
 Create Date: 2026-12-07
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0005"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
