@@ -49,7 +49,8 @@ def build_client(name: str, s: Settings) -> Provider:
     constructor refuses. An SMPP transceiver session hands what it receives to a `ReceiptHandler` that
     applies it to this database."""
     def receipts():
-        return ReceiptHandler(functools.partial(apply_smpp_receipt, engine_for(s.database_url)))
+        return ReceiptHandler(functools.partial(apply_smpp_receipt, engine_for(s.database_url),
+                                                optout_words=s.optout_word_list))
 
     return registry.entry(name).make_client(s, session=http_session(), receipts=receipts)
 

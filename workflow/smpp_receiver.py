@@ -214,7 +214,8 @@ def run_receiver(settings, stop_event: threading.Event | None = None, apply: App
     defaults to `workflow.reports.apply_smpp_receipt` on the settings' database."""
     settings.require(*registry.entry(RECEIVED).required)
     if apply is None:
-        apply = functools.partial(apply_smpp_receipt, engine_for(settings.database_url))
+        apply = functools.partial(apply_smpp_receipt, engine_for(settings.database_url),
+                                  optout_words=settings.optout_word_list)
     stop = stop_event or threading.Event()
     if stop_event is None:
         for signum in (signal.SIGTERM, signal.SIGINT):
