@@ -7,10 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta, timezone
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, select, text
 
 from bench import campaign_day
 from db import store
@@ -19,7 +19,7 @@ from providers.base import DeliveryReport
 from settings import ConfigError, load_settings
 from simulators.mobilgroup import MobilgroupSimulator
 from tests.conftest import ROOT, app_env, insert_campaign, rows_by_id, started, wait_until
-from workflow.campaigns import optout_word
+from workflow.campaigns import main_zone, optout_word, quiet_left_s, recipient_zone
 from workflow.reports import apply_report
 from workflow.routing import normalise
 
@@ -185,3 +185,98 @@ def test_campaigns_skip_numbers_that_replied_stop_until_an_operator_removes_them
         rows = rows_by_id(db)
         assert [rows[i]["status"] for i in third] == ["failed", "success", "failed"]
         assert rows[third[2]]["error_msg"] == f"the recipient is on the opt-out list (added by an operator on {today})"
+
+
+# --- quiet hours --------------------------------------------------------------------------------------
+
+NIGHT = (time(21), time(9))
+
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("zone, now, left_h", [
+    ("Europe/Moscow", utc(2026, 12, 7, 19, 0), 11),          # 22:00 there: until 09:00, 11 h
+    ("Europe/Moscow", utc(2026, 12, 7, 3, 30), 2.5),         # 06:30 there
+    ("Europe/Moscow", utc(2026, 12, 7, 6, 0), None),         # 09:00 there: over
+    ("Europe/Moscow", utc(2026, 12, 7, 17, 59), None),       # 20:59 there: not yet
+    ("Europe/Bucharest", utc(2026, 12, 7, 18, 59, 59), None),  # 20:59:59 there, 21:59:59 in Moscow
+    ("Europe/Bucharest", utc(2026, 12, 7, 19, 0), 12),
+    # Clocks go back in London on 25 October 2026: 22:30 BST to 09:00 GMT is 11.5 h, not the wall's 10.5.
+    ("Europe/London", utc(2026, 10, 24, 21, 30), 11.5),
+    # Clocks go forward in New York on 8 March 2026: 22:00 EST to 09:00 EDT is 10 h, not the wall's 11.
+    ("America/New_York", utc(2026, 3, 8, 3, 0), 10),
+])
+def test_quiet_hours_end_when_the_recipient_s_clocks_show_the_end(zone, now, left_h):
+    left = quiet_left_s(zone, NIGHT, now)
+    assert (left if left is None else round(left / 3600, 6)) == (left_h if left_h is None else round(left_h, 6))
+
+
+def test_a_window_within_one_day_and_one_that_ends_in_a_skipped_hour():
+    assert quiet_left_s("Europe/Moscow", (time(13), time(14)), utc(2026, 12, 7, 10, 30)) == 1800
+    assert quiet_left_s("Europe/Moscow", (time(13), time(14)), utc(2026, 12, 7, 11, 0)) is None
+    # 02:30 does not exist in New York on 8 March 2026: read as before the change (EST), 07:30 UTC.
+    assert quiet_left_s("America/New_York", (time(22), time(2, 30)), utc(2026, 3, 8, 5, 0)) == 2.5 * 3600
+
+
+def test_the_recipient_s_zone_is_the_number_s_unless_its_zones_differ():
+    plain = load_settings(quiet_hours="21:00-09:00")
+    assert recipient_zone("74951234567", plain) == "Europe/Moscow"       # a Moscow landline
+    assert recipient_zone("40712000042", plain) == "Europe/Bucharest"
+    assert recipient_zone("79161234567", plain) == "Europe/Moscow"       # a mobile: any of eleven zones
+    assert recipient_zone("79161234567", load_settings(quiet_hours="21:00-09:00",
+                                                        quiet_hours_tz="Asia/Vladivostok")) == "Asia/Vladivostok"
+    assert main_zone("RO") == "Europe/Bucharest"
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("quiet_hours", "21-9", "SMS_QUIET_HOURS: .*21:00-09:00"),
+    ("quiet_hours", "09:00-09:00", "SMS_QUIET_HOURS: .*starts when it ends"),
+    ("quiet_hours_tz", "Mars/Olympus", "SMS_QUIET_HOURS_TZ: .*not a time zone"),
+])
+def test_a_bad_quiet_hours_setting_names_the_variable(name, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(**{name: value})
+    assert load_settings().quiet_window is None
+
+
+@pytest.mark.integration
+def test_campaign_rows_wait_for_the_end_of_quiet_hours_at_the_recipient_s_and_singles_do_not(
+        db, mariadb_url, redis_url, celery):
+    """Quiet hours that end 12 s from now in UTC, the zone set for Russian mobiles; Bucharest is two hours
+    ahead, outside the window."""
+    sim = MobilgroupSimulator()
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    ends = now + timedelta(seconds=12)
+    window = f"{(now - timedelta(hours=1)):%H:%M:%S}-{ends:%H:%M:%S}"
+    with started(sim):
+        env = app_env(mariadb_url, redis_url, SMS_DEFAULT_PROVIDER="mobilgroup", SMS_MOBILGROUP_URL=sim.api_url,
+                      SMS_MOBILGROUP_USER_ID=sim.user_id, SMS_MOBILGROUP_USER=sim.user,
+                      SMS_MOBILGROUP_PASSWORD=sim.password, SMS_DISPATCH_INTERVAL_S=1,
+                      SMS_ALLOWED_COUNTRIES="RU,RO", SMS_QUIET_HOURS=window, SMS_QUIET_HOURS_TZ="UTC")
+        celery("worker", env)
+        celery("beat", env)
+        night = [f"+7 916 500-00-0{i}" for i in range(4)]
+        day = ["+40 712 000 042", "+40 712 000 043"]
+        campaign = insert_campaign(db, night + day, "Spring sale")
+        [single] = insert_campaign(db, [night[0]], "Your courier arrives at 14:00")
+        held = campaign[:len(night)]
+
+        wait_until(lambda: all(rows_by_id(db)[i]["status"] == "success" for i in campaign[len(night):] + [single]),
+                   20, what="the rows outside quiet hours")
+        with db.connect() as conn:
+            waits = conn.execute(text("SELECT state, wait_reason, next_attempt_at, claimed_at FROM sms_dispatch"
+                                      " WHERE batchcontact_id IN :ids").bindparams(bindparam("ids", expanding=True)),
+                                 {"ids": held}).all()
+        local_end = ends.astimezone().replace(tzinfo=None)  # our timestamps are the database's local time
+        assert {(w.state, w.wait_reason) for w in waits} == {("waiting", "quiet")}
+        assert all(abs((w.next_attempt_at - local_end).total_seconds()) <= 1 for w in waits), waits
+        assert all(w.claimed_at == w.next_attempt_at for w in waits), "the retry windows count through the night"
+
+        wait_until(lambda: all(rows_by_id(db)[i]["status"] == "success" for i in held), 60,
+                   what="the held rows after quiet hours")
+    accepted = {int(e["id"]): e["time"] for e in sim.events("send") if e["outcome"] == "accepted"}
+    assert min(accepted[i] for i in held) >= ends.timestamp() - 0.01, "a row went during quiet hours"
+    assert max(accepted[i] for i in held) <= ends.timestamp() + 10
+    assert max(accepted[i] for i in campaign[len(night):] + [single]) < ends.timestamp()
