@@ -57,7 +57,7 @@ def db(mariadb_url):
     engine = engine_for(mariadb_url)
     with engine.begin() as conn:
         for table in ("cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids",
-                      "sms_breaker", "sms_meta"):
+                      "sms_breaker", "sms_meta", "sms_optout"):
             conn.execute(text(f"TRUNCATE TABLE {table}"))
     return engine
 

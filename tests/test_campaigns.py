@@ -4,24 +4,30 @@ behind a campaign while two campaigns share the provider's rate.
 """
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections import Counter
 from datetime import datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import bindparam, select, text
 
+import workflow
 from bench import campaign_day
 from db import store
 from db.models import Dispatch
 from providers.base import DeliveryReport
 from settings import ConfigError, load_settings
+from prometheus_client import generate_latest
 from simulators.mobilgroup import MobilgroupSimulator
-from tests.conftest import ROOT, app_env, insert_campaign, rows_by_id, started, wait_until
+from smsctl import metrics, overview, status
+from tests.conftest import REDIS_PREFIX, ROOT, app_env, insert_campaign, rows_by_id, started, wait_until
 from workflow.campaigns import main_zone, optout_word, quiet_left_s, recipient_zone
 from workflow.reports import apply_report
 from workflow.routing import normalise
+from workflow.runtime import Runtime
 
 
 def normalised(target: str) -> str:
@@ -280,3 +286,54 @@ def test_campaign_rows_wait_for_the_end_of_quiet_hours_at_the_recipient_s_and_si
     assert min(accepted[i] for i in held) >= ends.timestamp() - 0.01, "a row went during quiet hours"
     assert max(accepted[i] for i in held) <= ends.timestamp() + 10
     assert max(accepted[i] for i in campaign[len(night):] + [single]) < ends.timestamp()
+
+
+# --- what the operator sees -------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_status_metrics_and_the_tick_show_quiet_rows_campaigns_and_opt_outs(db, mariadb_url, redis_url, caplog):
+    """Quiet hours now in Bucharest (Romanian numbers), not in Vladivostok, the zone set for Russian mobiles."""
+    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
+    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    settings = load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
+                             default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
+                             mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo",
+                             mobilgroup_rate=5, mobilgroup_max_inflight=4, allowed_countries="RU,RO",
+                             quiet_hours=window, quiet_hours_tz="Asia/Vladivostok")
+    store.add_optout(db, "79164000099", "STOP")
+    night = insert_campaign(db, ["+40 712 000 042", "+40 712 000 043", "+40 712 000 044"], "Sale",
+                            creby="marketing")
+    day = insert_campaign(db, [number(10 + i) for i in range(6)] + ["+7 916 400-00-99"], "Other sale",
+                          creby="sales")
+    [single] = insert_campaign(db, [number(50)], "Your code is 1234", creby="sales")
+    enqueued: list[int] = []
+    with caplog.at_level(logging.INFO, logger="workflow.dispatch"):
+        workflow.dispatch_due(Runtime(settings), lambda ids, provider: enqueued.extend(ids))
+
+    assert enqueued == [day[0], single, day[1], day[2]], "not one row per batch a turn, the quiet ones held"
+    with db.connect() as conn:
+        batch = dict(conn.execute(text("SELECT id, batchcontact_archive_id FROM cc10_batchcontacts")).all())
+    [tick] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dispatch: mobilgroup:")]
+    assert tick == (f"dispatch: mobilgroup: in flight 0 of 4, waiting: quiet 3, room 7; account circuit closed; "
+                    f"released 4 (batch {batch[day[0]]}: 3, batch {batch[single]}: 1)")
+    logged = [r.getMessage() for r in caplog.records]
+    assert "dispatch: 1 campaign rows end failed: their recipients opted out" in logged
+    assert f"dispatch: 3 campaign rows wait for the end of quiet hours ({window}) at their recipients' " \
+           "(Europe/Bucharest)" in logged
+
+    view = overview.read(settings, db)
+    assert {c.creby: (c.batch, c.rows) for c in view.campaigns} == {
+        "marketing": (batch[night[0]], {"sent": 0, "waiting": 3, "failed": 0, "error": 0}),
+        "sales": (batch[day[0]], {"sent": 0, "waiting": 6, "failed": 1, "error": 0}),
+    }, "the single is no campaign"
+    assert view.optouts == 1
+    [mobilgroup] = [p for p in view.providers if p.name == "mobilgroup"]
+    assert mobilgroup.waiting == {"quiet": 3, "queued": 4, "room": 3}
+    shown = status.plain(view)
+    assert "waiting: queued 4, room 3, quiet 3;" in shown
+    assert f"campaign batch {batch[day[0]]} by sales: sent 0, waiting 6, failed 1, error 0" in shown
+    assert "1 numbers opted out of campaigns" in shown
+    body = generate_latest(metrics.registry(settings, db)).decode()
+    assert f'sms_campaign_rows{{batch="{batch[night[0]]}",creby="marketing",progress="waiting"}} 3.0' in body
+    assert 'sms_waiting{provider="mobilgroup",reason="quiet"} 3.0' in body
+    assert "sms_optouts 1.0" in body
