@@ -62,7 +62,8 @@ def play(engine, sim, *, rate: float, first: int, second: int, second_after_s: f
          singles_every_s: float, timeout_s: float, lead_s: float = 3) -> Figures:
     """Insert the scenario's rows into asterCC's tables (`engine`), T `lead_s` from now on a whole second,
     while beat and workers already run against `sim`; wait until every row is final; return the figures."""
-    from tests.conftest import insert_campaign, rows_by_id
+    from db import store
+    from tests.conftest import insert_campaign
 
     start = int(time.time() + lead_s) + 1
     t_first, t_second = start, start + second_after_s
@@ -80,11 +81,11 @@ def play(engine, sim, *, rate: float, first: int, second: int, second_after_s: f
     rows = len(a) + len(b) + len(singles)
     deadline = time.monotonic() + timeout_s
     while True:
-        states = rows_by_id(engine)
-        if all(r["status"] in ("success", "failed", "error") for r in states.values()):
+        statuses = store.counts(engine)
+        open_rows = statuses.get("new", 0) + statuses.get("pending", 0)
+        if not open_rows:
             break
         if time.monotonic() > deadline:
-            open_rows = sum(r["status"] not in ("success", "failed", "error") for r in states.values())
             raise TimeoutError(f"{open_rows} rows still open after {timeout_s} s")
         time.sleep(0.5)
 
@@ -92,7 +93,8 @@ def play(engine, sim, *, rate: float, first: int, second: int, second_after_s: f
     first_at: dict[int, float] = {}
     for event in accepted:
         first_at.setdefault(int(event["id"]), event["time"])
-    first_at = {i: t for i, t in first_at.items() if i in set(a) | set(b) | set(singles)}
+    ours = set(a) | set(b) | set(singles)
+    first_at = {i: t for i, t in first_at.items() if i in ours}
     twice = sum(n > 1 for n in Counter(int(e["id"]) for e in accepted).values())
     singles_s = [first_at.get(row, float("inf")) - due for row, due in singles.items()]
     share = None

@@ -162,9 +162,9 @@ def claim_due(engine: Engine, limit: int) -> list[Claimed]:
     due first; mark them `pending`; return the ones this call won. Safe with several claimers at once.
 
     Each record keeps its batch (asterCC's archive row) and `creby`. A row is a campaign row when its
-    batch has more than one row in asterCC's table: seen in this claim, or among our records, or (only for
-    a batch of which this claim holds one row and we hold no other, in practice an agent's single message)
-    counted in asterCC's table. A row without an archive row (batch 0) is never a campaign row.
+    batch has another row: in this claim, among our records, or (only for a batch of which this claim holds
+    one row and we hold no other, in practice an agent's single message) still `new` in asterCC's table.
+    A row without an archive row (batch 0) is never a campaign row.
 
     Two transactions: the first records the claim under a token of this call's own, the second marks the
     rows this token won `pending`; each is retried on its own, so a lock conflict in the second does not
@@ -233,8 +233,9 @@ def _take_won(engine: Engine, token: str) -> list[Claimed]:
 
 def _campaign_batches(conn, token: str, rows_per_batch: Counter) -> set[int]:
     """Of the batches of a claim (batch → its rows in the claim), those with more than one row: more than
-    one in the claim, else another among our records, else (one statement, for the batches left) in
-    asterCC's table, which may have no index on the archive id: only batches that look single get there."""
+    one in the claim, else another among our records, else (one statement, for the batches left, in
+    practice single messages) another row of asterCC's still `new` (not due yet), which the claim's own
+    search reads anyway (`schema.add_astercc_index`: asterCC's table has no index on the archive id)."""
     d, bc = Dispatch.__table__, BatchContact.__table__
     campaigns = {batch for batch, n in rows_per_batch.items() if n > 1}
     alone = [batch for batch, n in rows_per_batch.items() if n == 1]
@@ -242,9 +243,9 @@ def _campaign_batches(conn, token: str, rows_per_batch: Counter) -> set[int]:
         campaigns.update(conn.scalars(select(d.c.batch_id).distinct()
                                       .where(d.c.batch_id.in_(alone), d.c.claim_token != token)))
         alone = [batch for batch in alone if batch not in campaigns]
-    if alone:
+    if alone:  # this claim's own rows are `pending` by now
         arc = bc.c.batchcontact_archive_id
-        campaigns.update(conn.scalars(select(arc).where(arc.in_(alone)).group_by(arc).having(func.count() > 1)))
+        campaigns.update(conn.scalars(select(arc).distinct().where(bc.c.status == "new", arc.in_(alone))))
     return campaigns
 
 
@@ -835,7 +836,8 @@ def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them."""
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
-        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at)
+        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at,
+                                   d.campaign)
                             .join(d, d.batchcontact_id == bc.c.id)
                             .where(d.state == S.WAITING, d.provider.is_(None), d.updated_at <= db_now_plus(-grace_s))
                             .order_by(bc.c.schedulertime, bc.c.id).limit(limit)).all()
@@ -845,7 +847,7 @@ def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
         conn.execute(update(d).where(d.batchcontact_id.in_(ids)).values(updated_at=db_now()))
         conn.execute(update(BatchContact).where(BatchContact.id.in_(ids), BatchContact.status == "new")
                      .values(status="pending"))
-    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at) for r in rows]
+    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at, bool(r.campaign)) for r in rows]
 
 
 @retry_lock_conflicts
