@@ -101,9 +101,10 @@ def _fit(text: str, limit: int) -> str:
 
 # --- dispatch -------------------------------------------------------------------------------------
 
-def due_rows(limit: int):
-    """The query for up to `limit` due SMS rows (id, schedulertime), oldest due first: what every dispatch
-    tick asks asterCC's table (`EXPLAIN` it to check the plan; see `schema.add_astercc_index`).
+def due_rows(limit: int, latest_first: bool = False):
+    """The query for up to `limit` due SMS rows (id, schedulertime, archive row, creby), oldest due first
+    (asterCC's zero date, "now", counts as the oldest), or with `latest_first` the latest due first: what
+    every dispatch tick asks asterCC's table (`EXPLAIN` it to check the plan; see `schema.add_astercc_index`).
 
     A row we already hold (a record not final, or final less than `RESEND_AFTER_S` ago) is left out even if
     asterCC shows it `new` (a claim interrupted between its two steps, an operator who reset a row in
@@ -119,7 +120,7 @@ def due_rows(limit: int):
         .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),
                or_(arc.c.archivetype == "sms", arc.c.id.is_(None)),
                or_(d.c.batchcontact_id.is_(None), _resendable(d)))
-        .order_by(bc.c.schedulertime, bc.c.id)
+        .order_by(*((bc.c.schedulertime.desc(), bc.c.id.desc()) if latest_first else (bc.c.schedulertime, bc.c.id)))
         .limit(limit)
     )
 
@@ -157,9 +158,10 @@ def retry_lock_conflicts(fn):
     return retrying
 
 
-def claim_due(engine: Engine, limit: int) -> list[Claimed]:
+def claim_due(engine: Engine, limit: int, *, latest_first: bool = False) -> list[Claimed]:
     """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
-    due first; mark them `pending`; return the ones this call won. Safe with several claimers at once.
+    due first (or the latest due first: `due_rows`); mark them `pending`; return the ones this call won.
+    Safe with several claimers at once.
 
     Each record keeps its batch (asterCC's archive row) and `creby`. A row is a campaign row when its
     batch has another row: in this claim, among our records, or (only for a batch of which this claim holds
@@ -170,15 +172,15 @@ def claim_due(engine: Engine, limit: int) -> list[Claimed]:
     rows this token won `pending`; each is retried on its own, so a lock conflict in the second does not
     leave the first's rows behind (a dispatch killed between the two does: see `find_unrouted`)."""
     token = uuid.uuid4().hex
-    if not _record_claims(engine, limit, token):
+    if not _record_claims(engine, limit, token, latest_first):
         return []
     return _take_won(engine, token)
 
 
 @retry_lock_conflicts
-def _record_claims(engine: Engine, limit: int, token: str) -> bool:
+def _record_claims(engine: Engine, limit: int, token: str, latest_first: bool = False) -> bool:
     with engine.begin() as conn:
-        due = conn.execute(due_rows(limit)).all()
+        due = conn.execute(due_rows(limit, latest_first)).all()
         if not due:
             return False
         ids = [row.id for row in due]

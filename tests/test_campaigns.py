@@ -337,3 +337,21 @@ def test_status_metrics_and_the_tick_show_quiet_rows_campaigns_and_opt_outs(db, 
     assert f'sms_campaign_rows{{batch="{batch[night[0]]}",creby="marketing",progress="waiting"}} 3.0' in body
     assert 'sms_waiting{provider="mobilgroup",reason="quiet"} 3.0' in body
     assert "sms_optouts 1.0" in body
+
+
+@pytest.mark.integration
+def test_a_single_due_behind_a_campaign_still_being_claimed_is_claimed_at_the_next_tick(db, mariadb_url,
+                                                                                          redis_url):
+    settings = load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
+                             default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
+                             mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo",
+                             dispatch_batch=10)
+    campaign = insert_campaign(db, [number(i) for i in range(40)], "Sale", due=ago(60))
+    [single] = insert_campaign(db, [number(99)], "Your code is 1234", due=ago(1))
+    enqueued: list[int] = []
+    # No time to claim more than one batch: the tick claims the ten oldest, then the ten latest.
+    assert workflow.dispatch_due(Runtime(settings), lambda ids, provider: enqueued.extend(ids), budget_s=0) == 20
+    with db.connect() as conn:
+        claimed = set(conn.scalars(select(Dispatch.batchcontact_id)))
+    assert claimed == set(campaign[:10]) | set(campaign[-9:]) | {single}
+    assert single in enqueued

@@ -33,7 +33,9 @@ Enqueue = Callable[[list[int], str], None]
 def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -> int:
     """A beat tick: claim the due rows batch by batch (until none are left or `budget_s` is spent), refuse
     invalid and expired ones, route the rest, then release each provider's ready rows to the broker.
-    Returns how many rows were claimed."""
+    When the budget ends with rows still due (a large campaign being claimed), one more batch takes the
+    latest due rows: a single message that fell due behind a campaign is claimed at the next tick, not after
+    the whole campaign. Returns how many rows were claimed."""
     s = rt.settings
     deadline = time.monotonic() + (budget_s if budget_s is not None else s.dispatch_interval_s)
     total = 0
@@ -41,7 +43,12 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
         claimed = store.claim_due(rt.engine, s.dispatch_batch)
         total += len(claimed)
         route_claimed(rt, claimed)
-        if len(claimed) < s.dispatch_batch or time.monotonic() >= deadline:
+        if len(claimed) < s.dispatch_batch:
+            break
+        if time.monotonic() >= deadline:
+            latest = store.claim_due(rt.engine, s.dispatch_batch, latest_first=True)
+            total += len(latest)
+            route_claimed(rt, latest)
             break
     hold_quiet(rt)
     breakers = store.breaker_states(rt.engine)
