@@ -762,16 +762,25 @@ def remove_optout(engine: Engine, number: str) -> bool:
         return bool(conn.execute(delete(OptOut).where(OptOut.number == number)).rowcount)
 
 
-def optouts(engine: Engine, numbers: Iterable[str] | None = None) -> list[OptedOut]:
-    """The numbers that opted out (of `numbers`, or all), oldest first."""
+def optouts(engine: Engine) -> list[OptedOut]:
+    """The numbers that opted out, oldest first."""
     query = select(OptOut.number, OptOut.word, OptOut.opted_at).order_by(OptOut.opted_at, OptOut.number)
-    if numbers is not None:
-        numbers = list(numbers)
-        if not numbers:
-            return []
-        query = query.where(OptOut.number.in_(numbers))
     with autocommit_twin(engine).connect() as conn:
         return [OptedOut(*row) for row in conn.execute(query)]
+
+
+def opted_out_waiting(engine: Engine, providers: Iterable[str], limit: int = 1000) -> list[tuple[int, OptedOut]]:
+    """Waiting campaign rows of `providers` whose recipient opted out, with the opt-out: up to `limit`. The
+    server reads the waiting rows by their state and looks each number up by `sms_optout`'s key (or the
+    opt-outs through `ix_sms_dispatch_recipient`, when they are fewer): the backlog, never the finished rows
+    (1 ms with none waiting beside 200,000 finished, on MariaDB)."""
+    d, o = Dispatch.__table__, OptOut.__table__
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(d.c.batchcontact_id, o.c.number, o.c.word, o.c.opted_at)
+                            .select_from(o.join(d, d.c.recipient == o.c.number))
+                            .where(d.c.provider.in_(list(providers)), d.c.state == S.WAITING,
+                                   d.c.campaign.is_(True)).limit(limit)).all()
+    return [(r.batchcontact_id, OptedOut(r.number, r.word, r.opted_at)) for r in rows]
 
 
 def optout_count(engine: Engine) -> int:

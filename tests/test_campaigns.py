@@ -355,3 +355,24 @@ def test_a_single_due_behind_a_campaign_still_being_claimed_is_claimed_at_the_ne
         claimed = set(conn.scalars(select(Dispatch.batchcontact_id)))
     assert claimed == set(campaign[:10]) | set(campaign[-9:]) | {single}
     assert single in enqueued
+
+
+@pytest.mark.integration
+def test_a_campaign_row_waiting_when_its_recipient_opts_out_ends_failed_before_it_is_sent(db, mariadb_url,
+                                                                                            redis_url):
+    settings = load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
+                             default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
+                             mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo",
+                             mobilgroup_max_inflight=1)
+    rt = Runtime(settings)
+    campaign = insert_campaign(db, [number(i) for i in range(3)], "Sale")
+    enqueued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    assert enqueued == campaign[:1]
+    store.add_optout(db, normalised(number(2)), "STOP")   # the reply came while its row waited for room
+
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    rows = rows_by_id(db)
+    assert (rows[campaign[2]]["status"], rows[campaign[2]]["error_msg"]) == \
+        ("failed", f"the recipient opted out by replying STOP on {datetime.now():%Y-%m-%d}")
+    assert rows[campaign[1]]["state"] == "waiting" and enqueued == campaign[:1]

@@ -2,7 +2,8 @@
 reply and quiet hours at the recipient's. Single messages (an agent's, a batch of one) are never held.
 
 Opt-out: a reply that is one of `SMS_OPTOUT_WORDS` (case, surrounding spaces and punctuation ignored) puts
-its number in `sms_optout`; campaign rows to it end `failed` at dispatch, before any provider is called.
+its number in `sms_optout`; waiting campaign rows to it end `failed` at the next dispatch tick, before
+any provider is called.
 
 Quiet hours: `SMS_QUIET_HOURS` (`21:00-09:00`) is the recipient's local time, in the zone the number
 belongs to (`phonenumbers.timezone`); where a number's zones differ in local time now (a Russian mobile may

@@ -50,6 +50,7 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
             total += len(latest)
             route_claimed(rt, latest)
             break
+    refuse_opted_out(rt)
     hold_quiet(rt)
     breakers = store.breaker_states(rt.engine)
     summary = store.waiting_summary(rt.engine)
@@ -78,6 +79,18 @@ CONFIRM_PER_TICK = 20
 CONFIRM_EVERY_S = 30.0
 """A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
 hold every tick for its HTTP timeout."""
+
+
+def refuse_opted_out(rt: Runtime) -> int:
+    """Waiting campaign rows whose recipient opted out end `failed` ("the recipient opted out by replying
+    STOP on …"), before any provider is called: just claimed, or waiting since before the reply came.
+    Returns how many."""
+    refused = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use)
+    for row_id, optout in refused:
+        store.finish_failed(rt.engine, row_id, optout_reason(optout.word, optout.opted_at))
+    if refused:
+        log.info("dispatch: %d campaign rows end failed: their recipients opted out", len(refused))
+    return len(refused)
 
 
 def hold_quiet(rt: Runtime) -> int:
@@ -146,9 +159,9 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
 
 
 def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
-    """Refuse invalid numbers and expired rows at once, and campaign rows to numbers that opted out; record
-    each other row's provider and normalised number (they then wait for their provider's room) and, while
-    quiet hours are set, a campaign row's time zone. Returns the routed row ids by provider."""
+    """Refuse invalid numbers and expired rows at once; record each other row's provider and normalised
+    number (they then wait for their provider's room) and, while quiet hours are set, a campaign row's time
+    zone. Returns the routed row ids by provider."""
     s = rt.settings
     routes: dict[int, tuple[str, str]] = {}
     campaign: dict[int, str] = {}
@@ -165,15 +178,6 @@ def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[i
         routes[row.id] = (route(recipient, s), recipient)
         if row.campaign:
             campaign[row.id] = recipient
-    if campaign:
-        opted = {o.number: o for o in store.optouts(rt.engine, set(campaign.values()))}
-        refused = [row_id for row_id, recipient in campaign.items() if recipient in opted]
-        for row_id in refused:
-            optout = opted[campaign.pop(row_id)]
-            store.finish_failed(rt.engine, row_id, optout_reason(optout.word, optout.opted_at))
-            del routes[row_id]
-        if refused:
-            log.info("dispatch: %d campaign rows end failed: their recipients opted out", len(refused))
     store.assign_routes(rt.engine, routes)
     if campaign and s.quiet_window:
         store.set_zones(rt.engine, {row_id: recipient_zone(recipient, s) for row_id, recipient in campaign.items()})
