@@ -290,16 +290,20 @@ def test_campaign_rows_wait_for_the_end_of_quiet_hours_at_the_recipient_s_and_si
 
 # --- what the operator sees -------------------------------------------------------------------------
 
+def in_process(mariadb_url: str, redis_url: str, **overrides):
+    """Settings for dispatch ticks run in this process; the provider is never called."""
+    return load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
+                         default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
+                         mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo", **overrides)
+
+
 @pytest.mark.integration
 def test_status_metrics_and_the_tick_show_quiet_rows_campaigns_and_opt_outs(db, mariadb_url, redis_url, caplog):
     """Quiet hours now in Bucharest (Romanian numbers), not in Vladivostok, the zone set for Russian mobiles."""
     bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
     window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
-    settings = load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
-                             default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
-                             mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo",
-                             mobilgroup_rate=5, mobilgroup_max_inflight=4, allowed_countries="RU,RO",
-                             quiet_hours=window, quiet_hours_tz="Asia/Vladivostok")
+    settings = in_process(mariadb_url, redis_url, mobilgroup_rate=5, mobilgroup_max_inflight=4,
+                          allowed_countries="RU,RO", quiet_hours=window, quiet_hours_tz="Asia/Vladivostok")
     store.add_optout(db, "79164000099", "STOP")
     night = insert_campaign(db, ["+40 712 000 042", "+40 712 000 043", "+40 712 000 044"], "Sale",
                             creby="marketing")
@@ -342,10 +346,7 @@ def test_status_metrics_and_the_tick_show_quiet_rows_campaigns_and_opt_outs(db, 
 @pytest.mark.integration
 def test_a_single_due_behind_a_campaign_still_being_claimed_is_claimed_at_the_next_tick(db, mariadb_url,
                                                                                           redis_url):
-    settings = load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
-                             default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
-                             mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo",
-                             dispatch_batch=10)
+    settings = in_process(mariadb_url, redis_url, dispatch_batch=10)
     campaign = insert_campaign(db, [number(i) for i in range(40)], "Sale", due=ago(60))
     [single] = insert_campaign(db, [number(99)], "Your code is 1234", due=ago(1))
     enqueued: list[int] = []
@@ -360,10 +361,7 @@ def test_a_single_due_behind_a_campaign_still_being_claimed_is_claimed_at_the_ne
 @pytest.mark.integration
 def test_a_campaign_row_waiting_when_its_recipient_opts_out_ends_failed_before_it_is_sent(db, mariadb_url,
                                                                                             redis_url):
-    settings = load_settings(database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
-                             default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php",
-                             mobilgroup_user_id="1", mobilgroup_user="demo", mobilgroup_password="demo",
-                             mobilgroup_max_inflight=1)
+    settings = in_process(mariadb_url, redis_url, mobilgroup_max_inflight=1)
     rt = Runtime(settings)
     campaign = insert_campaign(db, [number(i) for i in range(3)], "Sale")
     enqueued: list[int] = []
