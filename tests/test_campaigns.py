@@ -374,3 +374,17 @@ def test_a_campaign_row_waiting_when_its_recipient_opts_out_ends_failed_before_i
     assert (rows[campaign[2]]["status"], rows[campaign[2]]["error_msg"]) == \
         ("failed", f"the recipient opted out by replying STOP on {datetime.now():%Y-%m-%d}")
     assert rows[campaign[1]]["state"] == "waiting" and enqueued == campaign[:1]
+
+
+def test_quiet_holds_and_opt_outs_work_on_the_embedded_database_too(engine):
+    campaign = insert_campaign(engine, [number(i) for i in range(3)], "Sale", due=ago(5))
+    claim_and_route(engine)
+    store.set_zones(engine, {campaign[0]: "Europe/Moscow", campaign[1]: "Europe/Moscow"})
+    store.add_optout(engine, f"7916{campaign[2]:07d}", "STOP")  # the number claim_and_route recorded
+
+    assert store.waiting_zones(engine) == ["Europe/Moscow"]
+    assert store.hold_quiet(engine, {"Europe/Moscow": 3600}) == 2
+    assert store.hold_quiet(engine, {"Europe/Moscow": 60}) == 0, "a shorter hold cut a longer one"
+    assert [(row_id, o.word) for row_id, o in store.opted_out_waiting(engine, ["mobilgroup"])] == \
+        [(campaign[2], "STOP")]
+    assert [r.id for r in store.release_waiting(engine, "mobilgroup", 10, 30)] == [campaign[2]]
