@@ -16,9 +16,11 @@ import ipaddress
 import math
 import os
 from dataclasses import dataclass
+from datetime import time
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -44,6 +46,9 @@ EXAMPLE_WEBHOOK_SECRET = "change-me-to-64-random-characters-eg-openssl-rand-hex-
 """The placeholders of `.env.example`: anyone who read it knows them, so start-up refuses them."""
 WEBHOOK_KEY_MIN_CHARS = 32
 FLOWER_PASSWORD_MIN_CHARS = 12
+OPTOUT_WORDS_DEFAULT = "STOP, СТОП, ОТПИСАТЬСЯ, UNSUBSCRIBE"
+OPTOUT_WORD_MAX = 32
+"""`sms_optout.word` holds this many characters."""
 
 
 class ConfigError(RuntimeError):
@@ -119,6 +124,16 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(default=15.0, gt=0)
     """The longest a provider call may take, connecting and answering together (a total deadline)."""
 
+    # --- campaigns (a batch of more than one row) ----------------------------------------------
+    quiet_hours: str = ""
+    """`21:00-09:00`: campaign rows wait while it is that time at the recipient's; empty: never."""
+    quiet_hours_tz: str | None = None
+    """The zone (a zoneinfo key, `Europe/Moscow`) of numbers whose zones differ in local time (Russian
+    mobiles); default the default region's main zone (`workflow.campaigns.main_zone`)."""
+    optout_words: str = OPTOUT_WORDS_DEFAULT
+    """Comma-separated replies that opt a number out of campaigns (case, spaces and punctuation around them
+    ignored); empty: replies opt nobody out."""
+
     # --- webhooks -----------------------------------------------------------------------------
     public_url: str | None = None
     webhook_secret: SecretStr | None = None
@@ -192,7 +207,7 @@ class Settings(BaseSettings):
     ozeki_max_inflight: int | None = Field(default=None, ge=1)
     smsc_max_inflight: int | None = Field(default=None, ge=1)
     """Rows of that provider in the broker or being sent at once; the rest wait in the database. Default:
-    `INFLIGHT_SECONDS` of its rate (at least `INFLIGHT_MIN`), see `max_inflight()`."""
+    one dispatch interval and `INFLIGHT_MARGIN_S` of its rate (at least `INFLIGHT_MIN`), see `max_inflight()`."""
     mobilgroup_threads: int | None = Field(default=None, ge=1)
     accolades_threads: int | None = Field(default=None, ge=1)
     ozeki_threads: int | None = Field(default=None, ge=1)
@@ -263,6 +278,30 @@ class Settings(BaseSettings):
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a region code the phone-number library knows (such as RU or RO)")
         return region
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _check_quiet_hours(cls, value: str) -> str:
+        parse_quiet_hours(value)  # its ValueError says what is wrong
+        return value.strip()
+
+    @field_validator("quiet_hours_tz")
+    @classmethod
+    def _check_zone(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone of the tz database (such as Europe/Moscow)") from None
+        return value.strip()
+
+    @field_validator("optout_words")
+    @classmethod
+    def _check_words(cls, value: str) -> str:
+        if any(len(word) > OPTOUT_WORD_MAX for word in parse_words(value)):
+            raise ValueError(f"each word may have at most {OPTOUT_WORD_MAX} characters")
+        return value
 
     @field_validator("smsc_host")
     @classmethod
@@ -372,12 +411,24 @@ class Settings(BaseSettings):
                     pending.append(fallback)
         return used
 
+    @property
+    def quiet_window(self) -> tuple[time, time] | None:
+        """`SMS_QUIET_HOURS` as (start, end) wall times, or None when unset."""
+        return parse_quiet_hours(self.quiet_hours)
+
+    @property
+    def optout_word_list(self) -> list[str]:
+        """`SMS_OPTOUT_WORDS`, each as written."""
+        return parse_words(self.optout_words)
+
     def max_inflight(self, provider: str) -> int:
-        """`SMS_<PROVIDER>_MAX_INFLIGHT`, else `INFLIGHT_SECONDS` worth of its rate, at least `INFLIGHT_MIN`:
-        enough to keep its workers busy between two dispatch ticks, little enough that the broker drains it
-        well within `SMS_LOST_TASK_S`."""
+        """`SMS_<PROVIDER>_MAX_INFLIGHT`, else `SMS_DISPATCH_INTERVAL_S` + `INFLIGHT_MARGIN_S` worth of its
+        rate, at least `INFLIGHT_MIN`: enough to keep its workers busy from one dispatch tick to the next,
+        little enough that a single message released behind a campaign waits only a few seconds of the
+        provider's rate in the broker (the broker's queue is first in, first out)."""
         configured = getattr(self, f"{provider}_max_inflight")
-        return configured or max(INFLIGHT_MIN, math.ceil(getattr(self, f"{provider}_rate") * INFLIGHT_SECONDS))
+        seconds = self.dispatch_interval_s + INFLIGHT_MARGIN_S
+        return configured or max(INFLIGHT_MIN, math.ceil(getattr(self, f"{provider}_rate") * seconds))
 
     def threads_for(self, provider: str, concurrency: int, providers_served: int) -> int:
         """`SMS_<PROVIDER>_THREADS`, else: a worker serving one provider lets it use all its threads but
@@ -443,7 +494,7 @@ class Settings(BaseSettings):
 
 
 LEASE_HEADROOM_S = 10
-INFLIGHT_SECONDS = 10
+INFLIGHT_MARGIN_S = 1.0
 INFLIGHT_MIN = 20
 THREADS_RESERVED = 2
 
@@ -468,6 +519,24 @@ def mask_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:  # not a URL SQLAlchemy reads (a broker list, say): nothing of it is shown
         return "<url hidden>"
+
+
+def parse_quiet_hours(value: str) -> tuple[time, time] | None:
+    """Parse `21:00-09:00` (start-end, 24-hour wall times; the end may be past midnight); empty is None."""
+    if not value.strip():
+        return None
+    try:
+        start, end = (time.fromisoformat(part.strip()) for part in value.split("-"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a window such as 21:00-09:00 (start-end, 24-hour times)") from None
+    if start == end:
+        raise ValueError(f"{value!r} starts when it ends: give a window such as 21:00-09:00")
+    return start, end
+
+
+def parse_words(value: str) -> list[str]:
+    """Comma-separated words, each stripped; empty items are dropped."""
+    return [word.strip() for word in value.split(",") if word.strip()]
 
 
 def parse_routes(value: str) -> list[tuple[str, str]]:

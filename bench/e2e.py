@@ -510,8 +510,50 @@ def time_ticks(bench: BenchDb, ids: list[int], repeats: int) -> tuple[float, flo
     return statistics.median(full), statistics.median(empty)
 
 
+def seed_finished_records(bench: BenchDb, count: int) -> None:
+    """`count` dispatch records of finished rows (our own table's share of the filler), each its own batch."""
+    with bench.admin.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO sms_dispatch (batchcontact_id, claim_token, provider, recipient, state, attempts, parts,"
+            " polls, resends, unknowns, failures, batch_id, creby, campaign, due_at, claimed_at, accepted_at,"
+            " created_at, updated_at) SELECT 100000000 + seq, 'filler', 'mobilgroup', CONCAT('7915', LPAD(seq, 7,"
+            " '0')), ELT(1 + (seq % 100 >= 90), 'delivered', 'failed'), 1, 1, 0, 0, 0, 0, 100000000 + seq,"
+            " 'agent', 0, NOW() - INTERVAL (seq % 129600) MINUTE, NOW() - INTERVAL (seq % 129600) MINUTE,"
+            " NOW() - INTERVAL (seq % 129600) MINUTE, NOW() - INTERVAL (seq % 129600) MINUTE,"
+            f" NOW() - INTERVAL (seq % 129600) MINUTE FROM seq_1_to_{count}"))
+
+
+def time_release(bench: BenchDb, ids: list[int], room: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one provider's release (`store.release_waiting`, fair turns) choosing `room` of
+    `len(ids)` waiting rows, and of a release with nothing due."""
+    engine = engine_for(bench.app_url)
+    full, empty = [], []
+    for _ in range(repeats):
+        due = make_due(bench, ids)
+        time.sleep(max(0.0, due - time.time()) + 0.01)
+        claimed = store.claim_due(engine, len(ids))
+        store.assign_routes(engine, {row.id: ("mobilgroup", f"7916{row.id:07d}") for row in claimed})
+        t = time.perf_counter()
+        released = store.release_waiting(engine, "mobilgroup", room, 30)
+        full.append(time.perf_counter() - t)
+        if len(released) != min(room, len(ids)):
+            raise RuntimeError(f"released {len(released)} rows")
+        with bench.admin.begin() as conn:  # nothing waits any more
+            conn.execute(text("UPDATE sms_dispatch SET state = 'delivered' WHERE claim_token <> 'filler'"))
+        t = time.perf_counter()
+        store.release_waiting(engine, "mobilgroup", room, 30)
+        empty.append(time.perf_counter() - t)
+    return statistics.median(full), statistics.median(empty)
+
+
 def tick_only(args, bench: BenchDb) -> None:
     ids = seed_rows(bench, args.tick_rows)
+    if args.filler:
+        seed_finished_records(bench, args.filler)
+    room = 120
+    full, empty = time_release(bench, ids, room, args.tick_repeats)
+    print(f"release: {args.filler:,} finished records + {len(ids):,} waiting, release_waiting(limit={room}):"
+          f" {full * 1000:.1f} ms; nothing waiting: {empty * 1000:.1f} ms")
     print(f"dispatch tick: {args.filler:,} finished rows + {len(ids):,} due, claim_due(limit={len(ids)}),"
           f" median of {args.tick_repeats}")
     for label, indexed in (("without index", False), ("with index", True)):

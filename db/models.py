@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import DateTime, Index, Integer, Numeric, String, Text
+from sqlalchemy import Boolean, DateTime, Index, Integer, Numeric, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # asterCC's columns are varchar(255) in its sibling asterCRM; longer values are cut to fit.
@@ -86,6 +86,7 @@ class WaitReason:
     UNKNOWN = "unknown"          # the last request's answer never came: it may have arrived
     BUSY = "busy"                # the worker had no thread to spare for this provider, or was stopping
     PROBE = "probe"              # (on a queued row) the one send that tests a paused account again
+    QUIET = "quiet"              # a campaign row: quiet hours at the recipient's (SMS_QUIET_HOURS) until they end
 
 
 class Dispatch(Base):
@@ -129,6 +130,15 @@ class Dispatch(Base):
     """What the provider's report said the message cost (smsc.ru's receipts), in the account's currency."""
     parts_reported: Mapped[int | None] = mapped_column(Integer)
     """How many parts the provider's report counted; `parts` is our own count at sending."""
+    batch_id: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """asterCC's archive row of this row (`batchcontact_archive_id`): the rows sharing it are one batch, and
+    the release takes turns between batches."""
+    creby: Mapped[str] = mapped_column(String(50), default="", server_default="")
+    """Who created the row in asterCC (`creby`), for the operator's view of campaigns."""
+    campaign: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    """Its batch has more than one row (`store.claim_due` decides): quiet hours and opt-outs apply to it."""
+    recipient_tz: Mapped[str | None] = mapped_column(String(40))
+    """The recipient's time zone (a zoneinfo key) of a campaign row while quiet hours are set, else NULL."""
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -140,6 +150,9 @@ class Dispatch(Base):
         Index("ix_sms_dispatch_release", "provider", "state", "due_at"),
         Index("ix_sms_dispatch_accepted", "accepted_at", "provider", "due_at"),
         Index("ix_sms_dispatch_spend", "accepted_at", "provider", "cost", "parts", "parts_reported"),
+        Index("ix_sms_dispatch_fair", "provider", "state", "batch_id", "due_at", "next_attempt_at"),
+        Index("ix_sms_dispatch_batch", "batch_id", "state"),
+        Index("ix_sms_dispatch_zone", "state", "recipient_tz"),
         {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},
     )
 
@@ -180,6 +193,21 @@ class Meta(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))
+
+    __table_args__ = ({"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},)
+
+
+class OptOut(Base):
+    """A number that opted out of campaigns by replying one of `SMS_OPTOUT_WORDS` (or an operator added it):
+    campaign rows to it end `failed`; single messages still go."""
+
+    __tablename__ = "sms_optout"
+
+    number: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """International digits without `+`, as `workflow.routing.normalise` gives them."""
+    word: Mapped[str] = mapped_column(String(32))
+    """The opt-out word replied (as `SMS_OPTOUT_WORDS` spells it), or `smsctl` when an operator added it."""
+    opted_at: Mapped[datetime] = mapped_column(DateTime)
 
     __table_args__ = ({"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"},)
 

@@ -98,6 +98,44 @@ def open_rows(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, int]
     return counts, oldest
 
 
+CAMPAIGNS_SHOWN = 20
+"""Campaigns in progress shown at most, the oldest first."""
+PROGRESS = {S.ACCEPTED: "sent", S.DELIVERED: "sent", S.UNCONFIRMED: "sent", S.QUEUED: "waiting",
+            S.SENDING: "waiting", S.WAITING: "waiting", S.FAILED: "failed", S.ERROR: "error"}
+"""How a campaign's rows count in its progress, by our state."""
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A campaign with rows still open: its batch (asterCC's archive row), who created it, and its rows
+    `sent` (accepted by the provider), `waiting` (not yet), `failed` and `error`."""
+
+    batch: int
+    creby: str
+    rows: dict[str, int]
+
+
+def campaigns(engine: Engine, limit: int = CAMPAIGNS_SHOWN) -> list[Campaign]:
+    """Campaigns in progress (a campaign row still open), the oldest batch first, at most `limit`: the open
+    rows found by their state (an index: the backlog is read, never the finished rows), then their batches'
+    counts from `ix_sms_dispatch_batch` alone."""
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        open_batches = conn.execute(select(d.c.batch_id, func.max(d.c.creby))
+                                    .where(d.c.state.in_(S.OPEN), d.c.campaign.is_(True))
+                                    .group_by(d.c.batch_id).order_by(d.c.batch_id).limit(limit)).all()
+        if not open_batches:
+            return []
+        counts = conn.execute(select(d.c.batch_id, d.c.state, func.count())
+                              .where(d.c.batch_id.in_([batch for batch, _ in open_batches]))
+                              .group_by(d.c.batch_id, d.c.state)).all()
+    rows: dict[int, dict[str, int]] = {batch: dict.fromkeys(("sent", "waiting", "failed", "error"), 0)
+                                       for batch, _ in open_batches}
+    for batch, state, n in counts:
+        rows[batch][PROGRESS.get(state, "waiting")] += n
+    return [Campaign(batch, creby or "", rows[batch]) for batch, creby in open_batches]
+
+
 def last_hour(engine: Engine) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
     """({(provider, `sent` | `failed` | `error`): rows in the last `WINDOW_S`}, {provider: rows sent in the
     last minute}). `sent`: accepted by the provider; `failed`, `error`: ended so (a row sent and then

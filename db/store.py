@@ -16,13 +16,14 @@ import re
 import time
 import functools
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Iterable
 
 from sqlalchemy import (
-    Integer, String, and_, bindparam, case, delete, func, insert, literal_column, or_, select, update,
+    Integer, String, and_, bindparam, case, delete, func, insert, literal, literal_column, or_, select, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -39,6 +40,7 @@ from .models import (
     DispatchState as S,
     MessageId,
     Meta,
+    OptOut,
     WaitReason as W,
 )
 
@@ -52,12 +54,14 @@ DEADLOCK = 1213
 @dataclass(frozen=True)
 class Claimed:
     """A row this claimer won: its id, asterCC's `target` exactly as typed, and how long ago it fell due
-    (seconds, by the database's clock; 0 for an operator's resend) and when (None: a zero date)."""
+    (seconds, by the database's clock; 0 for an operator's resend) and when (None: a zero date); whether it
+    is a campaign row (its batch has more than one row, see `claim_due`)."""
 
     id: int
     target: str
     overdue_s: int = 0
     due_at: object = None
+    campaign: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,10 @@ def _fit(text: str, limit: int) -> str:
 
 # --- dispatch -------------------------------------------------------------------------------------
 
-def due_rows(limit: int):
-    """The query for up to `limit` due SMS rows (id, schedulertime), oldest due first: what every dispatch
-    tick asks asterCC's table (`EXPLAIN` it to check the plan; see `schema.add_astercc_index`).
+def due_rows(limit: int, latest_first: bool = False):
+    """The query for up to `limit` due SMS rows (id, schedulertime, archive row, creby), oldest due first
+    (asterCC's zero date, "now", counts as the oldest), or with `latest_first` the latest due first: what
+    every dispatch tick asks asterCC's table (`EXPLAIN` it to check the plan; see `schema.add_astercc_index`).
 
     A row we already hold (a record not final, or final less than `RESEND_AFTER_S` ago) is left out even if
     asterCC shows it `new` (a claim interrupted between its two steps, an operator who reset a row in
@@ -108,13 +113,14 @@ def due_rows(limit: int):
     return (
         # asterCC's zero date (due at once) comes back as None: SQLite would hand it over as a text that is no date.
         select(bc.c.id, func.nullif(bc.c.schedulertime, literal_column("'0000-00-00 00:00:00'"),
-                                    type_=bc.c.schedulertime.type).label("schedulertime"))
+                                    type_=bc.c.schedulertime.type).label("schedulertime"),
+               bc.c.batchcontact_archive_id, bc.c.creby)
         .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id)
                      .outerjoin(d, d.c.batchcontact_id == bc.c.id))
         .where(bc.c.status == "new", bc.c.schedulertime <= db_local_now(),
                or_(arc.c.archivetype == "sms", arc.c.id.is_(None)),
                or_(d.c.batchcontact_id.is_(None), _resendable(d)))
-        .order_by(bc.c.schedulertime, bc.c.id)
+        .order_by(*((bc.c.schedulertime.desc(), bc.c.id.desc()) if latest_first else (bc.c.schedulertime, bc.c.id)))
         .limit(limit)
     )
 
@@ -152,23 +158,29 @@ def retry_lock_conflicts(fn):
     return retrying
 
 
-def claim_due(engine: Engine, limit: int) -> list[Claimed]:
+def claim_due(engine: Engine, limit: int, *, latest_first: bool = False) -> list[Claimed]:
     """Claim up to `limit` due SMS rows (status `new`, `schedulertime <= NOW()`, zero date = now), oldest
-    due first; mark them `pending`; return the ones this call won. Safe with several claimers at once.
+    due first (or the latest due first: `due_rows`); mark them `pending`; return the ones this call won.
+    Safe with several claimers at once.
+
+    Each record keeps its batch (asterCC's archive row) and `creby`. A row is a campaign row when its
+    batch has another row: in this claim, among our records, or (only for a batch of which this claim holds
+    one row and we hold no other, in practice an agent's single message) still `new` in asterCC's table.
+    A row without an archive row (batch 0) is never a campaign row.
 
     Two transactions: the first records the claim under a token of this call's own, the second marks the
     rows this token won `pending`; each is retried on its own, so a lock conflict in the second does not
     leave the first's rows behind (a dispatch killed between the two does: see `find_unrouted`)."""
     token = uuid.uuid4().hex
-    if not _record_claims(engine, limit, token):
+    if not _record_claims(engine, limit, token, latest_first):
         return []
     return _take_won(engine, token)
 
 
 @retry_lock_conflicts
-def _record_claims(engine: Engine, limit: int, token: str) -> bool:
+def _record_claims(engine: Engine, limit: int, token: str, latest_first: bool = False) -> bool:
     with engine.begin() as conn:
-        due = conn.execute(due_rows(limit)).all()
+        due = conn.execute(due_rows(limit, latest_first)).all()
         if not due:
             return False
         ids = [row.id for row in due]
@@ -180,6 +192,7 @@ def _record_claims(engine: Engine, limit: int, token: str) -> bool:
         conn.execute(_insert_ignore(Dispatch), [
             {"batchcontact_id": row.id, "claim_token": token, "state": S.WAITING, "wait_reason": W.ROOM,
              "attempts": 0, "failures": 0, "unknowns": 0, "polls": 0, "parts": 1,
+             "batch_id": row.batchcontact_archive_id or 0, "creby": _fit(row.creby or "", 50), "campaign": False,
              "due_at": row.schedulertime - offset if row.schedulertime else now, "claimed_at": now, "next_attempt_at": None,
              "created_at": now, "updated_at": now} for row in due
         ])
@@ -211,10 +224,33 @@ def _take_won(engine: Engine, token: str) -> list[Claimed]:
         conn.execute(update(BatchContact).where(BatchContact.id.in_(won), BatchContact.status == "new")
                      .values(status="pending"))
         # Oldest due first, so that a backlog drains in due order within a batch too.
-        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.c.due_at).label("overdue_s"), d.c.due_at)
+        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.c.due_at).label("overdue_s"), d.c.due_at,
+                                   d.c.batch_id)
                             .join(d, d.c.batchcontact_id == bc.c.id).where(bc.c.id.in_(won))
-                            .order_by(d.c.due_at, bc.c.id))
-        return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at) for r in rows]
+                            .order_by(d.c.due_at, bc.c.id)).all()
+        campaigns = _campaign_batches(conn, token, Counter(r.batch_id for r in rows if r.batch_id))
+        if campaigns:
+            conn.execute(update(d).where(d.c.claim_token == token, d.c.batch_id.in_(campaigns)).values(campaign=True))
+        return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at, r.batch_id in campaigns)
+                for r in rows]
+
+
+def _campaign_batches(conn, token: str, rows_per_batch: Counter) -> set[int]:
+    """Of the batches of a claim (batch → its rows in the claim), those with more than one row: more than
+    one in the claim, else another among our records, else (one statement, for the batches left, in
+    practice single messages) another row of asterCC's still `new` (not due yet), which the claim's own
+    search reads anyway (`schema.add_astercc_index`: asterCC's table has no index on the archive id)."""
+    d, bc = Dispatch.__table__, BatchContact.__table__
+    campaigns = {batch for batch, n in rows_per_batch.items() if n > 1}
+    alone = [batch for batch, n in rows_per_batch.items() if n == 1]
+    if alone:
+        campaigns.update(conn.scalars(select(d.c.batch_id).distinct()
+                                      .where(d.c.batch_id.in_(alone), d.c.claim_token != token)))
+        alone = [batch for batch in alone if batch not in campaigns]
+    if alone:  # this claim's own rows are `pending` by now
+        arc = bc.c.batchcontact_archive_id
+        campaigns.update(conn.scalars(select(arc).distinct().where(bc.c.status == "new", arc.in_(alone))))
+    return campaigns
 
 
 # --- release: from waiting in the database to the broker ------------------------------------------
@@ -290,12 +326,26 @@ def expire_leases(engine: Engine, provider: str, *, resend: bool, limit: int) ->
     return 0, ids
 
 
+@dataclass(frozen=True)
+class Released:
+    """A row put in the broker by `release_waiting`, and its batch (asterCC's archive row)."""
+
+    id: int
+    batch: int
+
+
 @retry_lock_conflicts
-def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *, probe: bool = False) -> list[int]:
-    """Move up to `limit` waiting rows of `provider` that are due (oldest due first) to `queued`, to be put in
-    the broker, which gives them `requeue_s` to start. With `probe`, the one row is the probe of a paused
-    account: of the rows waiting for the pause (or otherwise due), one refused the fewest times, the oldest
-    of those. Returns their ids."""
+def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *,
+                    probe: bool = False) -> list[Released]:
+    """Move up to `limit` waiting rows of `provider` that are due to `queued`, to be put in the broker, which
+    gives them `requeue_s` to start, in fair turns: the oldest due row of each batch (rows sharing an archive
+    row), then each batch's second, and so on, oldest batch first within a turn. So a single message (a batch
+    of one) goes in the first turn however large the campaigns before it, and campaigns due together share
+    the room evenly. One statement to choose, one to move, whatever the backlog (a window function over the
+    provider's due waiting rows, read from `ix_sms_dispatch_fair`).
+
+    With `probe`, the one row is the probe of a paused account: of the rows waiting for the pause (or
+    otherwise due), one refused the fewest times, the oldest of those. Returns the rows moved."""
     if limit <= 0:
         return []
     d = Dispatch.__table__
@@ -307,21 +357,31 @@ def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *
                  or_(d.c.wait_reason == W.PAUSED, due) if probe else due)
     token = uuid.uuid4().hex
     with engine.begin() as conn:
-        # A probe is best a row never refused yet: one refused a pause ago would meet the identical-request
-        # rule (same recipient and text) and go back unsent.
-        order = (d.c.failures, d.c.due_at, d.c.batchcontact_id) if probe else (d.c.due_at, d.c.batchcontact_id)
-        ids = list(conn.scalars(select(d.c.batchcontact_id).where(ready).order_by(*order)
-                                .limit(limit).with_for_update(skip_locked=True)))
-        if not ids:
+        if probe:
+            # A probe is best a row never refused yet: one refused a pause ago would meet the identical-request
+            # rule (same recipient and text) and go back unsent.
+            chosen = conn.execute(select(d.c.batchcontact_id, d.c.batch_id).where(ready)
+                                  .order_by(d.c.failures, d.c.due_at, d.c.batchcontact_id)
+                                  .limit(1).with_for_update(skip_locked=True)).all()
+        else:
+            # No row locks here (a window function's rows cannot be locked); the UPDATE below is the
+            # compare-and-set: of two releasers choosing the same rows, the second finds them queued.
+            turn = func.row_number().over(partition_by=d.c.batch_id, order_by=(d.c.due_at, d.c.batchcontact_id))
+            waiting = select(d.c.batchcontact_id, d.c.batch_id, d.c.due_at, turn.label("turn")).where(ready).subquery()
+            chosen = conn.execute(select(waiting.c.batchcontact_id, waiting.c.batch_id)
+                                  .order_by(waiting.c.turn, waiting.c.due_at, waiting.c.batchcontact_id)
+                                  .limit(limit)).all()
+        if not chosen:
             return []
-        moved = conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), ready)
+        rows = [Released(r.batchcontact_id, r.batch_id) for r in chosen]
+        moved = conn.execute(update(d).where(d.c.batchcontact_id.in_([r.id for r in rows]), ready)
                              .values(state=S.QUEUED, claim_token=token, wait_reason=W.PROBE if probe else None,
                                      next_attempt_at=db_now_plus(requeue_s), queued_at=db_now(),
                                      updated_at=db_now())).rowcount
-        if moved != len(ids):  # another releaser took some (SQLite has no row locks): keep what this one won
-            ids = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.claim_token == token,
-                                                                      d.c.state == S.QUEUED)))
-    return ids
+        if moved != len(rows):  # another releaser took some: keep what this one won
+            won = set(conn.scalars(select(d.c.batchcontact_id).where(d.c.claim_token == token, d.c.state == S.QUEUED)))
+            rows = [r for r in rows if r.id in won]
+    return rows
 
 
 def waiting_summary(engine: Engine) -> dict[str, dict[str, int]]:
@@ -378,6 +438,44 @@ def _set_routes(size: int):
         .values(provider=bindparam("provider"),
                 recipient=case(*((d.c.batchcontact_id == ids[k], bindparam(f"r{k}")) for k in range(size))))
     )
+
+
+@retry_lock_conflicts
+def set_zones(engine: Engine, zones: dict[int, str]) -> None:
+    """Record the recipient's time zone of claimed campaign rows ({row id: zoneinfo key}), for quiet hours:
+    one UPDATE per zone."""
+    by_zone: dict[str, list[int]] = {}
+    for row_id, zone in zones.items():
+        by_zone.setdefault(zone, []).append(row_id)
+    d = Dispatch.__table__
+    with engine.begin() as conn:
+        for zone, ids in by_zone.items():
+            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids)).values(recipient_tz=zone))
+
+
+def waiting_zones(engine: Engine) -> list[str]:
+    """The time zones of waiting campaign rows (from `ix_sms_dispatch_zone`)."""
+    d = Dispatch.__table__
+    with autocommit_twin(engine).connect() as conn:
+        return list(conn.scalars(select(d.c.recipient_tz).distinct()
+                                 .where(d.c.state == S.WAITING, d.c.recipient_tz.is_not(None))))
+
+
+@retry_lock_conflicts
+def hold_quiet(engine: Engine, holds: dict[str, int]) -> int:
+    """Waiting campaign rows of the zones in `holds` ({zone: seconds until its quiet hours end}) wait
+    (`quiet`) until then, unless they wait longer already. Their claim time moves there too: the retry
+    windows count from when they may go, not through the night. Returns how many rows were held."""
+    d = Dispatch.__table__
+    held = 0
+    with engine.begin() as conn:
+        for zone, seconds in holds.items():
+            ends = db_now_plus(seconds)
+            held += conn.execute(
+                update(d).where(d.c.state == S.WAITING, d.c.recipient_tz == zone,
+                                or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at < ends))
+                .values(wait_reason=W.QUIET, next_attempt_at=ends, claimed_at=ends, updated_at=db_now())).rowcount
+    return held
 
 
 # --- send -----------------------------------------------------------------------------------------
@@ -627,6 +725,71 @@ def record_reply(engine: Engine, row_id: int, text: str) -> None:
                      .values(responsenote=_fit(text, RESPONSENOTE_MAX)))
 
 
+# --- opt-outs (campaigns) -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OptedOut:
+    """A number that opted out of campaigns: the word it replied (or `smsctl`) and when (a datetime)."""
+
+    number: str
+    word: str
+    opted_at: datetime
+
+
+@retry_lock_conflicts
+def record_optout(engine: Engine, row_id: int, word: str) -> bool:
+    """The recipient of row `row_id` replied `word`: its number (as the row records it, normalised) opts out
+    of campaigns. A number already opted out keeps its first word and time. Returns whether it was added."""
+    d, o = Dispatch.__table__, OptOut.__table__
+    with engine.begin() as conn:
+        return bool(conn.execute(_insert_ignore(OptOut).from_select(
+            [o.c.number, o.c.word, o.c.opted_at],
+            select(d.c.recipient, literal(_fit(word, 32), String()), db_now())
+            .where(d.c.batchcontact_id == row_id, d.c.recipient.is_not(None)))).rowcount)
+
+
+@retry_lock_conflicts
+def add_optout(engine: Engine, number: str, word: str) -> bool:
+    """Opt `number` (normalised) out of campaigns under `word`; False if it already was."""
+    with engine.begin() as conn:
+        now = conn.scalar(select(db_now()))
+        return bool(conn.execute(_insert_ignore(OptOut).values(number=number, word=_fit(word, 32), opted_at=now)
+                                 ).rowcount)
+
+
+@retry_lock_conflicts
+def remove_optout(engine: Engine, number: str) -> bool:
+    """`number` (normalised) may receive campaigns again; False if it had not opted out."""
+    with engine.begin() as conn:
+        return bool(conn.execute(delete(OptOut).where(OptOut.number == number)).rowcount)
+
+
+def optouts(engine: Engine) -> list[OptedOut]:
+    """The numbers that opted out, oldest first."""
+    query = select(OptOut.number, OptOut.word, OptOut.opted_at).order_by(OptOut.opted_at, OptOut.number)
+    with autocommit_twin(engine).connect() as conn:
+        return [OptedOut(*row) for row in conn.execute(query)]
+
+
+def opted_out_waiting(engine: Engine, providers: Iterable[str], limit: int = 1000) -> list[tuple[int, OptedOut]]:
+    """Waiting campaign rows of `providers` whose recipient opted out, with the opt-out: up to `limit`. The
+    server reads the waiting rows by their state and looks each number up by `sms_optout`'s key (or the
+    opt-outs through `ix_sms_dispatch_recipient`, when they are fewer): the backlog, never the finished rows
+    (1 ms with none waiting beside 200,000 finished, on MariaDB)."""
+    d, o = Dispatch.__table__, OptOut.__table__
+    with autocommit_twin(engine).connect() as conn:
+        rows = conn.execute(select(d.c.batchcontact_id, o.c.number, o.c.word, o.c.opted_at)
+                            .select_from(o.join(d, d.c.recipient == o.c.number))
+                            .where(d.c.provider.in_(list(providers)), d.c.state == S.WAITING,
+                                   d.c.campaign.is_(True)).limit(limit)).all()
+    return [(r.batchcontact_id, OptedOut(r.number, r.word, r.opted_at)) for r in rows]
+
+
+def optout_count(engine: Engine) -> int:
+    with autocommit_twin(engine).connect() as conn:
+        return conn.scalar(select(func.count()).select_from(OptOut)) or 0
+
+
 # --- polling (Mobilgroup) -------------------------------------------------------------------------
 
 @retry_lock_conflicts
@@ -686,7 +849,8 @@ def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them."""
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
-        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at)
+        rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at,
+                                   d.campaign)
                             .join(d, d.batchcontact_id == bc.c.id)
                             .where(d.state == S.WAITING, d.provider.is_(None), d.updated_at <= db_now_plus(-grace_s))
                             .order_by(bc.c.schedulertime, bc.c.id).limit(limit)).all()
@@ -696,7 +860,7 @@ def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
         conn.execute(update(d).where(d.batchcontact_id.in_(ids)).values(updated_at=db_now()))
         conn.execute(update(BatchContact).where(BatchContact.id.in_(ids), BatchContact.status == "new")
                      .values(status="pending"))
-    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at) for r in rows]
+    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at, bool(r.campaign)) for r in rows]
 
 
 @retry_lock_conflicts

@@ -1,5 +1,5 @@
 """`smsctl`: the operator's command line (database set-up, webhooks, SMPP receiver, metrics, status,
-simulators, demo).
+opt-outs, simulators, demo).
 
 The Celery processes themselves are started with `celery -A tasks worker|beat|flower`. Every command reads
 the same environment as they do; a bad setting stops it with a message naming the variable.
@@ -125,6 +125,58 @@ def status(watch: bool, interval: float) -> None:
     from smsctl.status import run
 
     run(_settings(), watch, interval)
+
+
+@main.group()
+def optout() -> None:
+    """The numbers that opted out of campaigns (single messages still reach them)."""
+
+
+def _normalised(number: str) -> str:
+    from workflow.routing import InvalidNumber, normalise
+
+    try:
+        return normalise(number, _settings())
+    except InvalidNumber as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@optout.command("list")
+def optout_list() -> None:
+    """Every opted-out number (masked, as the logs mask numbers), its word and when."""
+    from db import store
+    from db.engine import engine_for
+    from providers.text import mask
+
+    rows = store.optouts(engine_for(_settings().database_url))
+    for row in rows:
+        click.echo(f"{mask('+' + row.number):<16}  {row.word:<12}  {row.opted_at:%Y-%m-%d %H:%M}")
+    click.echo(f"{len(rows)} numbers opted out", err=True)
+
+
+@optout.command("add")
+@click.argument("number")
+def optout_add(number: str) -> None:
+    """Opt NUMBER out of campaigns (as typed: `8 903 …` and `+7903…` are one number)."""
+    from db import store
+    from db.engine import engine_for
+    from workflow.campaigns import OPERATOR
+
+    added = store.add_optout(engine_for(_settings().database_url), _normalised(number), OPERATOR)
+    click.echo("opted out" if added else "already opted out")
+
+
+@optout.command("remove")
+@click.argument("number")
+def optout_remove(number: str) -> None:
+    """Let campaigns reach NUMBER again."""
+    from db import store
+    from db.engine import engine_for
+
+    removed = store.remove_optout(engine_for(_settings().database_url), _normalised(number))
+    if not removed:
+        raise click.ClickException("that number has not opted out")
+    click.echo("campaigns reach it again")
 
 
 @main.command()

@@ -16,6 +16,8 @@ process's, and a metrics process can restart without losing anything. Metric nam
 | `sms_throttled_total` | provider | sends the rate limiter told to wait |
 | `sms_cost_total` | provider, window | gauge: what the reports of rows sent in the last `1h` / `1d` said they cost |
 | `sms_parts_per_message` | provider, window | parts per row sent in the last `1h` / `1d` (the provider's count where it reported one) |
+| `sms_campaign_rows` | batch, creby, progress | rows of each campaign in progress: `sent`, `waiting`, `failed`, `error` |
+| `sms_optouts` | | numbers opted out of campaigns |
 | `sms_dispatch_last_success_timestamp_seconds` | | when a dispatch tick last ran to its end |
 """
 from __future__ import annotations
@@ -104,6 +106,16 @@ def render(view: overview.Overview):
             buckets = [(f"{bound:g}", n) for bound, n in zip(stats.DELAY_BUCKETS_S, d.buckets)]
             family.add_metric([provider], buckets + [("+Inf", d.count)], gsum_value=d.sum_s)
         yield family
+
+    campaigns = GaugeMetricFamily("sms_campaign_rows", "Rows of each campaign in progress (a batch of more than "
+                                  "one row with rows still open), by how far they got.",
+                                  labels=["batch", "creby", "progress"])
+    for c in view.campaigns:
+        for progress, n in c.rows.items():
+            campaigns.add_metric([str(c.batch), c.creby, progress], n)
+    optouts = GaugeMetricFamily("sms_optouts", "Numbers opted out of campaigns.")
+    optouts.add_metric([], view.optouts)
+    yield from (campaigns, optouts)
 
     tick = GaugeMetricFamily("sms_dispatch_last_success_timestamp_seconds",
                              "When a dispatch tick last ran to its end (Unix time).")

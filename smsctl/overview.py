@@ -49,6 +49,10 @@ class Overview:
     dispatch_age_s: int | None
     """Seconds since the last dispatch tick ran to its end (None: none has)."""
     retention_days: float
+    campaigns: list[stats.Campaign] = field(default_factory=list)
+    """Campaigns with rows still open (`stats.campaigns`)."""
+    optouts: int = 0
+    """Numbers opted out of campaigns."""
     read_at: float = field(default_factory=time.time)
 
 
@@ -93,7 +97,8 @@ def read(settings: Settings, engine, throttle=None) -> Overview:
                    for window in stats.SPEND_WINDOWS_S},
         ))
     return Overview(views, messages, stats.due_to_sent(engine), stats.report_delay(engine),
-                    stats.stamp_age_s(engine, DISPATCH_STAMP), retention_days(settings))
+                    stats.stamp_age_s(engine, DISPATCH_STAMP), retention_days(settings),
+                    stats.campaigns(engine), store.optout_count(engine))
 
 
 def _why_not(breaker: store.BreakerState | None) -> str | None:

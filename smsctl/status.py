@@ -1,6 +1,7 @@
 """`smsctl status [--watch]`: one screen, a line per provider: available or why not, sent / failed / error in
 the last hour, rows waiting and why, the oldest waiting row's age, rate limit and use, and what the rows
-sent in the last hour and day cost by the providers' reports, with their parts per message.
+sent in the last hour and day cost by the providers' reports, with their parts per message; then a line per
+campaign in progress (batch, creby, sent / waiting / failed / error) and how many numbers opted out.
 
 The numbers are `smsctl.overview.read()`'s, the same the metrics serve. On a terminal the screen is a
 `rich` table (`--watch` redraws it in place); otherwise plain lines, one per provider, for scripts and logs.
@@ -13,9 +14,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from db.stats import Campaign
 from smsctl.overview import Overview, ProviderView
 
-WAIT_ORDER = ("queued", "sending", "room", "throttled", "retry", "unknown", "paused", "busy", "probe")
+WAIT_ORDER = ("queued", "sending", "room", "quiet", "throttled", "retry", "unknown", "paused", "busy", "probe")
 
 
 def _age(seconds: int | None) -> str:
@@ -62,7 +64,12 @@ def _parts(p: ProviderView) -> str:
 def _footer(view: Overview) -> str:
     tick = ("no dispatch tick has finished yet" if view.dispatch_age_s is None
             else f"last dispatch tick {_age(max(view.dispatch_age_s, 0))} ago")
-    return f"{tick}; read at {time.strftime('%H:%M:%S', time.localtime(view.read_at))}"
+    return (f"{tick}; {view.optouts} numbers opted out of campaigns; "
+            f"read at {time.strftime('%H:%M:%S', time.localtime(view.read_at))}")
+
+
+def _progress(c: Campaign) -> str:
+    return ", ".join(f"{what} {c.rows[what]}" for what in ("sent", "waiting", "failed", "error"))
 
 
 def screen(view: Overview):
@@ -78,7 +85,15 @@ def screen(view: Overview):
         table.add_row(p.name, status, str(p.last_hour["sent"]), str(p.last_hour["failed"]),
                       str(p.last_hour["error"]), _waiting(p), _age(p.oldest_waiting_s), _rate(p),
                       "-" if p.throttled is None else str(p.throttled), _cost(p), _parts(p))
-    return Group(table, Text(_footer(view), style="dim"))
+    if not view.campaigns:
+        return Group(table, Text("no campaign in progress"), Text(_footer(view), style="dim"))
+    campaigns = Table(title="Campaigns in progress", title_justify="left", expand=False)
+    for column, justify in (("batch", "right"), ("creby", "left"), ("sent", "right"), ("waiting", "right"),
+                            ("failed", "right"), ("error", "right")):
+        campaigns.add_column(column, justify=justify)
+    for c in view.campaigns:
+        campaigns.add_row(str(c.batch), c.creby, *(str(c.rows[what]) for what in ("sent", "waiting", "failed", "error")))
+    return Group(table, campaigns, Text(_footer(view), style="dim"))
 
 
 def plain(view: Overview) -> str:
@@ -88,6 +103,8 @@ def plain(view: Overview) -> str:
              f"rate {_rate(p)}; throttled {'-' if p.throttled is None else p.throttled}; "
              f"cost 1 h / 1 d {_cost(p)}; parts/msg {_parts(p)}"
              for p in view.providers]
+    lines += [f"campaign batch {c.batch} by {c.creby or '-'}: {_progress(c)}" for c in view.campaigns] \
+        or ["no campaign in progress"]
     return "\n".join(lines + [_footer(view)])
 
 

@@ -57,7 +57,7 @@ def db(mariadb_url):
     engine = engine_for(mariadb_url)
     with engine.begin() as conn:
         for table in ("cc10_batchcontacts", "cc10_batchcontact_archives", "sms_dispatch", "sms_message_ids",
-                      "sms_breaker", "sms_meta"):
+                      "sms_breaker", "sms_meta", "sms_optout"):
             conn.execute(text(f"TRUNCATE TABLE {table}"))
     return engine
 
@@ -102,6 +102,27 @@ def insert_rows(engine, rows, schedule_sql: str = "'0000-00-00 00:00:00'") -> li
                 f" created) VALUES (:a, :t, 'new', {schedule_sql}, 'agent', NOW())"),
                 {"a": archive, "t": target}).lastrowid)
     return ids
+
+
+def insert_campaign(engine, targets, body: str, *, creby: str = "campaigns", due=None) -> list[int]:
+    """Insert a batch as asterCC stores a campaign: one archive row holding `body` and one row per target
+    pointing at it, all created by `creby`, due at `due` (a local datetime, as asterCC writes them; default
+    now). Works on MariaDB and SQLite alike. Returns the row ids in the order of `targets`."""
+    from datetime import datetime
+
+    from sqlalchemy import insert
+
+    from db.models import BatchContact, BatchContactArchive
+
+    due = due or datetime.now().replace(microsecond=0)
+    with engine.begin() as conn:
+        archive = conn.execute(insert(BatchContactArchive).values(archivetype="sms", content=body)
+                               ).inserted_primary_key[0]
+        rows = [dict(batchcontact_archive_id=archive, target=t, status="new", creby=creby, schedulertime=due,
+                     created=datetime.now(), error_msg="", responsenote="") for t in targets]
+        conn.execute(insert(BatchContact), rows)
+        return list(conn.scalars(text("SELECT id FROM cc10_batchcontacts WHERE batchcontact_archive_id = :a"
+                                      " ORDER BY id"), {"a": archive}))
 
 
 @contextmanager

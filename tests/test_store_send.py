@@ -166,7 +166,7 @@ def test_a_send_that_lost_its_lease_changes_nothing(engine):
         conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
                      .values(lease_until=datetime.now() - timedelta(seconds=1)))
     assert store.expire_leases(engine, "mobilgroup", resend=True, limit=10) == (1, [])
-    assert store.release_waiting(engine, "mobilgroup", 10, 30) == [row_id]
+    assert [r.id for r in store.release_waiting(engine, "mobilgroup", 10, 30)] == [row_id]
     current = store.begin_send(engine, row_id, LEASE_S)
     assert current.token == stale.token + 1 and current.unknowns == 1
 
@@ -187,8 +187,8 @@ def test_waiting_rows_are_released_oldest_due_first_and_only_when_due(engine):
     for job, delay in zip(jobs, (0, 0, 600)):
         store.wait_again(engine, job.id, job.token, delay, "throttled", "throttled")
 
-    assert store.release_waiting(engine, "mobilgroup", 1, 30) == [ids[0]], "not the oldest due first"
-    assert store.release_waiting(engine, "mobilgroup", 10, 30) == [ids[1]], "a row not due yet was released"
+    assert [r.id for r in store.release_waiting(engine, "mobilgroup", 1, 30)] == [ids[0]], "not the oldest due first"
+    assert [r.id for r in store.release_waiting(engine, "mobilgroup", 10, 30)] == [ids[1]], "a row not due yet was released"
     assert store.release_waiting(engine, "accolades", 10, 30) == [], "another provider's rows were released"
 
 

@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
     settings = settings or get_settings()
     settings.require("webhook_secret")
     if apply_report is None:
-        apply_report = functools.partial(apply_to_database, engine_for(settings.database_url))
+        apply_report = functools.partial(apply_to_database, engine_for(settings.database_url),
+                                         optout_words=settings.optout_word_list)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REPORT_BYTES

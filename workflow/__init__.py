@@ -28,7 +28,8 @@ Where a row is, and who moves it (`db.models.DispatchState`):
 
 Only `queued` rows have a task in the broker, at most `SMS_<PROVIDER>_MAX_INFLIGHT` per provider with the
 `sending` ones, so one provider's backlog or outage never takes another's room. Every tick releases, per
-provider, the waiting rows that are due, oldest due first; it re-enqueues queued rows whose task has not
+provider, the waiting rows that are due, in turns between batches (each batch oldest due first, see
+`db.store.release_waiting`); it re-enqueues queued rows whose task has not
 started within `SMS_LOST_TASK_S` (lost with a Redis restart or a killed worker), and settles sends whose
 lease ran out (their outcome is unknown). A send holds its lease under a fencing token: what it writes
 after losing the lease changes nothing.

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from db import store
 from providers import registry
 from providers.base import ProviderError
+from workflow.campaigns import optout_reason, quiet_left_s, recipient_zone
 from workflow.routing import InvalidNumber, normalise, route
 from workflow.runtime import Runtime
 from workflow.wording import duration
@@ -30,7 +33,9 @@ Enqueue = Callable[[list[int], str], None]
 def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -> int:
     """A beat tick: claim the due rows batch by batch (until none are left or `budget_s` is spent), refuse
     invalid and expired ones, route the rest, then release each provider's ready rows to the broker.
-    Returns how many rows were claimed."""
+    When the budget ends with rows still due (a large campaign being claimed), one more batch takes the
+    latest due rows: a single message that fell due behind a campaign is claimed at the next tick, not after
+    the whole campaign. Returns how many rows were claimed."""
     s = rt.settings
     deadline = time.monotonic() + (budget_s if budget_s is not None else s.dispatch_interval_s)
     total = 0
@@ -38,8 +43,15 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
         claimed = store.claim_due(rt.engine, s.dispatch_batch)
         total += len(claimed)
         route_claimed(rt, claimed)
-        if len(claimed) < s.dispatch_batch or time.monotonic() >= deadline:
+        if len(claimed) < s.dispatch_batch:
             break
+        if time.monotonic() >= deadline:
+            latest = store.claim_due(rt.engine, s.dispatch_batch, latest_first=True)
+            total += len(latest)
+            route_claimed(rt, latest)
+            break
+    refuse_opted_out(rt)
+    hold_quiet(rt)
     breakers = store.breaker_states(rt.engine)
     summary = store.waiting_summary(rt.engine)
     # Also a provider no longer configured that still has rows: they go on to their workers, which hold
@@ -47,11 +59,12 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
     # circuit is open go first, so that the rows they hand to a fallback are released in this same tick.
     unavailable = {p for p, b in breakers.items() if b.open}
     providers = s.providers_in_use | (summary.keys() - {"unrouted"})
+    released: dict[str, Counter] = {}
     for provider in sorted(providers, key=lambda p: (p not in unavailable, p)):
-        release(rt, provider, enqueue, breakers.get(provider))
+        released[provider] = release(rt, provider, enqueue, breakers.get(provider))
         if provider in unavailable:
             fail_over(rt, provider, breakers)
-    _log_tick(rt, total, summary, breakers)
+    _log_tick(rt, total, summary, breakers, released)
     store.stamp(rt.engine, DISPATCH_STAMP)
     return total
 
@@ -66,6 +79,38 @@ CONFIRM_PER_TICK = 20
 CONFIRM_EVERY_S = 30.0
 """A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
 hold every tick for its HTTP timeout."""
+
+
+def refuse_opted_out(rt: Runtime) -> int:
+    """Waiting campaign rows whose recipient opted out end `failed` ("the recipient opted out by replying
+    STOP on …"), before any provider is called: just claimed, or waiting since before the reply came.
+    Returns how many."""
+    refused = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use)
+    for row_id, optout in refused:
+        store.finish_failed(rt.engine, row_id, optout_reason(optout.word, optout.opted_at))
+    if refused:
+        log.info("dispatch: %d campaign rows end failed: their recipients opted out", len(refused))
+    return len(refused)
+
+
+def hold_quiet(rt: Runtime) -> int:
+    """While `SMS_QUIET_HOURS` is set: campaign rows whose recipients are in their quiet hours now wait
+    (`quiet`) until the window ends there, whether just claimed or waiting since before it began (a
+    campaign larger than an evening's rate). Returns how many rows it held."""
+    window = rt.settings.quiet_window
+    if window is None:
+        return 0
+    now = datetime.now(timezone.utc)
+    holds = {}
+    for zone in store.waiting_zones(rt.engine):
+        left = quiet_left_s(zone, window, now)
+        if left is not None:
+            holds[zone] = math.ceil(left)
+    held = store.hold_quiet(rt.engine, holds) if holds else 0
+    if held:
+        log.info("dispatch: %d campaign rows wait for the end of quiet hours (%s) at their recipients' (%s)",
+                 held, rt.settings.quiet_hours, ", ".join(sorted(holds)))
+    return held
 
 
 def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
@@ -114,10 +159,12 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
 
 
 def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[int]]:
-    """Refuse invalid numbers and expired rows at once, record each other row's provider and normalised
-    number (they then wait for their provider's room). Returns the routed row ids by provider."""
+    """Refuse invalid numbers and expired rows at once; record each other row's provider and normalised
+    number (they then wait for their provider's room) and, while quiet hours are set, a campaign row's time
+    zone. Returns the routed row ids by provider."""
     s = rt.settings
     routes: dict[int, tuple[str, str]] = {}
+    campaign: dict[int, str] = {}
     for row in claimed:
         if row.overdue_s > s.max_age_s:
             store.finish_failed(rt.engine, row.id, f"expired: due {row.due_at:%Y-%m-%d %H:%M}, more than "
@@ -129,18 +176,23 @@ def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[i
             store.finish_failed(rt.engine, row.id, str(exc))
             continue
         routes[row.id] = (route(recipient, s), recipient)
+        if row.campaign:
+            campaign[row.id] = recipient
     store.assign_routes(rt.engine, routes)
+    if campaign and s.quiet_window:
+        store.set_zones(rt.engine, {row_id: recipient_zone(recipient, s) for row_id, recipient in campaign.items()})
     by_provider: dict[str, list[int]] = {}
     for row_id, (provider, _) in routes.items():
         by_provider.setdefault(provider, []).append(row_id)
     return by_provider
 
 
-def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.BreakerState | None) -> None:
+def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.BreakerState | None) -> Counter:
     """One provider's part of a tick: settle sends whose lease ran out, enqueue again queued rows whose task
-    was lost, and put waiting rows that are due in the broker, up to the provider's room. While its account
-    circuit is open, only its one probe goes, once the pause is over; rows that waited through pauses
-    longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end `error`."""
+    was lost, and put waiting rows that are due in the broker, up to the provider's room, in fair turns
+    between batches (`store.release_waiting`). While its account circuit is open, only its one probe goes,
+    once the pause is over; rows that waited through pauses longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end
+    `error`. Returns how many waiting rows it released from each batch."""
     s, engine = rt.settings, rt.engine
     room = s.max_inflight(provider)
     resent, ended = store.expire_leases(engine, provider, resend=s.resends_unknown(provider), limit=room)
@@ -168,7 +220,7 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
         if due and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s, credentials):
             fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
             if fresh:
-                log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0])
+                log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0].id)
             else:
                 store.drop_probe(engine, provider)
     else:
@@ -177,13 +229,18 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
         log.warning("%s: %d queued rows had no task started within %d s (broker restarted, or the worker "
                     "holding them died); enqueued again", provider, len(again), s.lost_task_s)
     if again or fresh:
-        enqueue(again + fresh, provider)
+        enqueue(again + [row.id for row in fresh], provider)
+    return Counter(row.batch for row in fresh)
+
+
+LOGGED_BATCHES = 5
+"""Batches named one by one in a tick's line; the rest are counted."""
 
 
 def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
-              breakers: dict[str, store.BreakerState]) -> None:
+              breakers: dict[str, store.BreakerState], released: dict[str, Counter]) -> None:
     """One INFO line per provider that had rows open at the start of the tick: in flight, waiting and why,
-    its account circuit."""
+    its account circuit, and the batches (asterCC archive rows) whose rows it released to the broker."""
     if claimed:
         log.info("dispatch: claimed %d rows", claimed)
     for provider, counts in sorted(summary.items()):
@@ -193,8 +250,17 @@ def _log_tick(rt: Runtime, claimed: int, summary: dict[str, dict[str, int]],
         inflight = counts.get("queued", 0) + counts.get("sending", 0)
         waiting = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())
                             if reason not in ("queued", "sending")) or "none"
-        log.info("dispatch: %s: in flight %d of %d, waiting: %s; account circuit %s", provider, inflight,
-                 rt.settings.max_inflight(provider) if provider in rt.settings.providers_in_use else 0,
-                 waiting, circuit)
+        log.info("dispatch: %s: in flight %d of %d, waiting: %s; account circuit %s; released %s", provider,
+                 inflight, rt.settings.max_inflight(provider) if provider in rt.settings.providers_in_use else 0,
+                 waiting, circuit, _batches(released.get(provider, Counter())))
+
+
+def _batches(released: Counter) -> str:
+    """`12 (batch 7: 10, batch 9: 2)`: rows released, by batch, the largest first."""
+    if not released:
+        return "none"
+    named = ", ".join(f"batch {batch}: {n}" for batch, n in released.most_common(LOGGED_BATCHES))
+    more = len(released) - LOGGED_BATCHES
+    return f"{sum(released.values())} ({named}{f', {more} more batches' if more > 0 else ''})"
 
 

@@ -5,7 +5,8 @@
 gives, in `sms_dispatch.cost` and `parts_reported`), a still-open status changes nothing, and
 a report about a row that is already final, or about a send of it before an operator's resend, is ignored
 (logged as stale or duplicate, never an error).
-A recipient's reply is written to `responsenote`.
+A recipient's reply is written to `responsenote`; one that is an opt-out word (`SMS_OPTOUT_WORDS`) also
+opts its number out of campaigns (`workflow.campaigns`).
 
 Whoever holds a callback URL, and whoever sends an SMS reply, chooses these words, and asterCC's screens
 show them raw: a reason and a reply are stored as `plain_text`, without markup or control characters.
@@ -24,6 +25,8 @@ from db import store
 from db.models import DispatchState
 from providers.base import DeliveryReport
 from providers.smsc import message_id_forms
+from settings import OPTOUT_WORDS_DEFAULT, parse_words
+from workflow.campaigns import optout_word
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,12 @@ def plain_text(text: str) -> str:
     return " ".join(text.translate(_ANGLES).split())
 
 
-def apply_report(engine: Engine, provider: str, report: DeliveryReport) -> ReportResult:
+def apply_report(engine: Engine, provider: str, report: DeliveryReport, *,
+                 optout_words: list[str] | None = None) -> ReportResult:
     """Apply `report` from `provider` to the rows in `engine`'s database. Returns `unknown` when no row of
     ours matches (a webhook answers 404), `duplicate` when the row already has this final outcome, `stale`
-    when it has another final outcome or the report says nothing new, else `applied`."""
+    when it has another final outcome or the report says nothing new, else `applied`. A reply that is one
+    of `optout_words` (default: `SMS_OPTOUT_WORDS`'s default) opts the row's recipient out of campaigns."""
     report = replace(report, reason=report.reason and plain_text(report.reason),
                      reply_text=report.reply_text and plain_text(report.reply_text))
     target = store.find_report_target(
@@ -59,6 +64,10 @@ def apply_report(engine: Engine, provider: str, report: DeliveryReport) -> Repor
     if report.reply_text is not None:
         store.record_reply(engine, target.id, report.reply_text)
         log.info("%s reply recorded on row %d", provider, target.id)
+        word = optout_word(report.reply_text, parse_words(OPTOUT_WORDS_DEFAULT) if optout_words is None
+                           else optout_words)
+        if word and store.record_optout(engine, target.id, word):
+            log.info("%s reply on row %d opts its recipient out of campaigns (%s)", provider, target.id, word)
         return "applied"
     if report.resends is not None and report.resends != target.resends:
         log.info("%s report on row %d ignored: it is about a send before the operator's resend",
@@ -76,14 +85,15 @@ def apply_report(engine: Engine, provider: str, report: DeliveryReport) -> Repor
     return "duplicate" if same else "stale"
 
 
-def apply_smpp_receipt(engine: Engine, provider: str, report: DeliveryReport) -> str:
+def apply_smpp_receipt(engine: Engine, provider: str, report: DeliveryReport, *,
+                       optout_words: list[str] | None = None) -> str:
     """`apply_report` for a receipt that came over SMPP (`workflow.smpp_receiver`): the id is looked up in
     each of its forms (`providers.smsc.message_id_forms`: smsc.ru does not say whether receipts write ids in
     decimal or hexadecimal), and a message sent in several parts is `delivered` only once every part's
     receipt said so (each delivered part's id is settled in `sms_message_ids`). Returns what `apply_report`
     returns, or `awaiting` for a delivered part whose message has parts still awaiting their receipt."""
     if report.reply_text is not None or not report.provider_message_id:
-        return apply_report(engine, provider, report)
+        return apply_report(engine, provider, report, optout_words=optout_words)
     for form in message_id_forms(report.provider_message_id):
         if report.outcome != "delivered":
             result = apply_report(engine, provider, replace(report, provider_message_id=form))

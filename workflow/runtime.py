@@ -51,7 +51,8 @@ def build_client(name: str, s: Settings) -> Provider:
     applies it to this database; an SMPP client binds only as the fleet's account circuit allows
     (`workflow.logins.gate`)."""
     def receipts():
-        return ReceiptHandler(functools.partial(apply_smpp_receipt, engine_for(s.database_url)))
+        return ReceiptHandler(functools.partial(apply_smpp_receipt, engine_for(s.database_url),
+                                                optout_words=s.optout_word_list))
 
     return registry.entry(name).make_client(s, session=http_session(), receipts=receipts,
                                             login_gate=logins.gate(engine_for(s.database_url), name))

@@ -225,7 +225,8 @@ def run_receiver(settings, stop_event: threading.Event | None = None, apply: App
     database (a test of the session alone)."""
     settings.require(*registry.entry(RECEIVED).required)
     if apply is None:
-        apply = functools.partial(apply_smpp_receipt, engine_for(settings.database_url))
+        apply = functools.partial(apply_smpp_receipt, engine_for(settings.database_url),
+                                  optout_words=settings.optout_word_list)
     if logins is _SETTINGS_DATABASE:
         logins = ReceiverLogins(engine_for(settings.database_url), settings, RECEIVED)
     stop = stop_event or threading.Event()
