@@ -381,18 +381,21 @@ def _set_routes(size: int):
 # --- send -----------------------------------------------------------------------------------------
 
 @retry_lock_conflicts
-def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = None) -> SendJob | None:
-    """Take the send lease on a queued row (compare-and-set) for `owner` (the task: 32 characters at most)
-    and load what the send needs, in one transaction (one round trip on MariaDB: `_in_one_trip`).
+def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = None, *,
+               retried: str | None = None) -> SendJob | None:
+    """Take the send lease on a queued row (compare-and-set) for `owner` (one execution of a task: 32
+    characters at most) and load what the send needs, in one transaction (one round trip on MariaDB:
+    `_in_one_trip`).
 
-    Returns None when the row is not ours to send now: not queued (waiting, sending under another owner's
-    lease, accepted or final). That is what makes a redelivered, duplicated or stale task a no-op. The same
-    owner may take the lease again: its first try may have been committed with the answer lost (the
-    connection broke), and its retry must not find the row held by nobody until the lease runs out. The
-    job's `token` fences every outcome this send writes: should the lease run out and another send take
-    the row, the late writes change nothing."""
+    Returns None when the row is not ours to send now: not queued (waiting, sending under a lease, accepted
+    or final). That is what makes a redelivered, duplicated or stale task a no-op, the redelivery of an
+    execution still in its provider call included. Only `retried`, the owner of the execution this one runs
+    again, is taken back: that execution ended when its try to take the lease met a broken connection, so
+    the lease may have been committed with the answer lost, and its retry must not find the row held by
+    nobody until the lease runs out. The job's `token` fences every outcome this send writes: should the
+    lease run out and another send take the row, the late writes change nothing."""
     (taken, _), (_, rows) = in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id,
-                                         owner=owner or uuid.uuid4().hex)
+                                         owner=owner or uuid.uuid4().hex, retried=retried)
     if not taken or not rows:
         return None
     provider, recipient, attempts, failures, resends, unknowns, age_s, astercc_id, content, reason = rows[0]
@@ -409,7 +412,7 @@ def _take_lease(lease_s: int):
     return (
         update(d)
         .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None),
-               or_(d.state == S.QUEUED, and_(d.state == S.SENDING, d.claim_token == bindparam("owner"))))
+               or_(d.state == S.QUEUED, and_(d.state == S.SENDING, d.claim_token == bindparam("retried"))))
         .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
                 claim_token=bindparam("owner"),
                 first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())

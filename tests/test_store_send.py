@@ -225,10 +225,12 @@ def test_a_queued_row_no_worker_takes_ends_as_error_after_the_retry_window(engin
 
 def test_a_lease_whose_answer_was_lost_is_taken_again_by_the_same_task_only(engine):
     """The lease was committed but its answer lost (the connection broke): the task's retry takes it again,
-    and no other task can; without this the row waited out its lease and was taken for an unknown outcome."""
+    and no other task can, nor a redelivery of the same run; without this the row waited out its lease and
+    was taken for an unknown outcome."""
     row_id = due_row(engine)
-    first = store.begin_send(engine, row_id, LEASE_S, owner="task-a")
-    assert store.begin_send(engine, row_id, LEASE_S, owner="task-b") is None, "another task took a held lease"
-    again = store.begin_send(engine, row_id, LEASE_S, owner="task-a")
+    first = store.begin_send(engine, row_id, LEASE_S, owner="task-a.0")
+    assert store.begin_send(engine, row_id, LEASE_S, owner="task-b.0") is None, "another task took a held lease"
+    assert store.begin_send(engine, row_id, LEASE_S, owner="task-a.0") is None, "a redelivery took a held lease"
+    again = store.begin_send(engine, row_id, LEASE_S, owner="task-a.1", retried="task-a.0")
     assert again is not None and again.token == first.token + 1
     assert not store.wait_again(engine, row_id, first.token, 0, "stale", "busy"), "the first try's token still holds"

@@ -36,7 +36,7 @@ after losing the lease changes nothing.
 from workflow.dispatch import dispatch_due, fail_over
 from workflow.poll import claim_polls, poll_row
 from workflow.reap import reap_rows
-from workflow.send import RECONNECT_RETRY_S, Retry, send_row
+from workflow.send import RECONNECT_RETRY_S, Retry, lease_owner, send_row
 
-__all__ = ["RECONNECT_RETRY_S", "Retry", "claim_polls", "dispatch_due", "fail_over", "poll_row", "reap_rows",
-           "send_row"]
+__all__ = ["RECONNECT_RETRY_S", "Retry", "claim_polls", "dispatch_due", "fail_over", "lease_owner", "poll_row",
+           "reap_rows", "send_row"]
