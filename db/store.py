@@ -185,13 +185,14 @@ def _record_claims(engine: Engine, limit: int, token: str) -> bool:
         d = Dispatch.__table__
         resent = (d.c.batchcontact_id.in_(ids), _resendable(d))
         # The earlier send's provider ids go with it: a receipt that names one (smsc.ru's come late, or
-        # again) is about that send and must not be taken for the new one's.
+        # again) is about that send and must not be taken for the new one's. `attempts` is kept: it is the
+        # fencing token, and a writer left from the earlier send must never match the new send's lease.
         conn.execute(delete(MessageId).where(
             MessageId.batchcontact_id.in_(select(d.c.batchcontact_id).where(*resent))))
         conn.execute(
             update(d)
             .where(*resent)
-            .values(claim_token=token, state=S.WAITING, wait_reason=W.ROOM, attempts=0, failures=0, unknowns=0,
+            .values(claim_token=token, state=S.WAITING, wait_reason=W.ROOM, failures=0, unknowns=0,
                     polls=0, provider=None, resends=d.c.resends + 1, provider_message_id=None, last_error=None,
                     first_attempt_at=None, next_attempt_at=None, lease_until=None, accepted_at=None,
                     poll_at=None, queued_at=None, due_at=now, claimed_at=now, updated_at=now)

@@ -5,13 +5,16 @@ something other than what became of its message."""
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import update
 
 import workflow
 from db import store
+from db.models import BatchContact, Dispatch
 from tests.conftest import insert_rows, rows_by_id, wait_until
+from tests.test_store_send import LEASE_S, claim_and_route, due_row, state
 from tests.test_workflow import claim, runtime, sim  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.integration
@@ -57,3 +60,35 @@ def test_the_retry_of_a_run_whose_lease_answer_was_lost_takes_the_lease_back(run
     assert workflow.send_row(rt, row, owner=workflow.lease_owner(TASK_ID, 1),
                              retried=workflow.lease_owner(TASK_ID, 0)) == "accepted"
     assert rows_by_id(db)[row]["status"] == "success" and len(sim.events("send")) == 1
+
+
+def lease_runs_out(engine, row_id: int) -> None:
+    """The worker holding `row_id`'s lease hangs past it."""
+    with engine.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
+                     .values(lease_until=datetime.now() - timedelta(seconds=1)))
+
+
+def operator_resends(engine, row_id: int, provider: str = "mobilgroup") -> None:
+    """An operator sets a finished row back to `new`, and a tick claims, routes and releases it."""
+    with engine.begin() as conn:
+        conn.execute(update(BatchContact).where(BatchContact.id == row_id).values(status="new"))
+    claim_and_route(engine, provider)
+
+
+def test_a_writer_left_from_before_an_operator_s_resend_cannot_move_the_resent_row(db, monkeypatch):
+    """A send hangs past its lease and ends `error` (ON_UNKNOWN=error); the operator resends the row and a new
+    send takes it. When the old writer wakes, its token must not match the new lease: its `wait_again` would
+    put a row that is being sent back to waiting, to be sent a second time."""
+    monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
+    row_id = due_row(db)
+    old = store.begin_send(db, row_id, LEASE_S)
+    lease_runs_out(db, row_id)
+    assert store.expire_leases(db, "mobilgroup", resend=False, limit=10) == (0, [row_id])
+    operator_resends(db, row_id)
+    new = store.begin_send(db, row_id, LEASE_S)
+    assert new is not None and new.resends == 1
+
+    assert new.token > old.token, "the fencing token went back"
+    assert not store.wait_again(db, row_id, old.token, 0, "throttled", "throttled")
+    assert state(db, row_id)["state"] == "sending", "a writer of the earlier send moved the resent row"
