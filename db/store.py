@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Iterable
 
 from sqlalchemy import (
-    Integer, String, and_, bindparam, case, delete, func, insert, literal_column, or_, select, update,
+    Integer, String, and_, bindparam, case, delete, func, insert, literal_column, or_, select, tuple_, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -244,11 +244,15 @@ def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, l
     taken by its twin and does nothing), and given as long again as it has already waited, at least
     `requeue_s`: a queue nobody consumes gets a row's task a handful of times an hour, not every
     `requeue_s`. Rows claimed more than `window_s` ago end `error` instead. Returns (ids to enqueue again,
-    how many ended)."""
+    how many ended).
+
+    Rows end in the transaction that chose them, and only under the fencing token they had then: a late task
+    never sends a row that ends here (on MariaDB the chosen rows are locked: the task waits for this
+    transaction, then finds the row ended and does nothing)."""
     d = Dispatch.__table__
     lost = and_(d.c.provider == provider, d.c.state == S.QUEUED, d.c.next_attempt_at <= db_now())
     with engine.begin() as conn:
-        rows = conn.execute(select(d.c.batchcontact_id, seconds_since(d.c.queued_at).label("queued_s"),
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, seconds_since(d.c.queued_at).label("queued_s"),
                                    (seconds_since(d.c.claimed_at) > window_s).label("old"))
                             .where(lost).limit(limit).with_for_update(skip_locked=True)).all()
         again: dict[int, list[int]] = {}
@@ -259,34 +263,54 @@ def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, l
         for wait, ids in again.items():
             conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), lost)
                          .values(next_attempt_at=db_now_plus(wait)))
-    ended = [r.batchcontact_id for r in rows if r.old]
-    for row_id in ended:
-        finish_error(engine, row_id, f"no worker took it from queue send.{provider} (is a worker for it running?)")
+        ended = _end_error(conn, [(r.batchcontact_id, r.attempts) for r in rows if r.old], lost,
+                           f"no worker took it from queue send.{provider} (is a worker for it running?)")
     return [row_id for ids in again.values() for row_id in ids], len(ended)
+
+
+def _end_error(conn, chosen: list[tuple[int, int]], still, reason: str, **values) -> list[int]:
+    """End the `chosen` rows (row id, fencing token), picked by a sweep in this transaction, `error` with
+    `reason`, and asterCC's status with them: each only while `still` holds and its token is the one it had
+    when chosen. Returns the ids that ended."""
+    if not chosen:
+        return []
+    d = Dispatch.__table__
+    ids = [row_id for row_id, _ in chosen]
+    conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), tuple_(d.c.batchcontact_id, d.c.attempts).in_(chosen),
+                                 still)
+                 .values(state=S.ERROR, wait_reason=None, lease_until=None, last_error=_fit(reason, 255),
+                         updated_at=db_now(), **values))
+    # Every chosen row was open when chosen (and is locked, on MariaDB): those `error` now are the ones ended.
+    ended = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.batchcontact_id.in_(ids), d.c.state == S.ERROR)))
+    if ended:
+        conn.execute(update(BatchContact).where(BatchContact.id.in_(ended))
+                     .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
+    return ended
 
 
 @retry_lock_conflicts
 def expire_leases(engine: Engine, provider: str, *, resend: bool, limit: int) -> tuple[int, list[int]]:
     """Sending rows of `provider` whose lease ran out: their worker died or hung, and whether their request
     reached the provider is unknown. With `resend` they wait (reason `unknown`) to be sent again; else they
-    end `error`. Returns (how many wait again, the ids that ended)."""
+    end `error`, in the transaction that chose them and under their lease's token (should the send come back
+    with the provider's acceptance after all, `record_accepted` turns the row `success`). Returns (how many
+    wait again, the ids that ended)."""
     d = Dispatch.__table__
     expired = and_(d.c.provider == provider, d.c.state == S.SENDING, d.c.lease_until < db_now())
     with engine.begin() as conn:
-        ids = list(conn.scalars(select(d.c.batchcontact_id).where(expired).limit(limit)
-                                .with_for_update(skip_locked=True)))
-        if ids and resend:
-            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), expired)
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts).where(expired).limit(limit)
+                            .with_for_update(skip_locked=True)).all()
+        if not resend:
+            return 0, _end_error(conn, [tuple(r) for r in rows], expired,
+                                 f"{provider} may or may not have this message: the worker sending it stopped "
+                                 f"before the answer came (SMS_{provider.upper()}_ON_UNKNOWN=error)",
+                                 unknowns=d.c.unknowns + 1)
+        if rows:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_([r.batchcontact_id for r in rows]), expired)
                          .values(state=S.WAITING, wait_reason=W.UNKNOWN, unknowns=d.c.unknowns + 1,
                                  next_attempt_at=db_now(), lease_until=None, updated_at=db_now(),
                                  last_error="no answer: the worker sending it stopped (its lease ran out)"))
-    if resend:
-        return len(ids), []
-    for row_id in ids:
-        _finish(engine, row_id, S.ERROR, "error",
-                f"{provider} may or may not have this message: the worker sending it stopped before the answer "
-                f"came (SMS_{provider.upper()}_ON_UNKNOWN=error)", states=(S.SENDING,), unknown=True)
-    return 0, ids
+    return len(rows), []
 
 
 @retry_lock_conflicts
@@ -438,26 +462,45 @@ def _holds_lease(d):
     return and_(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING, d.attempts == bindparam("token"))
 
 
+ACCEPTED_AFTER_ERROR = "sent: the provider accepted it after it had been marked error (its send outlived its lease)"
+"""What a row ended `error` by the lease sweep says once its send comes back accepted after all."""
+
+
+@functools.lru_cache(maxsize=None)
+def _prior_state():
+    """The row's state before `_accept`, locked until the transaction ends."""
+    d = Dispatch
+    return select(d.state).where(d.batchcontact_id == bindparam("row_id")).with_for_update()
+
+
 @functools.lru_cache(maxsize=None)
 def _accept(poll_after_s: int | None):
+    """The send under the `token` lease was accepted: the row is `accepted`, also when the lease sweep ended
+    it `error` under that same token meanwhile (the provider has the message: `success` is the truth)."""
     d = Dispatch
     return (
-        update(d).where(_holds_lease(d))
-        .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"), parts=bindparam("p_parts"),
-                accepted_at=db_now(), lease_until=None, last_error=None, wait_reason=None, updated_at=db_now(),
-                poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
+        update(d).where(d.batchcontact_id == bindparam("row_id"), d.attempts == bindparam("token"),
+                        or_(d.state == S.SENDING, d.state == S.ERROR))
+        # `last_error` first: MariaDB assigns left to right, each assignment seeing the ones before it.
+        .ordered_values(
+            (d.last_error, case((d.state == S.ERROR, ACCEPTED_AFTER_ERROR), else_=None)),
+            (d.state, S.ACCEPTED), (d.provider_message_id, bindparam("p_ids")), (d.parts, bindparam("p_parts")),
+            (d.accepted_at, db_now()), (d.lease_until, None), (d.wait_reason, None), (d.updated_at, db_now()),
+            (d.poll_at, None if poll_after_s is None else db_now_plus(poll_after_s)))
     )
 
 
 @functools.lru_cache(maxsize=None)
 def _contacted():
-    """asterCC's side of `_accept`, right after it: `success` only if that UPDATE took the row, else (a
-    report came first and set the outcome) just the contact time."""
-    bc = BatchContact
+    """asterCC's side of `_accept`, right after it: `success` only if that UPDATE took the row (`error_msg`
+    empty, or saying it had been marked error), else (a report came first and set the outcome) just the
+    contact time."""
+    bc, d = BatchContact, Dispatch
     took = changed_before() > 0
+    note = select(d.last_error).where(d.batchcontact_id == bindparam("row_id")).scalar_subquery()
     return (update(bc).where(bc.id == bindparam("row_id"))
             .values(contacttime=db_now(), status=case((took, "success"), else_=bc.status),
-                    error_msg=case((took, ""), else_=bc.error_msg)))
+                    error_msg=case((took, func.coalesce(note, "")), else_=bc.error_msg)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -471,24 +514,26 @@ def _index_ids(count: int):
 
 @retry_lock_conflicts
 def record_accepted(engine: Engine, row_id: int, token: int, provider_message_ids: list[str], parts: int,
-                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> bool:
+                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> str | None:
     """`provider` took the message: asterCC `success` with `contacttime`; the provider's ids go on the
     dispatch record, and with `index_ids` also into `sms_message_ids`, where a report naming only one of
     them finds its row (a statement per message saved for providers whose reports carry our reference).
 
-    A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
-    and only `contacttime` is filled in. Returns False when the lease `token` is no longer current (the
-    lease ran out and the row was taken again): the row is left as the current holder has it. One
-    transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    Returns the state the row was in: `sending`; `error` when the lease sweep had ended it under this same
+    token (`SMS_<PROVIDER>_ON_UNKNOWN=error`: the send outlived its lease), which this undoes, since the
+    provider has the message: `success`, `error_msg` saying so (`ACCEPTED_AFTER_ERROR`); `delivered` or
+    `failed` when a delivery report came first (fast callbacks), which keeps its outcome and only gets
+    `contacttime`. None when the lease `token` is no longer current (the lease ran out and the row was
+    taken again): the row is left as the current holder has it. One transaction (one round trip on
+    MariaDB: `_in_one_trip`)."""
     indexed = provider_message_ids if index_ids else []
-    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s), _contacted())
+    statements = ((_prior_state(),) + ((_index_ids(len(indexed)),) if indexed else ())
+                  + (_accept(poll_after_s), _contacted()))
     results = in_one_trip(engine, statements, row_id=row_id, token=token, provider=provider, p_parts=parts,
                            p_ids=_fit(",".join(provider_message_ids), 255) or None,
                            **{f"m{k}": m for k, m in enumerate(indexed)})
-    if results[-2][0]:
-        return True
-    with autocommit_twin(engine).connect() as conn:  # lost the fence, or a report finished the row first
-        return conn.scalar(select(Dispatch.state).where(Dispatch.batchcontact_id == row_id)) in S.FINAL
+    prior = results[0][1][0][0] if results[0][1] else None
+    return prior if results[-2][0] or prior in (S.DELIVERED, S.FAILED) else None
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str, *, token: int | None = None) -> bool:
@@ -508,11 +553,11 @@ def finish_error(engine: Engine, row_id: int, reason: str, *, token: int | None 
 
 @retry_lock_conflicts
 def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str, *, token: int | None = None,
-            states: tuple[str, ...] = S.OPEN, unknown: bool = False) -> bool:
+            unknown: bool = False) -> bool:
     # Only a row not yet accepted or final: a delivery report may have finished it while its send was still
     # failing (a callback that beat our timeout), and a final outcome is never overwritten.
     d = Dispatch
-    where = [d.batchcontact_id == row_id, d.state.in_(states)]
+    where = [d.batchcontact_id == row_id, d.state.in_(S.OPEN)]
     if token is not None:
         where += [d.state == S.SENDING, d.attempts == token]
     values = dict(state=state, last_error=_fit(reason, 255), lease_until=None, wait_reason=None, updated_at=db_now())

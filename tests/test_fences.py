@@ -92,3 +92,77 @@ def test_a_writer_left_from_before_an_operator_s_resend_cannot_move_the_resent_r
     assert new.token > old.token, "the fencing token went back"
     assert not store.wait_again(db, row_id, old.token, 0, "throttled", "throttled")
     assert state(db, row_id)["state"] == "sending", "a writer of the earlier send moved the resent row"
+
+
+def _late_queued_task(db, row_id: int):
+    """A task whose message the broker only now hands out."""
+    return store.begin_send(db, row_id, LEASE_S)
+
+
+def _retry_after_a_lost_answer(db, row_id: int):
+    """The retry of a run whose lease was taken with the database's answer lost: it takes the lease back."""
+    return store.begin_send(db, row_id, LEASE_S, owner="task.1", retried="task.0")
+
+
+def _queued_past_the_window(db, row_id: int) -> None:
+    with db.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row_id)
+                     .values(claimed_at=datetime.now() - timedelta(hours=2),
+                             next_attempt_at=datetime.now() - timedelta(seconds=1)))
+
+
+def _sent_past_its_lease(db, row_id: int) -> None:
+    assert store.begin_send(db, row_id, LEASE_S, owner="task.0") is not None
+    lease_runs_out(db, row_id)
+
+
+@pytest.mark.parametrize("setup, sweep, between, late_task", [
+    (_queued_past_the_window, lambda db: store.requeue_lost(db, "mobilgroup", 30, 3600, 10), "finish_error",
+     _late_queued_task),
+    (_sent_past_its_lease, lambda db: store.expire_leases(db, "mobilgroup", resend=False, limit=10), "_finish",
+     _retry_after_a_lost_answer),
+], ids=["lost-task sweep", "lease sweep"])
+def test_a_row_a_sweep_ends_as_error_is_not_being_sent(db, monkeypatch, setup, sweep, between, late_task):
+    """A sweep chooses a row to end `error`; a task takes the row's lease before the sweep writes (forced:
+    the task runs just before the sweep's write, where the sweep wrote after its choosing transaction). The
+    row must not end `error` while that task sends it: an operator would resend it, and it would arrive twice."""
+    row_id = due_row(db)
+    setup(db, row_id)
+    taken: list = []
+    real = getattr(store, between)
+
+    def task_first(*args, **kwargs):
+        taken.append(late_task(db, row_id))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, between, task_first)
+    sweep(db)
+    if not taken:  # the sweep wrote in its choosing transaction: the task comes after it
+        taken.append(late_task(db, row_id))
+
+    after = state(db, row_id)
+    assert taken[0] is None or after["status"] != "error", "a row being sent shows error"
+    assert after["status"] == "error" or after["state"] == "sending"
+
+
+def test_a_send_accepted_after_the_lease_sweep_ended_it_as_error_says_success(runtime, sim, db, caplog):
+    """ON_UNKNOWN=error: the send outlives its lease (a slow provider), the sweep ends the row `error`, then
+    the provider accepts it. The provider has the message: asterCC says `success`, with why it had said
+    `error`, and an ALERT tells the operator not to send it again."""
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-33", "hello")])
+    assert claim(rt) == [row]
+    sim.latency_s = 2.0
+    sending, outcome = in_thread(workflow.send_row, rt, row)
+    wait_until(lambda: rows_by_id(db)[row]["state"] == "sending", 5, 0.02, "the lease")
+    lease_runs_out(db, row)
+    assert store.expire_leases(db, "mobilgroup", resend=False, limit=10) == (0, [row])
+    assert rows_by_id(db)[row]["status"] == "error"
+
+    sending.join(10)
+    assert outcome == ["accepted"]
+    after = rows_by_id(db)[row]
+    assert (after["status"], after["state"]) == ("success", "accepted")
+    assert after["error_msg"] == store.ACCEPTED_AFTER_ERROR
+    assert any("ALERT: row %d was marked error" % row in r.getMessage() for r in caplog.records)
+    assert len(sim.events("send")) == 1

@@ -16,7 +16,7 @@ from typing import Callable
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db import store
-from db.models import WaitReason as W
+from db.models import DispatchState as S, WaitReason as W
 from providers import registry
 from providers.base import (
     AccountError,
@@ -162,9 +162,12 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None, retried: str | 
                                                              poll_after, provider=job.provider,
                                                              index_ids=accepted.reports_by_id),
                                row_id, s.send_lease_s / 2, "an accepted send")
-    if not recorded:
+    if recorded is None:
         log.warning("send of row %d: accepted by %s after its lease was taken over; the current holder decides "
                     "the row", row_id, job.provider)
+    elif recorded == S.ERROR:
+        log.error("ALERT: row %d was marked error (its send outlived its lease), but %s accepted it: it is success "
+                  "now; do not send it again", row_id, job.provider)
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"
