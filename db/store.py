@@ -630,13 +630,15 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
 
 
 @retry_lock_conflicts
-def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str, *,
+def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str, *, resends: int,
                        cost: Decimal | None = None, parts: int | None = None) -> bool:
     """Move a row forward to `delivered` or `failed`, and asterCC's status with it, keeping the `cost` and
-    `parts` the report gave (None keeps what the row has); False when it was already final (forward-only).
-    One transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    `parts` the report gave (None keeps what the row has); False when it was already final (forward-only),
+    or when it is no longer the send the report is about: `resends` is the row's count of operator resends
+    for that send, and a resend claimed since (the row waits to go out again) is left alone. One transaction
+    (one round trip on MariaDB: `_in_one_trip`)."""
     (moved, _), _ = in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
-                                 last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
+                                 resends=resends, last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
                                  cost=None if cost is None else str(cost), parts_reported=parts)
     return bool(moved)
 
@@ -646,7 +648,8 @@ def _finalise(delivered: bool):
     d = Dispatch
     return (
         update(d)
-        .where(d.batchcontact_id == bindparam("row_id"), or_(*(d.state == state for state in OPEN_TO_REPORTS)))
+        .where(d.batchcontact_id == bindparam("row_id"), d.resends == bindparam("resends"),
+               or_(*(d.state == state for state in OPEN_TO_REPORTS)))
         .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
                 last_error=None if delivered else bindparam("last_error"),
                 # The cost goes as text: the server reads it exactly, and no driver conversion is involved.
@@ -991,19 +994,22 @@ def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit
     return len(ids)
 
 
-def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int] | None:
+def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int, int] | None:
     """A receipt said the part `provider_message_id` (of a message sent in one or several parts) was
-    delivered: forget that id and return (row id, how many of the row's part ids still await their receipt),
-    or None when no row of `provider` has that id. Every statement commits on its own, so that of two parts
-    settled at the same moment at least the later sees the other gone: the row's message is delivered
-    once the count reaches 0. An undelivered part's id stays, for its receipt to find the row."""
-    m = MessageId
+    delivered: forget that id and return (row id, the row's operator resends when that part was sent, how
+    many of the row's part ids still await their receipt), or None when no row of `provider` has that id.
+    Every statement commits on its own, so that of two parts settled at the same moment at least the later
+    sees the other gone: the row's message is delivered once the count reaches 0. An undelivered part's id
+    stays, for its receipt to find the row. An operator's resend forgets the earlier send's ids in the
+    transaction that counts it (`claim_due`), so the resends read with the id are those of its send."""
+    m, d = MessageId, Dispatch
     with autocommit_twin(engine).connect() as conn:
-        row_id = conn.scalar(select(m.batchcontact_id).where(m.provider == provider,
-                                                              m.provider_message_id == provider_message_id))
-        if row_id is None:
+        found = conn.execute(select(m.batchcontact_id, d.resends).join(d, d.batchcontact_id == m.batchcontact_id)
+                             .where(m.provider == provider, m.provider_message_id == provider_message_id)).first()
+        if found is None:
             return None
+        row_id, resends = found
         conn.execute(delete(m).where(m.provider == provider, m.provider_message_id == provider_message_id))
         left = conn.scalar(select(func.count()).select_from(m).where(m.provider == provider,
                                                                      m.batchcontact_id == row_id))
-    return row_id, int(left)
+    return row_id, resends, int(left)

@@ -13,9 +13,11 @@ from sqlalchemy import update
 import workflow
 from db import store
 from db.models import BatchContact, Dispatch
+from providers.base import DeliveryReport
 from tests.conftest import insert_rows, rows_by_id, wait_until
 from tests.test_store_send import LEASE_S, claim_and_route, due_row, state
 from tests.test_workflow import claim, runtime, sim  # noqa: F401 - fixtures
+from workflow.reports import apply_report, apply_smpp_receipt
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +168,37 @@ def test_a_send_accepted_after_the_lease_sweep_ended_it_as_error_says_success(ru
     assert after["error_msg"] == store.ACCEPTED_AFTER_ERROR
     assert any("ALERT: row %d was marked error" % row in r.getMessage() for r in caplog.records)
     assert len(sim.events("send")) == 1
+
+
+def accepted_row(db, provider: str, provider_id: str) -> int:
+    """A row `provider` accepted, awaiting its report."""
+    row_id = due_row(db, provider=provider)
+    job = store.begin_send(db, row_id, LEASE_S)
+    assert store.record_accepted(db, row_id, job.token, [provider_id], 1, None, provider=provider, index_ids=True)
+    return row_id
+
+
+@pytest.mark.parametrize("provider, between, report", [
+    ("accolades", "find_report_target",
+     lambda db, row_id: apply_report(db, "accolades", DeliveryReport("delivered", reference=row_id, resends=0))),
+    ("smsc", "settle_delivered_part",
+     lambda db, row_id: apply_smpp_receipt(db, "smsc", DeliveryReport("delivered", provider_message_id="p-1"))),
+], ids=["webhook", "smpp receipt"])
+def test_a_report_on_a_send_before_an_operator_s_resend_does_not_finish_the_resend(db, monkeypatch, provider,
+                                                                                  between, report):
+    """The report for the first send finds its row while the row awaits it (by our reference and the send's
+    resend count, or, smsc.ru's receipts, by its message id alone); the operator's resend is claimed just
+    then (forced: right after that step). Finishing the resend with that report would leave the resent
+    message never sent."""
+    monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
+    row_id = accepted_row(db, provider, "p-1")
+    real = getattr(store, between)
+
+    def resend_claimed_meanwhile(*args, **kwargs):
+        found = real(*args, **kwargs)
+        operator_resends(db, row_id, provider)
+        return found
+
+    monkeypatch.setattr(store, between, resend_claimed_meanwhile)
+    assert report(db, row_id) != "applied"
+    assert (state(db, row_id)["state"], state(db, row_id)["status"]) == ("queued", "pending")

@@ -74,7 +74,7 @@ def test_a_row_is_taken_once_and_the_provider_s_answer_is_what_asterCC_shows(eng
 def test_a_report_that_arrived_before_the_send_was_recorded_keeps_its_outcome(engine):
     row_id = due_row(engine)
     job = store.begin_send(engine, row_id, LEASE_S)
-    assert store.apply_final_report(engine, row_id, delivered=False, reason="absent subscriber")
+    assert store.apply_final_report(engine, row_id, delivered=False, reason="absent subscriber", resends=0)
 
     store.record_accepted(engine, row_id, job.token, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
 
@@ -108,8 +108,8 @@ def test_a_delivery_report_moves_the_row_forward_once(engine):
     job = store.begin_send(engine, row_id, LEASE_S)
     store.record_accepted(engine, row_id, job.token, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
 
-    assert store.apply_final_report(engine, row_id, delivered=True, reason="")
-    assert not store.apply_final_report(engine, row_id, delivered=False, reason="expired"), "final row moved"
+    assert store.apply_final_report(engine, row_id, delivered=True, reason="", resends=0)
+    assert not store.apply_final_report(engine, row_id, delivered=False, reason="expired", resends=0), "final row moved"
 
     after = state(engine, row_id)
     assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
@@ -139,7 +139,7 @@ def test_giving_up_on_a_send_never_overwrites_a_report_s_outcome(engine, give_up
     ends the row (retry window spent, or a refusal), asterCC keeps what the report said."""
     row_id = due_row(engine)
     store.begin_send(engine, row_id, LEASE_S)
-    assert store.apply_final_report(engine, row_id, delivered=True, reason="")
+    assert store.apply_final_report(engine, row_id, delivered=True, reason="", resends=0)
 
     give_up(engine, row_id, "Mobilgroup did not answer within 10 s (gave up after 3 attempts)")
 
