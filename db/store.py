@@ -22,7 +22,8 @@ from decimal import Decimal
 from typing import Iterable
 
 from sqlalchemy import (
-    Integer, String, and_, bindparam, case, delete, func, insert, literal_column, or_, select, tuple_, update,
+    Integer, String, and_, bindparam, case, delete, exists, func, insert, literal_column, or_, select, tuple_,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -793,10 +794,20 @@ def breaker_states(engine: Engine) -> dict[str, BreakerState]:
     with autocommit_twin(engine).connect() as conn:
         rows = conn.execute(select(b.c.provider, b.c.state, b.c.reason, (-seconds_since(b.c.open_until)).label("left"),
                                    (-seconds_since(b.c.probe_until)).label("probe_left"),
+                                   _probe_in_flight(b).label("probe_in_flight"),
                                    seconds_since(b.c.opened_at).label("ago"), b.c.trips,
                                    seconds_since(b.c.failing_since).label("failing"))).all()
     return {r.provider: BreakerState(r.provider, r.state == "open", r.reason, max(r.left or 0, 0),
-                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0, r.failing) for r in rows}
+                                     (r.probe_left or 0) > 0 or bool(r.probe_in_flight), r.ago, r.trips or 0,
+                                     r.failing) for r in rows}
+
+
+def _probe_in_flight(b):
+    """A probe row of the provider of `b` (its `sms_breaker` row) is queued or being sent: its probe is under
+    way for as long, however long that is (its task lost and queued again, a slow call)."""
+    d = Dispatch.__table__
+    return exists().where(d.c.provider == b.c.provider, or_(d.c.state == S.QUEUED, d.c.state == S.SENDING),
+                          d.c.wait_reason == W.PROBE)
 
 
 @retry_lock_conflicts
@@ -819,18 +830,23 @@ def trip_breaker(engine: Engine, provider: str, seconds: float, reason: str) -> 
 @retry_lock_conflicts
 def take_probe(engine: Engine, provider: str, lease_s: int) -> bool:
     """Whether the caller may send the one probe of `provider`'s open circuit now: its pause is over and no
-    other probe is under way (one holds it for `lease_s`)."""
+    other probe is under way. A probe taken is marked for `lease_s`, until its row is released
+    (`drop_probe`); from then on the probe row itself marks it, while it is queued or being sent. A probe
+    that ends or waits again for any reason (sent, refused, its text refused before it left, a 429, no slot
+    or thread free) thus lets the next tick probe at once, and a lost probe task queued again, however late,
+    is still the only probe."""
     b = Breaker.__table__
     with engine.begin() as conn:
         return bool(conn.execute(
             update(b).where(b.c.provider == provider, b.c.state == "open", b.c.open_until <= db_now(),
-                            or_(b.c.probe_until.is_(None), b.c.probe_until < db_now()))
+                            or_(b.c.probe_until.is_(None), b.c.probe_until < db_now()), ~_probe_in_flight(b))
             .values(probe_until=db_now_plus(lease_s), updated_at=db_now())).rowcount)
 
 
 @retry_lock_conflicts
 def drop_probe(engine: Engine, provider: str) -> None:
-    """The probe taken with `take_probe` was not sent (no row waited): the next tick may take it again."""
+    """The probe taken with `take_probe` is released as its row, which marks it from now on, or no row
+    waited for it: its mark goes."""
     b = Breaker.__table__
     with engine.begin() as conn:
         conn.execute(update(b).where(b.c.provider == provider).values(probe_until=None))

@@ -12,12 +12,17 @@ from sqlalchemy import update
 
 import workflow
 from db import store
-from db.models import BatchContact, Dispatch
+from db.models import BatchContact, Breaker, Dispatch
 from providers.base import DeliveryReport
-from tests.conftest import insert_rows, rows_by_id, wait_until
+from settings import load_settings
+from simulators.accolades import AccoladesSimulator
+from simulators.mobilgroup import MobilgroupSimulator
+from tests.conftest import REDIS_PREFIX, insert_rows, rows_by_id, started, wait_until
+from tests.httpstub import StubServer
 from tests.test_store_send import LEASE_S, claim_and_route, due_row, state
 from tests.test_workflow import claim, runtime, sim  # noqa: F401 - fixtures
 from workflow.reports import apply_report, apply_smpp_receipt
+from workflow.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +207,74 @@ def test_a_report_on_a_send_before_an_operator_s_resend_does_not_finish_the_rese
     monkeypatch.setattr(store, between, resend_claimed_meanwhile)
     assert report(db, row_id) != "applied"
     assert (state(db, row_id)["state"], state(db, row_id)["status"]) == ("queued", "pending")
+
+
+def paused(db, rows: int, *texts: str) -> list[int]:
+    """Mobilgroup's circuit open and its pause just over, `rows` rows (the first with `texts`) waiting for it."""
+    store.trip_breaker(db, "mobilgroup", 60, "client blocked")
+    bodies = list(texts) + ["hello"] * (rows - len(texts))
+    ids = insert_rows(db, [(f"+7 916 100-01-{k:02d}", body) for k, body in enumerate(bodies)])
+    with db.begin() as conn:
+        conn.execute(update(Breaker).values(open_until=datetime.now() - timedelta(seconds=1)))
+    return ids
+
+
+def test_a_probe_whose_task_was_lost_for_longer_than_a_lease_is_still_the_only_probe(runtime, sim, db):
+    """The probe's task is lost (a Redis restart) and queued again by the lost-task sweep, which waits ever
+    longer; the probe's mark lasted one lease, after which a second probe went to a refusing account."""
+    rt = runtime()
+    probe, _ = paused(db, 2)
+    assert claim(rt) == [probe]
+    with db.begin() as conn:  # a lease passes, the probe's task still lost
+        conn.execute(update(Breaker).values(probe_until=datetime.now() - timedelta(seconds=1)))
+
+    assert claim(rt) == [], "a second probe went while the first was still queued"
+    assert store.breaker_states(db)["mobilgroup"].probing
+
+
+def test_a_probe_that_ends_before_reaching_the_provider_lets_the_next_probe_go_at_once(runtime, sim, db):
+    """The probe's own text cannot be sent (Mobilgroup's check refuses a control character): nothing reached
+    the account, so the next tick probes with another row, rather than leaving the provider stalled a lease."""
+    rt = runtime()
+    probe, other = paused(db, 2, "bell \x07")
+    assert claim(rt) == [probe]
+    assert workflow.send_row(rt, probe) == "failed"
+
+    assert claim(rt) == [other]
+    assert not sim.events("send")
+
+
+def test_a_probe_the_provider_answers_429_lets_the_next_probe_go_at_once(runtime, db):
+    """A 429 on the probe says nothing about the account: the next tick probes again, with another row."""
+    with StubServer(b"", status=429, headers={"Retry-After": "30"}) as stub:
+        rt = Runtime(runtime().settings.model_copy(update={"mobilgroup_url": stub.url + "/extxml.php"}))
+        probe, other = paused(db, 2)
+        assert claim(rt) == [probe]
+        assert workflow.send_row(rt, probe) == "throttled"
+
+        assert claim(rt) == [other]
+        assert len(stub.requests) == 1
+
+
+def test_a_provider_used_only_as_a_fallback_gets_a_probe_once_its_circuit_opened(db, mariadb_url, redis_url):
+    """Accolades serves only as Mobilgroup's fallback. Both circuits are open, Accolades' pause is over, and
+    only Mobilgroup has rows: Accolades must get one of them to probe with, or it stays paused for good and
+    failover stops without a word."""
+    with started(MobilgroupSimulator()) as mobilgroup, started(AccoladesSimulator()) as accolades:
+        rt = Runtime(load_settings(
+            database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX, default_provider="mobilgroup",
+            failover="mobilgroup:accolades", mobilgroup_url=mobilgroup.api_url, mobilgroup_user_id="1",
+            mobilgroup_user="demo", mobilgroup_password="demo", accolades_url=accolades.url,
+            accolades_account=accolades.account, accolades_password=accolades.password))
+        store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
+        store.trip_breaker(db, "accolades", 0, "blocked: test")
+        rows = insert_rows(db, [(f"+7 916 100-02-{k:02d}", "hello") for k in range(3)])
+        sent: list[tuple[str, int]] = []
+        for _ in range(2):
+            workflow.dispatch_due(rt, lambda ids, provider: sent.extend((provider, i) for i in ids))
+
+        assert [provider for provider, _ in sent] == ["accolades"], "no probe, or more than one"
+        assert workflow.send_row(rt, sent[0][1]) == "accepted"
+        assert not store.breaker_states(db)["accolades"].open
+        workflow.dispatch_due(rt, lambda ids, provider: sent.extend((provider, i) for i in ids))
+    assert sorted(i for provider, i in sent if provider == "accolades") == rows, "failover did not resume"

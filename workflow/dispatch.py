@@ -77,7 +77,7 @@ def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState
     fallback = next((f for f in s.failover_table.get(provider, ())
                      if f in s.providers_in_use and not (breakers.get(f) and breakers[f].open)), None)
     if fallback is None:
-        return 0
+        return _lend_a_probe_row(rt, provider, breakers)
     _confirm_not_taken(rt, provider)
     moved = store.reroute_waiting(rt.engine, provider, fallback, FAILOVER_BATCH)
     if moved:
@@ -85,6 +85,24 @@ def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState
         rt.alert_once(f"failover:{provider}", "ALERT: %s unavailable (%s): its waiting rows go through %s "
                     "until a probe gets through", provider, breakers[provider].reason, fallback)
     return len(moved)
+
+
+def _lend_a_probe_row(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
+    """Every fallback of `provider` is paused too. The first whose pause is over, with no probe under way and
+    no row of its own, gets one of `provider`'s waiting rows to probe with: a provider used only as a
+    fallback would otherwise never be probed, stay paused for good, and failover with it. Returns how many
+    rows moved (0 or 1)."""
+    s = rt.settings
+    for fallback in s.failover_table.get(provider, ()):
+        breaker = breakers.get(fallback)
+        if (fallback in s.providers_in_use and breaker is not None and breaker.open_for_s == 0
+                and not breaker.probing and not store.waiting_summary(rt.engine).get(fallback)):
+            moved = store.reroute_waiting(rt.engine, provider, fallback, 1)
+            if moved:
+                log.warning("failover: %s is paused too and has no row of its own to probe with: row %d of %s "
+                            "goes to it, as its probe", fallback, moved[0], provider)
+            return len(moved)
+    return 0
 
 
 def _confirm_not_taken(rt: Runtime, provider: str) -> None:
@@ -164,10 +182,9 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
         fresh = []
         if breaker.open_for_s == 0 and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s):
             fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
+            store.drop_probe(engine, provider)  # the probe row, while queued or being sent, is its mark now
             if fresh:
                 log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0])
-            else:
-                store.drop_probe(engine, provider)
     else:
         fresh = store.release_waiting(engine, provider, room - load.inflight, s.lost_task_s)
     if again:

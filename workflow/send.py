@@ -113,7 +113,6 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None, retried: str | 
 
     with rt.provider_call(job.provider) as got_thread:
         if not got_thread:
-            _unsent(rt, job)
             return _wait(rt, job, BUSY_RETRY_S, f"every thread this worker gives {job.provider} is in a call",
                          W.BUSY)
         def no_send() -> str | None:
@@ -128,7 +127,6 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None, retried: str | 
         if waited is WITHDRAWN or no_send():
             return _hand_back(rt, job, no_send() or "it gave its rate-limit slot back")
         if isinstance(waited, Retry):
-            _unsent(rt, job)
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
         try:
             accepted = provider.send(message)
@@ -267,16 +265,8 @@ def _finish_failed(rt: Runtime, job: store.SendJob, reason: str) -> None:
                     job.id, rt.settings.send_lease_s / 2, "a refusal")
 
 
-def _unsent(rt: Runtime, job: store.SendJob) -> None:
-    """The probe of a paused account went back unsent (a rate-limit slot, no thread free): the next tick
-    may send another, rather than waiting out this one's lease."""
-    if job.probe:
-        store.drop_probe(rt.engine, job.provider)
-
-
 def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
     """Nothing was sent: the row waits to be released again at once (to another worker, or this one)."""
-    _unsent(rt, job)
     _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, 0, reason, W.BUSY),
                     job.id, rt.settings.send_lease_s / 2, "a row given back")
     return "handed back"
