@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from .engine import autocommit_twin, changed_before, db_now, db_now_plus, seconds_since
+from .engine import autocommit_twin, changed_before, db_now, db_now_plus, plus_seconds, seconds_since
 from .packet import in_one_trip, run
 from .models import (
     ERROR_MSG_MAX,
@@ -287,6 +287,33 @@ def _end_error(conn, chosen: list[tuple[int, int]], still, reason: str, **values
         conn.execute(update(BatchContact).where(BatchContact.id.in_(ended))
                      .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
     return ended
+
+
+LEASE_CLOCK = "lease_clock"
+"""`sms_meta` name under which every dispatch tick, as it starts, records the database's time
+(`stretch_leases`)."""
+
+
+@retry_lock_conflicts
+def stretch_leases(engine: Engine, missed_after_s: float) -> int:
+    """Leases run only while dispatch ticks reach the database. Called as every tick starts: when the tick
+    before was more than `missed_after_s` ago (the database was away, or no tick ran), every lease under way
+    is pushed back by that long. A send whose outcome waited for the database to come back
+    (`workflow.send`, whose writes retry until they land) thus finds its lease still its own, rather than
+    taken by the first tick back (`expire_leases`) and its message sent again. Returns by how many seconds
+    (0: the ticks ran on time, or this is the first). One transaction, the clock's row locked: two ticks at
+    once push the leases back once."""
+    m, d = Meta.__table__, Dispatch.__table__
+    with engine.begin() as conn:
+        gap = conn.scalar(select(seconds_since(m.c.value)).where(m.c.name == LEASE_CLOCK).with_for_update())
+        if gap is None:
+            conn.execute(_insert_ignore(Meta).values(name=LEASE_CLOCK, value=db_now()))
+            return 0
+        conn.execute(update(m).where(m.c.name == LEASE_CLOCK).values(value=db_now()))
+        if gap <= missed_after_s:
+            return 0
+        conn.execute(update(d).where(d.c.state == S.SENDING).values(lease_until=plus_seconds(d.c.lease_until, gap)))
+    return gap
 
 
 @retry_lock_conflicts

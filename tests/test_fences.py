@@ -5,21 +5,23 @@ something other than what became of its message."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 
 import workflow
 from db import store
-from db.models import BatchContact, Breaker, Dispatch
+from db.models import BatchContact, Breaker, Dispatch, Meta
 from providers.base import DeliveryReport
 from settings import load_settings
 from simulators.accolades import AccoladesSimulator
 from simulators.mobilgroup import MobilgroupSimulator
 from tests.conftest import REDIS_PREFIX, insert_rows, rows_by_id, started, wait_until
 from tests.httpstub import StubServer
-from tests.test_store_send import LEASE_S, claim_and_route, due_row, state
+from tests.test_store_send import LEASE_S, claim_and_route, due_row, engine, state  # noqa: F401 - fixture
 from tests.test_workflow import claim, runtime, sim  # noqa: F401 - fixtures
 from workflow.reports import apply_report, apply_smpp_receipt
 from workflow.runtime import Runtime
@@ -278,3 +280,60 @@ def test_a_provider_used_only_as_a_fallback_gets_a_probe_once_its_circuit_opened
         assert not store.breaker_states(db)["accolades"].open
         workflow.dispatch_due(rt, lambda ids, provider: sent.extend((provider, i) for i in ids))
     assert sorted(i for provider, i in sent if provider == "accolades") == rows, "failover did not resume"
+
+
+def test_an_accepted_send_is_recorded_however_long_the_database_is_away(runtime, sim, db, monkeypatch):
+    """The provider accepts a send while the database is away, longer than half the lease (the old limit of
+    the write's retries) and longer than the lease itself. The write must land once the database is back,
+    and the first tick back must not take the lease for an unknown outcome and send the message again."""
+    rt = runtime(send_lease_s=12, http_timeout_s=2)
+    (row,) = insert_rows(db, [("+7 916 100-00-34", "hello")])
+    assert claim(rt) == [row]
+    away = threading.Event()
+    away.set()
+    tries: list[float] = []
+    real = store.record_accepted
+
+    def while_away(*args, **kwargs):
+        tries.append(time.monotonic())
+        if away.is_set():
+            raise OperationalError("UPDATE …", {}, Exception("Can't connect to MySQL server (111)"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "record_accepted", while_away)
+    sending, outcome = in_thread(workflow.send_row, rt, row)
+    wait_until(lambda: tries and time.monotonic() - tries[0] > 8, 20, 0.2, "an outage past half the lease")
+    # The outage outlasts the lease too, and no tick reached the database meanwhile.
+    lease_runs_out(db, row)
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_meta SET value = NOW() - INTERVAL 60 SECOND WHERE name = :n"),
+                     {"n": store.LEASE_CLOCK})
+    claim(rt)  # the database is back: the first tick runs before the write's next try
+    away.clear()
+    sending.join(10)
+
+    assert outcome == ["accepted"]
+    assert rows_by_id(db)[row]["status"] == "success"
+    assert claim(rt) == [] and len(sim.events("send")) == 1
+
+
+def test_leases_do_not_run_while_no_tick_reaches_the_database(engine):
+    """On MariaDB and on SQLite (the embedded default): a tick on time leaves the leases alone; the first
+    tick after a gap pushes every lease under way back by the gap, once."""
+    row_id = due_row(engine)
+    store.begin_send(engine, row_id, LEASE_S)
+    assert store.stretch_leases(engine, 4) == 0  # the first tick starts the clock
+    assert store.stretch_leases(engine, 4) == 0
+    with engine.connect() as conn:
+        before = conn.scalar(select(Dispatch.lease_until).where(Dispatch.batchcontact_id == row_id))
+    with engine.begin() as conn:
+        conn.execute(update(Meta).where(Meta.name == store.LEASE_CLOCK)
+                     .values(value=(datetime.now() - timedelta(seconds=150)).strftime("%Y-%m-%d %H:%M:%S")))
+
+    assert store.stretch_leases(engine, 4) in (150, 151)
+    assert store.stretch_leases(engine, 4) == 0
+    with engine.connect() as conn:
+        after = conn.scalar(select(Dispatch.lease_until).where(Dispatch.batchcontact_id == row_id))
+    if isinstance(after, str):  # SQLite gives text
+        before, after = datetime.fromisoformat(before), datetime.fromisoformat(after)
+    assert (after - before).total_seconds() in (150, 151)

@@ -33,6 +33,10 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
     Returns how many rows were claimed."""
     s = rt.settings
     deadline = time.monotonic() + (budget_s if budget_s is not None else s.dispatch_interval_s)
+    stretched = store.stretch_leases(rt.engine, 2 * s.dispatch_interval_s)
+    if stretched:
+        log.warning("dispatch: no tick reached the database for %d s (it was away, or no tick ran): every send "
+                    "under way keeps its lease that much longer", stretched)
     total = 0
     while True:
         claimed = store.claim_due(rt.engine, s.dispatch_batch)

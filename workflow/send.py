@@ -8,6 +8,7 @@ the account's circuit (account errors), or an unknown outcome (the request left,
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None, retried: str | 
     recorded = _through_outage(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
                                                              poll_after, provider=job.provider,
                                                              index_ids=accepted.reports_by_id),
-                               row_id, s.send_lease_s / 2, "an accepted send")
+                               row_id, "an accepted send")
     if recorded is None:
         log.warning("send of row %d: accepted by %s after its lease was taken over; the current holder decides "
                     "the row", row_id, job.provider)
@@ -171,23 +172,37 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None, retried: str | 
     return "accepted"
 
 
-def _through_outage(write: Callable[[], bool], row_id: int, within_s: float, what: str):
-    """Run `write`, a record of what became of a send, retrying through a database outage for up to
-    `within_s`: a send whose outcome stays unwritten keeps its lease, and when the lease runs out it is
-    taken for an unknown outcome (the provider may have the message) and, by policy, sent again; one given
-    back unsent would wait out the lease for nothing."""
-    deadline = time.monotonic() + within_s
-    delay = 0.5
+OUTAGE_RETRY_MAX_S = 2.0
+"""The longest pause between two tries of an outcome write: once the database is back, the write lands
+within this (see `_through_outage`)."""
+OUTAGE_LOG_EVERY_S = 30.0
+
+
+def _through_outage(write: Callable[[], object], row_id: int, what: str):
+    """Run `write`, a record of what became of a send (fenced by the lease's token), trying again for as long
+    as the database cannot be reached, however long that is. Given up, the outcome would be lost with the
+    lease still held: the lease would run out, and the row be taken for an unknown outcome and sent again
+    (or end `error`) although the provider had answered.
+
+    Meanwhile the lease is not taken over: the sweep that ends leases (`store.expire_leases`) runs in the
+    dispatch tick, which cannot reach the database either, and the first tick back pushes every lease under
+    way back by as long as no tick ran (`store.stretch_leases`); the write, tried at least every
+    `OUTAGE_RETRY_MAX_S`, then lands under its lease. A worker cut off from a database the rest of the fleet
+    still reaches is, to the fleet, a dead worker: its lease runs out as usual. Errors other than a lost or
+    refused connection are raised."""
+    delay, logged_at = 0.5, -math.inf
     while True:
         try:
             return write()
         except DBAPIError as exc:
-            if time.monotonic() + delay > deadline:
+            if not isinstance(exc, OperationalError) and not exc.connection_invalidated:
                 raise
-            log.warning("row %d: %s could not be recorded (%s); trying again in %.1f s",
-                        row_id, what, type(exc).__name__, delay)
+            if time.monotonic() - logged_at >= OUTAGE_LOG_EVERY_S:
+                logged_at = time.monotonic()
+                log.warning("row %d: %s could not be recorded (%s); trying again every %.0f s until it is",
+                            row_id, what, type(exc).__name__, OUTAGE_RETRY_MAX_S)
             time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
 
 
 WITHDRAWN = object()
@@ -251,24 +266,24 @@ def _wait(rt: Runtime, job: store.SendJob, delay_s: float, reason: str, wait_rea
         return "error"
     _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, delay_s, reason, wait_reason,
                                              failed=failed, unknown=unknown),
-                    job.id, rt.settings.send_lease_s / 2, "a wait")
+                    job.id, "a wait")
     return wait_reason
 
 
 def _finish_error(rt: Runtime, job: store.SendJob, reason: str, *, unknown: bool = False) -> None:
     _through_outage(lambda: store.finish_error(rt.engine, job.id, reason, token=job.token, unknown=unknown),
-                    job.id, rt.settings.send_lease_s / 2, "an error")
+                    job.id, "an error")
 
 
 def _finish_failed(rt: Runtime, job: store.SendJob, reason: str) -> None:
     _through_outage(lambda: store.finish_failed(rt.engine, job.id, reason, token=job.token),
-                    job.id, rt.settings.send_lease_s / 2, "a refusal")
+                    job.id, "a refusal")
 
 
 def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
     """Nothing was sent: the row waits to be released again at once (to another worker, or this one)."""
     _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, 0, reason, W.BUSY),
-                    job.id, rt.settings.send_lease_s / 2, "a row given back")
+                    job.id, "a row given back")
     return "handed back"
 
 
