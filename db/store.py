@@ -433,22 +433,30 @@ def _set_routes(size: int):
 
 # --- send -----------------------------------------------------------------------------------------
 
+def lease_owner(task_id: str, retries: int) -> str:
+    """The lease owner of one execution of a send task, 32 characters (`sms_dispatch.claim_token`): 24 hex
+    digits of its id (96 bits: no two tasks share them), a dot, its retry number in 7 digits, so that the
+    owners of one task's executions sort as they ran."""
+    return f"{task_id.replace('-', '')[:24]}.{retries:07d}"
+
+
 @retry_lock_conflicts
-def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = None, *,
-               retried: str | None = None) -> SendJob | None:
-    """Take the send lease on a queued row (compare-and-set) for `owner` (one execution of a task: 32
-    characters at most) and load what the send needs, in one transaction (one round trip on MariaDB:
-    `_in_one_trip`).
+def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = None) -> SendJob | None:
+    """Take the send lease on a queued row (compare-and-set) for `owner` (one execution of a task,
+    `lease_owner`; None: an owner of its own) and load what the send needs, in one transaction (one round
+    trip on MariaDB: `_in_one_trip`).
 
     Returns None when the row is not ours to send now: not queued (waiting, sending under a lease, accepted
     or final). That is what makes a redelivered, duplicated or stale task a no-op, the redelivery of an
-    execution still in its provider call included. Only `retried`, the owner of the execution this one runs
-    again, is taken back: that execution ended when its try to take the lease met a broken connection, so
-    the lease may have been committed with the answer lost, and its retry must not find the row held by
-    nobody until the lease runs out. The job's `token` fences every outcome this send writes: should the
-    lease run out and another send take the row, the late writes change nothing."""
+    execution still in its provider call included. Only the lease of an earlier execution of the same task
+    is taken back: a task runs again (a retry) only after its execution met a broken connection in here,
+    with the lease perhaps committed and the answer lost, and every retry during a database outage is
+    another execution; the row must not be left held by nobody until the lease runs out. The job's `token`
+    fences every outcome this send writes: should the lease run out and another send take the row, the late
+    writes change nothing."""
+    task, dot, _ = (owner or "").rpartition(".")
     (taken, _), (_, rows) = in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id,
-                                         owner=owner or uuid.uuid4().hex, retried=retried)
+                                         owner=owner or uuid.uuid4().hex, earlier=f"{task}.%" if dot else None)
     if not taken or not rows:
         return None
     provider, recipient, attempts, failures, resends, unknowns, age_s, astercc_id, content, reason = rows[0]
@@ -462,10 +470,10 @@ def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = No
 @functools.lru_cache(maxsize=None)
 def _take_lease(lease_s: int):
     d = Dispatch
+    earlier = and_(d.state == S.SENDING, d.claim_token.like(bindparam("earlier")), d.claim_token < bindparam("owner"))
     return (
         update(d)
-        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None),
-               or_(d.state == S.QUEUED, and_(d.state == S.SENDING, d.claim_token == bindparam("retried"))))
+        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None), or_(d.state == S.QUEUED, earlier))
         .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
                 claim_token=bindparam("owner"),
                 first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())

@@ -228,9 +228,12 @@ def test_a_lease_whose_answer_was_lost_is_taken_again_by_the_same_task_only(engi
     and no other task can, nor a redelivery of the same run; without this the row waited out its lease and
     was taken for an unknown outcome."""
     row_id = due_row(engine)
-    first = store.begin_send(engine, row_id, LEASE_S, owner="task-a.0")
-    assert store.begin_send(engine, row_id, LEASE_S, owner="task-b.0") is None, "another task took a held lease"
-    assert store.begin_send(engine, row_id, LEASE_S, owner="task-a.0") is None, "a redelivery took a held lease"
-    again = store.begin_send(engine, row_id, LEASE_S, owner="task-a.1", retried="task-a.0")
+    task_a, task_b = "a" * 32, "b" * 32
+    first = store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_a, 0))
+    assert store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_b, 1)) is None, \
+        "another task took a held lease"
+    assert store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_a, 0)) is None, \
+        "a redelivery took a held lease"
+    again = store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_a, 1))
     assert again is not None and again.token == first.token + 1
     assert not store.wait_again(engine, row_id, first.token, 0, "stale", "busy"), "the first try's token still holds"

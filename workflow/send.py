@@ -61,22 +61,16 @@ class Retry:
     reason: str
 
 
-def lease_owner(task_id: str | None, retries: int) -> str | None:
-    """The lease owner of one execution of a send task, 32 characters (`sms_dispatch.claim_token`): 24 hex
-    digits of its id (96 bits: no two tasks share them), then its retry number (below 10**7)."""
-    return f"{task_id.replace('-', '')[:24]}.{retries}" if task_id else None
-
-
-def send_row(rt: Runtime, row_id: int, owner: str | None = None, retried: str | None = None) -> str | Retry:
+def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
     """Send one queued row. Returns what happened (`skipped`, `accepted`, `failed`, `error`, or the reason
     it waits again), or a `Retry` when the database could not be reached.
 
     A row not queued (a duplicate, redelivered or stale task) is `skipped` without side effects. `owner` is
-    this execution of the task (`store.begin_send`); `retried`, the execution whose `Retry` this one runs,
-    may have taken the lease with the database's answer lost: this one takes it back."""
+    this execution of the task (`store.lease_owner`): it takes back a lease an earlier execution of the same
+    task may have taken with the database's answer lost (`store.begin_send`)."""
     s = rt.settings
     try:
-        job = store.begin_send(rt.engine, row_id, s.send_lease_s, owner, retried=retried)
+        job = store.begin_send(rt.engine, row_id, s.send_lease_s, owner)
     except (DBAPIError, OperationalError) as exc:
         # Nothing was sent yet, so trying again is safe; the task stays in this worker, not the broker.
         if not isinstance(exc, OperationalError) and not exc.connection_invalidated:
