@@ -25,6 +25,7 @@ from tests.test_store_send import LEASE_S, claim_and_route, due_row, engine, sta
 from tests.test_workflow import claim, runtime, sim  # noqa: F401 - fixtures
 from workflow.reports import apply_report, apply_smpp_receipt
 from workflow.runtime import Runtime
+from workflow.throttle import identity_of
 
 pytestmark = pytest.mark.integration
 
@@ -337,3 +338,22 @@ def test_leases_do_not_run_while_no_tick_reaches_the_database(engine):
     if isinstance(after, str):  # SQLite gives text
         before, after = datetime.fromisoformat(before), datetime.fromisoformat(after)
     assert (after - before).total_seconds() in (150, 151)
+
+
+def test_two_deployments_on_one_provider_account_share_its_rate_and_identical_request_rule(mariadb_url, redis_url):
+    """Two deployments share a Redis, each under its own SMS_REDIS_PREFIX, and send through one Mobilgroup
+    account: the account's rate and its one-identical-request-a-minute rule hold for both together."""
+    deployments = [Runtime(load_settings(
+        database_url=mariadb_url, redis_url=redis_url, redis_prefix=f"{REDIS_PREFIX}{name}:",
+        default_provider="mobilgroup", mobilgroup_url="http://127.0.0.1:9/extxml.php", mobilgroup_user_id="1",
+        mobilgroup_user="demo", mobilgroup_password="demo", mobilgroup_rate=1)) for name in ("east", "west")]
+    account = deployments[0].account("mobilgroup")
+    identity = identity_of("79161000035", "hello", deployments[0].identity_key("mobilgroup"))
+
+    def acquire(rt: Runtime, **limits):
+        return rt.throttle.acquire(account, 1, max_wait_s=0, **limits)
+
+    assert acquire(deployments[0], identity=identity, identical_s=60).reserved
+    assert acquire(deployments[1], identity=identity, identical_s=60).reason == "identical"
+    assert acquire(deployments[1]).reason == "rate", "the second deployment got a rate of its own"
+
