@@ -357,3 +357,19 @@ def test_two_deployments_on_one_provider_account_share_its_rate_and_identical_re
     assert acquire(deployments[1], identity=identity, identical_s=60).reason == "identical"
     assert acquire(deployments[1]).reason == "rate", "the second deployment got a rate of its own"
 
+
+def test_a_probe_refused_with_an_error_that_could_be_about_one_message_keeps_the_circuit_open(runtime, db):
+    """The circuit opened on an error that could be about one message (Mobilgroup error 6, met by three
+    rows), more than 10 minutes ago. The probe meets it again: that is the account still refusing, not this
+    message alone, so the circuit stays open; closing it would send a refusing account a room's worth of
+    rows every pause (Accolades blacklists the address on 403.6)."""
+    refusal = ('<?xml version="1.0" encoding="windows-1251"?>\n<response>\n<result>ERROR</result>\n'
+               '<error>6</error>\n</response>\n').encode("windows-1251")
+    with StubServer(refusal) as stub:
+        rt = Runtime(runtime().settings.model_copy(update={"mobilgroup_url": stub.url + "/extxml.php"}))
+        probe, _ = paused(db, 2)
+        assert claim(rt) == [probe]
+        assert workflow.send_row(rt, probe) == "paused"
+
+        assert store.breaker_states(db)["mobilgroup"].open, "a refused probe closed the circuit"
+        assert claim(rt) == [] and len(stub.requests) == 1

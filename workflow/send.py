@@ -330,12 +330,13 @@ def _failed_on_the_way(rt: Runtime, job: store.SendJob, exc: ProviderError) -> N
 def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
     """An account error opens the provider's circuit: its rows wait, one probe tests it after
     `SMS_ACCOUNT_RETRY_S`. An error that could be about this one message (`by_nature=False`) ends only this
-    message as `failed`, until `SUSPECT_ROWS` different messages met it."""
+    message as `failed`, until `SUSPECT_ROWS` different messages met it; but not the probe's: met by the
+    probe of a paused account, it is the account still refusing, and the circuit stays open (the next probe
+    is another row: were it about this message alone, that one goes through)."""
     s = rt.settings
     reason = f"{job.provider} account problem: {exc}"
-    if not exc.by_nature and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS:
-        if job.probe:
-            _account_works(rt, job.provider)
+    if (not exc.by_nature and not job.probe
+            and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS):
         _finish_failed(rt, job, str(exc))
         return "failed"
     if store.trip_breaker(rt.engine, job.provider, s.account_retry_s, str(exc)):
