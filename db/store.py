@@ -969,12 +969,14 @@ class InDoubt:
     resends: int
 
 
-def in_doubt(engine: Engine, provider: str, limit: int) -> list[InDoubt]:
-    """Waiting rows of `provider` with an unknown outcome, oldest due first."""
+def in_doubt(engine: Engine, provider: str, limit: int, settled_s: int) -> list[InDoubt]:
+    """Waiting rows of `provider` with an unknown outcome, oldest due first; only those whose last send
+    ended `settled_s` ago or more (its request may still be on its way to the provider until then)."""
     d = Dispatch.__table__
     with autocommit_twin(engine).connect() as conn:
         rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, d.c.resends)
-                            .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0)
+                            .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0,
+                                   d.c.updated_at <= db_now_plus(-settled_s))
                             .order_by(d.c.due_at).limit(limit)).all()
     return [InDoubt(*row) for row in rows]
 

@@ -259,16 +259,21 @@ def test_a_probe_the_provider_answers_429_lets_the_next_probe_go_at_once(runtime
         assert len(stub.requests) == 1
 
 
+def failing_over(mariadb_url: str, redis_url: str, mobilgroup_url: str, accolades: AccoladesSimulator) -> Runtime:
+    """A deployment sending through Mobilgroup, failing over to Accolades."""
+    return Runtime(load_settings(
+        database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX, default_provider="mobilgroup",
+        failover="mobilgroup:accolades", mobilgroup_url=mobilgroup_url, mobilgroup_user_id="1",
+        mobilgroup_user="demo", mobilgroup_password="demo", mobilgroup_identical_s=0, accolades_url=accolades.url,
+        accolades_account=accolades.account, accolades_password=accolades.password))
+
+
 def test_a_provider_used_only_as_a_fallback_gets_a_probe_once_its_circuit_opened(db, mariadb_url, redis_url):
     """Accolades serves only as Mobilgroup's fallback. Both circuits are open, Accolades' pause is over, and
     only Mobilgroup has rows: Accolades must get one of them to probe with, or it stays paused for good and
     failover stops without a word."""
     with started(MobilgroupSimulator()) as mobilgroup, started(AccoladesSimulator()) as accolades:
-        rt = Runtime(load_settings(
-            database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX, default_provider="mobilgroup",
-            failover="mobilgroup:accolades", mobilgroup_url=mobilgroup.api_url, mobilgroup_user_id="1",
-            mobilgroup_user="demo", mobilgroup_password="demo", accolades_url=accolades.url,
-            accolades_account=accolades.account, accolades_password=accolades.password))
+        rt = failing_over(mariadb_url, redis_url, mobilgroup.api_url, accolades)
         store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
         store.trip_breaker(db, "accolades", 0, "blocked: test")
         rows = insert_rows(db, [(f"+7 916 100-02-{k:02d}", "hello") for k in range(3)])
@@ -373,3 +378,38 @@ def test_a_probe_refused_with_an_error_that_could_be_about_one_message_keeps_the
 
         assert store.breaker_states(db)["mobilgroup"].open, "a refused probe closed the circuit"
         assert claim(rt) == [] and len(stub.requests) == 1
+
+
+def test_a_row_whose_request_got_an_error_answer_is_not_moved_to_the_fallback(db, mariadb_url, redis_url):
+    """Mobilgroup answers HTTP 503: the request left and an answer came, so Mobilgroup may have the message.
+    Once Mobilgroup's circuit opens, the row must wait for Mobilgroup, not go through Accolades too."""
+    with StubServer(b"busy", status=503) as stub, started(AccoladesSimulator()) as accolades:
+        rt = failing_over(mariadb_url, redis_url, stub.url + "/extxml.php", accolades)
+        (row,) = insert_rows(db, [("+7 916 100-00-36", "hello")])
+        assert claim(rt) == [row]
+        assert workflow.send_row(rt, row) == "retry"
+        store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
+
+        assert workflow.fail_over(rt, "mobilgroup", store.breaker_states(db)) == 0
+    assert rows_by_id(db)[row]["provider"] == "mobilgroup"
+
+
+def test_a_row_whose_answer_was_just_lost_is_not_asked_about_until_its_request_could_have_arrived(
+        db, mariadb_url, redis_url):
+    """A send to Mobilgroup timed out a moment ago: its request may still be on its way, so Mobilgroup's
+    "no such request" now does not mean it never arrives. The row is asked about (and moved) only later."""
+    with started(MobilgroupSimulator()) as mobilgroup, started(AccoladesSimulator()) as accolades:
+        rt = failing_over(mariadb_url, redis_url, mobilgroup.api_url, accolades)
+        (row,) = insert_rows(db, [("+7 916 100-00-37", "hello")])
+        assert claim(rt) == [row]
+        job = store.begin_send(db, row, LEASE_S)
+        assert store.wait_again(db, row, job.token, 60, "no answer", "unknown", failed=True, unknown=True)
+        store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
+
+        assert workflow.fail_over(rt, "mobilgroup", store.breaker_states(db)) == 0
+        assert not mobilgroup.events("status"), "asked while the request may be on its way"
+        with db.begin() as conn:
+            conn.execute(update(Dispatch).values(updated_at=datetime.now() - timedelta(minutes=2)))
+        rt.confirm_asked.clear()
+        assert workflow.fail_over(rt, "mobilgroup", store.breaker_states(db)) == 1
+    assert rows_by_id(db)[row]["provider"] == "accolades"

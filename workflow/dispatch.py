@@ -67,6 +67,9 @@ FAILOVER_BATCH = 5000
 """Waiting rows moved to a fallback per provider and tick: the fallback's room, not this, paces them."""
 CONFIRM_PER_TICK = 20
 """Rows in doubt whose provider is asked per tick whether it has them (each a request to a troubled provider)."""
+CONFIRM_AFTER_S = 60
+"""A row in doubt is asked about only this long after its last send ended: until then its request may still
+be on its way, and "no such request" would not mean it never arrives."""
 CONFIRM_EVERY_S = 30.0
 """A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
 hold every tick for its HTTP timeout."""
@@ -122,7 +125,7 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
         return
     rt.confirm_asked[provider] = time.monotonic()
     known = rt.taken_rows
-    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
+    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known), CONFIRM_AFTER_S):
         if row.id in known:
             continue
         try:

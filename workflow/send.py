@@ -282,10 +282,13 @@ def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
 
 
 def _transient_problem(rt: Runtime, job: store.SendJob, exc: ProviderError) -> str:
+    """Tried again after a backoff. A request that left and got an answer (`TransientError.reached`, and
+    anything a client did not classify) counts as possibly arrived (`unknowns`): failover never moves it to
+    another provider."""
     s = rt.settings
     _failed_on_the_way(rt, job, exc)
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
-    return _wait(rt, job, delay, str(exc), W.RETRY, failed=True)
+    return _wait(rt, job, delay, str(exc), W.RETRY, failed=True, unknown=getattr(exc, "reached", True))
 
 
 def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> str:
