@@ -259,13 +259,14 @@ def test_a_probe_the_provider_answers_429_lets_the_next_probe_go_at_once(runtime
         assert len(stub.requests) == 1
 
 
-def failing_over(mariadb_url: str, redis_url: str, mobilgroup_url: str, accolades: AccoladesSimulator) -> Runtime:
+def failing_over(mariadb_url: str, redis_url: str, mobilgroup_url: str, accolades: AccoladesSimulator,
+                 **settings) -> Runtime:
     """A deployment sending through Mobilgroup, failing over to Accolades."""
     return Runtime(load_settings(
         database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX, default_provider="mobilgroup",
         failover="mobilgroup:accolades", mobilgroup_url=mobilgroup_url, mobilgroup_user_id="1",
         mobilgroup_user="demo", mobilgroup_password="demo", mobilgroup_identical_s=0, accolades_url=accolades.url,
-        accolades_account=accolades.account, accolades_password=accolades.password))
+        accolades_account=accolades.account, accolades_password=accolades.password, **settings))
 
 
 def test_a_provider_used_only_as_a_fallback_gets_a_probe_once_its_circuit_opened(db, mariadb_url, redis_url):
@@ -413,3 +414,19 @@ def test_a_row_whose_answer_was_just_lost_is_not_asked_about_until_its_request_c
         rt.confirm_asked.clear()
         assert workflow.fail_over(rt, "mobilgroup", store.breaker_states(db)) == 1
     assert rows_by_id(db)[row]["provider"] == "accolades"
+
+
+def test_failover_s_status_requests_take_slots_of_the_account_s_rate(db, mariadb_url, redis_url):
+    """Two rows in doubt at Mobilgroup, whose account allows one request every 10 s: failover asks about
+    one of them now, and about the other only when its slot comes, as a send would wait."""
+    with started(MobilgroupSimulator()) as mobilgroup, started(AccoladesSimulator()) as accolades:
+        rt = failing_over(mariadb_url, redis_url, mobilgroup.api_url, accolades, mobilgroup_rate=0.1)
+        rows = insert_rows(db, [(f"+7 916 100-00-{k}", "hello") for k in (38, 39)])
+        assert sorted(claim(rt)) == rows
+        with db.begin() as conn:  # both sends' answers were lost, long ago
+            conn.execute(update(Dispatch).values(state="waiting", wait_reason="unknown", unknowns=1,
+                                                 updated_at=datetime.now() - timedelta(minutes=2)))
+        store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
+
+        assert workflow.fail_over(rt, "mobilgroup", store.breaker_states(db)) == 1
+        assert len(mobilgroup.events("status")) == 1

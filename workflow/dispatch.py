@@ -17,6 +17,7 @@ from collections.abc import Callable
 from db import store
 from providers import registry
 from providers.base import ProviderError
+from workflow.poll import status_slot
 from workflow.routing import InvalidNumber, normalise, route
 from workflow.runtime import Runtime
 from workflow.wording import duration
@@ -114,7 +115,8 @@ def _lend_a_probe_row(rt: Runtime, provider: str, breakers: dict[str, store.Brea
 
 def _confirm_not_taken(rt: Runtime, provider: str) -> None:
     """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
-    never came; those it has not may then move. Stops at the first question it cannot answer."""
+    never came; those it has not may then move. Each question takes a slot of the account's rate limit;
+    stops at the first question it cannot answer, or whose slot is not near."""
     if time.monotonic() - rt.confirm_asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
         return
     try:
@@ -128,6 +130,8 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
     for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known), CONFIRM_AFTER_S):
         if row.id in known:
             continue
+        if not status_slot(rt, provider):
+            return
         try:
             has = client.has_request(registry.entry(provider).reference(rt.settings, row.id, row.resends))
         except ProviderError:
