@@ -9,11 +9,12 @@ import time
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 import workflow
 from db import store
+from db.engine import db_now_plus
 from db.models import BatchContact, Breaker, Dispatch, Meta
 from providers.base import DeliveryReport
 from settings import load_settings
@@ -313,8 +314,7 @@ def test_an_accepted_send_is_recorded_however_long_the_database_is_away(runtime,
     # The outage outlasts the lease too, and no tick reached the database meanwhile.
     lease_runs_out(db, row)
     with db.begin() as conn:
-        conn.execute(text("UPDATE sms_meta SET value = NOW() - INTERVAL 60 SECOND WHERE name = :n"),
-                     {"n": store.LEASE_CLOCK})
+        conn.execute(update(Meta).where(Meta.name == store.LEASE_CLOCK).values(value=db_now_plus(-60)))
     claim(rt)  # the database is back: the first tick runs before the write's next try
     away.clear()
     sending.join(10)
@@ -333,9 +333,8 @@ def test_leases_do_not_run_while_no_tick_reaches_the_database(engine):
     assert store.stretch_leases(engine, 4) == 0
     with engine.connect() as conn:
         before = conn.scalar(select(Dispatch.lease_until).where(Dispatch.batchcontact_id == row_id))
-    with engine.begin() as conn:
-        conn.execute(update(Meta).where(Meta.name == store.LEASE_CLOCK)
-                     .values(value=(datetime.now() - timedelta(seconds=150)).strftime("%Y-%m-%d %H:%M:%S")))
+    with engine.begin() as conn:  # the last tick was 150 s ago, by the clock the ticks keep
+        conn.execute(update(Meta).where(Meta.name == store.LEASE_CLOCK).values(value=db_now_plus(-150)))
 
     assert store.stretch_leases(engine, 4) in (150, 151)
     assert store.stretch_leases(engine, 4) == 0
