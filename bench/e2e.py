@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +188,11 @@ def open_rows(bench: BenchDb, ids: list[int]) -> int:
             f" AND status NOT IN {FINAL}"))
 
 
-def wait_final(bench: BenchDb, ids: list[int], timeout_s: float, what: str) -> float:
-    """Poll until every row is final; returns when that was seen (epoch). Raises after `timeout_s`.
+def wait_final(bench: BenchDb, ids: list[int], timeout_s: float, what: str,
+               sent: Callable[[], int] | None = None) -> float:
+    """Poll until every row is final; returns when that was seen (epoch). Raises after `timeout_s`. With
+    `sent` (how many requests the provider has), prints every second how many were sent and where the open
+    rows are (waiting, by reason; queued; sending), so that a stall shows as it happens.
 
     Ten times a second, on one connection held for the wait, as a bare driver query: through a new
     SQLAlchemy connection each time it took about a third of the benchmark process's CPU, which counts
@@ -197,11 +201,19 @@ def wait_final(bench: BenchDb, ids: list[int], timeout_s: float, what: str) -> f
     deadline = time.monotonic() + timeout_s
     query = (f"SELECT id FROM cc10_batchcontacts WHERE id BETWEEN {ids[0]} AND {ids[-1]}"
              f" AND status NOT IN {FINAL} ORDER BY id DESC LIMIT 1")
+    where = (f"SELECT COALESCE(wait_reason, state), COUNT(*) FROM sms_dispatch WHERE batchcontact_id BETWEEN"
+             f" {ids[0]} AND {ids[-1]} AND state IN ('waiting', 'queued', 'sending') GROUP BY 1 ORDER BY 1")
     connection = bench.admin.raw_connection()
+    started = shown = time.monotonic()
     try:
         cursor = connection.cursor()
         while cursor.execute(query):
             connection.commit()  # the next query reads the table as it is then
+            if sent is not None and time.monotonic() - shown >= 1:
+                shown = time.monotonic()
+                cursor.execute(where)
+                counts = ", ".join(f"{reason} {n}" for reason, n in cursor.fetchall()) or "none"
+                print(f"  {what} +{shown - started:4.0f} s: sent {sent():>6}; open: {counts}", flush=True)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what}: {open_rows(bench, ids)} of {len(ids)} rows still open after "
                                    f"{timeout_s:g} s")
@@ -401,7 +413,7 @@ def run_phase(label: str, bench: BenchDb, sim: MobilgroupSimulator, sampler: Sam
     reset_simulator(sim)
     db0, cpu0, sim0, redis0 = bench.user_stats(), sampler.cpu_total(), self_cpu(), redis_cpu(redis_client)
     start = make_due(bench, ids, rate)
-    done = wait_final(bench, ids, timeout_s, label)
+    done = wait_final(bench, ids, timeout_s, label, sent=lambda: len(sim.events("send")))
     latencies = provider_latencies(sim, due_times(bench, ids))
     return Result(label, len(ids), done - start, latencies, delta(bench.user_stats(), db0),
                   sampler.cpu_total() - cpu0, self_cpu() - sim0, redis_cpu(redis_client) - redis0)

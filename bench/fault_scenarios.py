@@ -225,6 +225,8 @@ class FaultRun:
     """Rows settled at least once as an unknown outcome (a lease ran out: the request may have left)."""
     sent_before_back: int = 0
     logs: list[str] = field(default_factory=list, repr=False)
+    not_success: dict[int, tuple[str, str, str]] = field(default_factory=dict, repr=False)
+    """Rows that did not end `success` in asterCC: (our state, asterCC's status, `error_msg`)."""
 
     @property
     def resumed_s(self) -> float | None:
@@ -262,6 +264,7 @@ def _result(scenario: str, stage: Stage, sim, ids: list[int], snapshot: dict[int
             back_at: float, sent_before_back: int, timeout_s: float, processes: list[Process]) -> FaultRun:
     settled_at = settle(stage.engine, ids, timeout_s)
     sends = sends_by_id(sim)
+    ended = outcomes(stage.engine, ids)
     return FaultRun(
         scenario, len(ids), lost=[i for i in ids if i not in sends],
         doubled=sorted(i for i, times in sends.items() if len(times) > 1),
@@ -269,7 +272,8 @@ def _result(scenario: str, stage: Stage, sim, ids: list[int], snapshot: dict[int
         held=sorted(i for i, s in snapshot.items() if s == "queued"),
         waiting=sorted(i for i, s in snapshot.items() if s == "waiting"),
         fault_at=fault_at, back_at=back_at, settled_at=settled_at, sends=sends, unknown=unknowns(stage.engine, ids),
-        sent_before_back=sent_before_back, logs=[str(p.log_path) for p in processes])
+        sent_before_back=sent_before_back, logs=[str(p.log_path) for p in processes],
+        not_success={i: ended[i] for i in ids if ended[i][1] != "success"})
 
 
 def deploy(stage: Stage, rows: int = 300, latency_s: float = 3.0, rate: float = 20, grace_s: float = 10,
@@ -342,13 +346,16 @@ def redis_loss(stage: Stage, rows: int = 600, latency_s: float = 0.2, rate: floa
 
 
 def database_loss(stage: Stage, rows: int = 400, latency_s: float = 0.2, rate: float = 20,
-                  outage_s: float = 30, timeout_s: float = 150) -> FaultRun:
+                  outage_s: float = 30, timeout_s: float = 150, name: str = "MariaDB loss",
+                  **settings) -> FaultRun:
     """MariaDB cut off for `outage_s` in the middle of a batch, for the workers and beat (connections reset,
-    new ones refused), as a database restart does."""
+    new ones refused), as a database restart does. With a provider answering in `latency_s` of seconds, sends
+    are in flight when it goes: their outcomes must be written once it is back, however long it was away."""
     host, port = _host_port(stage.database_url, 3306)
     with running(FaultProxy(host, port), AccoladesSimulator(latency_s=latency_s)) as (proxy, sim):
         ids, mid_batch = _accolades_batch(stage, rows, 0.25)
-        env = accolades_env(stage, sim, database_url=proxy.url_for(stage.database_url), SMS_ACCOLADES_RATE=rate)
+        env = accolades_env(stage, sim, database_url=proxy.url_for(stage.database_url), SMS_ACCOLADES_RATE=rate,
+                            **settings)
         worker = stage.start("worker", env)
         beat = stage.start("beat", env)
         mid_batch(sim)
@@ -359,8 +366,38 @@ def database_loss(stage: Stage, rows: int = 400, latency_s: float = 0.2, rate: f
         sent = len(sim.events("send"))
         proxy.restore()
         back_at = time.time()
-        return _result("MariaDB loss", stage, sim, ids, snapshot, fault_at, back_at, sent, timeout_s,
-                       [worker, beat])
+        return _result(name, stage, sim, ids, snapshot, fault_at, back_at, sent, timeout_s, [worker, beat])
+
+
+def clock_jump(stage: Stage, rows: int = 300, latency_s: float = 2.0, rate: float = 20, timeout_s: float = 300,
+               **settings) -> FaultRun:
+    """The database's local clock an hour forward in the middle of a batch, as a daylight-saving change does
+    on a server that keeps local time: its time zone offset changes (`SET GLOBAL time_zone`, put back
+    afterwards: nothing else may run on that server meanwhile) and its connections reset."""
+    host, port = _host_port(stage.database_url, 3306)
+    with running(FaultProxy(host, port), AccoladesSimulator(latency_s=latency_s)) as (proxy, sim):
+        ids, mid_batch = _accolades_batch(stage, rows, 0.25)
+        env = accolades_env(stage, sim, database_url=proxy.url_for(stage.database_url), SMS_ACCOLADES_RATE=rate,
+                            **settings)
+        worker = stage.start("worker", env)
+        beat = stage.start("beat", env)
+        mid_batch(sim)
+        snapshot = states(stage.engine, ids)
+        with stage.engine.begin() as conn:
+            zone = conn.scalar(text("SELECT @@global.time_zone"))
+            ahead_min = round(conn.scalar(text("SELECT TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(), NOW())")) / 60) + 60
+            sign = "+" if ahead_min >= 0 else "-"
+            conn.execute(text(f"SET GLOBAL time_zone = '{sign}{abs(ahead_min) // 60:02d}:{abs(ahead_min) % 60:02d}'"))
+        try:
+            proxy.cut()
+            fault_at = time.time()
+            proxy.restore()
+            back_at = time.time()
+            return _result("clock +1 h", stage, sim, ids, snapshot, fault_at, back_at, len(sim.events("send")),
+                           timeout_s, [worker, beat])
+        finally:
+            with stage.engine.begin() as conn:
+                conn.execute(text("SET GLOBAL time_zone = :zone"), {"zone": zone})
 
 
 def empty_redis(stage: Stage) -> None:

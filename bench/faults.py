@@ -43,6 +43,10 @@ FAULTS = {
     "crash": lambda stage, n: scenarios.crash(stage, rows=n, latency_s=3.0, lease_s=30, timeout_s=600),
     "redis": lambda stage, n: scenarios.redis_loss(stage, rows=n * 2, rate=50, outage_s=15, timeout_s=600),
     "mariadb": lambda stage, n: scenarios.database_loss(stage, rows=n * 2, rate=50, outage_s=30, timeout_s=600),
+    # Sends in flight (a provider answering in 2 s) while MariaDB is away for longer than half a send's lease.
+    "mariadb-150s": lambda stage, n: scenarios.database_loss(stage, rows=n // 2, latency_s=2.0, rate=20,
+                                                             outage_s=150, timeout_s=900, name="MariaDB 150 s"),
+    "clock": lambda stage, n: scenarios.clock_jump(stage, rows=n // 2, latency_s=2.0, rate=20, timeout_s=600),
 }
 
 
@@ -93,12 +97,14 @@ def fmt(value: float | None) -> str:
 
 
 def print_faults(runs: list[scenarios.FaultRun]) -> None:
-    print(f"\n{'fault':<14}{'rows':>6}{'lost':>6}{'sent twice':>12}{'in flight':>11}{'queued':>8}{'unknown':>9}"
-          f"{'resumed (s)':>13}{'all done (s)':>14}")
+    print(f"\n{'fault':<14}{'rows':>6}{'lost':>6}{'sent twice':>12}{'not success':>13}{'in flight':>11}{'queued':>8}"
+          f"{'unknown':>9}{'resumed (s)':>13}{'all done (s)':>14}")
     for run in runs:
-        print(f"{run.scenario:<14}{run.rows:>6}{len(run.lost):>6}{len(run.doubled):>12}{len(run.in_flight):>11}"
-              f"{len(run.held):>8}{len(run.unknown):>9}{fmt(run.resumed_s):>13}{fmt(run.rest_s):>14}")
-    print("in flight / queued: rows being sent / in the broker at the fault; unknown: rows settled as unknown "
+        print(f"{run.scenario:<14}{run.rows:>6}{len(run.lost):>6}{len(run.doubled):>12}{len(run.not_success):>13}"
+              f"{len(run.in_flight):>11}{len(run.held):>8}{len(run.unknown):>9}{fmt(run.resumed_s):>13}"
+              f"{fmt(run.rest_s):>14}")
+    print("not success: rows whose asterCC status is not `success` at the end; "
+          "in flight / queued: rows being sent / in the broker at the fault; unknown: rows settled as unknown "
           "outcomes (a lease ran out); resumed: from the fault's end (new worker started, server back) to the "
           "provider's next accepted send; all done: to the last row settled")
 

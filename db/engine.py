@@ -3,10 +3,13 @@
 `engine_for(url)` gives one engine per URL per process, made safe across `fork()` (Celery's prefork pool
 forks after the parent may have connected), and `wait_until_reachable(url, …)` waits for its database to
 come up; `autocommit_twin(engine)` the same database without transactions of SQLAlchemy's, for the
-statements `db.store` sends as one packet and for one-row reads. `db_now()`, `db_now_plus(seconds)` and
-`seconds_since(column)` are SQL expressions for the database's own clock: due-ness, leases and poll times
-are judged by it, never by a worker's clock, because asterCC writes local times and workers may run
-elsewhere with skewed clocks.
+statements `db.store` sends as one packet and for one-row reads.
+
+Time is read off the database's clock, never a worker's (workers may run elsewhere with skewed clocks), on two
+scales. asterCC's columns (`schedulertime`, `contacttime`) hold local time as asterCC writes it, compared with
+`db_local_now()`. Every column of our own (leases, backoffs, the account circuit, retry windows, report
+timeouts, and `due_at`, the due time converted at the claim) is UTC: `db_now()`, `db_now_plus(seconds)` and
+`seconds_since(column)`, so a daylight-saving change on a server that keeps local time moves none of it.
 """
 from __future__ import annotations
 
@@ -141,7 +144,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 class db_now_plus(FunctionElement):  # noqa: N801 - reads as a SQL function
-    """The database's local time plus `seconds` (may be negative or zero).
+    """The database's UTC time plus `seconds` (may be negative or zero): the clock of our own columns.
 
     The offset travels as a bound parameter, not as literal SQL: SQLAlchemy caches compiled statements
     by their shape, and a literal would be cached with the first offset ever used."""
@@ -159,13 +162,30 @@ def db_now() -> db_now_plus:
 
 @compiles(db_now_plus)
 def _now_default(element, compiler, **kw):
-    return f"(NOW() + INTERVAL {compiler.process(element.clauses, **kw)} SECOND)"
+    return f"(UTC_TIMESTAMP() + INTERVAL {compiler.process(element.clauses, **kw)} SECOND)"
 
 
 @compiles(db_now_plus, "sqlite")
 def _now_sqlite(element, compiler, **kw):
-    # asterCC's times are local; SQLite's 'now' is UTC unless asked for 'localtime'.
-    return f"datetime('now', 'localtime', {compiler.process(element.clauses, **kw)} || ' seconds')"
+    return f"datetime('now', {compiler.process(element.clauses, **kw)} || ' seconds')"
+
+
+class db_local_now(FunctionElement):  # noqa: N801 - reads as a SQL function
+    """The database's local time: the clock of asterCC's columns (`schedulertime`, `contacttime`)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+
+@compiles(db_local_now)
+def _local_now_default(element, compiler, **kw):
+    return "NOW()"
+
+
+@compiles(db_local_now, "sqlite")
+def _local_now_sqlite(element, compiler, **kw):
+    # SQLite's 'now' is UTC unless asked for 'localtime'.
+    return "datetime('now', 'localtime')"
 
 
 class changed_before(FunctionElement):  # noqa: N801 - reads as a SQL function
@@ -209,7 +229,7 @@ def _plus_seconds_sqlite(element, compiler, **kw):
 
 
 class seconds_since(FunctionElement):  # noqa: N801 - reads as a SQL function
-    """Whole seconds from a (local) time column to the database's now; NULL when the column is."""
+    """Whole seconds from a (UTC) time column of ours to the database's now; NULL when the column is."""
 
     type = Integer()
     inherit_cache = True
@@ -217,12 +237,11 @@ class seconds_since(FunctionElement):  # noqa: N801 - reads as a SQL function
 
 @compiles(seconds_since)
 def _seconds_since_default(element, compiler, **kw):
-    return f"TIMESTAMPDIFF(SECOND, {compiler.process(element.clauses, **kw)}, NOW())"
+    return f"TIMESTAMPDIFF(SECOND, {compiler.process(element.clauses, **kw)}, UTC_TIMESTAMP())"
 
 
 @compiles(seconds_since, "sqlite")
 def _seconds_since_sqlite(element, compiler, **kw):
-    # Both sides read as UTC by strftime('%s'): 'localtime' shifts now to the wall clock the column holds.
     # Parenthesised: the expression may be negated or compared.
-    return (f"(CAST(strftime('%s', 'now', 'localtime') AS INTEGER)"
+    return (f"(CAST(strftime('%s', 'now') AS INTEGER)"
             f" - CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER))")

@@ -28,7 +28,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from .engine import autocommit_twin, changed_before, db_now, db_now_plus, plus_seconds, seconds_since
+from .engine import (
+    autocommit_twin, changed_before, db_local_now, db_now, db_now_plus, plus_seconds, seconds_since,
+)
 from .packet import in_one_trip, run
 from .models import (
     ERROR_MSG_MAX,
@@ -112,7 +114,7 @@ def due_rows(limit: int):
                                     type_=bc.c.schedulertime.type).label("schedulertime"))
         .select_from(bc.outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id)
                      .outerjoin(d, d.c.batchcontact_id == bc.c.id))
-        .where(bc.c.status == "new", bc.c.schedulertime <= db_now(),
+        .where(bc.c.status == "new", bc.c.schedulertime <= db_local_now(),
                or_(arc.c.archivetype == "sms", arc.c.id.is_(None)),
                or_(d.c.batchcontact_id.is_(None), _resendable(d)))
         .order_by(bc.c.schedulertime, bc.c.id)
@@ -174,12 +176,14 @@ def _record_claims(engine: Engine, limit: int, token: str) -> bool:
             return False
         ids = [row.id for row in due]
         # The database's clock is read once and sent as a value: with a SQL function among the values,
-        # mysqlclient sends one INSERT per row instead of one for the whole batch.
-        now = conn.scalar(select(db_now()))
+        # mysqlclient sends one INSERT per row instead of one for the whole batch. asterCC's due times are
+        # local; ours, `due_at` included, are UTC, converted with the offset the server keeps now.
+        local_now, now = conn.execute(select(db_local_now(), db_now())).one()
+        offset = _as_datetime(local_now) - _as_datetime(now)
         conn.execute(_insert_ignore(Dispatch), [
             {"batchcontact_id": row.id, "claim_token": token, "state": S.WAITING, "wait_reason": W.ROOM,
              "attempts": 0, "failures": 0, "unknowns": 0, "polls": 0, "parts": 1,
-             "due_at": row.schedulertime or now, "claimed_at": now, "next_attempt_at": None,
+             "due_at": row.schedulertime - offset if row.schedulertime else now, "claimed_at": now, "next_attempt_at": None,
              "created_at": now, "updated_at": now} for row in due
         ])
         # Rows already in sms_dispatch and final for a while, yet `new` again in asterCC: a resend.
@@ -535,7 +539,7 @@ def _contacted():
     took = changed_before() > 0
     note = select(d.last_error).where(d.batchcontact_id == bindparam("row_id")).scalar_subquery()
     return (update(bc).where(bc.id == bindparam("row_id"))
-            .values(contacttime=db_now(), status=case((took, "success"), else_=bc.status),
+            .values(contacttime=db_local_now(), status=case((took, "success"), else_=bc.status),
                     error_msg=case((took, func.coalesce(note, "")), else_=bc.error_msg)))
 
 
@@ -1023,12 +1027,15 @@ def db_clock_offset_s(engine: Engine) -> float:
     """This host's clock minus the database's, in seconds (both read as local wall time)."""
     with engine.connect() as conn:
         before = time.time()
-        db = conn.scalar(select(db_now()))
+        db = conn.scalar(select(db_local_now()))
         after = time.time()
-    if isinstance(db, str):  # SQLite gives text
-        db = datetime.fromisoformat(db)
     local = datetime.fromtimestamp((before + after) / 2)
-    return (local - db).total_seconds()
+    return (local - _as_datetime(db)).total_seconds()
+
+
+def _as_datetime(value) -> datetime:
+    """A time the database computed: SQLite gives it as text."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 @retry_lock_conflicts

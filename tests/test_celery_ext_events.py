@@ -9,11 +9,20 @@ import json
 import threading
 import time
 
+import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import REDIS_PREFIX, idle_worker_env, insert_rows, publish, wait_until
 from celery_ext.events import BUFFER_LIMIT, FLUSH_EVERY_S
+from tests.conftest import (
+    REDIS_PREFIX,
+    idle_worker_env,
+    insert_rows,
+    publish,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timing
 
 TASKS = 60
 EVENTS = ("task-received", "task-started", "task-succeeded")

@@ -6,10 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from celery.concurrency import thread
 
 from celery_ext import pool as ext_pool
 from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timing
 
 
 def started_while_sends_block(pool_cls) -> bool:

@@ -87,3 +87,31 @@ def test_mariadb_cut_off_mid_batch_loses_and_doubles_nothing_and_sending_resumes
     assert run.resumed_s is not None and run.resumed_s <= 30, report(run)
     assert run.unknown == [], report(run)
     assert run.rest_s <= (run.rows - run.sent_before_back) / rate + 30, report(run)
+
+
+def test_mariadb_gone_longer_than_half_a_lease_with_sends_in_flight_sends_nothing_twice(stage):
+    """Issue 24, item 4, shortened from `bench/faults.py`'s 150 s: MariaDB away for 20 s while sends to a
+    provider answering in 2 s are in flight, with the send lease at 30 s (so the outage outlasts half of
+    it): every accepted send is recorded once the database is back, none is sent again, and every row ends
+    `success`."""
+    run = scenarios.database_loss(stage, rows=80, latency_s=2.0, rate=20, outage_s=20, timeout_s=240,
+                                  name="MariaDB 20 s", SMS_SEND_LEASE_S=30, SMS_HTTP_TIMEOUT_S=5)
+    print(report(run))
+    assert run.in_flight, "nothing was being sent when the database went"
+    assert run.lost == [], report(run)
+    assert run.doubled == [], report(run)
+    assert run.not_success == {}, report(run)
+
+
+@pytest.mark.timing  # it changes the server's global time zone for a moment: nothing else may run beside it
+def test_the_database_clock_an_hour_forward_mid_batch_sends_every_row_once_and_each_succeeds(stage):
+    """Issue 24, item 7: the database's local clock jumps an hour forward mid-batch (its time zone offset
+    changes and its connections reset, as a daylight-saving change on a server that keeps local time does),
+    with sends in flight at a provider answering in 2 s: no lease runs out early, no row is sent twice or
+    ends otherwise than `success`."""
+    run = scenarios.clock_jump(stage, rows=80, latency_s=2.0, rate=20, timeout_s=240)
+    print(report(run))
+    assert run.in_flight, "nothing was being sent when the clock moved"
+    assert run.lost == [], report(run)
+    assert run.doubled == [], report(run)
+    assert run.not_success == {}, report(run)

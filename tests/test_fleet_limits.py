@@ -35,7 +35,7 @@ from tests.conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timing]
 
 
 def fleet_env(db_url, broker, sim, **extra):

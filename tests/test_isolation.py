@@ -12,7 +12,7 @@ import pytest
 from bench import fault_scenarios as scenarios
 from tests.conftest import REDIS_PREFIX, app_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timing]
 
 
 @pytest.fixture

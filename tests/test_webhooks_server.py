@@ -18,7 +18,7 @@ from workflow.callbacks import callback_url
 from tests.conftest import ROOT, app_env, free_port, wait_until
 from tests.test_webhooks import accolades_report, insert_accepted, state
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timing]
 
 SECRET = "server-test-webhook-secret-0123456789abcdef"
 PUBLIC_URL = "http://sms.example.com"
