@@ -507,40 +507,31 @@ ACCEPTED_AFTER_ERROR = "sent: the provider accepted it after it had been marked 
 
 
 @functools.lru_cache(maxsize=None)
-def _prior_state():
-    """The row's state before `_accept`, locked until the transaction ends."""
-    d = Dispatch
-    return select(d.state).where(d.batchcontact_id == bindparam("row_id")).with_for_update()
-
-
-@functools.lru_cache(maxsize=None)
-def _accept(poll_after_s: int | None):
-    """The send under the `token` lease was accepted: the row is `accepted`, also when the lease sweep ended
-    it `error` under that same token meanwhile (the provider has the message: `success` is the truth)."""
+def _accept(poll_after_s: int | None, after_error: bool):
+    """The send under the `token` lease was accepted: the row is `accepted`. With `after_error`, the row the
+    lease sweep ended `error` under that same token meanwhile (the provider has the message: `success` is
+    the truth), saying so in `last_error`."""
     d = Dispatch
     return (
         update(d).where(d.batchcontact_id == bindparam("row_id"), d.attempts == bindparam("token"),
-                        or_(d.state == S.SENDING, d.state == S.ERROR))
-        # `last_error` first: MariaDB assigns left to right, each assignment seeing the ones before it.
-        .ordered_values(
-            (d.last_error, case((d.state == S.ERROR, ACCEPTED_AFTER_ERROR), else_=None)),
-            (d.state, S.ACCEPTED), (d.provider_message_id, bindparam("p_ids")), (d.parts, bindparam("p_parts")),
-            (d.accepted_at, db_now()), (d.lease_until, None), (d.wait_reason, None), (d.updated_at, db_now()),
-            (d.poll_at, None if poll_after_s is None else db_now_plus(poll_after_s)))
+                        d.state == (S.ERROR if after_error else S.SENDING))
+        .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"), parts=bindparam("p_parts"),
+                accepted_at=db_now(), lease_until=None, last_error=ACCEPTED_AFTER_ERROR if after_error else None,
+                wait_reason=None, updated_at=db_now(),
+                poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
     )
 
 
 @functools.lru_cache(maxsize=None)
-def _contacted():
+def _contacted(after_error: bool):
     """asterCC's side of `_accept`, right after it: `success` only if that UPDATE took the row (`error_msg`
-    empty, or saying it had been marked error), else (a report came first and set the outcome) just the
-    contact time."""
-    bc, d = BatchContact, Dispatch
+    empty, or with `after_error` saying it had been marked error), else (a report came first and set the
+    outcome) just the contact time."""
+    bc = BatchContact
     took = changed_before() > 0
-    note = select(d.last_error).where(d.batchcontact_id == bindparam("row_id")).scalar_subquery()
     return (update(bc).where(bc.id == bindparam("row_id"))
             .values(contacttime=db_local_now(), status=case((took, "success"), else_=bc.status),
-                    error_msg=case((took, func.coalesce(note, "")), else_=bc.error_msg)))
+                    error_msg=case((took, ACCEPTED_AFTER_ERROR if after_error else ""), else_=bc.error_msg)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -565,15 +556,19 @@ def record_accepted(engine: Engine, row_id: int, token: int, provider_message_id
     `failed` when a delivery report came first (fast callbacks), which keeps its outcome and only gets
     `contacttime`. None when the lease `token` is no longer current (the lease ran out and the row was
     taken again): the row is left as the current holder has it. One transaction (one round trip on
-    MariaDB: `_in_one_trip`)."""
+    MariaDB: `_in_one_trip`); when it did not take the row, a read and, for a row ended `error`, another."""
     indexed = provider_message_ids if index_ids else []
-    statements = ((_prior_state(),) + ((_index_ids(len(indexed)),) if indexed else ())
-                  + (_accept(poll_after_s), _contacted()))
-    results = in_one_trip(engine, statements, row_id=row_id, token=token, provider=provider, p_parts=parts,
-                           p_ids=_fit(",".join(provider_message_ids), 255) or None,
-                           **{f"m{k}": m for k, m in enumerate(indexed)})
-    prior = results[0][1][0][0] if results[0][1] else None
-    return prior if results[-2][0] or prior in (S.DELIVERED, S.FAILED) else None
+    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s, False), _contacted(False))
+    params = dict(row_id=row_id, token=token, provider=provider, p_parts=parts,
+                  p_ids=_fit(",".join(provider_message_ids), 255) or None)
+    if in_one_trip(engine, statements, **params, **{f"m{k}": m for k, m in enumerate(indexed)})[-2][0]:
+        return S.SENDING
+    # Rarely here: the fence was lost, a report finished the row first, or the lease sweep ended it.
+    with autocommit_twin(engine).connect() as conn:
+        state = conn.scalar(select(Dispatch.state).where(Dispatch.batchcontact_id == row_id))
+    if state == S.ERROR and in_one_trip(engine, (_accept(poll_after_s, True), _contacted(True)), **params)[0][0]:
+        return S.ERROR
+    return state if state in (S.DELIVERED, S.FAILED) else None
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str, *, token: int | None = None) -> bool:
