@@ -71,7 +71,12 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Redis for the fleet-wide rate limits; defaults to the broker when the broker is Redis."""
     redis_prefix: str = ""
-    """Prefix of every Redis key we write (broker queues and rate limits): lets deployments share a Redis."""
+    """Prefix of the broker's Redis keys (its queues): lets deployments share a Redis. The rate limits' keys
+    do not carry it: a provider account's rate and identical-request rule are the account's, whoever sends."""
+    throttle_prefix: str = ""
+    """Prefix of the rate limits' Redis keys, which are per provider account: deployments sending through
+    the same accounts must have the same (the default, none). Another only where one account name means two
+    accounts (two Ozeki gateways with the same user name), or to keep test runs apart."""
 
     # --- routing ------------------------------------------------------------------------------
     default_provider: ProviderName | None = None

@@ -319,7 +319,7 @@ def app_env(args, bench: BenchDb, sim: MobilgroupSimulator, broker: str, prefix:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
     env.update(
         PYTHONUNBUFFERED="1", SMS_VAR_DIR=str(var_dir), SMS_DATABASE_URL=bench.app_url, CELERY_BROKER_URL=broker,
-        SMS_REDIS_PREFIX=prefix,
+        SMS_REDIS_PREFIX=prefix, SMS_THROTTLE_PREFIX=prefix,
         SMS_DEFAULT_PROVIDER="mobilgroup", SMS_MOBILGROUP_URL=sim.api_url, SMS_MOBILGROUP_USER_ID=sim.user_id,
         SMS_MOBILGROUP_USER=sim.user, SMS_MOBILGROUP_PASSWORD=sim.password,
         SMS_MOBILGROUP_RATE=str(UNCAPPED_RATE), SMS_MOBILGROUP_IDENTICAL_S="0",

@@ -81,7 +81,7 @@ def env_maker(prefix: str, var_dir: Path):
     def env(database_url: str, broker_url: str, **settings) -> dict[str, str]:
         out = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
         out.update(PYTHONUNBUFFERED="1", SMS_VAR_DIR=str(var_dir), SMS_DATABASE_URL=database_url,
-                   CELERY_BROKER_URL=broker_url, SMS_REDIS_PREFIX=prefix)
+                   CELERY_BROKER_URL=broker_url, SMS_REDIS_PREFIX=prefix, SMS_THROTTLE_PREFIX=prefix)
         out.update({k: str(v) for k, v in settings.items()})
         return out
     return env

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         insert_rows(db_url, args.count, args.identical)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
         env.update(provider_env, PYTHONUNBUFFERED="1", SMS_DATABASE_URL=db_url, CELERY_BROKER_URL=redis_url,
-                   SMS_REDIS_PREFIX=prefix, SMS_VAR_DIR=str(log_dir), SMS_DEFAULT_PROVIDER=args.provider,
+                   SMS_REDIS_PREFIX=prefix, SMS_THROTTLE_PREFIX=prefix, SMS_VAR_DIR=str(log_dir),
+                   SMS_DEFAULT_PROVIDER=args.provider,
                    SMS_DISPATCH_INTERVAL_S="1", SMS_DISPATCH_BATCH=str(args.dispatch_batch),
                    SMS_RETRY_BASE_S="0.5", SMS_RETRY_MAX_S="2",
                    **{f"SMS_{args.provider.upper()}_RATE": str(args.rate),

@@ -1,9 +1,9 @@
 """Measure `db.retention.prune` on MariaDB: how long it takes to prune a backlog, and what a call costs when
-nothing is due, as emptied Mobilgroup records (which stay) pile up.
+nothing is due, as emptied records (which stay) pile up.
 
-A throw-away database gets `--kept` emptied Mobilgroup records (final, older than the retention),
-`--due` records to prune (half Accolades, removed; half Mobilgroup, emptied; each with two provider ids)
-and `--recent` final records inside the retention. It prints the time of the pruning calls (`--batch`
+A throw-away database gets `--kept` emptied records (final, older than the retention), `--due` records to
+prune (half Accolades, half Mobilgroup, each with two provider ids; all emptied) and `--recent` final
+records inside the retention. It prints the time of the pruning calls (`--batch`
 rows per transaction) and then of calls that find nothing to do.
 
     .venv/bin/python bench/retention.py --kept 200000 --due 20000
@@ -24,10 +24,8 @@ from bench.e2e import bench_database  # noqa: E402
 from db.engine import engine_for  # noqa: E402
 from db.models import Dispatch, MessageId  # noqa: E402
 from db.retention import EMPTIED_MARK, prune  # noqa: E402
-from workflow.reap import IDS_NEVER_REUSED  # noqa: E402
 
 DAYS = 90
-KEEP = IDS_NEVER_REUSED
 CHUNK = 5000
 
 
@@ -49,7 +47,7 @@ def fill(engine, start: int, count: int, *, provider: str, age_days: int, emptie
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mariadb", default="mysql+mysqldb://root@127.0.0.1:3306")
-    parser.add_argument("--kept", type=int, default=200_000, help="emptied Mobilgroup records already there")
+    parser.add_argument("--kept", type=int, default=200_000, help="emptied records already there")
     parser.add_argument("--due", type=int, default=20_000, help="records to prune")
     parser.add_argument("--recent", type=int, default=20_000, help="final records inside the retention")
     parser.add_argument("--batch", type=int, default=1000)
@@ -69,7 +67,7 @@ def main() -> None:
 
         started, pruned, calls = time.perf_counter(), 0, 0
         while True:
-            done = prune(engine, DAYS, batch=args.batch, max_batches=1, keep_emptied=KEEP)
+            done = prune(engine, DAYS, batch=args.batch, max_batches=1)
             calls += 1
             pruned += done
             if done < args.batch:
@@ -78,10 +76,10 @@ def main() -> None:
         idle = []
         for _ in range(args.idle_calls):
             started = time.perf_counter()
-            assert prune(engine, DAYS, batch=args.batch, keep_emptied=KEEP) == 0
+            assert prune(engine, DAYS, batch=args.batch) == 0
             idle.append(time.perf_counter() - started)
 
-        print(f"records: {args.kept} emptied Mobilgroup ones kept, {args.due} due, {args.recent} recent")
+        print(f"records: {args.kept} emptied ones kept, {args.due} due, {args.recent} recent")
         print(f"pruned                         {pruned}")
         print(f"backlog, total (s)             {backlog_s:.2f}")
         print(f"backlog, per {args.batch}-row batch (ms)  {1000 * backlog_s / calls:.1f}")

@@ -93,7 +93,8 @@ def worker_run(args) -> int:
         insert_due_rows(db_url, args.messages)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
         env.update(PYTHONUNBUFFERED="1", SMS_DATABASE_URL=db_url, CELERY_BROKER_URL=redis_url,
-                   SMS_REDIS_PREFIX=prefix, SMS_VAR_DIR=str(log_dir), SMS_DEFAULT_PROVIDER="smsc",
+                   SMS_REDIS_PREFIX=prefix, SMS_THROTTLE_PREFIX=prefix, SMS_VAR_DIR=str(log_dir),
+                   SMS_DEFAULT_PROVIDER="smsc",
                    SMS_SMSC_HOST="127.0.0.1", SMS_SMSC_PORT=str(simulator.port),
                    SMS_SMSC_SYSTEM_ID=simulator.system_id, SMS_SMSC_PASSWORD=simulator.password,
                    SMS_SMSC_WINDOW=str(args.window), SMS_SMSC_RATE="100000", SMS_SMSC_IDENTICAL_S="0",

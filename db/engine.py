@@ -206,6 +206,28 @@ def _changed_before_sqlite(element, compiler, **kw):
     return "changes()"
 
 
+class plus_seconds(FunctionElement):  # noqa: N801 - reads as a SQL function
+    """A time column plus `seconds` (a bound parameter, as in `db_now_plus`)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+    def __init__(self, column, seconds: float):
+        super().__init__(column, literal(int(round(seconds)), Integer()))
+
+
+@compiles(plus_seconds)
+def _plus_seconds_default(element, compiler, **kw):
+    column, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"({column} + INTERVAL {seconds} SECOND)"
+
+
+@compiles(plus_seconds, "sqlite")
+def _plus_seconds_sqlite(element, compiler, **kw):
+    column, seconds = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"datetime({column}, {seconds} || ' seconds')"
+
+
 class seconds_since(FunctionElement):  # noqa: N801 - reads as a SQL function
     """Whole seconds from a (UTC) time column of ours to the database's now; NULL when the column is."""
 

@@ -55,7 +55,9 @@ class BatchContact(AsterccBase):
 
 
 class DispatchState:
-    """States of `sms_dispatch.state`. FINAL ones are never left except by an operator's resend.
+    """States of `sms_dispatch.state`. FINAL ones are never left except by an operator's resend, and an
+    `error` the lease sweep set by the send it gave up on, should the provider's acceptance come after all
+    (`store.record_accepted`).
 
     Only `queued` rows have a task in the broker. A row that waits (for its provider's room, a paused
     account, a throttle, a backoff) is `waiting` with a `wait_reason` and a `next_attempt_at`: the dispatch

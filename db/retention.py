@@ -1,22 +1,17 @@
 """Retention: our own records of finished rows hold recipients' numbers; after `SMS_RETENTION_DAYS` we let go
 of them, in small batches, without touching asterCC's tables (asterCC keeps its own rows as it sees fit).
 
-A dispatch record in a final state that last changed more than `days` ago is pruned with its provider ids
-(`sms_message_ids`):
+A dispatch record in a final state that last changed more than `days` ago is emptied of everything personal
+(number, provider ids and `sms_message_ids`, last error); its row id, state, provider, fencing token and
+resend count stay. No record is ever deleted.
 
-- a row that was routed to a provider whose ids may repeat (or never routed) loses its record;
-- a row of a provider that refuses a repeated id (Mobilgroup, `keep_emptied`) keeps a record emptied of everything personal (number, provider ids, last error): its
-  row id, state, resend count and times stay.
-
-Why Mobilgroup's stay: an operator may set any finished row back to `new` in asterCC, however old. With its
-record kept, that is a resend, counted, and Mobilgroup gets a request id it never had (`row + n·10^10`, see
-`providers.mobilgroup.request_id`). Without it, the row would go out as a first send under the row id
-itself, which Mobilgroup already has: it would answer error 7, which we rightly read as "the earlier attempt
-arrived", so asterCC would show `success` for a message never sent. Keeping the resend count keeps error 7
-meaning that. Other providers have no such id: a row whose record is gone is sent again as a new row, which
-is what the operator asked for; the old callback URLs expired long before (`SMS_WEBHOOK_TOKEN_TTL_S` is
-held below the retention), and old receipts name provider ids that are gone, so nothing of the earlier send
-can be taken for the new one.
+Why: an operator may set any finished row back to `new` in asterCC, however old. With its record kept, that
+is a resend, counted, and every request id derived from the count is new: Mobilgroup gets an id it never
+had (`row + n·10^10`, see `providers.mobilgroup.request_id`), whichever providers the row went through
+before (a failover, a route change). Without it, the row would go out as a first send under the row id
+itself; had Mobilgroup ever had that id, it would answer error 7, which we rightly read as "the earlier
+attempt arrived", so asterCC would show `success` for a message never sent. The same count fences callback
+URLs and reports of earlier sends, and the kept token keeps every late writer of an earlier send fenced off.
 
 An emptied record's `updated_at` is set to `EMPTIED_MARK` (1970-01-02), which says it holds nothing more:
 it keeps it out of the index range that `prune` reads, so a call costs the records it prunes, not the
@@ -40,17 +35,15 @@ from .store import retry_lock_conflicts
 EMPTIED_MARK = datetime(1970, 1, 2)
 
 
-def prune(engine: Engine, days: int, batch: int = 1000, max_batches: int = 10, *,
-          keep_emptied: tuple[str, ...]) -> int:
-    """Prune the records of rows final for more than `days` days, `batch` rows per transaction, at most
-    `max_batches` transactions (call again for the rest). The records of `keep_emptied` providers (those
-    whose request ids must never be used twice) are emptied rather than removed. Returns how many records were removed or emptied:
-    less than `batch * max_batches` means none is left for now."""
+def prune(engine: Engine, days: int, batch: int = 1000, max_batches: int = 10) -> int:
+    """Empty the records of rows final for more than `days` days, `batch` rows per transaction, at most
+    `max_batches` transactions (call again for the rest). Returns how many records were emptied: less than
+    `batch * max_batches` means none is left for now."""
     if days < 1 or batch < 1:
         raise ValueError("days and batch must be at least 1")
     pruned = 0
     for _ in range(max_batches):
-        done = _prune_batch(engine, days * 86_400, batch, keep_emptied)
+        done = _prune_batch(engine, days * 86_400, batch)
         pruned += done
         if done < batch:
             break
@@ -64,7 +57,7 @@ def _due(age_s: int):
 
 
 @retry_lock_conflicts
-def _prune_batch(engine: Engine, age_s: int, batch: int, keep_emptied: tuple[str, ...]) -> int:
+def _prune_batch(engine: Engine, age_s: int, batch: int) -> int:
     d = Dispatch
     with engine.begin() as conn:
         # Locked (MariaDB) so that a resend cannot take them between this read and the writes; rows a claim
@@ -75,8 +68,6 @@ def _prune_batch(engine: Engine, age_s: int, batch: int, keep_emptied: tuple[str
         if not ids:
             return 0
         conn.execute(delete(MessageId).where(MessageId.batchcontact_id.in_(ids)))
-        emptied = conn.execute(
-            update(d).where(d.batchcontact_id.in_(ids), _due(age_s), d.provider.in_(keep_emptied))
+        return conn.execute(
+            update(d).where(d.batchcontact_id.in_(ids), _due(age_s))
             .values(recipient=None, provider_message_id=None, last_error=None, updated_at=EMPTIED_MARK)).rowcount
-        removed = conn.execute(delete(d).where(d.batchcontact_id.in_(ids), _due(age_s))).rowcount
-    return emptied + removed

@@ -23,12 +23,15 @@ from decimal import Decimal
 from typing import Iterable
 
 from sqlalchemy import (
-    Integer, String, and_, bindparam, case, delete, func, insert, literal, literal_column, or_, select, update,
+    Integer, String, and_, bindparam, case, delete, exists, func, insert, literal, literal_column, or_, select,
+    tuple_, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from .engine import autocommit_twin, changed_before, db_local_now, db_now, db_now_plus, seconds_since
+from .engine import (
+    autocommit_twin, changed_before, db_local_now, db_now, db_now_plus, plus_seconds, seconds_since,
+)
 from .packet import in_one_trip, run
 from .models import (
     ERROR_MSG_MAX,
@@ -200,13 +203,14 @@ def _record_claims(engine: Engine, limit: int, token: str, latest_first: bool = 
         d = Dispatch.__table__
         resent = (d.c.batchcontact_id.in_(ids), _resendable(d))
         # The earlier send's provider ids go with it: a receipt that names one (smsc.ru's come late, or
-        # again) is about that send and must not be taken for the new one's.
+        # again) is about that send and must not be taken for the new one's. `attempts` is kept: it is the
+        # fencing token, and a writer left from the earlier send must never match the new send's lease.
         conn.execute(delete(MessageId).where(
             MessageId.batchcontact_id.in_(select(d.c.batchcontact_id).where(*resent))))
         conn.execute(
             update(d)
             .where(*resent)
-            .values(claim_token=token, state=S.WAITING, wait_reason=W.ROOM, attempts=0, failures=0, unknowns=0,
+            .values(claim_token=token, state=S.WAITING, wait_reason=W.ROOM, failures=0, unknowns=0,
                     polls=0, provider=None, resends=d.c.resends + 1, provider_message_id=None, last_error=None,
                     first_attempt_at=None, next_attempt_at=None, lease_until=None, accepted_at=None,
                     poll_at=None, queued_at=None, due_at=now, claimed_at=now, updated_at=now)
@@ -281,11 +285,15 @@ def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, l
     taken by its twin and does nothing), and given as long again as it has already waited, at least
     `requeue_s`: a queue nobody consumes gets a row's task a handful of times an hour, not every
     `requeue_s`. Rows claimed more than `window_s` ago end `error` instead. Returns (ids to enqueue again,
-    how many ended)."""
+    how many ended).
+
+    Rows end in the transaction that chose them, and only under the fencing token they had then: a late task
+    never sends a row that ends here (on MariaDB the chosen rows are locked: the task waits for this
+    transaction, then finds the row ended and does nothing)."""
     d = Dispatch.__table__
     lost = and_(d.c.provider == provider, d.c.state == S.QUEUED, d.c.next_attempt_at <= db_now())
     with engine.begin() as conn:
-        rows = conn.execute(select(d.c.batchcontact_id, seconds_since(d.c.queued_at).label("queued_s"),
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, seconds_since(d.c.queued_at).label("queued_s"),
                                    (seconds_since(d.c.claimed_at) > window_s).label("old"))
                             .where(lost).limit(limit).with_for_update(skip_locked=True)).all()
         again: dict[int, list[int]] = {}
@@ -296,34 +304,81 @@ def requeue_lost(engine: Engine, provider: str, requeue_s: int, window_s: int, l
         for wait, ids in again.items():
             conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), lost)
                          .values(next_attempt_at=db_now_plus(wait)))
-    ended = [r.batchcontact_id for r in rows if r.old]
-    for row_id in ended:
-        finish_error(engine, row_id, f"no worker took it from queue send.{provider} (is a worker for it running?)")
+        ended = _end_error(conn, [(r.batchcontact_id, r.attempts) for r in rows if r.old], lost,
+                           f"no worker took it from queue send.{provider} (is a worker for it running?)")
     return [row_id for ids in again.values() for row_id in ids], len(ended)
+
+
+def _end_error(conn, chosen: list[tuple[int, int]], still, reason: str, **values) -> list[int]:
+    """End the `chosen` rows (row id, fencing token), picked by a sweep in this transaction, `error` with
+    `reason`, and asterCC's status with them: each only while `still` holds and its token is the one it had
+    when chosen. Returns the ids that ended."""
+    if not chosen:
+        return []
+    d = Dispatch.__table__
+    ids = [row_id for row_id, _ in chosen]
+    conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), tuple_(d.c.batchcontact_id, d.c.attempts).in_(chosen),
+                                 still)
+                 .values(state=S.ERROR, wait_reason=None, lease_until=None, last_error=_fit(reason, 255),
+                         updated_at=db_now(), **values))
+    # Every chosen row was open when chosen (and is locked, on MariaDB): those `error` now are the ones ended.
+    ended = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.batchcontact_id.in_(ids), d.c.state == S.ERROR)))
+    if ended:
+        conn.execute(update(BatchContact).where(BatchContact.id.in_(ended))
+                     .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
+    return ended
+
+
+LEASE_CLOCK = "lease_clock"
+"""`sms_meta` name under which every dispatch tick, as it starts, records the database's time
+(`stretch_leases`)."""
+
+
+@retry_lock_conflicts
+def stretch_leases(engine: Engine, missed_after_s: float) -> int:
+    """Leases run only while dispatch ticks reach the database. Called as every tick starts: when the tick
+    before was more than `missed_after_s` ago (the database was away, or no tick ran), every lease under way
+    is pushed back by that long. A send whose outcome waited for the database to come back
+    (`workflow.send`, whose writes retry until they land) thus finds its lease still its own, rather than
+    taken by the first tick back (`expire_leases`) and its message sent again. Returns by how many seconds
+    (0: the ticks ran on time, or this is the first). One transaction, the clock's row locked: two ticks at
+    once push the leases back once."""
+    m, d = Meta.__table__, Dispatch.__table__
+    with engine.begin() as conn:
+        gap = conn.scalar(select(seconds_since(m.c.value)).where(m.c.name == LEASE_CLOCK).with_for_update())
+        if gap is None:
+            conn.execute(_insert_ignore(Meta).values(name=LEASE_CLOCK, value=db_now()))
+            return 0
+        conn.execute(update(m).where(m.c.name == LEASE_CLOCK).values(value=db_now()))
+        if gap <= missed_after_s:
+            return 0
+        conn.execute(update(d).where(d.c.state == S.SENDING).values(lease_until=plus_seconds(d.c.lease_until, gap)))
+    return gap
 
 
 @retry_lock_conflicts
 def expire_leases(engine: Engine, provider: str, *, resend: bool, limit: int) -> tuple[int, list[int]]:
     """Sending rows of `provider` whose lease ran out: their worker died or hung, and whether their request
     reached the provider is unknown. With `resend` they wait (reason `unknown`) to be sent again; else they
-    end `error`. Returns (how many wait again, the ids that ended)."""
+    end `error`, in the transaction that chose them and under their lease's token (should the send come back
+    with the provider's acceptance after all, `record_accepted` turns the row `success`). Returns (how many
+    wait again, the ids that ended)."""
     d = Dispatch.__table__
     expired = and_(d.c.provider == provider, d.c.state == S.SENDING, d.c.lease_until < db_now())
     with engine.begin() as conn:
-        ids = list(conn.scalars(select(d.c.batchcontact_id).where(expired).limit(limit)
-                                .with_for_update(skip_locked=True)))
-        if ids and resend:
-            conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), expired)
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts).where(expired).limit(limit)
+                            .with_for_update(skip_locked=True)).all()
+        if not resend:
+            return 0, _end_error(conn, [tuple(r) for r in rows], expired,
+                                 f"{provider} may or may not have this message: the worker sending it stopped "
+                                 f"before the answer came (SMS_{provider.upper()}_ON_UNKNOWN=error)",
+                                 unknowns=d.c.unknowns + 1)
+        if rows:
+            conn.execute(update(d).where(d.c.batchcontact_id.in_([r.batchcontact_id for r in rows]), expired)
                          .values(state=S.WAITING, wait_reason=W.UNKNOWN, unknowns=d.c.unknowns + 1,
                                  next_attempt_at=db_now(), lease_until=None, updated_at=db_now(),
                                  last_error="no answer: the worker sending it stopped (its lease ran out)"))
-    if resend:
-        return len(ids), []
-    for row_id in ids:
-        _finish(engine, row_id, S.ERROR, "error",
-                f"{provider} may or may not have this message: the worker sending it stopped before the answer "
-                f"came (SMS_{provider.upper()}_ON_UNKNOWN=error)", states=(S.SENDING,), unknown=True)
-    return 0, ids
+    return len(rows), []
 
 
 @dataclass(frozen=True)
@@ -480,19 +535,30 @@ def hold_quiet(engine: Engine, holds: dict[str, int]) -> int:
 
 # --- send -----------------------------------------------------------------------------------------
 
+def lease_owner(task_id: str, retries: int) -> str:
+    """The lease owner of one execution of a send task, 32 characters (`sms_dispatch.claim_token`): 24 hex
+    digits of its id (96 bits: no two tasks share them), a dot, its retry number in 7 digits, so that the
+    owners of one task's executions sort as they ran."""
+    return f"{task_id.replace('-', '')[:24]}.{retries:07d}"
+
+
 @retry_lock_conflicts
 def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = None) -> SendJob | None:
-    """Take the send lease on a queued row (compare-and-set) for `owner` (the task: 32 characters at most)
-    and load what the send needs, in one transaction (one round trip on MariaDB: `_in_one_trip`).
+    """Take the send lease on a queued row (compare-and-set) for `owner` (one execution of a task,
+    `lease_owner`; None: an owner of its own) and load what the send needs, in one transaction (one round
+    trip on MariaDB: `_in_one_trip`).
 
-    Returns None when the row is not ours to send now: not queued (waiting, sending under another owner's
-    lease, accepted or final). That is what makes a redelivered, duplicated or stale task a no-op. The same
-    owner may take the lease again: its first try may have been committed with the answer lost (the
-    connection broke), and its retry must not find the row held by nobody until the lease runs out. The
-    job's `token` fences every outcome this send writes: should the lease run out and another send take
-    the row, the late writes change nothing."""
+    Returns None when the row is not ours to send now: not queued (waiting, sending under a lease, accepted
+    or final). That is what makes a redelivered, duplicated or stale task a no-op, the redelivery of an
+    execution still in its provider call included. Only the lease of an earlier execution of the same task
+    is taken back: a task runs again (a retry) only after its execution met a broken connection in here,
+    with the lease perhaps committed and the answer lost, and every retry during a database outage is
+    another execution; the row must not be left held by nobody until the lease runs out. The job's `token`
+    fences every outcome this send writes: should the lease run out and another send take the row, the late
+    writes change nothing."""
+    task, dot, _ = (owner or "").rpartition(".")
     (taken, _), (_, rows) = in_one_trip(engine, (_take_lease(lease_s), _send_job()), row_id=row_id,
-                                         owner=owner or uuid.uuid4().hex)
+                                         owner=owner or uuid.uuid4().hex, earlier=f"{task}.%" if dot else None)
     if not taken or not rows:
         return None
     provider, recipient, attempts, failures, resends, unknowns, age_s, astercc_id, content, reason = rows[0]
@@ -506,10 +572,10 @@ def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = No
 @functools.lru_cache(maxsize=None)
 def _take_lease(lease_s: int):
     d = Dispatch
+    earlier = and_(d.state == S.SENDING, d.claim_token.like(bindparam("earlier")), d.claim_token < bindparam("owner"))
     return (
         update(d)
-        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None),
-               or_(d.state == S.QUEUED, and_(d.state == S.SENDING, d.claim_token == bindparam("owner"))))
+        .where(d.batchcontact_id == bindparam("row_id"), d.provider.is_not(None), or_(d.state == S.QUEUED, earlier))
         .values(state=S.SENDING, attempts=d.attempts + 1, lease_until=db_now_plus(lease_s),
                 claim_token=bindparam("owner"),
                 first_attempt_at=func.coalesce(d.first_attempt_at, db_now()), updated_at=db_now())
@@ -534,26 +600,36 @@ def _holds_lease(d):
     return and_(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING, d.attempts == bindparam("token"))
 
 
+ACCEPTED_AFTER_ERROR = "sent: the provider accepted it after it had been marked error (its send outlived its lease)"
+"""What a row ended `error` by the lease sweep says once its send comes back accepted after all."""
+
+
 @functools.lru_cache(maxsize=None)
-def _accept(poll_after_s: int | None):
+def _accept(poll_after_s: int | None, after_error: bool):
+    """The send under the `token` lease was accepted: the row is `accepted`. With `after_error`, the row the
+    lease sweep ended `error` under that same token meanwhile (the provider has the message: `success` is
+    the truth), saying so in `last_error`."""
     d = Dispatch
     return (
-        update(d).where(_holds_lease(d))
+        update(d).where(d.batchcontact_id == bindparam("row_id"), d.attempts == bindparam("token"),
+                        d.state == (S.ERROR if after_error else S.SENDING))
         .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"), parts=bindparam("p_parts"),
-                accepted_at=db_now(), lease_until=None, last_error=None, wait_reason=None, updated_at=db_now(),
+                accepted_at=db_now(), lease_until=None, last_error=ACCEPTED_AFTER_ERROR if after_error else None,
+                wait_reason=None, updated_at=db_now(),
                 poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
     )
 
 
 @functools.lru_cache(maxsize=None)
-def _contacted():
-    """asterCC's side of `_accept`, right after it: `success` only if that UPDATE took the row, else (a
-    report came first and set the outcome) just the contact time."""
+def _contacted(after_error: bool):
+    """asterCC's side of `_accept`, right after it: `success` only if that UPDATE took the row (`error_msg`
+    empty, or with `after_error` saying it had been marked error), else (a report came first and set the
+    outcome) just the contact time."""
     bc = BatchContact
     took = changed_before() > 0
     return (update(bc).where(bc.id == bindparam("row_id"))
             .values(contacttime=db_local_now(), status=case((took, "success"), else_=bc.status),
-                    error_msg=case((took, ""), else_=bc.error_msg)))
+                    error_msg=case((took, ACCEPTED_AFTER_ERROR if after_error else ""), else_=bc.error_msg)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -567,24 +643,30 @@ def _index_ids(count: int):
 
 @retry_lock_conflicts
 def record_accepted(engine: Engine, row_id: int, token: int, provider_message_ids: list[str], parts: int,
-                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> bool:
+                    poll_after_s: int | None, *, provider: str, index_ids: bool) -> str | None:
     """`provider` took the message: asterCC `success` with `contacttime`; the provider's ids go on the
     dispatch record, and with `index_ids` also into `sms_message_ids`, where a report naming only one of
     them finds its row (a statement per message saved for providers whose reports carry our reference).
 
-    A delivery report can arrive before this is recorded (fast callbacks); then the row is already final
-    and only `contacttime` is filled in. Returns False when the lease `token` is no longer current (the
-    lease ran out and the row was taken again): the row is left as the current holder has it. One
-    transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    Returns the state the row was in: `sending`; `error` when the lease sweep had ended it under this same
+    token (`SMS_<PROVIDER>_ON_UNKNOWN=error`: the send outlived its lease), which this undoes, since the
+    provider has the message: `success`, `error_msg` saying so (`ACCEPTED_AFTER_ERROR`); `delivered` or
+    `failed` when a delivery report came first (fast callbacks), which keeps its outcome and only gets
+    `contacttime`. None when the lease `token` is no longer current (the lease ran out and the row was
+    taken again): the row is left as the current holder has it. One transaction (one round trip on
+    MariaDB: `_in_one_trip`); when it did not take the row, a read and, for a row ended `error`, another."""
     indexed = provider_message_ids if index_ids else []
-    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s), _contacted())
-    results = in_one_trip(engine, statements, row_id=row_id, token=token, provider=provider, p_parts=parts,
-                           p_ids=_fit(",".join(provider_message_ids), 255) or None,
-                           **{f"m{k}": m for k, m in enumerate(indexed)})
-    if results[-2][0]:
-        return True
-    with autocommit_twin(engine).connect() as conn:  # lost the fence, or a report finished the row first
-        return conn.scalar(select(Dispatch.state).where(Dispatch.batchcontact_id == row_id)) in S.FINAL
+    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s, False), _contacted(False))
+    params = dict(row_id=row_id, token=token, provider=provider, p_parts=parts,
+                  p_ids=_fit(",".join(provider_message_ids), 255) or None)
+    if in_one_trip(engine, statements, **params, **{f"m{k}": m for k, m in enumerate(indexed)})[-2][0]:
+        return S.SENDING
+    # Rarely here: the fence was lost, a report finished the row first, or the lease sweep ended it.
+    with autocommit_twin(engine).connect() as conn:
+        state = conn.scalar(select(Dispatch.state).where(Dispatch.batchcontact_id == row_id))
+    if state == S.ERROR and in_one_trip(engine, (_accept(poll_after_s, True), _contacted(True)), **params)[0][0]:
+        return S.ERROR
+    return state if state in (S.DELIVERED, S.FAILED) else None
 
 
 def finish_failed(engine: Engine, row_id: int, reason: str, *, token: int | None = None) -> bool:
@@ -604,11 +686,11 @@ def finish_error(engine: Engine, row_id: int, reason: str, *, token: int | None 
 
 @retry_lock_conflicts
 def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str, *, token: int | None = None,
-            states: tuple[str, ...] = S.OPEN, unknown: bool = False) -> bool:
+            unknown: bool = False) -> bool:
     # Only a row not yet accepted or final: a delivery report may have finished it while its send was still
     # failing (a callback that beat our timeout), and a final outcome is never overwritten.
     d = Dispatch
-    where = [d.batchcontact_id == row_id, d.state.in_(states)]
+    where = [d.batchcontact_id == row_id, d.state.in_(S.OPEN)]
     if token is not None:
         where += [d.state == S.SENDING, d.attempts == token]
     values = dict(state=state, last_error=_fit(reason, 255), lease_until=None, wait_reason=None, updated_at=db_now())
@@ -681,13 +763,15 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
 
 
 @retry_lock_conflicts
-def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str, *,
+def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str, *, resends: int,
                        cost: Decimal | None = None, parts: int | None = None) -> bool:
     """Move a row forward to `delivered` or `failed`, and asterCC's status with it, keeping the `cost` and
-    `parts` the report gave (None keeps what the row has); False when it was already final (forward-only).
-    One transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    `parts` the report gave (None keeps what the row has); False when it was already final (forward-only),
+    or when it is no longer the send the report is about: `resends` is the row's count of operator resends
+    for that send, and a resend claimed since (the row waits to go out again) is left alone. One transaction
+    (one round trip on MariaDB: `_in_one_trip`)."""
     (moved, _), _ = in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
-                                 last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
+                                 resends=resends, last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
                                  cost=None if cost is None else str(cost), parts_reported=parts)
     return bool(moved)
 
@@ -697,7 +781,8 @@ def _finalise(delivered: bool):
     d = Dispatch
     return (
         update(d)
-        .where(d.batchcontact_id == bindparam("row_id"), or_(*(d.state == state for state in OPEN_TO_REPORTS)))
+        .where(d.batchcontact_id == bindparam("row_id"), d.resends == bindparam("resends"),
+               or_(*(d.state == state for state in OPEN_TO_REPORTS)))
         .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
                 last_error=None if delivered else bindparam("last_error"),
                 # The cost goes as text: the server reads it exactly, and no driver conversion is involved.
@@ -908,11 +993,20 @@ def breaker_states(engine: Engine) -> dict[str, BreakerState]:
     with autocommit_twin(engine).connect() as conn:
         rows = conn.execute(select(b.c.provider, b.c.state, b.c.reason, (-seconds_since(b.c.open_until)).label("left"),
                                    (-seconds_since(b.c.probe_until)).label("probe_left"),
+                                   _probe_in_flight(b).label("probe_in_flight"),
                                    seconds_since(b.c.opened_at).label("ago"), b.c.trips,
                                    seconds_since(b.c.failing_since).label("failing"), b.c.refused_login)).all()
     return {r.provider: BreakerState(r.provider, r.state == "open", r.reason, max(r.left or 0, 0),
-                                     (r.probe_left or 0) > 0, r.ago, r.trips or 0, r.failing,
-                                     r.refused_login if r.state == "open" else None) for r in rows}
+                                     (r.probe_left or 0) > 0 or bool(r.probe_in_flight), r.ago, r.trips or 0,
+                                     r.failing, r.refused_login if r.state == "open" else None) for r in rows}
+
+
+def _probe_in_flight(b):
+    """A probe row of the provider of `b` (its `sms_breaker` row) is queued or being sent: its probe is under
+    way for as long, however long that is (its task lost and queued again, a slow call)."""
+    d = Dispatch.__table__
+    return exists().where(d.c.provider == b.c.provider, or_(d.c.state == S.QUEUED, d.c.state == S.SENDING),
+                          d.c.wait_reason == W.PROBE)
 
 
 @retry_lock_conflicts
@@ -938,7 +1032,11 @@ def trip_breaker(engine: Engine, provider: str, seconds: float, reason: str, *,
 def take_probe(engine: Engine, provider: str, lease_s: int, credentials: str | None = None) -> bool:
     """Whether the caller may send the one probe of `provider`'s open circuit now: its pause is over, or it
     is open for refused credentials and the caller's (`credentials`, their fingerprint) are others; and no
-    other probe is under way (one holds it for `lease_s`)."""
+    other probe is under way. A probe taken is marked for `lease_s`, until its row is released
+    (`drop_probe`); from then on the probe row itself marks it, while it is queued or being sent. A probe
+    that ends or waits again for any reason (sent, refused, its text refused before it left, a 429, no slot
+    or thread free) thus lets the next tick probe at once, and a lost probe task queued again, however late,
+    is still the only probe."""
     b = Breaker.__table__
     may = b.c.open_until <= db_now()
     if credentials is not None:
@@ -946,13 +1044,14 @@ def take_probe(engine: Engine, provider: str, lease_s: int, credentials: str | N
     with engine.begin() as conn:
         return bool(conn.execute(
             update(b).where(b.c.provider == provider, b.c.state == "open", may,
-                            or_(b.c.probe_until.is_(None), b.c.probe_until < db_now()))
+                            or_(b.c.probe_until.is_(None), b.c.probe_until < db_now()), ~_probe_in_flight(b))
             .values(probe_until=db_now_plus(lease_s), updated_at=db_now())).rowcount)
 
 
 @retry_lock_conflicts
 def drop_probe(engine: Engine, provider: str) -> None:
-    """The probe taken with `take_probe` was not sent (no row waited): the next tick may take it again."""
+    """The probe taken with `take_probe` is released as its row, which marks it from now on, or no row
+    waited for it: its mark goes."""
     b = Breaker.__table__
     with engine.begin() as conn:
         conn.execute(update(b).where(b.c.provider == provider).values(probe_until=None))
@@ -1040,12 +1139,14 @@ class InDoubt:
     resends: int
 
 
-def in_doubt(engine: Engine, provider: str, limit: int) -> list[InDoubt]:
-    """Waiting rows of `provider` with an unknown outcome, oldest due first."""
+def in_doubt(engine: Engine, provider: str, limit: int, settled_s: int) -> list[InDoubt]:
+    """Waiting rows of `provider` with an unknown outcome, oldest due first; only those whose last send
+    ended `settled_s` ago or more (its request may still be on its way to the provider until then)."""
     d = Dispatch.__table__
     with autocommit_twin(engine).connect() as conn:
         rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, d.c.resends)
-                            .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0)
+                            .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0,
+                                   d.c.updated_at <= db_now_plus(-settled_s))
                             .order_by(d.c.due_at).limit(limit)).all()
     return [InDoubt(*row) for row in rows]
 
@@ -1119,19 +1220,22 @@ def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit
     return len(ids)
 
 
-def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int] | None:
+def settle_delivered_part(engine: Engine, provider: str, provider_message_id: str) -> tuple[int, int, int] | None:
     """A receipt said the part `provider_message_id` (of a message sent in one or several parts) was
-    delivered: forget that id and return (row id, how many of the row's part ids still await their receipt),
-    or None when no row of `provider` has that id. Every statement commits on its own, so that of two parts
-    settled at the same moment at least the later sees the other gone: the row's message is delivered
-    once the count reaches 0. An undelivered part's id stays, for its receipt to find the row."""
-    m = MessageId
+    delivered: forget that id and return (row id, the row's operator resends when that part was sent, how
+    many of the row's part ids still await their receipt), or None when no row of `provider` has that id.
+    Every statement commits on its own, so that of two parts settled at the same moment at least the later
+    sees the other gone: the row's message is delivered once the count reaches 0. An undelivered part's id
+    stays, for its receipt to find the row. An operator's resend forgets the earlier send's ids in the
+    transaction that counts it (`claim_due`), so the resends read with the id are those of its send."""
+    m, d = MessageId, Dispatch
     with autocommit_twin(engine).connect() as conn:
-        row_id = conn.scalar(select(m.batchcontact_id).where(m.provider == provider,
-                                                              m.provider_message_id == provider_message_id))
-        if row_id is None:
+        found = conn.execute(select(m.batchcontact_id, d.resends).join(d, d.batchcontact_id == m.batchcontact_id)
+                             .where(m.provider == provider, m.provider_message_id == provider_message_id)).first()
+        if found is None:
             return None
+        row_id, resends = found
         conn.execute(delete(m).where(m.provider == provider, m.provider_message_id == provider_message_id))
         left = conn.scalar(select(func.count()).select_from(m).where(m.provider == provider,
                                                                      m.batchcontact_id == row_id))
-    return row_id, int(left)
+    return row_id, resends, int(left)

@@ -97,8 +97,15 @@ class PermanentError(ProviderError):
 class TransientError(ProviderError):
     """A failure that may pass (network, timeout, HTTP 5xx, unreadable answer): retry later.
 
-    Raise it only when the provider cannot have taken the message (the connection was refused, the request
-    never left, the provider answered with an error); otherwise raise `UnknownOutcome`."""
+    Raise it only when the provider answered with an error, or the request never left; when it left and no
+    answer came, raise `UnknownOutcome`. `reached`: the request left and the provider answered (an HTTP
+    5xx, an answer that cannot be read): it may have the message after all, so the row is never sent through
+    another provider while it might (failover); False only where the request certainly never left (the
+    connection was refused, the message's turn never came)."""
+
+    def __init__(self, message: str, *, reached: bool = True):
+        super().__init__(message)
+        self.reached = reached
 
 
 class AlreadySentUnconfirmed(TransientError):

@@ -83,7 +83,7 @@ class HttpClient:
         except requests.RequestException as exc:
             # `from None`: the library's message names the URL, and with it possibly a password.
             if _never_left(exc):
-                raise TransientError(f"could not reach {self.label} ({type(exc).__name__})") from None
+                raise TransientError(f"could not reach {self.label} ({type(exc).__name__})", reached=False) from None
             if isinstance(exc, requests.Timeout):
                 raise UnknownOutcome(f"{self.label} did not answer within {self.timeout:g} s") from None
             raise UnknownOutcome(f"the connection to {self.label} broke before its answer "

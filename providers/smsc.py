@@ -421,10 +421,11 @@ def bind(hosts: Sequence[tuple[str, int]], *, mode: str, system_id: str, passwor
         try:
             link = Link.open(host, port, timeout, tls)
         except ssl.SSLError as exc:
-            errors.append(TransientError(f"TLS with smsc.ru SMPP at {host}:{port} failed ({exc.reason})"))
+            errors.append(TransientError(f"TLS with smsc.ru SMPP at {host}:{port} failed ({exc.reason})",
+                                         reached=False))
             continue
         except (OSError, ValueError):
-            errors.append(TransientError(f"cannot connect to smsc.ru SMPP at {host}:{port}"))
+            errors.append(TransientError(f"cannot connect to smsc.ru SMPP at {host}:{port}", reached=False))
             continue
         try:
             request = link.make(f"bind_{mode}", system_id=system_id, password=password,
@@ -435,7 +436,7 @@ def bind(hosts: Sequence[tuple[str, int]], *, mode: str, system_id: str, passwor
                 raise SessionLost("no bind answer")
         except (SessionLost, BadPdu) as exc:
             link.close()
-            errors.append(TransientError(f"smsc.ru SMPP at {host}:{port} did not bind us ({exc})"))
+            errors.append(TransientError(f"smsc.ru SMPP at {host}:{port} did not bind us ({exc})", reached=False))
             continue
         if resp.status != consts.SMPP_ESME_ROK:
             link.close()
@@ -664,7 +665,7 @@ class SmscClient:
             turn = max(now, self._next_submit_at)
             if turn > deadline:
                 raise TransientError("smsc.ru asked us to slow down, and this message's turn did not come in "
-                                     "time; it was not sent")
+                                     "time; it was not sent", reached=False)
             self._next_submit_at = turn + self._gap_now(now)
         if turn > now:
             time.sleep(turn - now)
@@ -749,7 +750,7 @@ class SmscClient:
         self._await_turn(deadline)
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TransientError(f"all {self.window} submits of the SMPP window stayed unanswered for "
-                                 f"{self.timeout:g} s; this one was not sent")
+                                 f"{self.timeout:g} s; this one was not sent", reached=False)
         try:
             payload = {"short_message": octets} if len(octets) <= smsc_text.MAX_SHORT_MESSAGE \
                 else {"message_payload": octets}
@@ -762,8 +763,8 @@ class SmscClient:
             try:
                 resp = session.request(pdu, deadline)
             except _NotSent as exc:
-                raise TransientError(f"the connection to smsc.ru broke before the message left ({exc})") \
-                    from None
+                raise TransientError(f"the connection to smsc.ru broke before the message left ({exc})",
+                                     reached=False) from None
             except _NoAnswer as exc:
                 raise UnknownOutcome(f"smsc.ru did not answer the message ({exc}); it may have arrived") \
                     from None

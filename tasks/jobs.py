@@ -88,8 +88,11 @@ def dispatch() -> int:
 
 @app.task(name="sms.send", bind=True, ignore_result=True, max_retries=None)
 def send(self, row_id: int) -> str:
-    # The task's id owns the lease, so that its retry after a lost database answer can take it again.
-    outcome = workflow.send_row(runtime(), row_id, owner=self.request.id.replace("-", "") if self.request.id else None)
+    # One execution (the task's id and its retry number) owns the lease: a redelivery of this message while
+    # this run is in its provider call finds the row held and does nothing; only the retries below, after a
+    # lost database answer, take back the lease an earlier execution may have taken.
+    owner = workflow.lease_owner(self.request.id, self.request.retries or 0) if self.request.id else None
+    outcome = workflow.send_row(runtime(), row_id, owner=owner)
     if isinstance(outcome, workflow.Retry):
         raise self.retry(countdown=outcome.delay_s, exc=RetryLater(outcome.reason))
     return outcome

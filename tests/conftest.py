@@ -29,8 +29,10 @@ from smsctl.processes import CeleryProcess, stop_all
 
 MARIADB = os.environ.get("SMS_TEST_MARIADB", "mysql+mysqldb://root@127.0.0.1:3306")
 REDIS = os.environ.get("SMS_TEST_REDIS", "redis://127.0.0.1:6379/11")
-# Every Redis key of this test session carries this prefix, so two runs on one machine stay apart.
+# Every Redis key of this test session carries this prefix, so two runs on one machine stay apart: the
+# broker's (SMS_REDIS_PREFIX) and the rate limits' (SMS_THROTTLE_PREFIX, read by every in-process setting too).
 REDIS_PREFIX = f"smstest-{uuid.uuid4().hex[:8]}:"
+os.environ["SMS_THROTTLE_PREFIX"] = REDIS_PREFIX
 CELERY_QUEUES = "dispatch,send.mobilgroup,send.accolades,send.ozeki,send.smsc"
 
 
@@ -195,7 +197,7 @@ def app_env(database_url: str, broker_url: str, **settings) -> dict[str, str]:
     """The environment of a deployment: our settings only, on top of this process's PATH and such."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMS_", "CELERY_"))}
     env.update({"SMS_DATABASE_URL": database_url, "CELERY_BROKER_URL": broker_url,
-                "SMS_REDIS_PREFIX": REDIS_PREFIX, "PYTHONUNBUFFERED": "1"})
+                "SMS_REDIS_PREFIX": REDIS_PREFIX, "SMS_THROTTLE_PREFIX": REDIS_PREFIX, "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in settings.items()})
     return env
 

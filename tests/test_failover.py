@@ -209,7 +209,8 @@ def test_a_row_in_doubt_moves_once_mobilgroup_confirms_it_never_got_it(db, maria
         mobilgroup.requests[str(registry.entry("mobilgroup").reference(rt.settings, arrived, 0))] = {
             "phones": ["79161000252"], "accepted": time.time(), "due": None}
         with db.begin() as conn:
-            conn.execute(text("UPDATE sms_dispatch SET state = 'waiting', wait_reason = 'unknown', unknowns = 1"))
+            conn.execute(text("UPDATE sms_dispatch SET state = 'waiting', wait_reason = 'unknown', unknowns = 1,"
+                              " updated_at = NOW() - INTERVAL 2 MINUTE"))  # answers long given up on
         store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
         moved = workflow.fail_over(rt, "mobilgroup", store.breaker_states(db))
         rows = rows_by_id(db)

@@ -1,8 +1,8 @@
 """Retention (`db.retention.prune`) on MariaDB and SQLite: records of rows final for longer than the retention
-are removed with their provider ids, Mobilgroup's emptied of everything personal but kept; nothing else is
-touched (asterCC's tables, rows still on their way, recent ones); batches are bounded; and a pruned
-Mobilgroup row that an operator sends again goes out under a request id Mobilgroup never had, through real
-workers and the simulator."""
+are emptied of everything personal, their provider ids removed, but never deleted, whatever their provider;
+nothing else is touched (asterCC's tables, rows still on their way, recent ones); batches are bounded; the
+resend count survives, so a request id is never used twice; and a pruned Mobilgroup row that an operator
+sends again goes out under a request id Mobilgroup never had, through real workers and the simulator."""
 from __future__ import annotations
 
 import re
@@ -13,23 +13,22 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import insert, select, text, update
 
+from db import store
 from db.models import BatchContact, BatchContactArchive, Dispatch, DispatchState as S, MessageId
 from db.retention import prune
-from workflow.reap import IDS_NEVER_REUSED
 from settings import ConfigError, load_settings
 from simulators.mobilgroup import MobilgroupSimulator
 from tests.conftest import MARIADB, ROOT, app_env, insert_rows, rows_by_id, started, wait_until
 
 NUMBER = "79031234567"
 DAYS = 90
-KEEP = IDS_NEVER_REUSED
 
-# (provider, state, days since it last changed, what prune leaves: "kept", "emptied" or "gone")
+# (provider, state, days since it last changed, what prune leaves: "kept" or "emptied")
 RECORDS = [
-    ("accolades", S.DELIVERED, 91, "gone"),
-    ("ozeki", S.FAILED, 200, "gone"),
-    ("smsc", S.UNCONFIRMED, 91, "gone"),
-    (None, S.FAILED, 91, "gone"),                   # refused before it was routed (a bad number)
+    ("accolades", S.DELIVERED, 91, "emptied"),
+    ("ozeki", S.FAILED, 200, "emptied"),
+    ("smsc", S.UNCONFIRMED, 91, "emptied"),
+    (None, S.FAILED, 91, "emptied"),                # refused before it was routed (a bad number)
     ("mobilgroup", S.DELIVERED, 91, "emptied"),
     ("mobilgroup", S.ERROR, 365, "emptied"),
     ("accolades", S.DELIVERED, 89, "kept"),         # final, but not for long enough
@@ -93,32 +92,46 @@ def astercc(engine) -> list[tuple]:
             [tuple(r) for r in conn.execute(text("SELECT * FROM cc10_batchcontact_archives ORDER BY id"))]
 
 
-def test_prune_removes_or_empties_only_records_final_for_longer_than_the_retention(engine):
+def test_prune_empties_only_records_final_for_longer_than_the_retention(engine):
     rows = {add_record(engine, provider, state, age, resends=2): (provider, state, expect)
             for provider, state, age, expect in RECORDS}
     before, astercc_before = records(engine), astercc(engine)
 
-    assert prune(engine, DAYS, keep_emptied=KEEP) == sum(expect != "kept" for _, _, expect in rows.values())
+    assert prune(engine, DAYS) == sum(expect != "kept" for _, _, expect in rows.values())
 
     after = records(engine)
     for row, (provider, state, expect) in rows.items():
         if expect == "kept":
             assert after[row] == before[row]
-        elif expect == "gone":
-            assert row not in after
         else:   # no number, no provider id, no error text; the row id, state and resend count stay
             assert after[row] == ((provider, state, None, None, None, 2), [])
     assert astercc(engine) == astercc_before, "asterCC's tables are never touched"
-    assert prune(engine, DAYS, keep_emptied=KEEP) == 0, "an emptied record is not pruned again"
+    assert prune(engine, DAYS) == 0, "an emptied record is not pruned again"
 
 
 def test_prune_works_in_bounded_batches(engine):
     for _ in range(25):
         add_record(engine, "accolades", S.DELIVERED, 100)
-    assert prune(engine, DAYS, batch=10, max_batches=2, keep_emptied=KEEP) == 20
-    assert len(records(engine)) == 5
-    assert prune(engine, DAYS, batch=10, max_batches=2, keep_emptied=KEEP) == 5
-    assert prune(engine, DAYS, batch=10, max_batches=2, keep_emptied=KEEP) == 0 and records(engine) == {}
+    assert prune(engine, DAYS, batch=10, max_batches=2) == 20
+    assert sum(ids != [] for _, ids in records(engine).values()) == 5
+    assert prune(engine, DAYS, batch=10, max_batches=2) == 5
+    assert prune(engine, DAYS, batch=10, max_batches=2) == 0
+    assert all(ids == [] for _, ids in records(engine).values())
+
+
+def test_a_row_pruned_after_it_last_went_through_another_provider_keeps_its_resend_count(engine, monkeypatch):
+    """A row went through Mobilgroup once (its request id: the row id), was resent by an operator and went
+    through Accolades after a route change, and was pruned. Its next resend must still be counted as one: a
+    first send again would give Mobilgroup the row id it already has, and its error 7 would read as
+    "the first one arrived": `success` for a message never sent."""
+    monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
+    row = add_record(engine, "accolades", S.DELIVERED, DAYS + 1, resends=1)
+    assert prune(engine, DAYS) == 1
+    with engine.begin() as conn:   # the operator's resend
+        conn.execute(update(BatchContact).where(BatchContact.id == row).values(status="new"))
+
+    assert [claimed.id for claimed in store.claim_due(engine, 10)] == [row]
+    assert store.resends_of(engine, row) == 2
 
 
 @pytest.mark.integration
@@ -137,7 +150,7 @@ def test_a_pruned_mobilgroup_row_sent_again_goes_out_under_a_new_request_id(db, 
         with db.begin() as conn:   # delivered, long ago
             conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(
                 state=S.DELIVERED, poll_at=None, updated_at=db_clock(db) - timedelta(days=DAYS + 1)))
-        assert prune(db, DAYS, keep_emptied=KEEP) == 1
+        assert prune(db, DAYS) == 1
         with db.begin() as conn:   # the operator's resend
             conn.execute(update(BatchContact).where(BatchContact.id == row).values(status="new"))
 

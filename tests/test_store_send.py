@@ -74,7 +74,7 @@ def test_a_row_is_taken_once_and_the_provider_s_answer_is_what_asterCC_shows(eng
 def test_a_report_that_arrived_before_the_send_was_recorded_keeps_its_outcome(engine):
     row_id = due_row(engine)
     job = store.begin_send(engine, row_id, LEASE_S)
-    assert store.apply_final_report(engine, row_id, delivered=False, reason="absent subscriber")
+    assert store.apply_final_report(engine, row_id, delivered=False, reason="absent subscriber", resends=0)
 
     store.record_accepted(engine, row_id, job.token, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
 
@@ -108,8 +108,8 @@ def test_a_delivery_report_moves_the_row_forward_once(engine):
     job = store.begin_send(engine, row_id, LEASE_S)
     store.record_accepted(engine, row_id, job.token, ["m-1"], 1, None, provider="mobilgroup", index_ids=False)
 
-    assert store.apply_final_report(engine, row_id, delivered=True, reason="")
-    assert not store.apply_final_report(engine, row_id, delivered=False, reason="expired"), "final row moved"
+    assert store.apply_final_report(engine, row_id, delivered=True, reason="", resends=0)
+    assert not store.apply_final_report(engine, row_id, delivered=False, reason="expired", resends=0), "final row moved"
 
     after = state(engine, row_id)
     assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
@@ -139,7 +139,7 @@ def test_giving_up_on_a_send_never_overwrites_a_report_s_outcome(engine, give_up
     ends the row (retry window spent, or a refusal), asterCC keeps what the report said."""
     row_id = due_row(engine)
     store.begin_send(engine, row_id, LEASE_S)
-    assert store.apply_final_report(engine, row_id, delivered=True, reason="")
+    assert store.apply_final_report(engine, row_id, delivered=True, reason="", resends=0)
 
     give_up(engine, row_id, "Mobilgroup did not answer within 10 s (gave up after 3 attempts)")
 
@@ -225,10 +225,15 @@ def test_a_queued_row_no_worker_takes_ends_as_error_after_the_retry_window(engin
 
 def test_a_lease_whose_answer_was_lost_is_taken_again_by_the_same_task_only(engine):
     """The lease was committed but its answer lost (the connection broke): the task's retry takes it again,
-    and no other task can; without this the row waited out its lease and was taken for an unknown outcome."""
+    and no other task can, nor a redelivery of the same run; without this the row waited out its lease and
+    was taken for an unknown outcome."""
     row_id = due_row(engine)
-    first = store.begin_send(engine, row_id, LEASE_S, owner="task-a")
-    assert store.begin_send(engine, row_id, LEASE_S, owner="task-b") is None, "another task took a held lease"
-    again = store.begin_send(engine, row_id, LEASE_S, owner="task-a")
+    task_a, task_b = "a" * 32, "b" * 32
+    first = store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_a, 0))
+    assert store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_b, 1)) is None, \
+        "another task took a held lease"
+    assert store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_a, 0)) is None, \
+        "a redelivery took a held lease"
+    again = store.begin_send(engine, row_id, LEASE_S, owner=store.lease_owner(task_a, 1))
     assert again is not None and again.token == first.token + 1
     assert not store.wait_again(engine, row_id, first.token, 0, "stale", "busy"), "the first try's token still holds"

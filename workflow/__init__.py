@@ -34,10 +34,11 @@ started within `SMS_LOST_TASK_S` (lost with a Redis restart or a killed worker),
 lease ran out (their outcome is unknown). A send holds its lease under a fencing token: what it writes
 after losing the lease changes nothing.
 """
+from db.store import lease_owner
 from workflow.dispatch import dispatch_due, fail_over
 from workflow.poll import claim_polls, poll_row
 from workflow.reap import reap_rows
 from workflow.send import RECONNECT_RETRY_S, Retry, send_row
 
-__all__ = ["RECONNECT_RETRY_S", "Retry", "claim_polls", "dispatch_due", "fail_over", "poll_row", "reap_rows",
-           "send_row"]
+__all__ = ["RECONNECT_RETRY_S", "Retry", "claim_polls", "dispatch_due", "fail_over", "lease_owner", "poll_row",
+           "reap_rows", "send_row"]

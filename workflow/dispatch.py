@@ -20,6 +20,7 @@ from db import store
 from providers import registry
 from providers.base import ProviderError
 from workflow.campaigns import optout_reason, quiet_left_s, recipient_zone
+from workflow.poll import status_slot
 from workflow.routing import InvalidNumber, normalise, route
 from workflow.runtime import Runtime
 from workflow.wording import duration
@@ -38,6 +39,10 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
     the whole campaign. Returns how many rows were claimed."""
     s = rt.settings
     deadline = time.monotonic() + (budget_s if budget_s is not None else s.dispatch_interval_s)
+    stretched = store.stretch_leases(rt.engine, 2 * s.dispatch_interval_s)
+    if stretched:
+        log.warning("dispatch: no tick reached the database for %d s (it was away, or no tick ran): every send "
+                    "under way keeps its lease that much longer", stretched)
     total = 0
     while True:
         claimed = store.claim_due(rt.engine, s.dispatch_batch)
@@ -76,6 +81,9 @@ FAILOVER_BATCH = 5000
 """Waiting rows moved to a fallback per provider and tick: the fallback's room, not this, paces them."""
 CONFIRM_PER_TICK = 20
 """Rows in doubt whose provider is asked per tick whether it has them (each a request to a troubled provider)."""
+CONFIRM_AFTER_S = 60
+"""A row in doubt is asked about only this long after its last send ended: until then its request may still
+be on its way, and "no such request" would not mean it never arrives."""
 CONFIRM_EVERY_S = 30.0
 """A provider is asked about rows in doubt at most this often per process: a provider that hangs must not
 hold every tick for its HTTP timeout."""
@@ -122,7 +130,7 @@ def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState
     fallback = next((f for f in s.failover_table.get(provider, ())
                      if f in s.providers_in_use and not (breakers.get(f) and breakers[f].open)), None)
     if fallback is None:
-        return 0
+        return _lend_a_probe_row(rt, provider, breakers)
     _confirm_not_taken(rt, provider)
     moved = store.reroute_waiting(rt.engine, provider, fallback, FAILOVER_BATCH)
     if moved:
@@ -132,9 +140,28 @@ def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState
     return len(moved)
 
 
+def _lend_a_probe_row(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
+    """Every fallback of `provider` is paused too. The first whose pause is over, with no probe under way and
+    no row of its own, gets one of `provider`'s waiting rows to probe with: a provider used only as a
+    fallback would otherwise never be probed, stay paused for good, and failover with it. Returns how many
+    rows moved (0 or 1)."""
+    s = rt.settings
+    for fallback in s.failover_table.get(provider, ()):
+        breaker = breakers.get(fallback)
+        if (fallback in s.providers_in_use and breaker is not None and breaker.open_for_s == 0
+                and not breaker.probing and not store.waiting_summary(rt.engine).get(fallback)):
+            moved = store.reroute_waiting(rt.engine, provider, fallback, 1)
+            if moved:
+                log.warning("failover: %s is paused too and has no row of its own to probe with: row %d of %s "
+                            "goes to it, as its probe", fallback, moved[0], provider)
+            return len(moved)
+    return 0
+
+
 def _confirm_not_taken(rt: Runtime, provider: str) -> None:
     """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
-    never came; those it has not may then move. Stops at the first question it cannot answer."""
+    never came; those it has not may then move. Each question takes a slot of the account's rate limit;
+    stops at the first question it cannot answer, or whose slot is not near."""
     if time.monotonic() - rt.confirm_asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
         return
     try:
@@ -145,9 +172,11 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
         return
     rt.confirm_asked[provider] = time.monotonic()
     known = rt.taken_rows
-    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known)):
+    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known), CONFIRM_AFTER_S):
         if row.id in known:
             continue
+        if not status_slot(rt, provider):
+            return
         try:
             has = client.has_request(registry.entry(provider).reference(rt.settings, row.id, row.resends))
         except ProviderError:
@@ -219,10 +248,9 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
         due = breaker.open_for_s == 0 or (credentials is not None and credentials != breaker.refused_login)
         if due and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s, credentials):
             fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
+            store.drop_probe(engine, provider)  # the probe row, while queued or being sent, is its mark now
             if fresh:
                 log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0].id)
-            else:
-                store.drop_probe(engine, provider)
     else:
         fresh = store.release_waiting(engine, provider, room - load.inflight, s.lost_task_s)
     if again:

@@ -34,19 +34,24 @@ def claim_polls(rt: Runtime, limit: int = 500) -> list[int]:
     return store.claim_due_polls(rt.engine, POLLED, limit, POLL_LEASE_S)
 
 
+def status_slot(rt: Runtime, provider: str) -> bool:
+    """Whether a slot of `provider`'s rate limit came, within `THROTTLE_MAX_WAIT_S`, for one status request:
+    status requests, the polls and failover's questions alike, count against the account's rate as sends do."""
+    try:
+        with rt.waiting():
+            return rt.throttle.acquire(rt.account(provider), rt.rate(provider),
+                                       max_wait_s=THROTTLE_MAX_WAIT_S).wait().reserved
+    except ThrottleUnavailable:
+        return False
+
+
 def poll_row(rt: Runtime, row_id: int) -> str:
     """Ask Mobilgroup once for a row's status and apply the answer; an open status is asked again later
     (`SMS_MOBILGROUP_POLL_RETRY_S`, at most `SMS_MOBILGROUP_POLL_MAX` times)."""
     s = rt.settings
     client = rt.client(POLLED)
     resends = store.resends_of(rt.engine, row_id)
-    try:
-        with rt.waiting():
-            permit = rt.throttle.acquire(rt.account(POLLED), rt.rate(POLLED),
-                                         max_wait_s=THROTTLE_MAX_WAIT_S).wait()
-    except ThrottleUnavailable:
-        permit = None
-    if permit is None or not permit.reserved:  # asked again when the poll's lease ends (`POLL_LEASE_S`)
+    if not status_slot(rt, POLLED):  # asked again when the poll's lease ends (`POLL_LEASE_S`)
         return "throttled"
     try:
         with rt.waiting():

@@ -1,19 +1,15 @@
 """The sweeps (`sms.reap`): rows whose dispatch was interrupted, accepted rows whose report never came,
-and our records of rows final for longer than `SMS_RETENTION_DAYS`.
+and our records of rows final for longer than `SMS_RETENTION_DAYS` (emptied).
 """
 from __future__ import annotations
 
 import logging
 
 from db import retention, store
-from providers.registry import REGISTRY
 from workflow.dispatch import route_claimed
 from workflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-IDS_NEVER_REUSED = tuple(name for name, entry in REGISTRY.items() if entry.repeat_harmless)
-"""Providers whose request ids must never be used twice: their records are emptied, not removed."""
 
 
 def reap_rows(rt: Runtime, limit: int = 1000) -> int:
@@ -29,9 +25,9 @@ def reap_rows(rt: Runtime, limit: int = 1000) -> int:
     expired = store.expire_unreported(rt.engine, s.report_timeout_s)
     if expired:
         log.info("reaper: %d accepted rows got no delivery report in time; left as success", expired)
-    pruned = retention.prune(rt.engine, s.retention_days, batch=1000, max_batches=10, keep_emptied=IDS_NEVER_REUSED)
+    pruned = retention.prune(rt.engine, s.retention_days, batch=1000, max_batches=10)
     if pruned:
-        log.info("reaper: %d records of rows final for over %d days pruned", pruned, s.retention_days)
+        log.info("reaper: %d records of rows final for over %d days emptied", pruned, s.retention_days)
     return routed
 
 

@@ -77,7 +77,9 @@ def apply_report(engine: Engine, provider: str, report: DeliveryReport, *,
         return "stale"
     delivered = report.outcome == "delivered"
     reason = report.reason or ("not delivered" if not delivered else "")
-    if store.apply_final_report(engine, target.id, delivered, reason, cost=report.cost, parts=report.parts):
+    # Fenced by the send the report is about: an operator's resend claimed after the row was found is left alone.
+    if store.apply_final_report(engine, target.id, delivered, reason, resends=target.resends, cost=report.cost,
+                                parts=report.parts):
         log.info("%s report applied to row %d: %s", provider, target.id, report.outcome)
         return "applied"
     same = target.state == (DispatchState.DELIVERED if delivered else DispatchState.FAILED)
@@ -103,9 +105,10 @@ def apply_smpp_receipt(engine: Engine, provider: str, report: DeliveryReport, *,
         settled = store.settle_delivered_part(engine, provider, form)
         if settled is None:
             continue
-        row_id, awaiting = settled
+        row_id, resends, awaiting = settled
         if awaiting:
             log.info("smsc receipt: a part of row %d delivered, %d more awaited", row_id, awaiting)
             return "awaiting"
-        return apply_report(engine, provider, replace(report, provider_message_id=None, reference=row_id))
+        return apply_report(engine, provider, replace(report, provider_message_id=None, reference=row_id,
+                                                      resends=resends))
     return "unknown"

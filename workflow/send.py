@@ -8,6 +8,7 @@ the account's circuit (account errors), or an unknown outcome (the request left,
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db import store
-from db.models import WaitReason as W
+from db.models import DispatchState as S, WaitReason as W
 from providers import registry
 from providers.base import (
     Accepted,
@@ -70,8 +71,9 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
     """Send one queued row. Returns what happened (`skipped`, `accepted`, `failed`, `error`, or the reason
     it waits again), or a `Retry` when the database could not be reached.
 
-    A row not queued (a duplicate, redelivered or stale task) is `skipped` without side effects. `owner`
-    (the task's id) may take the row's lease again, should the database's answer to its first try be lost."""
+    A row not queued (a duplicate, redelivered or stale task) is `skipped` without side effects. `owner` is
+    this execution of the task (`store.lease_owner`): it takes back a lease an earlier execution of the same
+    task may have taken with the database's answer lost (`store.begin_send`)."""
     s = rt.settings
     try:
         job = store.begin_send(rt.engine, row_id, s.send_lease_s, owner)
@@ -112,7 +114,6 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
 
     with rt.provider_call(job.provider) as got_thread:
         if not got_thread:
-            _unsent(rt, job)
             return _wait(rt, job, BUSY_RETRY_S, f"every thread this worker gives {job.provider} is in a call",
                          W.BUSY)
         def no_send() -> str | None:
@@ -127,7 +128,6 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
         if waited is WITHDRAWN or no_send():
             return _hand_back(rt, job, no_send() or "it gave its rate-limit slot back")
         if isinstance(waited, Retry):
-            _unsent(rt, job)
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
         breaker = rt.breaker(job.provider)
         if breaker is not None and breaker.open and not job.probe:
@@ -146,7 +146,6 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
         except ThrottledError as exc:
             return _wait(rt, job, exc.retry_after, f"{job.provider} asked to slow down: {exc}", W.THROTTLED)
         except LoginHeld as exc:  # another process's refused login holds the circuit: nothing was sent
-            _unsent(rt, job)
             return _wait(rt, job, max(rt.settings.account_retry_s, 1), f"{job.provider} account paused: {exc}",
                          W.PAUSED, account=True)
         except AccountError as exc:
@@ -174,32 +173,49 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
     recorded = _through_outage(lambda: store.record_accepted(rt.engine, row_id, job.token, ids, accepted.parts,
                                                              poll_after, provider=job.provider,
                                                              index_ids=accepted.reports_by_id),
-                               row_id, s.send_lease_s / 2, "an accepted send")
-    if not recorded:
+                               row_id, "an accepted send")
+    if recorded is None:
         log.warning("send of row %d: accepted by %s after its lease was taken over; the current holder decides "
                     "the row", row_id, job.provider)
+    elif recorded == S.ERROR:
+        log.error("ALERT: row %d was marked error (its send outlived its lease), but %s accepted it: it is success "
+                  "now; do not send it again", row_id, job.provider)
     if accepted.already_sent:
         log.info("send of row %d: %s already had it (an earlier attempt arrived)", row_id, job.provider)
     return "accepted"
 
 
-def _through_outage(write: Callable[[], bool], row_id: int, within_s: float, what: str):
-    """Run `write`, a record of what became of a send, retrying through a database outage for up to
-    `within_s`: a send whose outcome stays unwritten keeps its lease, and when the lease runs out it is
-    taken for an unknown outcome (the provider may have the message) and, by policy, sent again; one given
-    back unsent would wait out the lease for nothing."""
-    deadline = time.monotonic() + within_s
-    delay = 0.5
+OUTAGE_RETRY_MAX_S = 2.0
+"""The longest pause between two tries of an outcome write: once the database is back, the write lands
+within this (see `_through_outage`)."""
+OUTAGE_LOG_EVERY_S = 30.0
+
+
+def _through_outage(write: Callable[[], object], row_id: int, what: str):
+    """Run `write`, a record of what became of a send (fenced by the lease's token), trying again for as long
+    as the database cannot be reached, however long that is. Given up, the outcome would be lost with the
+    lease still held: the lease would run out, and the row be taken for an unknown outcome and sent again
+    (or end `error`) although the provider had answered.
+
+    Meanwhile the lease is not taken over: the sweep that ends leases (`store.expire_leases`) runs in the
+    dispatch tick, which cannot reach the database either, and the first tick back pushes every lease under
+    way back by as long as no tick ran (`store.stretch_leases`); the write, tried at least every
+    `OUTAGE_RETRY_MAX_S`, then lands under its lease. A worker cut off from a database the rest of the fleet
+    still reaches is, to the fleet, a dead worker: its lease runs out as usual. Errors other than a lost or
+    refused connection are raised."""
+    delay, logged_at = 0.5, -math.inf
     while True:
         try:
             return write()
         except DBAPIError as exc:
-            if time.monotonic() + delay > deadline:
+            if not isinstance(exc, OperationalError) and not exc.connection_invalidated:
                 raise
-            log.warning("row %d: %s could not be recorded (%s); trying again in %.1f s",
-                        row_id, what, type(exc).__name__, delay)
+            if time.monotonic() - logged_at >= OUTAGE_LOG_EVERY_S:
+                logged_at = time.monotonic()
+                log.warning("row %d: %s could not be recorded (%s); trying again every %.0f s until it is",
+                            row_id, what, type(exc).__name__, OUTAGE_RETRY_MAX_S)
             time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
 
 
 WITHDRAWN = object()
@@ -315,40 +331,35 @@ def _wait(rt: Runtime, job: store.SendJob, delay_s: float, reason: str, wait_rea
         return "error"
     _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, delay_s, reason, wait_reason,
                                              failed=failed, unknown=unknown),
-                    job.id, rt.settings.send_lease_s / 2, "a wait")
+                    job.id, "a wait")
     return wait_reason
 
 
 def _finish_error(rt: Runtime, job: store.SendJob, reason: str, *, unknown: bool = False) -> None:
     _through_outage(lambda: store.finish_error(rt.engine, job.id, reason, token=job.token, unknown=unknown),
-                    job.id, rt.settings.send_lease_s / 2, "an error")
+                    job.id, "an error")
 
 
 def _finish_failed(rt: Runtime, job: store.SendJob, reason: str) -> None:
     _through_outage(lambda: store.finish_failed(rt.engine, job.id, reason, token=job.token),
-                    job.id, rt.settings.send_lease_s / 2, "a refusal")
-
-
-def _unsent(rt: Runtime, job: store.SendJob) -> None:
-    """The probe of a paused account went back unsent (a rate-limit slot, no thread free): the next tick
-    may send another, rather than waiting out this one's lease."""
-    if job.probe:
-        store.drop_probe(rt.engine, job.provider)
+                    job.id, "a refusal")
 
 
 def _hand_back(rt: Runtime, job: store.SendJob, reason: str) -> str:
     """Nothing was sent: the row waits to be released again at once (to another worker, or this one)."""
-    _unsent(rt, job)
     _through_outage(lambda: store.wait_again(rt.engine, job.id, job.token, 0, reason, W.BUSY),
-                    job.id, rt.settings.send_lease_s / 2, "a row given back")
+                    job.id, "a row given back")
     return "handed back"
 
 
 def _transient_problem(rt: Runtime, job: store.SendJob, exc: ProviderError) -> str:
+    """Tried again after a backoff. A request that left and got an answer (`TransientError.reached`, and
+    anything a client did not classify) counts as possibly arrived (`unknowns`): failover never moves it to
+    another provider."""
     s = rt.settings
     _failed_on_the_way(rt, job, exc)
     delay = backoff_s(job.failures + 1, s.retry_base_s, s.retry_max_s)
-    return _wait(rt, job, delay, str(exc), W.RETRY, failed=True)
+    return _wait(rt, job, delay, str(exc), W.RETRY, failed=True, unknown=getattr(exc, "reached", True))
 
 
 def _unknown_outcome(rt: Runtime, job: store.SendJob, exc: UnknownOutcome) -> str:
@@ -396,7 +407,9 @@ def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
     """An account error opens the provider's circuit: its rows wait, one probe tests it after
     `SMS_ACCOUNT_RETRY_S`; after refused credentials (`LoginRefused`) no sooner than `workflow.logins.retry_s`,
     and the circuit keeps their fingerprint. An error that could be about this one message (`by_nature=False`)
-    ends only this message as `failed`, until `SUSPECT_ROWS` different messages met it."""
+    ends only this message as `failed`, until `SUSPECT_ROWS` different messages met it; but not the probe's:
+    met by the probe of a paused account, it is the account still refusing, and the circuit stays open (the
+    next probe is another row: were it about this message alone, that one goes through)."""
     s = rt.settings
     if isinstance(exc, LoginRefused):
         pause = logins.retry_s(s)
@@ -405,9 +418,8 @@ def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
         rt.forget_breakers()
         return _wait(rt, job, pause, f"{job.provider} account problem: {exc}", W.PAUSED, account=True, failed=True)
     reason = f"{job.provider} account problem: {exc}"
-    if not exc.by_nature and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS:
-        if job.probe:
-            _account_works(rt, job.provider)
+    if (not exc.by_nature and not job.probe
+            and store.recent_refusals(rt.engine, job.provider, str(exc), SUSPECT_WITHIN_S) + 1 < SUSPECT_ROWS):
         _finish_failed(rt, job, str(exc))
         return "failed"
     if store.trip_breaker(rt.engine, job.provider, s.account_retry_s, str(exc)):

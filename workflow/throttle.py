@@ -675,7 +675,8 @@ class LocalThrottle:
 def make_throttle(settings) -> Throttle:
     """The fleet-wide `RedisThrottle` when `settings.redis_url` is set, else a `LocalThrottle` under var/."""
     if settings.redis_url:
-        return RedisThrottle(settings.redis_url, prefix=settings.redis_prefix + KEY_PREFIX)
+        # Per provider account, not per deployment (`SMS_REDIS_PREFIX`): deployments on one account share its limits.
+        return RedisThrottle(settings.redis_url, prefix=settings.throttle_prefix + KEY_PREFIX)
     from settings import VAR_DIR
 
     return LocalThrottle(VAR_DIR / "throttle.sqlite3")
