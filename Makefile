@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(BIN)/smsctl demo
 
-# The suite mostly waits (for workers, ticks, providers' answers), so its files run on TEST_PROCESSES
-# processes; the tests that measure rates and latencies then run alone, on a quiet machine.
-TEST_PROCESSES ?= 4
+# The suite mostly waits (for workers, ticks, providers' answers), so it runs on TEST_PROCESSES processes;
+# then the tests that measure rates and latencies run on two, those that share the fleet's rate limiter
+# (group "rates") one after the other.
+TEST_PROCESSES ?= 6
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not timing"
-	$(BIN)/python -m pytest -m timing
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not timing"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m timing
 
 # System packages: the MariaDB client headers mysqlclient compiles against, docker-compose, which the tests
 # use to validate docker-compose.yml (no Docker engine needed), and faketime, which runs a worker on a skewed

@@ -35,7 +35,7 @@ from tests.conftest import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timing]
+pytestmark = [pytest.mark.integration, pytest.mark.timing, pytest.mark.xdist_group("rates")]
 
 
 def fleet_env(db_url, broker, sim, **extra):

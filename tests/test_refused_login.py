@@ -23,7 +23,8 @@ from simulators.smsc import SmscSimulator
 from tests.conftest import (ROOT, app_env, compose_worker, insert_rows, rows_by_id, started,
                             wait_until)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timing]  # counts logins within seconds of each other
+# They count logins within seconds of each other.
+pytestmark = [pytest.mark.integration, pytest.mark.timing]
 
 SPACING_S = 15
 WRONG = "Xq7wrZp2"

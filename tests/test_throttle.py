@@ -27,7 +27,7 @@ from workflow.throttle import (
 )
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.timing]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.timing, pytest.mark.xdist_group("rates")]
 
 REDIS_URL = "redis://127.0.0.1:6379/2"
 KEY = b"the account's password"
