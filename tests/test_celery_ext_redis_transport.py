@@ -55,10 +55,18 @@ def test_one_client_per_channel_rebuilt_when_kombu_replaces_the_pool(redis_url):
 
 
 
-def _pops(client: redis.Redis) -> int:
-    """Blocking pops the Redis server has answered so far (every client's)."""
-    stats = client.info("commandstats")
-    return sum(stats.get(f"cmdstat_{command}", {}).get("calls", 0) for command in ("brpop", "blmpop"))
+def _count_pops(channel) -> list[str]:
+    """The blocking pops `channel` sends from now on (`BRPOP` or `BLMPOP`), as its poller starts them: counted
+    at the channel, since the server's own statistics count every other client's pops too."""
+    sent: list[str] = []
+    start = channel._brpop_start
+
+    def counted(timeout=None):
+        start(timeout)
+        sent.append(channel._popping)
+
+    channel._brpop_start = counted
+    return sent
 
 
 @pytest.mark.parametrize("publisher, server_pops_many", [(OURS, None), (None, None), (OURS, False)],
@@ -69,7 +77,6 @@ def test_a_busy_consumer_refills_its_window_in_batches(redis_url, publisher, ser
     a time, and the refills come in batches rather than one pop per message (kombu's own: one per message).
     A server older than Redis 7 (told so: none runs here) is asked with kombu's BRPOP, one per message."""
     window, count = 8, 200
-    client = redis.Redis.from_url(redis_url)
     held, seen, most_held = [], [], 0
 
     def on_message(body, message):
@@ -83,7 +90,7 @@ def test_a_busy_consumer_refills_its_window_in_batches(redis_url, publisher, ser
         with out.Producer() as producer:
             for n in range(count):
                 producer.publish({"n": n}, routing_key=queue.name, declare=[queue], serializer="json")
-        pops_before = _pops(client)
+        sent = _count_pops(into.default_channel)
         if server_pops_many is not None:
             into.default_channel._server_pops_many = server_pops_many
         with into.Consumer(queue, callbacks=[on_message], prefetch_count=window):
@@ -93,11 +100,10 @@ def test_a_busy_consumer_refills_its_window_in_batches(redis_url, publisher, ser
                     into.drain_events(timeout=5)
                 else:
                     held.pop(0).ack()
-        pops = _pops(client) - pops_before
+        pops = len(sent)
         while held:
             held.pop(0).ack()
         queue(into.default_channel).delete()
-    client.close()
 
     assert seen == list(range(count))
     assert most_held <= window
