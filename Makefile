@@ -10,13 +10,14 @@ demo: $(STAMP)
 	$(BIN)/smsctl demo
 
 # The suite mostly waits (for workers, ticks, providers' answers), so it runs on TEST_PROCESSES processes;
-# then the tests that measure rates and latencies run on two, those that share the fleet's rate limiter
-# (group "rates") one after the other.
+# then the tests that measure rates and latencies run on three, those that share the fleet's rate limiter
+# (group "rates") one after the other; last, alone, those that change the database server's global state.
 TEST_PROCESSES ?= 6
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not timing"
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m timing
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not timing and not alone"
+	$(BIN)/python -m pytest -n 3 --dist loadgroup -m "timing and not alone"
+	$(BIN)/python -m pytest -m alone
 
 # System packages: the MariaDB client headers mysqlclient compiles against, docker-compose, which the tests
 # use to validate docker-compose.yml (no Docker engine needed), and faketime, which runs a worker on a skewed

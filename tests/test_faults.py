@@ -103,7 +103,7 @@ def test_mariadb_gone_longer_than_half_a_lease_with_sends_in_flight_sends_nothin
     assert run.not_success == {}, report(run)
 
 
-@pytest.mark.timing  # it changes the server's global time zone for a moment: nothing else may run beside it
+@pytest.mark.alone  # it changes the server's global time zone for a moment: nothing else may run beside it
 def test_the_database_clock_an_hour_forward_mid_batch_sends_every_row_once_and_each_succeeds(stage):
     """Issue 24, item 7: the database's local clock jumps an hour forward mid-batch (its time zone offset
     changes and its connections reset, as a daylight-saving change on a server that keeps local time does),

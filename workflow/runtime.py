@@ -94,6 +94,8 @@ class Runtime:
     _call_ended: dict = field(default_factory=dict)
     """When a call to each provider last ended in this process (`HANGING_AFTER_S`)."""
     _breakers: tuple = (0.0, {})
+    _refused_at: dict = field(default_factory=dict)
+    """When a send of this process last met a refused login, per provider (`note_refused_login`)."""
     alerted: dict = field(default_factory=dict)
     """When this process last logged each kind of repeated `ALERT:` (`alert_once`)."""
     confirm_asked: dict = field(default_factory=dict)
@@ -175,6 +177,16 @@ class Runtime:
             if provider not in self._fingerprints:
                 self._fingerprints[provider] = logins.fingerprint(self.engine, self.settings, provider)
             return self._fingerprints[provider]
+
+    def note_refused_login(self, provider: str) -> None:
+        """A send of this process has just met a refused login: this process's other sends hold back at
+        once, before the circuit this send opens in the database is read back (`BREAKER_CACHE_S`)."""
+        self._refused_at[provider] = time.monotonic()
+        self.forget_breakers()
+
+    def login_refused_just_now(self, provider: str) -> bool:
+        """Whether a send of this process met a refused login within the last `BREAKER_CACHE_S` and a bit."""
+        return time.monotonic() - self._refused_at.get(provider, -math.inf) < 2 * BREAKER_CACHE_S
 
     def forget_breakers(self) -> None:
         """Read the circuits afresh next time (this process has just changed one)."""

@@ -130,6 +130,10 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
         if isinstance(waited, Retry):
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
         breaker = rt.breaker(job.provider)
+        if not job.probe and rt.login_refused_just_now(job.provider):
+            # Another send of this process has just met a refused login; its circuit may not be written yet.
+            return _wait(rt, job, max(rt.settings.account_retry_s, 1), f"{job.provider} account paused: "
+                         "a login was just refused", W.PAUSED, account=True)
         if breaker is not None and breaker.open and not job.probe:
             # Opened while this send waited for its slot (another send met a refused login, say): one refusal
             # must not become a burst of them, each counting toward the provider blocking our address.
@@ -412,6 +416,7 @@ def _account_problem(rt: Runtime, job: store.SendJob, exc: AccountError) -> str:
     next probe is another row: were it about this message alone, that one goes through)."""
     s = rt.settings
     if isinstance(exc, LoginRefused):
+        rt.note_refused_login(job.provider)
         pause = logins.retry_s(s)
         store.trip_breaker(rt.engine, job.provider, pause, str(exc), refused_login=rt.fingerprint(job.provider))
         logins.alert_refused(job.provider, exc, pause, probe=job.probe)
