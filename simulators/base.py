@@ -96,8 +96,10 @@ def run_until_interrupted(simulator, banner: str) -> None:
     """Start `simulator` (anything with `start()` and `stop()`), print `banner`, serve until Ctrl-C, stop
     it cleanly. What each simulator's `serve()` does for `smsctl simulate`."""
     simulator.start()
-    print(banner, flush=True)
     try:
+        # Inside the try: a Ctrl-C that comes while the banner is still being written (whoever read it may
+        # interrupt at once) is a clean stop too.
+        print(banner, flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
