@@ -12,6 +12,9 @@
 | `throttle`      | the fleet-wide rate limit and identical-request rule (Redis, or a local file)      |
 | `callbacks`     | signed callback URLs for the providers that report by webhook                      |
 | `smpp_receiver` | the long-running SMPP receiver of receipts and replies                             |
+| `campaigns`     | campaign rows: quiet hours at the recipient's, opt-outs by reply                   |
+| `logins`        | refused logins: the fleet's circuit, probe spacing, credentials' fingerprints      |
+| `startup`       | what a worker or beat checks before it starts                                      |
 | `wording`       | how durations read in what operators see                                           |
 
 The Celery tasks in `tasks.jobs` are thin wrappers over the functions exported here; they take a `Runtime`
