@@ -136,6 +136,7 @@ def test_a_later_part_failing_is_an_unknown_outcome_that_says_how_far_it_went(si
         client.send(msg("z" * 200))
 
 
+@pytest.mark.timing
 def test_a_throttled_submit_slows_the_sessions_pace_which_recovers(sim, make_client, monkeypatch):
     client = make_client(sim)
     client.send(msg("first"))
@@ -148,7 +149,9 @@ def test_a_throttled_submit_slows_the_sessions_pace_which_recovers(sim, make_cli
     for n in range(4):
         client.send(msg(f"paced {n}"))
     times = [e["time"] for e in sim.events("submit")[-4:]]
-    assert min(b - a for a, b in zip(times, times[1:])) >= gap * 0.8
+    # Over the whole run, not gap by gap: a submit that the scheduler delays on its way shortens the gap after
+    # it as seen at the server, and lengthens the one before.
+    assert times[-1] - times[0] >= 3 * gap * 0.9
     sim.fail_next(0x58)
     with pytest.raises(ThrottledError):
         client.send(msg("third"))
