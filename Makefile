@@ -12,7 +12,7 @@ demo: $(STAMP)
 # The suite mostly waits (for workers, ticks, providers' answers), so it runs on TEST_PROCESSES processes;
 # then the tests that measure rates and latencies run on three, those that share the fleet's rate limiter
 # (group "rates") one after the other; last, alone, those that change the database server's global state.
-TEST_PROCESSES ?= 6
+TEST_PROCESSES ?= 4
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not timing and not alone"
