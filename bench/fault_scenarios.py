@@ -345,28 +345,35 @@ def redis_loss(stage: Stage, rows: int = 600, latency_s: float = 0.2, rate: floa
                        [worker, beat])
 
 
+@contextmanager
+def _batch_behind_database_proxy(stage: Stage, rows: int, latency_s: float, rate: float, **settings):
+    """A worker and beat reaching MariaDB through a `FaultProxy`, a quarter of an Accolades batch (a provider
+    answering in `latency_s`) sent: yields (proxy, simulator, row ids, their states then, the processes)."""
+    host, port = _host_port(stage.database_url, 3306)
+    with running(FaultProxy(host, port), AccoladesSimulator(latency_s=latency_s)) as (proxy, sim):
+        ids, mid_batch = _accolades_batch(stage, rows, 0.25)
+        env = accolades_env(stage, sim, database_url=proxy.url_for(stage.database_url), SMS_ACCOLADES_RATE=rate,
+                            **settings)
+        processes = [stage.start("worker", env), stage.start("beat", env)]
+        mid_batch(sim)
+        yield proxy, sim, ids, states(stage.engine, ids), processes
+
+
 def database_loss(stage: Stage, rows: int = 400, latency_s: float = 0.2, rate: float = 20,
                   outage_s: float = 30, timeout_s: float = 150, name: str = "MariaDB loss",
                   **settings) -> FaultRun:
     """MariaDB cut off for `outage_s` in the middle of a batch, for the workers and beat (connections reset,
     new ones refused), as a database restart does. With a provider answering in `latency_s` of seconds, sends
     are in flight when it goes: their outcomes must be written once it is back, however long it was away."""
-    host, port = _host_port(stage.database_url, 3306)
-    with running(FaultProxy(host, port), AccoladesSimulator(latency_s=latency_s)) as (proxy, sim):
-        ids, mid_batch = _accolades_batch(stage, rows, 0.25)
-        env = accolades_env(stage, sim, database_url=proxy.url_for(stage.database_url), SMS_ACCOLADES_RATE=rate,
-                            **settings)
-        worker = stage.start("worker", env)
-        beat = stage.start("beat", env)
-        mid_batch(sim)
-        snapshot = states(stage.engine, ids)
+    with _batch_behind_database_proxy(stage, rows, latency_s, rate, **settings) as (proxy, sim, ids, snapshot,
+                                                                                    processes):
         proxy.cut()
         fault_at = time.time()
         time.sleep(outage_s)
         sent = len(sim.events("send"))
         proxy.restore()
         back_at = time.time()
-        return _result(name, stage, sim, ids, snapshot, fault_at, back_at, sent, timeout_s, [worker, beat])
+        return _result(name, stage, sim, ids, snapshot, fault_at, back_at, sent, timeout_s, processes)
 
 
 def clock_jump(stage: Stage, rows: int = 300, latency_s: float = 2.0, rate: float = 20, timeout_s: float = 300,
@@ -374,15 +381,8 @@ def clock_jump(stage: Stage, rows: int = 300, latency_s: float = 2.0, rate: floa
     """The database's local clock an hour forward in the middle of a batch, as a daylight-saving change does
     on a server that keeps local time: its time zone offset changes (`SET GLOBAL time_zone`, put back
     afterwards: nothing else may run on that server meanwhile) and its connections reset."""
-    host, port = _host_port(stage.database_url, 3306)
-    with running(FaultProxy(host, port), AccoladesSimulator(latency_s=latency_s)) as (proxy, sim):
-        ids, mid_batch = _accolades_batch(stage, rows, 0.25)
-        env = accolades_env(stage, sim, database_url=proxy.url_for(stage.database_url), SMS_ACCOLADES_RATE=rate,
-                            **settings)
-        worker = stage.start("worker", env)
-        beat = stage.start("beat", env)
-        mid_batch(sim)
-        snapshot = states(stage.engine, ids)
+    with _batch_behind_database_proxy(stage, rows, latency_s, rate, **settings) as (proxy, sim, ids, snapshot,
+                                                                                    processes):
         with stage.engine.begin() as conn:
             zone = conn.scalar(text("SELECT @@global.time_zone"))
             ahead_min = round(conn.scalar(text("SELECT TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(), NOW())")) / 60) + 60
@@ -394,7 +394,7 @@ def clock_jump(stage: Stage, rows: int = 300, latency_s: float = 2.0, rate: floa
             proxy.restore()
             back_at = time.time()
             return _result("clock +1 h", stage, sim, ids, snapshot, fault_at, back_at, len(sim.events("send")),
-                           timeout_s, [worker, beat])
+                           timeout_s, processes)
         finally:
             with stage.engine.begin() as conn:
                 conn.execute(text("SET GLOBAL time_zone = :zone"), {"zone": zone})
