@@ -27,7 +27,7 @@ from simulators.accolades import AccoladesSimulator
 from simulators.mobilgroup import MobilgroupSimulator
 from simulators.ozeki import OzekiSimulator
 from workflow.routing import InvalidNumber, normalise
-from tests.conftest import app_env, compose_worker, insert_rows, rows_by_id, started, wait_until
+from tests.conftest import app_env, astercc_session, compose_worker, insert_rows, rows_by_id, started, wait_until
 from tests.httpstub import StubServer
 
 SENT, FAILED, RETRIED = "sent", "failed", "retried"
@@ -324,6 +324,7 @@ def check_refused(case: Case, row: tuple[str, str]) -> None:
 
 def insert_missing_archive(engine, archive_id: int, target: str) -> int:
     with engine.begin() as conn:
+        astercc_session(conn)
         return conn.execute(sql(
             "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime, creby,"
             " created) VALUES (:a, :t, 'new', '0000-00-00 00:00:00', 'agent', NOW())"),
