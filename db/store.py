@@ -603,19 +603,26 @@ def _holds_lease(d):
 ACCEPTED_AFTER_ERROR = "sent: the provider accepted it after it had been marked error (its send outlived its lease)"
 """What a row ended `error` by the lease sweep says once its send comes back accepted after all."""
 
+CONFIRMED_IN_DOUBT = "sent: its provider confirmed having the request whose answer was lost"
+"""What a waiting row in doubt says (in `sms_dispatch` only) once its provider confirms it has its request."""
+
 
 @functools.lru_cache(maxsize=None)
-def _accept(poll_after_s: int | None, after_error: bool):
-    """The send under the `token` lease was accepted: the row is `accepted`. With `after_error`, the row the
-    lease sweep ended `error` under that same token meanwhile (the provider has the message: `success` is
-    the truth), saying so in `last_error`."""
+def _accept(poll_after_s: int | None, before: str):
+    """The send under the `token` fence was accepted: the row is `accepted`. `before` is the state it is
+    taken from: `sending` (its send's answer), `error` (the lease sweep ended it under that same token
+    meanwhile, but the provider has the message: `success` is the truth, `last_error` says so), or `waiting`
+    with an unknown outcome (its provider confirmed, when asked, that it has the request)."""
     d = Dispatch
+    where = [d.batchcontact_id == bindparam("row_id"), d.attempts == bindparam("token"), d.state == before]
+    if before == S.WAITING:
+        where.append(d.unknowns > 0)
     return (
-        update(d).where(d.batchcontact_id == bindparam("row_id"), d.attempts == bindparam("token"),
-                        d.state == (S.ERROR if after_error else S.SENDING))
-        .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"), parts=bindparam("p_parts"),
-                accepted_at=db_now(), lease_until=None, last_error=ACCEPTED_AFTER_ERROR if after_error else None,
-                wait_reason=None, updated_at=db_now(),
+        update(d).where(*where)
+        .values(state=S.ACCEPTED, provider_message_id=bindparam("p_ids"),
+                parts=func.coalesce(bindparam("p_parts"), d.parts), accepted_at=db_now(), lease_until=None,
+                last_error={S.ERROR: ACCEPTED_AFTER_ERROR, S.WAITING: CONFIRMED_IN_DOUBT}.get(before),
+                wait_reason=None, next_attempt_at=None, updated_at=db_now(),
                 poll_at=None if poll_after_s is None else db_now_plus(poll_after_s))
     )
 
@@ -656,7 +663,7 @@ def record_accepted(engine: Engine, row_id: int, token: int, provider_message_id
     taken again): the row is left as the current holder has it. One transaction (one round trip on
     MariaDB: `_in_one_trip`); when it did not take the row, a read and, for a row ended `error`, another."""
     indexed = provider_message_ids if index_ids else []
-    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s, False), _contacted(False))
+    statements = ((_index_ids(len(indexed)),) if indexed else ()) + (_accept(poll_after_s, S.SENDING), _contacted(False))
     params = dict(row_id=row_id, token=token, provider=provider, p_parts=parts,
                   p_ids=_fit(",".join(provider_message_ids), 255) or None)
     if in_one_trip(engine, statements, **params, **{f"m{k}": m for k, m in enumerate(indexed)})[-2][0]:
@@ -664,7 +671,7 @@ def record_accepted(engine: Engine, row_id: int, token: int, provider_message_id
     # Rarely here: the fence was lost, a report finished the row first, or the lease sweep ended it.
     with autocommit_twin(engine).connect() as conn:
         state = conn.scalar(select(Dispatch.state).where(Dispatch.batchcontact_id == row_id))
-    if state == S.ERROR and in_one_trip(engine, (_accept(poll_after_s, True), _contacted(True)), **params)[0][0]:
+    if state == S.ERROR and in_one_trip(engine, (_accept(poll_after_s, S.ERROR), _contacted(True)), **params)[0][0]:
         return S.ERROR
     return state if state in (S.DELIVERED, S.FAILED) else None
 
@@ -1131,12 +1138,13 @@ def reroute_waiting(engine: Engine, provider: str, fallback: str, limit: int) ->
 
 @dataclass(frozen=True)
 class InDoubt:
-    """A waiting row whose earlier request to its provider may have arrived: its id, fencing token and
-    operator resends (to name the request)."""
+    """A waiting row whose earlier request to its provider may have arrived: its id, fencing token,
+    operator resends (to name the request) and normalised recipient (to tell the request is ours)."""
 
     id: int
     token: int
     resends: int
+    recipient: str
 
 
 def in_doubt(engine: Engine, provider: str, limit: int, settled_s: int) -> list[InDoubt]:
@@ -1144,7 +1152,7 @@ def in_doubt(engine: Engine, provider: str, limit: int, settled_s: int) -> list[
     ended `settled_s` ago or more (its request may still be on its way to the provider until then)."""
     d = Dispatch.__table__
     with autocommit_twin(engine).connect() as conn:
-        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, d.c.resends)
+        rows = conn.execute(select(d.c.batchcontact_id, d.c.attempts, d.c.resends, d.c.recipient)
                             .where(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns > 0,
                                    d.c.updated_at <= db_now_plus(-settled_s))
                             .order_by(d.c.due_at).limit(limit)).all()
@@ -1159,6 +1167,15 @@ def not_taken(engine: Engine, row_id: int, token: int) -> bool:
     with engine.begin() as conn:
         return bool(conn.execute(update(d).where(d.c.batchcontact_id == row_id, d.c.state == S.WAITING,
                                                  d.c.attempts == token).values(unknowns=0)).rowcount)
+
+
+@retry_lock_conflicts
+def taken(engine: Engine, row_id: int, token: int, provider_message_id: str, poll_after_s: int | None) -> bool:
+    """The provider confirmed it has this waiting row's request, whose answer was lost: the row is accepted
+    (asterCC `success`), as its send would have recorded, and is neither sent again nor asked about again,
+    by any process. Only if it has not been sent again since (`token`); returns whether it moved."""
+    return bool(in_one_trip(engine, (_accept(poll_after_s, S.WAITING), _contacted(False)), row_id=row_id,
+                            token=token, p_ids=provider_message_id, p_parts=None)[0][0])
 
 
 def recent_refusals(engine: Engine, provider: str, reason: str, within_s: int) -> int:

@@ -9,7 +9,7 @@ nothing of Celery, the database or Redis. The send task hands it an `OutgoingMes
 | `PermanentError`    | this message can never be sent: asterCC `failed`, `error_msg` = reason |
 | `TransientError`    | retry with backoff inside the retry window, then `error`              |
 | `UnknownOutcome`    | the request left and no answer came: it may have arrived (see below)   |
-| `AlreadySentUnconfirmed` | the provider has it already; only its confirmation is asked again |
+| `AlreadySentUnconfirmed` | the provider has it already; only its confirmation is asked (never the send again) |
 | `AccountError`      | pause the whole account, retry slowly, never burn the queue to failed |
 | `LoginRefused`      | an `AccountError`: credentials refused, probed again at a slower pace  |
 | `ThrottledError`    | the provider asked us to slow down: retry after `retry_after` seconds |
@@ -110,8 +110,8 @@ class TransientError(ProviderError):
 
 class AlreadySentUnconfirmed(TransientError):
     """A resend was answered "already have this request" (Mobilgroup's error 7: an earlier attempt arrived),
-    and the request that confirms it is ours got no usable answer. Nothing is to be sent again: only the
-    confirmation is asked again, with the client's `confirm_already_sent(message)`."""
+    not yet confirmed to be ours. Nothing is to be sent again: the confirmation is asked, each time with a
+    rate-limit slot of its own, with the client's `confirm_already_sent(message)`."""
 
 
 class UnknownOutcome(TransientError):

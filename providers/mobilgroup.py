@@ -3,7 +3,8 @@
 The request is raw XML in windows-1251, POSTed as `application/xml`; the answer is XML wrapped in
 `<response>` with `<result>` OK/ERROR and an `<error>` code (see `PROVIDERS.md`, seed `003`). Our request
 `id` is the asterCC row id, so a resend after a lost answer is answered with error 7 ("already sent"),
-which means the first attempt arrived: `send` returns `Accepted(already_sent=True)`.
+which means the first attempt arrived: `send` raises `AlreadySentUnconfirmed`, and `confirm_already_sent`
+(a status request) tells whether the request under that id is ours.
 
 The provider's answers are not well-formed XML as its document prints them (`<id>1</ id>`,
 `</response >`, line breaks inside values). `parse_answer` repairs exactly those defects, then parses
@@ -209,10 +210,10 @@ class MobilgroupClient(HttpClient):
         return "0"
 
     def send(self, message: OutgoingMessage) -> Accepted:
-        """Send `message` (its text without the comment) with our row id as the request id; a resend of an
-        id the provider already has returns `Accepted(already_sent=True)` once a status request confirms that
-        the request under that id is to this recipient (`confirm_already_sent`); when that status request
-        fails, `AlreadySentUnconfirmed` (ask `confirm_already_sent` again, never send again)."""
+        """Send `message` (its text without the comment) with our row id as the request id. A resend of an
+        id the provider already has (error 7) raises `AlreadySentUnconfirmed`: never send it again, confirm
+        with `confirm_already_sent` that the request under that id is to this recipient. The confirmation is
+        a request of its own, which the caller makes once it has a rate-limit slot for it."""
         fields = [("phone", message.recipient), ("message", sendable_text(message.text)),
                   ("id", str(message.reference))]
         if self.sender:
@@ -221,12 +222,8 @@ class MobilgroupClient(HttpClient):
         try:
             self._call("send", fields, expect_id=message.reference)
         except AlreadySentError:
-            try:
-                self.confirm_already_sent(message)
-            except TransientError as exc:
-                raise AlreadySentUnconfirmed(f"Mobilgroup already has this request; confirming that it is ours "
-                                             f"failed: {exc}") from None
-            return Accepted(provider_message_id=str(message.reference), already_sent=True)
+            raise AlreadySentUnconfirmed("Mobilgroup already has this request; it is ours once a status request "
+                                         "confirms it") from None
         return Accepted(provider_message_id=str(message.reference))
 
     def confirm_already_sent(self, message: OutgoingMessage) -> None:
@@ -236,12 +233,12 @@ class MobilgroupClient(HttpClient):
         pruned, would otherwise pass for a message that was sent. Raises `PermanentError` for another
         recipient's request, `TransientError` when the provider cannot say (ask again later)."""
         try:
-            answer = self._call("status", [("id", str(message.reference)), ("extended", "1")],
-                                expect_id=message.reference)
-        except PermanentError:  # error 12 right after error 7: the provider contradicts itself
-            raise TransientError("Mobilgroup said it already had this request id, then that it has none") from None
-        phone = _value(answer, "extended/dest/phone") if answer.find("extended/dest") is not None else None
-        if phone is not None and re.sub(r"\D", "", phone) != message.recipient:
+            recipient = self.request_recipient(message.reference)
+        except PermanentError:  # a refused status request says nothing about the request under this id
+            recipient = None
+        if recipient is None:  # error 12 right after error 7: the provider contradicts itself
+            raise TransientError("Mobilgroup said it already had this request id, then that it has none")
+        if recipient and recipient != message.recipient:
             raise PermanentError(f"Mobilgroup already has request id {message.reference} for another number: "
                                  "another sender on this account uses the same ids (give each deployment its "
                                  "own SMS_MOBILGROUP_ID_PREFIX); not sent")
@@ -263,15 +260,17 @@ class MobilgroupClient(HttpClient):
         return DeliveryReport(outcome=outcome, reference=reference, provider_message_id=str(reference),
                               reason=reason, extra=extra)
 
-    def has_request(self, reference: int) -> bool:
-        """Whether the provider has a request under `reference`: False only when it says it has none (error
-        12), so that a send whose answer never came is known not to have arrived. Raises `ProviderError`
+    def request_recipient(self, reference: int) -> str | None:
+        """Who the provider's request under `reference` went to, in digits: "" when its answer names no one
+        (it has the request, no detail yet), None when it has no such request (error 12), so that a send
+        whose answer never came is known not to have arrived. One status request. Raises `ProviderError`
         when it cannot say."""
         try:
-            self._call("status", [("id", str(reference))], expect_id=reference)
+            answer = self._call("status", [("id", str(reference)), ("extended", "1")], expect_id=reference)
         except NoSuchRequestError:
-            return False
-        return True
+            return None
+        phone = _value(answer, "extended/dest/phone") if answer.find("extended/dest") is not None else None
+        return re.sub(r"\D", "", phone or "")
 
     def balance(self) -> str:
         """The account balance as the provider writes it."""

@@ -194,30 +194,44 @@ def test_a_row_whose_request_timed_out_at_a_provider_that_cannot_tell_is_not_sen
         "the slow Accolades should have taken the first request (that is why it must not go elsewhere)"
 
 
-def test_a_row_in_doubt_moves_once_mobilgroup_confirms_it_never_got_it(db, mariadb_url, redis_url):
+def test_a_row_in_doubt_moves_once_mobilgroup_confirms_it_never_got_it_and_is_sent_once_it_confirms_it_has_it(
+        db, mariadb_url, redis_url):
     mobilgroup = MobilgroupSimulator()
     accolades = AccoladesSimulator()
     with started(mobilgroup), started(accolades):
-        rt = Runtime(load_settings(
+        settings = load_settings(
             database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX, default_provider="mobilgroup",
             failover="mobilgroup:accolades", mobilgroup_url=mobilgroup.api_url, mobilgroup_user_id="1",
             mobilgroup_user="demo", mobilgroup_password="demo", accolades_url=accolades.url,
-            accolades_account=accolades.account, accolades_password=accolades.password))
-        never, arrived = insert_rows(db, [(number(1), "One"), (number(2), "Two")])
-        workflow.dispatch_due(rt, lambda ids, provider: None)
-        # Both sends' answers were lost; the second one had reached Mobilgroup.
-        mobilgroup.requests[str(registry.entry("mobilgroup").reference(rt.settings, arrived, 0))] = {
-            "phones": ["79161000252"], "accepted": time.time(), "due": None}
+            accolades_account=accolades.account, accolades_password=accolades.password)
+        # Two dispatching processes, each with its own memory: what one learnt must hold for the other.
+        first, second = Runtime(settings), Runtime(settings)
+        never, arrived, others = insert_rows(db, [(number(1), "One"), (number(2), "Two"), (number(3), "Three")])
+        workflow.dispatch_due(first, lambda ids, provider: None)
+        # All three sends' answers were lost; the second had reached Mobilgroup; the third's id is held by
+        # another sender on the account, for another number (so ours, had it arrived, was refused).
+        def hold(row, phone):
+            reference = str(registry.entry("mobilgroup").reference(settings, row, 0))
+            mobilgroup.requests[reference] = {"phones": [phone], "accepted": time.time(), "due": None}
+            return reference
+        arrived_ref = hold(arrived, "79161000052")
+        hold(others, "79990000000")
         with db.begin() as conn:
             conn.execute(text("UPDATE sms_dispatch SET state = 'waiting', wait_reason = 'unknown', unknowns = 1,"
-                              " updated_at = NOW() - INTERVAL 2 MINUTE"))  # answers long given up on
+                              " updated_at = UTC_TIMESTAMP() - INTERVAL 2 MINUTE"))  # answers long given up on
         store.trip_breaker(db, "mobilgroup", 600, "unreachable: test")
-        moved = workflow.fail_over(rt, "mobilgroup", store.breaker_states(db))
+        moved = workflow.fail_over(first, "mobilgroup", store.breaker_states(db))
+        moved += workflow.fail_over(second, "mobilgroup", store.breaker_states(db))
         rows = rows_by_id(db)
+        asked = Counter(e["id"] for e in mobilgroup.events("status"))
 
-    assert moved == 1
-    assert rows[never]["provider"] == "accolades"
-    assert rows[arrived]["provider"] == "mobilgroup", "a row Mobilgroup has must wait for Mobilgroup"
+    assert moved == 2
+    assert rows[never]["provider"] == rows[others]["provider"] == "accolades"
+    assert rows[arrived]["provider"] == "mobilgroup", "a row Mobilgroup has must never go elsewhere"
+    assert (rows[arrived]["state"], rows[arrived]["status"]) == ("accepted", "success"), \
+        "Mobilgroup has the message: it was sent, and waits for nothing"
+    assert asked[arrived_ref] == 1, "one answer serves every process: Mobilgroup is asked about a row once"
+    assert not mobilgroup.events("send")
 
 
 def test_failover_routes_are_checked_at_start_up_and_their_fallbacks_need_credentials():

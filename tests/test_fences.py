@@ -16,6 +16,7 @@ import workflow
 from db import store
 from db.engine import db_now_plus
 from db.models import BatchContact, Breaker, Dispatch, Meta
+from providers import registry
 from providers.base import DeliveryReport
 from settings import load_settings
 from simulators.accolades import AccoladesSimulator
@@ -429,3 +430,21 @@ def test_failover_s_status_requests_take_slots_of_the_account_s_rate(db, mariadb
 
         assert workflow.fail_over(rt, "mobilgroup", store.breaker_states(db)) == 1
         assert len(mobilgroup.events("status")) == 1
+
+
+def test_the_status_request_confirming_an_error_7_waits_for_a_slot_of_the_account_s_rate(runtime, sim, db):
+    """A resend is answered error 7 ("already have this request"): the status request confirming the request
+    is ours is a request to Mobilgroup like any other, so it goes only when the account's rate allows one
+    more (here one a second), not right after the send."""
+    rt = runtime(mobilgroup_rate=1)
+    (row,) = insert_rows(db, [("+7 916 100-00-40", "hello")])
+    assert claim(rt) == [row]
+    # The row's first request reached Mobilgroup; its answer was lost.
+    reference = str(registry.entry("mobilgroup").reference(rt.settings, row, 0))
+    sim.requests[reference] = {"phones": ["79161000040"], "accepted": time.time(), "due": None}
+
+    assert workflow.send_row(rt, row) == "accepted"
+    (send,), (status,) = sim.events("send"), sim.events("status")
+    assert send["outcome"] == "duplicate"
+    assert status["time"] - send["time"] >= 0.9, "the confirmation went without a slot of its own"
+    assert rows_by_id(db)[row]["status"] == "success"

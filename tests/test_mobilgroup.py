@@ -162,21 +162,33 @@ def test_cyrillic_and_characters_outside_cp1251_arrive_intact(client, sim):
     assert event["unicode"] == "1"
 
 
-def test_resend_after_lost_answer_is_success_and_not_sent_twice(client, sim):
+def test_resend_after_lost_answer_is_never_sent_twice_and_is_confirmed_by_a_request_of_its_own(client, sim):
     client.send(sms(103))
-    assert client.send(sms(103)) == Accepted(provider_message_id="103", already_sent=True)
+    with pytest.raises(AlreadySentUnconfirmed, match="already has this request"):
+        client.send(sms(103))
+    assert [e["kind"] for e in sim.events() if e["kind"] in ("send", "status")] == ["send", "send"], \
+        "the confirmation is the caller's to ask, with a rate-limit slot of its own"
+    client.confirm_already_sent(sms(103))
     assert [e["outcome"] for e in sim.events("send")] == ["accepted", "duplicate"]
     assert list(sim.requests) == ["103"]
 
 
-def test_resend_whose_confirmation_is_lost_asks_only_the_confirmation_again(client, sim):
+def test_a_confirmation_whose_answer_is_lost_says_the_provider_cannot_tell(client, sim):
     client.send(sms(104))
     sim.should_lose = lambda: (sim.last_recorded() or {}).get("kind") == "status"  # every status answer lost
-    with pytest.raises(AlreadySentUnconfirmed, match="confirming that it is ours failed"):
-        client.send(sms(104))
+    with pytest.raises(TransientError):
+        client.confirm_already_sent(sms(104))
     sim.should_lose = lambda: False
     client.confirm_already_sent(sms(104))
-    assert [e["kind"] for e in sim.events() if e["kind"] in ("send", "status")] == ["send", "send", "status", "status"]
+    assert [e["kind"] for e in sim.events() if e["kind"] in ("send", "status")] == ["send", "status", "status"]
+
+
+def test_a_request_held_for_another_number_is_not_ours(client, sim):
+    client.send(sms(105))
+    with pytest.raises(PermanentError, match="for another number"):
+        client.confirm_already_sent(sms(105, recipient="79990000000"))
+    assert client.request_recipient(105) == sms(105).recipient
+    assert client.request_recipient(106) is None
 
 
 # --- text and number checks ------------------------------------------------------------------------
@@ -449,4 +461,5 @@ def test_a_session_passed_in_is_used_and_left_open(sim):
         client = client_for(sim.api_url, session=session)
         client.send(sms(401))
         client.close()
-        assert client_for(sim.api_url, session=session).send(sms(401)).already_sent
+        with pytest.raises(AlreadySentUnconfirmed):
+            client_for(sim.api_url, session=session).send(sms(401))

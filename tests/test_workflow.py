@@ -34,8 +34,8 @@ def runtime(db, mariadb_url, redis_url, sim):
         settings = load_settings(
             database_url=mariadb_url, redis_url=redis_url, redis_prefix=REDIS_PREFIX,
             default_provider="mobilgroup", mobilgroup_url=sim.api_url, mobilgroup_user_id=sim.user_id,
-            mobilgroup_user=sim.user, mobilgroup_password=sim.password, mobilgroup_rate=1000,
-            mobilgroup_identical_s=0, **overrides)
+            mobilgroup_user=sim.user, mobilgroup_password=sim.password,
+            **{"mobilgroup_rate": 1000, "mobilgroup_identical_s": 0, **overrides})
         return Runtime(settings)
 
     return make

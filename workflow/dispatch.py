@@ -159,30 +159,33 @@ def _lend_a_probe_row(rt: Runtime, provider: str, breakers: dict[str, store.Brea
 
 
 def _confirm_not_taken(rt: Runtime, provider: str) -> None:
-    """Ask `provider`, where it can tell (Mobilgroup's status request), whether it has the rows whose answer
-    never came; those it has not may then move. Each question takes a slot of the account's rate limit;
-    stops at the first question it cannot answer, or whose slot is not near."""
+    """Ask `provider`, where it can tell (Mobilgroup's status request), about the rows whose answer never
+    came, once each: a row whose request it has is sent (accepted, as its send would have recorded); one
+    whose request it has not (or whose id it holds for another number) may then move. Each question takes a
+    slot of the account's rate limit; stops at the first question it cannot answer, or whose slot is not
+    near."""
     if time.monotonic() - rt.confirm_asked.get(provider, -math.inf) < CONFIRM_EVERY_S:
         return
     try:
         client = rt.client(provider)
     except ValueError:  # no longer configured: it cannot be asked
         return
-    if not hasattr(client, "has_request"):
+    if not hasattr(client, "request_recipient"):
         return
     rt.confirm_asked[provider] = time.monotonic()
-    known = rt.taken_rows
-    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK + len(known), CONFIRM_AFTER_S):
-        if row.id in known:
-            continue
+    entry = registry.entry(provider)
+    for row in store.in_doubt(rt.engine, provider, CONFIRM_PER_TICK, CONFIRM_AFTER_S):
         if not status_slot(rt, provider):
             return
+        reference = entry.reference(rt.settings, row.id, row.resends)
         try:
-            has = client.has_request(registry.entry(provider).reference(rt.settings, row.id, row.resends))
+            recipient = client.request_recipient(reference)
         except ProviderError:
             return
-        if has:
-            known.add(row.id)
+        if recipient in ("", row.recipient):
+            poll_after = rt.settings.poll_after_s() if entry.reports == "poll" else None
+            if store.taken(rt.engine, row.id, row.token, str(reference), poll_after):
+                log.info("failover: %s confirms it has row %d, whose answer was lost: it is sent", provider, row.id)
         elif store.not_taken(rt.engine, row.id, row.token):
             log.info("failover: %s confirms it never got row %d: it may move", provider, row.id)
 

@@ -101,8 +101,6 @@ class Runtime:
     confirm_asked: dict = field(default_factory=dict)
     """When this process last asked each unavailable provider about rows in doubt (`workflow.dispatch.fail_over`)."""
     _fingerprints: dict = field(default_factory=dict)
-    taken_rows: set = field(default_factory=set)
-    """Rows in doubt their provider said it has: they wait for it and are not asked about again."""
     waiting: Callable[[], AbstractContextManager] = nullcontext
     """Marks a stretch spent waiting for a provider; a worker sets its pool's (`celery_ext.pool.waiting`),
     which lets another task run meanwhile."""

@@ -262,27 +262,27 @@ def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: 
     return Retry(max(permit.wait_s, 0.05), f"waiting {permit.wait_s:.1f} s: {reason} ({throttled})")
 
 
-CONFIRM_TRIES = 4
+CONFIRM_TRIES = 5
 CONFIRM_PAUSE_S = 0.25
 """A confirmation that failed is asked again this long after, twice as long each time."""
 
 
 def _confirm_only(rt: Runtime, job: store.SendJob, provider, message: OutgoingMessage,
                   exc: AlreadySentUnconfirmed, no_send: Callable[[], str | None]) -> Accepted | str:
-    """The provider has this row's request already (a resend answered "already sent"), but the status request
-    confirming it is ours failed: ask that again, up to `CONFIRM_TRIES` times, each taking a rate-limit slot
-    (it is a request to the provider), never sending again. Returns `Accepted` once confirmed, or what became
-    of the row: `failed` when the request is another number's, else it waits as it would have (no failure
-    counted, its backoff not grown) and its next attempt is answered "already sent" again."""
-    s, pause, last = rt.settings, CONFIRM_PAUSE_S, exc
+    """The provider has this row's request already (a resend answered "already sent"): ask the status request
+    confirming it is ours, up to `CONFIRM_TRIES` times, each taking a rate-limit slot (it is a request to the
+    provider like any other), never sending again. Returns `Accepted` once confirmed, or what became of the
+    row: `failed` when the request is another number's, else it waits as it would have (no failure counted,
+    its backoff not grown) and its next attempt is answered "already sent" again."""
+    pause, last = 0.0, exc
     for _ in range(CONFIRM_TRIES):
         if no_send() or rt.stopping.wait(pause):
             break
-        pause *= 2
+        pause = pause * 2 or CONFIRM_PAUSE_S
         if not _confirm_slot(rt, job.provider, no_send):
             break
         try:
-            provider.confirm_already_sent(message)
+            provider.confirm_already_sent(message)  # inside the send's `provider_call`: counted as waiting
         except PermanentError as refused:
             _finish_failed(rt, job, str(refused))
             return "failed"
@@ -294,7 +294,7 @@ def _confirm_only(rt: Runtime, job: store.SendJob, provider, message: OutgoingMe
             break
         return Accepted(provider_message_id=str(message.reference), already_sent=True)
     log.info("send of row %d: %s has it, not yet confirmed (%s)", job.id, job.provider, last)
-    return _wait(rt, job, backoff_s(job.failures, s.retry_base_s, s.retry_max_s),
+    return _wait(rt, job, backoff_s(job.failures, rt.settings.retry_base_s, rt.settings.retry_max_s),
                  f"{job.provider} already has it, confirming failed: {last}", W.RETRY)
 
 
