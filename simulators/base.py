@@ -53,6 +53,10 @@ class SimulatorServer(Journal, ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: two workers opening their 64 keep-alive connections at once
+    # overflowed it (the kernel's ListenOverflows grew by hundreds in a benchmark run), and the sends whose
+    # handshake the kernel dropped ended as unknown outcomes a real provider's server would never cause.
+    request_queue_size = 1024
 
     def __init__(self, handler, host: str = "127.0.0.1", port: int = 0, *, fail_rate: float = 0.0,
                  lost_rate: float = 0.0, latency_s: float = 0.0, seed: int | None = None):
