@@ -124,8 +124,8 @@ def hold_quiet(rt: Runtime) -> int:
 def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
     """While `provider`'s circuit is open, move its waiting rows to the first of its `SMS_FAILOVER`
     fallbacks whose circuit is closed. A row whose last request's answer never came may be at `provider`
-    already: it stays, unless `provider` can confirm it has no such request (`has_request`). Returns how
-    many rows moved."""
+    already: it stays, and moves only once `provider` confirms it has no such request (`_confirm_not_taken`,
+    which records the row sent where `provider` says it has it). Returns how many rows moved."""
     s = rt.settings
     fallback = next((f for f in s.failover_table.get(provider, ())
                      if f in s.providers_in_use and not (breakers.get(f) and breakers[f].open)), None)
