@@ -98,3 +98,23 @@ def test_the_sampler_still_counts_a_pool_process_that_has_exited():
     assert used >= 0.5, f"only {used:.2f} s of CPU counted"
     children = [rss for pid, rss in sampler.peak_rss.items() if sampler.role[pid] == "worker child"]
     assert children and max(children) >= 96 * 2**20, sampler.peak_rss
+
+
+def test_a_stall_shows_in_the_after_heavy_figures():
+    from bench.after_heavy import first_sent, longest_stall
+
+    steady = [(2, 0, "room 4000"), (3, 0, "queued 4000"), (4, 50, "queued 3950"), (5, 400, "queued 3600"),
+              (6, 4000, "none")]
+    stalled = [(2, 0, "room 4000"), (3, 10, "queued 3990"), (4, 3990, "waiting 10"), *[
+        (t, 3990, "unknown 10") for t in range(5, 66)], (66, 4000, "none")]
+    late_tick = [(t, 0, "room 4000") for t in range(1, 40)] + [(40, 4000, "none")]
+    assert (first_sent(steady), longest_stall(steady)) == (4, 0)
+    assert (first_sent(stalled), longest_stall(stalled)) == (3, 61)  # 3990 sent from +4 s to +65 s
+    assert (first_sent(late_tick), longest_stall(late_tick)) == (40, 0)
+
+
+def test_after_heavy_runs_a_heavy_run_then_a_burst_and_prints_its_table(tmp_path):
+    out = run_script("bench/after_heavy.py", "--only", "5", "--rows", "300", "--log-dir", str(tmp_path),
+                     timeout=300)
+    assert re.search(r"^ 5 SMPP window\s+--plain\s+\d+\s+\d+\s+\d+\s+\d+(\s+\d+){4}\s+\S+$", out, re.M), out
+    assert list(tmp_path.glob("burst05/worker*.log")), "the burst's Celery logs were not kept"
