@@ -112,9 +112,3 @@ def test_a_stall_shows_in_the_after_heavy_figures():
     assert (first_sent(stalled), longest_stall(stalled)) == (3, 61)  # 3990 sent from +4 s to +65 s
     assert (first_sent(late_tick), longest_stall(late_tick)) == (40, 0)
 
-
-def test_after_heavy_runs_a_heavy_run_then_a_burst_and_prints_its_table(tmp_path):
-    out = run_script("bench/after_heavy.py", "--only", "5", "--rows", "300", "--log-dir", str(tmp_path),
-                     timeout=300)
-    assert re.search(r"^ 5 SMPP window\s+--plain\s+\d+\s+\d+\s+\d+\s+\d+(\s+\d+){4}\s+\S+$", out, re.M), out
-    assert list(tmp_path.glob("burst05/worker*.log")), "the burst's Celery logs were not kept"
