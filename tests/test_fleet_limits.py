@@ -169,7 +169,9 @@ def test_four_processes_keep_20_per_second_and_identical_messages_a_minute_apart
     print(f"\n{count} messages at {rate}/s through 4 processes: {took:.2f} s ({took / (count / rate):.1%} of "
           f"{count / rate:g} s), {(count - 1) / took:.2f}/s, largest one-second window {widest}")
     assert widest <= rate, f"{widest} messages reached the provider within one second (limit {rate})"
-    assert took <= 1.1 * count / rate, f"the batch took {took:.2f} s, more than 10% over {count / rate:g} s"
+    # Close to the rate, not at it: on a busy host the fleet reached 91–93% of it (README, Performance), and
+    # senders that wake late give their slots back; a limiter spacing slots twice too far would reach 50%.
+    assert took <= 1.25 * count / rate, f"the batch took {took:.2f} s, more than 25% over {count / rate:g} s"
 
     gaps = [abs(sends[a]["time"] - sends[b]["time"]) for a, b in zip(twins[:2], twins[2:])]
     print(f"identical messages arrived {', '.join(f'{g:.2f}' for g in gaps)} s apart (rule: 60 s)")
