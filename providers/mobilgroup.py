@@ -233,12 +233,12 @@ class MobilgroupClient(HttpClient):
         pruned, would otherwise pass for a message that was sent. Raises `PermanentError` for another
         recipient's request, `TransientError` when the provider cannot say (ask again later)."""
         try:
-            recipient = self.request_recipient(message.reference)
+            ours = self.holds_request_for(message.reference, message.recipient)
         except PermanentError:  # a refused status request says nothing about the request under this id
-            recipient = None
-        if recipient is None:  # error 12 right after error 7: the provider contradicts itself
+            ours = None
+        if ours is None:  # error 12 right after error 7: the provider contradicts itself
             raise TransientError("Mobilgroup said it already had this request id, then that it has none")
-        if recipient and recipient != message.recipient:
+        if not ours:
             raise PermanentError(f"Mobilgroup already has request id {message.reference} for another number: "
                                  "another sender on this account uses the same ids (give each deployment its "
                                  "own SMS_MOBILGROUP_ID_PREFIX); not sent")
@@ -260,17 +260,17 @@ class MobilgroupClient(HttpClient):
         return DeliveryReport(outcome=outcome, reference=reference, provider_message_id=str(reference),
                               reason=reason, extra=extra)
 
-    def request_recipient(self, reference: int) -> str | None:
-        """Who the provider's request under `reference` went to, in digits: "" when its answer names no one
-        (it has the request, no detail yet), None when it has no such request (error 12), so that a send
-        whose answer never came is known not to have arrived. One status request. Raises `ProviderError`
-        when it cannot say."""
+    def holds_request_for(self, reference: int, recipient: str) -> bool | None:
+        """Whether the provider's request under `reference` is one to `recipient` (digits): True when it is,
+        or when its answer names no one (it has the request, no detail yet); False when it names another
+        number; None when it has no request under that id (error 12), so that a send whose answer never
+        came is known not to have arrived. One status request. Raises `ProviderError` when it cannot say."""
         try:
             answer = self._call("status", [("id", str(reference)), ("extended", "1")], expect_id=reference)
         except NoSuchRequestError:
             return None
-        phone = _value(answer, "extended/dest/phone") if answer.find("extended/dest") is not None else None
-        return re.sub(r"\D", "", phone or "")
+        phone = _value(answer, "extended/dest/phone")
+        return phone is None or re.sub(r"\D", "", phone) == recipient
 
     def balance(self) -> str:
         """The account balance as the provider writes it."""

@@ -187,8 +187,14 @@ def test_a_request_held_for_another_number_is_not_ours(client, sim):
     client.send(sms(105))
     with pytest.raises(PermanentError, match="for another number"):
         client.confirm_already_sent(sms(105, recipient="79990000000"))
-    assert client.request_recipient(105) == sms(105).recipient
-    assert client.request_recipient(106) is None
+    assert client.holds_request_for(105, sms(105).recipient) is True
+    assert client.holds_request_for(106, sms(106).recipient) is None
+
+
+def test_a_status_answer_naming_no_one_is_taken_as_ours_and_a_blank_number_is_not(canned):
+    assert client_for(canned(seed_status("0", None)).url).holds_request_for(123456, "79039587454") is True
+    blank = seed_status("0", "1").replace(b"<phone>79039587454</phone>", b"<phone> </phone>")
+    assert client_for(canned(blank).url).holds_request_for(123456, "79039587454") is False
 
 
 # --- text and number checks ------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
         client = rt.client(provider)
     except ValueError:  # no longer configured: it cannot be asked
         return
-    if not hasattr(client, "request_recipient"):
+    if not hasattr(client, "holds_request_for"):
         return
     rt.confirm_asked[provider] = time.monotonic()
     entry = registry.entry(provider)
@@ -179,10 +179,10 @@ def _confirm_not_taken(rt: Runtime, provider: str) -> None:
             return
         reference = entry.reference(rt.settings, row.id, row.resends)
         try:
-            recipient = client.request_recipient(reference)
+            ours = client.holds_request_for(reference, row.recipient)
         except ProviderError:
             return
-        if recipient in ("", row.recipient):
+        if ours:
             poll_after = rt.settings.poll_after_s() if entry.reports == "poll" else None
             if store.taken(rt.engine, row.id, row.token, str(reference), poll_after):
                 log.info("failover: %s confirms it has row %d, whose answer was lost: it is sent", provider, row.id)
