@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+import threading
 
 import pytest
 from pydantic import SecretStr
@@ -91,6 +92,33 @@ def test_a_blocked_account_is_paused_and_one_probe_decides_when_it_sends_again(r
     assert sorted(rest + [probe]) == [first, second, third]
     assert [workflow.send_row(rt, row) for row in rest] == ["accepted", "accepted"]
     assert {r["status"] for r in rows_by_id(db).values()} == {"success"}
+
+
+def test_a_send_held_back_by_a_circuit_that_opened_while_it_waited_for_its_slot_keeps_no_identical_mark(
+        runtime, sim, db):
+    """A send waits for its rate-limit slot; meanwhile another send meets an account error and the circuit
+    opens. The send waits with the paused rows and nothing leaves, so the recipient's identical-request mark
+    must go back with its slot: otherwise the probe after the pause, often this very row, is held back by the
+    rule (`SMS_MOBILGROUP_IDENTICAL_S`, a minute) for a request Mobilgroup never got, and each such row costs
+    the paused account a tick without a probe."""
+    rt = runtime(mobilgroup_rate=1, mobilgroup_identical_s=60, account_retry_s=30)
+    (row,) = insert_rows(db, [("+7 916 100-00-21", "held while the circuit opened")])
+    assert claim(rt) == [row]
+    rt.throttle.acquire(rt.account("mobilgroup"), 1).wait()  # the next slot is about a second away
+    opens = threading.Timer(0.3, lambda: (store.trip_breaker(db, "mobilgroup", 30, "Mobilgroup error 9"),
+                                          rt.forget_breakers()))
+    opens.start()
+    try:
+        assert workflow.send_row(rt, row) == "paused"
+    finally:
+        opens.join()
+    assert sim.events("send") == [], "a send left through an open circuit"
+
+    store.close_breaker(db, "mobilgroup")
+    rt.forget_breakers()
+    assert claim(rt) == [row]
+    assert workflow.send_row(rt, row) == "accepted", rows_by_id(db)[row]["wait_reason"]
+    assert len(sim.events("send")) == 1
 
 
 def test_a_refused_login_is_probed_at_its_own_pace_and_other_credentials_probe_at_once(runtime, sim, db):

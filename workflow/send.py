@@ -124,21 +124,29 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
                 return "its lease would run out before the provider's deadline"
             return None
 
-        waited = _wait_for_slot(rt, job.provider, message, parts, unless=lambda: no_send() is not None)
-        if waited is WITHDRAWN or no_send():
+        def paused() -> tuple[float, str] | None:
+            """The circuit (delay, reason) that opened while this send waited for its slot, or None. One
+            refusal must not become a burst of them, each counting toward the provider blocking our address."""
+            if job.probe:
+                return None
+            if rt.login_refused_just_now(job.provider):
+                # Another send of this process has just met a refused login; its circuit may not be written yet.
+                return max(s.account_retry_s, 1), f"{job.provider} account paused: a login was just refused"
+            breaker = rt.breaker(job.provider)
+            if breaker is not None and breaker.open:
+                return max(breaker.open_for_s, 1), f"{job.provider} account paused: {breaker.reason}"
+            return None
+
+        # Either way the slot goes back with its identical-request mark: were the mark kept, the recipient's
+        # next identical request (often this row as the paused account's probe) would wait for one never sent.
+        waited = _wait_for_slot(rt, job.provider, message, parts,
+                                unless=lambda: no_send() is not None or paused() is not None)
+        if waited is WITHDRAWN:
+            if (pause := paused()) is not None:
+                return _wait(rt, job, *pause, W.PAUSED, account=True)
             return _hand_back(rt, job, no_send() or "it gave its rate-limit slot back")
         if isinstance(waited, Retry):
             return _wait(rt, job, waited.delay_s, waited.reason, W.THROTTLED)
-        breaker = rt.breaker(job.provider)
-        if not job.probe and rt.login_refused_just_now(job.provider):
-            # Another send of this process has just met a refused login; its circuit may not be written yet.
-            return _wait(rt, job, max(rt.settings.account_retry_s, 1), f"{job.provider} account paused: "
-                         "a login was just refused", W.PAUSED, account=True)
-        if breaker is not None and breaker.open and not job.probe:
-            # Opened while this send waited for its slot (another send met a refused login, say): one refusal
-            # must not become a burst of them, each counting toward the provider blocking our address.
-            return _wait(rt, job, max(breaker.open_for_s, 1), f"{job.provider} account paused: {breaker.reason}",
-                         W.PAUSED, account=True)
         try:
             accepted = provider.send(message)
         except PermanentError as exc:
