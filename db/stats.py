@@ -19,6 +19,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from .engine import autocommit_twin, db_now_plus, seconds_since
 from .models import Dispatch, DispatchState as S, Meta
+from .store import open_by_reason
 
 STATUS_OF_STATE = {
     S.QUEUED: "pending", S.SENDING: "pending", S.WAITING: "pending",
@@ -82,10 +83,7 @@ def open_rows(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, int]
     {provider: age in seconds of its oldest waiting row, counted from when it was due})."""
     d = Dispatch.__table__
     with autocommit_twin(engine).connect() as conn:
-        rows = conn.execute(select(d.c.provider, d.c.state, d.c.wait_reason, func.count(),
-                                   func.max(seconds_since(d.c.due_at)))
-                            .where(d.c.state.in_(S.OPEN))
-                            .group_by(d.c.provider, d.c.state, d.c.wait_reason)).all()
+        rows = open_by_reason(conn, func.count(), func.max(seconds_since(d.c.due_at)))
     counts: dict[str, dict[str, int]] = {}
     oldest: dict[str, int] = {}
     for provider, state, reason, n, age in rows:

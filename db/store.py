@@ -439,14 +439,23 @@ def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *
     return rows
 
 
+def open_by_reason(conn, *aggregates) -> list:
+    """Open rows as (provider, state, what they wait for, *aggregates), grouped by the first three: a row
+    waiting for in-flight room while its provider's circuit is open waits for the circuit (`paused`), though
+    only a probe that goes through will change its wait reason."""
+    d, b = Dispatch.__table__, Breaker.__table__
+    reason = case((and_(d.c.wait_reason == W.ROOM, b.c.state == "open"), W.PAUSED), else_=d.c.wait_reason)
+    return conn.execute(select(d.c.provider, d.c.state, reason, *aggregates)
+                        .select_from(d.outerjoin(b, b.c.provider == d.c.provider))
+                        .where(d.c.state.in_(S.OPEN))
+                        .group_by(d.c.provider, d.c.state, reason)).all()
+
+
 def waiting_summary(engine: Engine) -> dict[str, dict[str, int]]:
-    """Open rows by provider, then by `queued`, `sending` or the wait reason: for the tick's log line, the
-    metrics and `smsctl status`."""
-    d = Dispatch.__table__
+    """Open rows by provider, then by `queued`, `sending` or what they wait for (`open_by_reason`): for the
+    tick's log line and failover."""
     with autocommit_twin(engine).connect() as conn:
-        rows = conn.execute(select(d.c.provider, d.c.state, d.c.wait_reason, func.count())
-                            .where(d.c.state.in_(S.OPEN))
-                            .group_by(d.c.provider, d.c.state, d.c.wait_reason)).all()
+        rows = open_by_reason(conn, func.count())
     summary: dict[str, dict[str, int]] = {}
     for provider, state, reason, n in rows:
         key = reason if state == S.WAITING else state

@@ -108,7 +108,14 @@ def test_waiting_rows_availability_and_last_hour(settings, rows):
     assert value("sms_rate_limit", provider="mobilgroup") == 5
 
     store.trip_breaker(rows, "mobilgroup", 300, "unreachable: test")
-    assert scrape(settings, rows)[("sms_provider_available", (("provider", "mobilgroup"),))] == 0
+    seen = scrape(settings, rows)
+    assert seen[("sms_provider_available", (("provider", "mobilgroup"),))] == 0
+    # Rows that were waiting for room wait for the circuit now: an operator must not look for in-flight room.
+    assert {dict(labels)["reason"]: v for (name, labels), v in seen.items()
+            if name == "sms_waiting" and dict(labels)["provider"] == "mobilgroup"} == \
+        {"retry": 2, "unknown": 1, "paused": 5, "queued": 1, "sending": 1}
+    assert store.waiting_summary(rows)["mobilgroup"] == {"retry": 2, "unknown": 1, "paused": 5, "queued": 1,
+                                                         "sending": 1}
 
 
 def test_delay_histograms_and_the_dispatch_tick(settings, rows):
@@ -156,15 +163,16 @@ def test_status_shows_the_same_numbers_as_plain_lines_and_as_a_table(settings, r
     assert lines["accolades"].startswith("accolades: available; last hour sent 11, failed 1, error 1; waiting: none")
     assert lines["mobilgroup"].startswith(
         "mobilgroup: unavailable: unreachable: connection refused (probe in ")
-    assert "rows go to accolades; last hour sent 0, failed 0, error 0; waiting: queued 1, sending 1, room 4, " \
-           "retry 2, unknown 1, paused 1; oldest waiting 15 min; rate 0.0 of 5/s (0%)" in lines["mobilgroup"]
+    # The circuit is open: the rows that waited for room wait for it (paused 1 + 4).
+    assert "rows go to accolades; last hour sent 0, failed 0, error 0; waiting: queued 1, sending 1, " \
+           "retry 2, unknown 1, paused 5; oldest waiting 15 min; rate 0.0 of 5/s (0%)" in lines["mobilgroup"]
     assert "\x1b[" not in shown, "no terminal codes when the output is not a terminal"
 
     console = Console(record=True, width=260)
     console.print(status.screen(overview.read(settings, rows)))
     screen = console.export_text()
     assert "unavailable: unreachable: connection refused" in screen
-    assert "queued 1, sending 1, room 4, retry 2, unknown 1, paused 1" in screen
+    assert "queued 1, sending 1, retry 2, unknown 1, paused 5" in screen
     assert "15 min" in screen
 
 
