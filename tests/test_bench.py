@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmarks (`bench/e2e.py`, `bench/celery_floor.py`) and of the optional asterCC index.
+"""Smoke tests of the benchmarks (`bench/e2e.py`, `bench/celery_floor.py`, `bench/optouts.py`) and of the
+optional asterCC index.
 
 The benchmark is what an operator runs to size a deployment and what backs the README's figures, so it must
 keep running end to end: real MariaDB, Redis, simulator, beat and workers, and a table at the end. Speed is
@@ -57,6 +58,13 @@ def test_the_celery_floor_runs_every_task_under_each_event_setting():
                      "--events", "worker", "none")
     for events in ("worker", "none"):
         assert re.search(rf"^{events}\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M), out
+
+
+def test_the_opt_out_benchmark_ends_every_row_both_ways_and_prints_the_ratio():
+    out = run_script("bench/optouts.py", "--mariadb", MARIADB, "--rows", "50", "--repeats", "1")
+    assert "50 opted-out rows ended" in out, out
+    for label in ("one transaction", "one per row", "ratio"):
+        assert re.search(rf"^{label}\s+[\d.]+( ms|x)$", out, re.M), out
 
 
 def test_the_astercc_index_is_optional_idempotent_and_removable(db):

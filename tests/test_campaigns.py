@@ -12,7 +12,7 @@ from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, select, text, update
 
 import workflow
 from bench import campaign_day
@@ -376,6 +376,40 @@ def test_a_campaign_row_waiting_when_its_recipient_opts_out_ends_failed_before_i
     assert rows[campaign[1]]["state"] == "waiting" and enqueued == campaign[:1]
 
 
+@pytest.mark.integration
+def test_an_opt_out_read_as_its_campaign_row_is_being_sent_leaves_the_send_s_outcome(db, mariadb_url, redis_url,
+                                                                                   monkeypatch):
+    """The tick reads the waiting rows whose recipients opted out; before it ends them, another worker's
+    tick releases one and its send takes the lease. The row must not end `failed` ("opted out") while its
+    message is on its way to the provider: the send's outcome stands, as it would had the reply come a second
+    later. The rows still waiting end `failed`."""
+    rt = Runtime(in_process(mariadb_url, redis_url, mobilgroup_max_inflight=10))
+    campaign = insert_campaign(db, [number(i) for i in range(3)], "Sale")
+    workflow.dispatch_due(rt, lambda ids, provider: None)  # claimed and released: all three queued
+    with db.begin() as conn:
+        conn.execute(update(Dispatch).values(state="waiting", wait_reason="room", next_attempt_at=None))
+    for i in range(3):
+        store.add_optout(db, normalised(number(i)), "STOP")
+    sending: list[store.SendJob] = []
+    read = store.opted_out_waiting
+
+    def read_then_a_send_takes_one(*args, **kwargs):
+        rows = read(*args, **kwargs)
+        assert [r.id for r in store.release_waiting(db, "mobilgroup", 1, 30)] == campaign[:1]
+        sending.append(store.begin_send(db, campaign[0], 180))
+        return rows
+
+    monkeypatch.setattr(store, "opted_out_waiting", read_then_a_send_takes_one)
+    assert workflow.dispatch.refuse_opted_out(rt) == 2
+    rows = rows_by_id(db)
+    assert rows[campaign[0]]["state"] == "sending", rows[campaign[0]]
+    assert store.record_accepted(db, campaign[0], sending[0].token, ["m-1"], 1, None, provider="mobilgroup",
+                                 index_ids=False)
+    rows = rows_by_id(db)
+    assert (rows[campaign[0]]["status"], rows[campaign[0]]["state"]) == ("success", "accepted")
+    assert {rows[r]["status"] for r in campaign[1:]} == {"failed"}
+
+
 def test_quiet_holds_and_opt_outs_work_on_the_embedded_database_too(engine):
     campaign = insert_campaign(engine, [number(i) for i in range(3)], "Sale", due=ago(5))
     claim_and_route(engine)
@@ -388,3 +422,8 @@ def test_quiet_holds_and_opt_outs_work_on_the_embedded_database_too(engine):
     assert [(row_id, o.word) for row_id, o in store.opted_out_waiting(engine, ["mobilgroup"])] == \
         [(campaign[2], "STOP")]
     assert [r.id for r in store.release_waiting(engine, "mobilgroup", 10, 30)] == [campaign[2]]
+    # Released since it was read: only the row still waiting ends.
+    assert store.refuse_waiting(engine, {campaign[2]: "opted out", campaign[0]: "opted out"}) == 1
+    rows = rows_by_id(engine)
+    assert (rows[campaign[0]]["status"], rows[campaign[0]]["error_msg"]) == ("failed", "opted out")
+    assert rows[campaign[2]]["state"] == "queued"

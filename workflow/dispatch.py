@@ -93,12 +93,12 @@ def refuse_opted_out(rt: Runtime) -> int:
     """Waiting campaign rows whose recipient opted out end `failed` ("the recipient opted out by replying
     STOP on …"), before any provider is called: just claimed, or waiting since before the reply came.
     Returns how many."""
-    refused = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use)
-    for row_id, optout in refused:
-        store.finish_failed(rt.engine, row_id, optout_reason(optout.word, optout.opted_at))
+    opted_out = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use)
+    refused = store.refuse_waiting(rt.engine, {row_id: optout_reason(optout.word, optout.opted_at)
+                                               for row_id, optout in opted_out}) if opted_out else 0
     if refused:
-        log.info("dispatch: %d campaign rows end failed: their recipients opted out", len(refused))
-    return len(refused)
+        log.info("dispatch: %d campaign rows end failed: their recipients opted out", refused)
+    return refused
 
 
 def hold_quiet(rt: Runtime) -> int:
