@@ -890,8 +890,9 @@ def opted_out_waiting(engine: Engine, providers: Iterable[str], limit: int = 100
 def refuse_waiting(engine: Engine, reasons: dict[int, str]) -> int:
     """End `failed`, each with its reason ({row id: reason}), the rows that still wait: one read since (the
     opted-out rows of `opted_out_waiting`, say) may have been released and be on its way to the provider, and
-    then the send's outcome stands. One transaction for all of them (a campaign to a list full of opt-outs
-    ends a thousand rows a tick). Returns how many ended."""
+    then the send's outcome stands. One transaction for all of them: a campaign to a list full of opt-outs
+    ends a thousand rows a tick, a claim of rows expired during an outage all of its rows. Returns how many
+    ended."""
     d, bc = Dispatch.__table__, BatchContact.__table__
     with engine.begin() as conn:
         waiting = list(conn.scalars(select(d.c.batchcontact_id).where(

@@ -197,19 +197,22 @@ def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[i
     s = rt.settings
     routes: dict[int, tuple[str, str]] = {}
     campaign: dict[int, str] = {}
+    refused: dict[int, str] = {}
     for row in claimed:
         if row.overdue_s > s.max_age_s:
-            store.finish_failed(rt.engine, row.id, f"expired: due {row.due_at:%Y-%m-%d %H:%M}, more than "
-                                                   f"{duration(s.max_age_s)} ago (SMS_MAX_AGE_S)")
+            refused[row.id] = (f"expired: due {row.due_at:%Y-%m-%d %H:%M}, more than {duration(s.max_age_s)} "
+                               "ago (SMS_MAX_AGE_S)")
             continue
         try:
             recipient = normalise(row.target, s)
         except InvalidNumber as exc:
-            store.finish_failed(rt.engine, row.id, str(exc))
+            refused[row.id] = str(exc)
             continue
         routes[row.id] = (route(recipient, s), recipient)
         if row.campaign:
             campaign[row.id] = recipient
+    if refused:  # a backlog older than SMS_MAX_AGE_S, after an outage, ends a whole claim at once
+        store.refuse_waiting(rt.engine, refused)
     store.assign_routes(rt.engine, routes)
     if campaign and s.quiet_window:
         store.set_zones(rt.engine, {row_id: recipient_zone(recipient, s) for row_id, recipient in campaign.items()})
