@@ -7,12 +7,14 @@ on such tables, not on the friendlier ones our models would create.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Index, MetaData, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .models import AsterccBase
 
@@ -53,12 +55,27 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+@contextmanager
+def astercc_mode(conn: Connection) -> Iterator[None]:
+    """Run the block in asterCC's permissive `sql_mode` on MariaDB/MySQL (its zero-date defaults; what does
+    not fit its 3-byte `utf8` columns, an emoji, stored as `?` with a warning, not refused), then give the
+    connection its mode back: a pooled connection must not carry it into our own statements, which run in
+    the server's strict mode everywhere else."""
+    if conn.dialect.name != "mysql":
+        yield
+        return
+    mode = conn.scalar(text("SELECT @@SESSION.sql_mode"))
+    conn.execute(text("SET SESSION sql_mode = ''"))
+    try:
+        yield
+    finally:
+        conn.execute(text("SET SESSION sql_mode = :mode"), {"mode": mode})
+
+
 def create_astercc(engine: Engine) -> None:
     """Create asterCC's two tables if they do not exist (never touches existing ones)."""
     if engine.dialect.name == "mysql":
-        with engine.begin() as conn:
-            # asterCC's zero-date defaults need a permissive sql_mode for this session.
-            conn.execute(text("SET SESSION sql_mode = ''"))
+        with engine.begin() as conn, astercc_mode(conn):  # its zero-date defaults
             for ddl in ASTERCC_MYSQL_DDL:
                 conn.execute(text(ddl))
     else:

@@ -89,19 +89,10 @@ def redis_url():
     client.close()
 
 
-def astercc_session(conn) -> None:
-    """Give `conn` asterCC's permissive `sql_mode` (as `db.schema.create_astercc` does): what does not fit its
-    3-byte `utf8` columns (an emoji) is stored as `?` with a warning, not refused. Set on each insert, since
-    a pooled connection may or may not be the one the tables were created on."""
-    if conn.dialect.name == "mysql":
-        conn.execute(text("SET SESSION sql_mode = ''"))
-
-
 def insert_rows(engine, rows, schedule_sql: str = "'0000-00-00 00:00:00'") -> list[int]:
     """Insert asterCC rows as asterCC would: `rows` are (target, text or None for a missing archive)."""
     ids = []
-    with engine.begin() as conn:
-        astercc_session(conn)
+    with engine.begin() as conn, schema.astercc_mode(conn):
         for target, body in rows:
             archive = 0
             if body is not None:

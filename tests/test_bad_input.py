@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import text as sql
 
+from db import schema
 from providers import smsc_text
 from providers.accolades import AccoladesClient
 from providers.base import OutgoingMessage, PermanentError, TransientError
@@ -27,7 +28,7 @@ from simulators.accolades import AccoladesSimulator
 from simulators.mobilgroup import MobilgroupSimulator
 from simulators.ozeki import OzekiSimulator
 from workflow.routing import InvalidNumber, normalise
-from tests.conftest import app_env, astercc_session, compose_worker, insert_rows, rows_by_id, started, wait_until
+from tests.conftest import app_env, compose_worker, insert_rows, rows_by_id, started, wait_until
 from tests.httpstub import StubServer
 
 SENT, FAILED, RETRIED = "sent", "failed", "retried"
@@ -323,8 +324,7 @@ def check_refused(case: Case, row: tuple[str, str]) -> None:
 
 
 def insert_missing_archive(engine, archive_id: int, target: str) -> int:
-    with engine.begin() as conn:
-        astercc_session(conn)
+    with engine.begin() as conn, schema.astercc_mode(conn):
         return conn.execute(sql(
             "INSERT INTO cc10_batchcontacts (batchcontact_archive_id, target, status, schedulertime, creby,"
             " created) VALUES (:a, :t, 'new', '0000-00-00 00:00:00', 'agent', NOW())"),

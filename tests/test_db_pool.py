@@ -9,7 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from db import engine as db_engine
-from tests.conftest import kill_connections
+from db import schema
+from tests.conftest import insert_rows, kill_connections
 
 
 @pytest.fixture
@@ -42,3 +43,20 @@ def test_a_connection_in_steady_use_is_not_pinged(pool_of_one, mariadb_url, monk
     # ... and the next use opens a fresh connection.
     with pool_of_one.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar() == 1
+
+
+def test_a_connection_used_in_astercc_s_permissive_mode_goes_back_to_the_pool_in_the_server_s_mode(
+        pool_of_one, db):
+    """Creating asterCC's tables, or writing a row as asterCC does, needs its permissive `sql_mode`; our own
+    statements must not inherit it from a pooled connection (they would store a truncated value where the
+    server refuses one everywhere else)."""
+    def mode() -> str:
+        with pool_of_one.connect() as conn:
+            return conn.scalar(text("SELECT @@SESSION.sql_mode"))
+
+    strict = mode()
+    assert "STRICT_TRANS_TABLES" in strict, f"the server's own mode is not strict: {strict!r}"
+    schema.create_astercc(pool_of_one)
+    assert mode() == strict
+    insert_rows(pool_of_one, [("+7 916 100-00-01", "hello")])
+    assert mode() == strict
