@@ -1152,9 +1152,13 @@ def trip_if_failing(engine: Engine, provider: str, after_s: float, seconds: floa
 def reroute_waiting(engine: Engine, provider: str, fallback: str, limit: int) -> list[int]:
     """Move up to `limit` waiting rows of `provider` to `fallback`, due at once, recording where each was
     routed first. Only rows no request of which may have reached a provider (`unknowns` = 0): a row must
-    never be accepted by two. Returns their ids."""
+    never be accepted by two; and not a campaign row held for quiet hours before its hold ends: they are the
+    recipient's, whichever provider sends (moved then, it would be due at once). Returns their ids."""
     d = Dispatch.__table__
-    movable = and_(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns == 0)
+    # IS NOT NULL on both: NOT of a NULL comparison would leave a row out.
+    held_quiet = and_(d.c.wait_reason.is_not(None), d.c.wait_reason == W.QUIET,
+                      d.c.next_attempt_at.is_not(None), d.c.next_attempt_at > db_now())
+    movable = and_(d.c.provider == provider, d.c.state == S.WAITING, d.c.unknowns == 0, ~held_quiet)
     with engine.begin() as conn:
         ids = list(conn.scalars(select(d.c.batchcontact_id).where(movable).order_by(d.c.due_at, d.c.batchcontact_id)
                                 .limit(limit).with_for_update(skip_locked=True)))

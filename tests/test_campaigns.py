@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from simulators.mobilgroup import MobilgroupSimulator
 from smsctl import metrics, overview, status
 from tests.conftest import REDIS_PREFIX, ROOT, app_env, insert_campaign, rows_by_id, started, wait_until
+from tests.test_workflow import due_now
 from workflow.campaigns import main_zone, optout_word, quiet_left_s, recipient_zone
 from workflow.reports import apply_report
 from workflow.routing import normalise
@@ -356,6 +357,37 @@ def test_a_single_due_behind_a_campaign_still_being_claimed_is_claimed_at_the_ne
         claimed = set(conn.scalars(select(Dispatch.batchcontact_id)))
     assert claimed == set(campaign[:10]) | set(campaign[-9:]) | {single}
     assert single in enqueued
+
+
+@pytest.mark.integration
+def test_a_campaign_row_held_for_quiet_hours_stays_held_when_its_provider_fails_over(db, mariadb_url, redis_url):
+    """Quiet hours now at the recipient's (Bucharest); the campaign's provider becomes unavailable and its
+    waiting rows move to the fallback. Quiet hours are the recipient's, whichever provider sends: the held
+    rows must not go out at night through the fallback, and they go there once the window ends."""
+    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
+    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    settings = in_process(mariadb_url, redis_url, allowed_countries="RU,RO", quiet_hours=window,
+                          failover="mobilgroup:accolades", accolades_url="http://127.0.0.1:9",
+                          accolades_account="1000", accolades_password="demo")
+    night = insert_campaign(db, ["+40 712 000 042", "+40 712 000 043"], "Sale")
+    rt = Runtime(settings)
+    enqueued: list[tuple[int, str]] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend((i, provider) for i in ids))
+    assert enqueued == [], "a row went during quiet hours"
+
+    store.trip_breaker(db, "mobilgroup", 300, "unreachable: test")
+    rt.forget_breakers()
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend((i, provider) for i in ids))
+    assert enqueued == [], "a held row went through the fallback during quiet hours"
+    rows = rows_by_id(db)
+    assert {rows[i]["wait_reason"] for i in night} == {"quiet"}
+
+    due_now(db, *night)  # the window has ended at the recipients'
+    rt = Runtime(in_process(mariadb_url, redis_url, allowed_countries="RU,RO", failover="mobilgroup:accolades",
+                            accolades_url="http://127.0.0.1:9", accolades_account="1000",
+                            accolades_password="demo"))
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend((i, provider) for i in ids))
+    assert sorted(enqueued) == [(i, "accolades") for i in night]
 
 
 @pytest.mark.integration
