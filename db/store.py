@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sqlalchemy import (
     Integer, String, and_, bindparam, case, delete, exists, func, insert, literal, literal_column, or_, select,
@@ -391,7 +391,7 @@ class Released:
 
 @retry_lock_conflicts
 def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *,
-                    probe: bool = False) -> list[Released]:
+                    probe: bool = False, quiet: Callable[[str], bool] | None = None) -> list[Released]:
     """Move up to `limit` waiting rows of `provider` that are due to `queued`, to be put in the broker, which
     gives them `requeue_s` to start, in fair turns: the oldest due row of each batch (rows sharing an archive
     row), then each batch's second, and so on, oldest batch first within a turn. So a single message (a batch
@@ -400,7 +400,12 @@ def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *
     provider's due waiting rows, read from `ix_sms_dispatch_fair`).
 
     With `probe`, the one row is the probe of a paused account: of the rows waiting for the pause (or
-    otherwise due), one refused the fewest times, the oldest of those. Returns the rows moved."""
+    otherwise due), one refused the fewest times, the oldest of those.
+
+    A campaign row whose recipient opted out, or whose time zone is in quiet hours now (`quiet(zone)`), is
+    never moved, whatever the tick's own checks ended or held before: rows routed since by another tick or
+    the reaper, and opt-outs beyond what one tick ends, wait for the next tick's checks. Returns the rows
+    moved."""
     if limit <= 0:
         return []
     d = Dispatch.__table__
@@ -426,10 +431,19 @@ def release_waiting(engine: Engine, provider: str, limit: int, requeue_s: int, *
             chosen = conn.execute(select(waiting.c.batchcontact_id, waiting.c.batch_id)
                                   .order_by(waiting.c.turn, waiting.c.due_at, waiting.c.batchcontact_id)
                                   .limit(limit)).all()
-        if not chosen:
-            return []
         rows = [Released(r.batchcontact_id, r.batch_id) for r in chosen]
-        moved = conn.execute(update(d).where(d.c.batchcontact_id.in_([r.id for r in rows]), ready)
+        # Quiet hours and opt-outs are checked on the chosen rows only (a lookup per row released, not per
+        # row waiting: the choice reads the fair index alone).
+        if quiet is not None and rows:
+            zones = dict(conn.execute(select(d.c.batchcontact_id, d.c.recipient_tz).where(
+                d.c.batchcontact_id.in_([r.id for r in rows]), d.c.campaign.is_(True),
+                d.c.recipient_tz.is_not(None))).all())
+            rows = [r for r in rows if not (r.id in zones and quiet(zones[r.id]))]
+        if not rows:
+            return []
+        o = OptOut.__table__
+        movable = and_(ready, ~and_(d.c.campaign.is_(True), exists().where(o.c.number == d.c.recipient)))
+        moved = conn.execute(update(d).where(d.c.batchcontact_id.in_([r.id for r in rows]), movable)
                              .values(state=S.QUEUED, claim_token=token, wait_reason=W.PROBE if probe else None,
                                      next_attempt_at=db_now_plus(requeue_s), queued_at=db_now(),
                                      updated_at=db_now())).rowcount

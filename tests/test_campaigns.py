@@ -360,6 +360,33 @@ def test_a_single_due_behind_a_campaign_still_being_claimed_is_claimed_at_the_ne
 
 
 @pytest.mark.integration
+def test_campaign_rows_routed_by_another_tick_after_this_one_held_quiet_rows_are_not_released_by_it(
+        db, mariadb_url, redis_url, monkeypatch):
+    """Two ticks overlap (two housekeeping threads, a claim loop as long as the interval): this tick has held
+    the quiet rows, then the other claims and routes a campaign to a recipient in quiet hours, and this tick
+    releases. The release must know the quiet zones itself: the new rows wait for the next tick's hold."""
+    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
+    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    rt = Runtime(in_process(mariadb_url, redis_url, allowed_countries="RU,RO", quiet_hours=window))
+    hold = workflow.dispatch.hold_quiet
+    late: list[int] = []
+
+    def then_another_tick_routes_a_campaign(rt):
+        zones = hold(rt)
+        late.extend(insert_campaign(db, ["+40 712 000 052", "+40 712 000 053"], "Sale"))
+        workflow.dispatch.route_claimed(rt, store.claim_due(rt.engine, 10))
+        return zones
+
+    monkeypatch.setattr(workflow.dispatch, "hold_quiet", then_another_tick_routes_a_campaign)
+    enqueued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    assert late and enqueued == [], "a campaign row went during its recipient's quiet hours"
+    monkeypatch.setattr(workflow.dispatch, "hold_quiet", hold)
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    assert enqueued == [] and {rows_by_id(db)[i]["wait_reason"] for i in late} == {"quiet"}
+
+
+@pytest.mark.integration
 def test_a_campaign_row_held_for_quiet_hours_stays_held_when_its_provider_fails_over(db, mariadb_url, redis_url):
     """Quiet hours now at the recipient's (Bucharest); the campaign's provider becomes unavailable and its
     waiting rows move to the fallback. Quiet hours are the recipient's, whichever provider sends: the held
@@ -409,12 +436,32 @@ def test_a_campaign_row_waiting_when_its_recipient_opts_out_ends_failed_before_i
 
 
 @pytest.mark.integration
+def test_opted_out_rows_beyond_what_one_tick_ends_are_not_released_meanwhile(db, mariadb_url, redis_url,
+                                                                           monkeypatch):
+    """A tick ends at most `OPTOUTS_PER_TICK` opted-out rows (here 2 of 5); the others must wait for the next
+    ticks, not go to the broker in this one: each would reach a recipient who replied STOP. Nor may a row
+    routed by another tick after this one's opt-out check be released by it (the release itself checks)."""
+    monkeypatch.setattr(workflow.dispatch, "OPTOUTS_PER_TICK", 2)
+    rt = Runtime(in_process(mariadb_url, redis_url, mobilgroup_max_inflight=10))
+    for i in range(5):
+        store.add_optout(db, normalised(number(i)), "STOP")
+    campaign = insert_campaign(db, [number(i) for i in range(6)], "Sale")
+    enqueued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    assert enqueued == campaign[5:], "a row whose recipient replied STOP went to the broker"
+    for _ in range(3):
+        workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    rows = rows_by_id(db)
+    assert {rows[i]["status"] for i in campaign[:5]} == {"failed"} and enqueued == campaign[5:]
+
+
+@pytest.mark.integration
 def test_an_opt_out_read_as_its_campaign_row_is_being_sent_leaves_the_send_s_outcome(db, mariadb_url, redis_url,
                                                                                    monkeypatch):
-    """The tick reads the waiting rows whose recipients opted out; before it ends them, another worker's
-    tick releases one and its send takes the lease. The row must not end `failed` ("opted out") while its
-    message is on its way to the provider: the send's outcome stands, as it would had the reply come a second
-    later. The rows still waiting end `failed`."""
+    """The tick reads the waiting rows whose recipients opted out; before it ends them, one is released
+    (chosen before the reply came) and its send takes the lease. The row must not end `failed` ("opted
+    out") while its message is on its way to the provider: the send's outcome stands, as it would had the
+    reply come a second later. The rows still waiting end `failed`."""
     rt = Runtime(in_process(mariadb_url, redis_url, mobilgroup_max_inflight=10))
     campaign = insert_campaign(db, [number(i) for i in range(3)], "Sale")
     workflow.dispatch_due(rt, lambda ids, provider: None)  # claimed and released: all three queued
@@ -427,7 +474,10 @@ def test_an_opt_out_read_as_its_campaign_row_is_being_sent_leaves_the_send_s_out
 
     def read_then_a_send_takes_one(*args, **kwargs):
         rows = read(*args, **kwargs)
-        assert [r.id for r in store.release_waiting(db, "mobilgroup", 1, 30)] == campaign[:1]
+        # A release that chose the row before the reply came (releases no longer move an opted-out row).
+        with db.begin() as conn:
+            conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == campaign[0])
+                         .values(state="queued", wait_reason=None))
         sending.append(store.begin_send(db, campaign[0], 180))
         return rows
 
@@ -453,9 +503,7 @@ def test_quiet_holds_and_opt_outs_work_on_the_embedded_database_too(engine):
     assert store.hold_quiet(engine, {"Europe/Moscow": 60}) == 0, "a shorter hold cut a longer one"
     assert [(row_id, o.word) for row_id, o in store.opted_out_waiting(engine, ["mobilgroup"])] == \
         [(campaign[2], "STOP")]
-    assert [r.id for r in store.release_waiting(engine, "mobilgroup", 10, 30)] == [campaign[2]]
-    # Released since it was read: only the row still waiting ends.
-    assert store.refuse_waiting(engine, {campaign[2]: "opted out", campaign[0]: "opted out"}) == 1
+    assert store.release_waiting(engine, "mobilgroup", 10, 30) == [], "a held or opted-out row was released"
+    assert store.refuse_waiting(engine, {campaign[2]: "opted out"}) == 1
     rows = rows_by_id(engine)
-    assert (rows[campaign[0]]["status"], rows[campaign[0]]["error_msg"]) == ("failed", "opted out")
-    assert rows[campaign[2]]["state"] == "queued"
+    assert (rows[campaign[2]]["status"], rows[campaign[2]]["error_msg"]) == ("failed", "opted out")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import functools
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -57,6 +58,7 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
             break
     refuse_opted_out(rt)
     hold_quiet(rt)
+    quiet = quiet_now(rt)
     breakers = store.breaker_states(rt.engine)
     summary = store.waiting_summary(rt.engine)
     # Also a provider no longer configured that still has rows: they go on to their workers, which hold
@@ -66,7 +68,7 @@ def dispatch_due(rt: Runtime, enqueue: Enqueue, budget_s: float | None = None) -
     providers = s.providers_in_use | (summary.keys() - {"unrouted"})
     released: dict[str, Counter] = {}
     for provider in sorted(providers, key=lambda p: (p not in unavailable, p)):
-        released[provider] = release(rt, provider, enqueue, breakers.get(provider))
+        released[provider] = release(rt, provider, enqueue, breakers.get(provider), quiet)
         if provider in unavailable:
             fail_over(rt, provider, breakers)
     _log_tick(rt, total, summary, breakers, released)
@@ -89,11 +91,16 @@ CONFIRM_EVERY_S = 30.0
 hold every tick for its HTTP timeout."""
 
 
+OPTOUTS_PER_TICK = 1000
+"""Opted-out rows one tick ends at most (one transaction); the others wait for the next ticks, and no release
+takes them meanwhile (`store.release_waiting`)."""
+
+
 def refuse_opted_out(rt: Runtime) -> int:
     """Waiting campaign rows whose recipient opted out end `failed` ("the recipient opted out by replying
     STOP on …"), before any provider is called: just claimed, or waiting since before the reply came.
     Returns how many."""
-    opted_out = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use)
+    opted_out = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use, OPTOUTS_PER_TICK)
     refused = store.refuse_waiting(rt.engine, {row_id: optout_reason(optout.word, optout.opted_at)
                                                for row_id, optout in opted_out}) if opted_out else 0
     if refused:
@@ -119,6 +126,16 @@ def hold_quiet(rt: Runtime) -> int:
         log.info("dispatch: %d campaign rows wait for the end of quiet hours (%s) at their recipients' (%s)",
                  held, rt.settings.quiet_hours, ", ".join(sorted(holds)))
     return held
+
+
+def quiet_now(rt: Runtime) -> Callable[[str], bool] | None:
+    """While `SMS_QUIET_HOURS` is set, whether a time zone is in quiet hours now (each zone worked out once a
+    tick): the tick's releases check the rows they move with it, rows routed after `hold_quiet` included."""
+    window = rt.settings.quiet_window
+    if window is None:
+        return None
+    now = datetime.now(timezone.utc)
+    return functools.lru_cache(maxsize=None)(lambda zone: quiet_left_s(zone, window, now) is not None)
 
 
 def fail_over(rt: Runtime, provider: str, breakers: dict[str, store.BreakerState]) -> int:
@@ -222,10 +239,12 @@ def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[i
     return by_provider
 
 
-def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.BreakerState | None) -> Counter:
+def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.BreakerState | None,
+            quiet: Callable[[str], bool] | None) -> Counter:
     """One provider's part of a tick: settle sends whose lease ran out, enqueue again queued rows whose task
     was lost, and put waiting rows that are due in the broker, up to the provider's room, in fair turns
-    between batches (`store.release_waiting`). While its account circuit is open, only its one probe goes,
+    between batches (`store.release_waiting`), but no campaign row in `quiet` hours or to an opted-out
+    number. While its account circuit is open, only its one probe goes,
     once the pause is over; rows that waited through pauses longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end
     `error`. Returns how many waiting rows it released from each batch."""
     s, engine = rt.settings, rt.engine
@@ -253,12 +272,12 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
         credentials = rt.fingerprint(provider) if breaker.refused_login else None
         due = breaker.open_for_s == 0 or (credentials is not None and credentials != breaker.refused_login)
         if due and not breaker.probing and store.take_probe(engine, provider, s.send_lease_s, credentials):
-            fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True)
+            fresh = store.release_waiting(engine, provider, 1, s.lost_task_s, probe=True, quiet=quiet)
             store.drop_probe(engine, provider)  # the probe row, while queued or being sent, is its mark now
             if fresh:
                 log.warning("%s account paused (%s): sending one probe (row %d)", provider, breaker.reason, fresh[0].id)
     else:
-        fresh = store.release_waiting(engine, provider, room - load.inflight, s.lost_task_s)
+        fresh = store.release_waiting(engine, provider, room - load.inflight, s.lost_task_s, quiet=quiet)
     if again:
         log.warning("%s: %d queued rows had no task started within %d s (broker restarted, or the worker "
                     "holding them died); enqueued again", provider, len(again), s.lost_task_s)
