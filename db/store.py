@@ -232,28 +232,30 @@ def _take_won(engine: Engine, token: str) -> list[Claimed]:
                                    d.c.batch_id)
                             .join(d, d.c.batchcontact_id == bc.c.id).where(bc.c.id.in_(won))
                             .order_by(d.c.due_at, bc.c.id)).all()
-        campaigns = _campaign_batches(conn, token, Counter(r.batch_id for r in rows if r.batch_id))
+        campaigns = _campaign_batches(conn, {r.id: r.batch_id for r in rows if r.batch_id})
         if campaigns:
             conn.execute(update(d).where(d.c.claim_token == token, d.c.batch_id.in_(campaigns)).values(campaign=True))
         return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at, r.batch_id in campaigns)
                 for r in rows]
 
 
-def _campaign_batches(conn, token: str, rows_per_batch: Counter) -> set[int]:
-    """Of the batches of a claim (batch → its rows in the claim), those with more than one row: more than
-    one in the claim, else another among our records, else (one statement, for the batches left, in
-    practice single messages) another row of asterCC's still `new` (not due yet), which the claim's own
-    search reads anyway (`schema.add_astercc_index`: asterCC's table has no index on the archive id)."""
+def _campaign_batches(conn, batch_of: dict[int, int]) -> set[int]:
+    """Of the batches of claimed rows ({row id: batch}), those with more than one row: more than one among
+    these, else another among our records, else (one statement, for the batches left, in practice single
+    messages) another row of asterCC's still `new` (not due yet), which the claim's own search reads anyway
+    (`schema.add_astercc_index`: asterCC's table has no index on the archive id)."""
     d, bc = Dispatch.__table__, BatchContact.__table__
+    rows_per_batch = Counter(batch_of.values())
     campaigns = {batch for batch, n in rows_per_batch.items() if n > 1}
     alone = [batch for batch, n in rows_per_batch.items() if n == 1]
     if alone:
-        campaigns.update(conn.scalars(select(d.c.batch_id).distinct()
-                                      .where(d.c.batch_id.in_(alone), d.c.claim_token != token)))
+        campaigns.update(conn.scalars(select(d.c.batch_id).distinct().where(
+            d.c.batch_id.in_(alone), d.c.batchcontact_id.not_in(list(batch_of)))))
         alone = [batch for batch in alone if batch not in campaigns]
-    if alone:  # this claim's own rows are `pending` by now
+    if alone:
         arc = bc.c.batchcontact_archive_id
-        campaigns.update(conn.scalars(select(arc).distinct().where(bc.c.status == "new", arc.in_(alone))))
+        campaigns.update(conn.scalars(select(arc).distinct().where(bc.c.status == "new", arc.in_(alone),
+                                                                   bc.c.id.not_in(list(batch_of)))))
     return campaigns
 
 
@@ -983,21 +985,29 @@ def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
 def find_unrouted(engine: Engine, grace_s: int, limit: int) -> list[Claimed]:
     """Rows claimed more than `grace_s` ago and never routed: their dispatch died (or lost the database)
     between claiming and routing them, and left alone they would never be sent. Marks them `pending` in
-    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them."""
+    asterCC and touches their record (so the next sweep leaves them to this one); the caller routes them.
+    A dispatch that died before the claim's second step left its campaign rows unmarked: they are marked
+    here, as that step would have."""
     d, bc = Dispatch, BatchContact.__table__
     with engine.begin() as conn:
         rows = conn.execute(select(bc.c.id, bc.c.target, seconds_since(d.due_at).label("overdue_s"), d.due_at,
-                                   d.campaign)
+                                   d.campaign, d.batch_id)
                             .join(d, d.batchcontact_id == bc.c.id)
                             .where(d.state == S.WAITING, d.provider.is_(None), d.updated_at <= db_now_plus(-grace_s))
                             .order_by(bc.c.schedulertime, bc.c.id).limit(limit)).all()
         if not rows:
             return []
         ids = [r.id for r in rows]
+        unmarked = {r.id: r.batch_id for r in rows if not r.campaign and r.batch_id}
+        campaigns = _campaign_batches(conn, unmarked) if unmarked else set()
+        marked = {row_id for row_id, batch in unmarked.items() if batch in campaigns}
+        if marked:
+            conn.execute(update(d).where(d.batchcontact_id.in_(marked)).values(campaign=True))
         conn.execute(update(d).where(d.batchcontact_id.in_(ids)).values(updated_at=db_now()))
         conn.execute(update(BatchContact).where(BatchContact.id.in_(ids), BatchContact.status == "new")
                      .values(status="pending"))
-    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at, bool(r.campaign)) for r in rows]
+    return [Claimed(r.id, r.target or "", max(r.overdue_s or 0, 0), r.due_at, bool(r.campaign) or r.id in marked)
+            for r in rows]
 
 
 @retry_lock_conflicts

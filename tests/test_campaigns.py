@@ -456,6 +456,29 @@ def test_opted_out_rows_beyond_what_one_tick_ends_are_not_released_meanwhile(db,
 
 
 @pytest.mark.integration
+def test_a_campaign_whose_dispatch_died_mid_claim_is_still_a_campaign_when_the_reaper_routes_it(
+        db, mariadb_url, redis_url):
+    """A dispatch recorded its claim and died before the second step, which marks campaign rows: the reaper
+    routes the rows later, and they must still be a campaign (opt-outs, quiet hours, the operator's view),
+    while a single message claimed with them stays single."""
+    rt = Runtime(in_process(mariadb_url, redis_url, mobilgroup_max_inflight=10))
+    store.add_optout(db, normalised(number(1)), "STOP")
+    campaign = insert_campaign(db, [number(i) for i in range(3)], "Sale")
+    [single] = insert_campaign(db, [number(9)], "Your code is 1234")
+    assert store._record_claims(db, 10, "a-dispatch-that-died")  # the claim's first step only
+    with db.begin() as conn:
+        conn.execute(text("UPDATE sms_dispatch SET updated_at = NOW() - INTERVAL 61 SECOND"))
+    assert workflow.reap_rows(rt) == 4
+    with db.connect() as conn:
+        flags = dict(conn.execute(select(Dispatch.batchcontact_id, Dispatch.campaign)).all())
+    assert {i: bool(flags[i]) for i in campaign + [single]} == {**dict.fromkeys(campaign, True), single: False}
+    enqueued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    assert sorted(enqueued) == sorted([campaign[0], campaign[2], single]), "the opted-out number was sent to"
+    assert rows_by_id(db)[campaign[1]]["status"] == "failed"
+
+
+@pytest.mark.integration
 def test_an_opt_out_read_as_its_campaign_row_is_being_sent_leaves_the_send_s_outcome(db, mariadb_url, redis_url,
                                                                                    monkeypatch):
     """The tick reads the waiting rows whose recipients opted out; before it ends them, one is released
