@@ -902,26 +902,35 @@ def opted_out_waiting(engine: Engine, providers: Iterable[str], limit: int = 100
     return [(r.batchcontact_id, OptedOut(r.number, r.word, r.opted_at)) for r in rows]
 
 
+NOT_SENT_AGAIN = "; not sent again, but an earlier attempt's answer never came: it may have arrived"
+"""Added to the reason of a row `refuse_waiting` ends whose earlier request may have reached its provider."""
+
+
 @retry_lock_conflicts
 def refuse_waiting(engine: Engine, reasons: dict[int, str]) -> int:
-    """End `failed`, each with its reason ({row id: reason}), the rows that still wait: one read since (the
-    opted-out rows of `opted_out_waiting`, say) may have been released and be on its way to the provider, and
-    then the send's outcome stands. One transaction for all of them: a campaign to a list full of opt-outs
-    ends a thousand rows a tick, a claim of rows expired during an outage all of its rows. Returns how many
-    ended."""
+    """End each row that still waits with its reason ({row id: reason}): `failed`, or `error` with
+    `NOT_SENT_AGAIN` where an earlier request's answer never came (`unknowns` > 0: asterCC must not say it
+    was never sent). A row read since (the opted-out rows of `opted_out_waiting`, say) may have been released
+    and be on its way to the provider: then the send's outcome stands. One transaction for all of them: a
+    campaign to a list full of opt-outs ends a thousand rows a tick, a claim of rows expired during an outage
+    all of its rows. Returns how many ended."""
     d, bc = Dispatch.__table__, BatchContact.__table__
     with engine.begin() as conn:
-        waiting = list(conn.scalars(select(d.c.batchcontact_id).where(
-            d.c.batchcontact_id.in_(list(reasons)), d.c.state == S.WAITING).with_for_update()))
-        if waiting:
+        waiting = conn.execute(select(d.c.batchcontact_id, d.c.unknowns).where(
+            d.c.batchcontact_id.in_(list(reasons)), d.c.state == S.WAITING).with_for_update()).all()
+        ends = [(row_id, *((S.ERROR, "error", reasons[row_id] + NOT_SENT_AGAIN) if unknowns
+                           else (S.FAILED, "failed", reasons[row_id]))) for row_id, unknowns in waiting]
+        if ends:
             conn.execute(update(d).where(d.c.batchcontact_id == bindparam("row_id"))
-                         .values(state=S.FAILED, last_error=bindparam("reason"), lease_until=None,
+                         .values(state=bindparam("end_state"), last_error=bindparam("reason"), lease_until=None,
                                  wait_reason=None, updated_at=db_now()),
-                         [{"row_id": i, "reason": _fit(reasons[i], 255)} for i in waiting])
+                         [{"row_id": i, "end_state": state, "reason": _fit(reason, 255)}
+                          for i, state, _, reason in ends])
             conn.execute(update(bc).where(bc.c.id == bindparam("row_id"))
-                         .values(status="failed", error_msg=bindparam("reason")),
-                         [{"row_id": i, "reason": _fit(reasons[i], ERROR_MSG_MAX)} for i in waiting])
-    return len(waiting)
+                         .values(status=bindparam("end_status"), error_msg=bindparam("reason")),
+                         [{"row_id": i, "end_status": status, "reason": _fit(reason, ERROR_MSG_MAX)}
+                          for i, _, status, reason in ends])
+    return len(ends)
 
 
 def optout_count(engine: Engine) -> int:

@@ -515,6 +515,27 @@ def test_an_opt_out_read_as_its_campaign_row_is_being_sent_leaves_the_send_s_out
     assert {rows[r]["status"] for r in campaign[1:]} == {"failed"}
 
 
+@pytest.mark.integration
+def test_an_opted_out_row_whose_earlier_answer_was_lost_ends_error_not_failed(db, mariadb_url, redis_url):
+    """A campaign send's answer was lost (the message may have arrived), the row waits to be sent again, and
+    the recipient replies STOP: it is not sent again, but asterCC must not say `failed` (never sent) either;
+    it says `error`, naming the opt-out and the attempt that may have arrived."""
+    rt = Runtime(in_process(mariadb_url, redis_url, mobilgroup_max_inflight=10))
+    campaign = insert_campaign(db, [number(i) for i in range(2)], "Sale")
+    workflow.dispatch_due(rt, lambda ids, provider: None)
+    with db.begin() as conn:  # both went; the first one's answer never came
+        conn.execute(update(Dispatch).values(state="waiting", wait_reason="room", next_attempt_at=None))
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == campaign[0])
+                     .values(wait_reason="unknown", unknowns=1))
+    for i in range(2):
+        store.add_optout(db, normalised(number(i)), "STOP")
+    assert workflow.dispatch.refuse_opted_out(rt) == 2
+    rows = rows_by_id(db)
+    assert rows[campaign[1]]["status"] == "failed"
+    assert rows[campaign[0]]["status"] == "error", rows[campaign[0]]
+    assert "opted out" in rows[campaign[0]]["error_msg"] and "may have arrived" in rows[campaign[0]]["error_msg"]
+
+
 def test_quiet_holds_and_opt_outs_work_on_the_embedded_database_too(engine):
     campaign = insert_campaign(engine, [number(i) for i in range(3)], "Sale", due=ago(5))
     claim_and_route(engine)
