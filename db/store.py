@@ -81,6 +81,8 @@ class SendJob:
     resends: int              # operator resends of this row so far
     unknowns: int             # earlier sends whose answer never came
     probe: bool               # the one send that tests a paused account
+    campaign_zone: str | None = None  # a campaign row's recipient's time zone, while quiet hours are set
+    opted_out: bool = False   # a campaign row whose recipient opted out
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,12 +588,13 @@ def begin_send(engine: Engine, row_id: int, lease_s: int, owner: str | None = No
                                          owner=owner or uuid.uuid4().hex, earlier=f"{task}.%" if dot else None)
     if not taken or not rows:
         return None
-    provider, recipient, attempts, failures, resends, unknowns, age_s, astercc_id, content, reason = rows[0]
+    (provider, recipient, attempts, failures, resends, unknowns, age_s, astercc_id, content, reason, zone,
+     opted_out) = rows[0]
     if astercc_id is None:  # asterCC's row vanished under us
         finish_failed(engine, row_id, "the SMS row was deleted before it could be sent", token=attempts)
         return None
     return SendJob(row_id, provider, recipient or "", content, attempts, failures, age_s or 0, resends, unknowns,
-                   reason == W.PROBE)
+                   reason == W.PROBE, zone, bool(opted_out))
 
 
 @functools.lru_cache(maxsize=None)
@@ -609,11 +612,14 @@ def _take_lease(lease_s: int):
 
 @functools.lru_cache(maxsize=None)
 def _send_job():
-    d, bc, arc = Dispatch, BatchContact.__table__, BatchContactArchive.__table__
+    d, bc, arc, o = Dispatch, BatchContact.__table__, BatchContactArchive.__table__, OptOut.__table__
+    # A campaign row's zone and opt-out, as plain text and integer (the rendered statement converts nothing).
+    campaign = d.campaign.is_(True)
     return (
         select(d.provider, d.recipient, d.attempts, d.failures, d.resends, d.unknowns,
                seconds_since(d.claimed_at).label("age_s"), bc.c.id.label("astercc_id"), arc.c.content,
-               d.wait_reason)
+               d.wait_reason, case((campaign, d.recipient_tz), else_=None).label("campaign_zone"),
+               case((and_(campaign, exists().where(o.c.number == d.recipient)), 1), else_=0).label("opted_out"))
         .select_from(d.__table__.outerjoin(bc, bc.c.id == d.batchcontact_id)
                      .outerjoin(arc, arc.c.id == bc.c.batchcontact_archive_id))
         .where(d.batchcontact_id == bindparam("row_id"), d.state == S.SENDING)

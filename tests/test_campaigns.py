@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from simulators.mobilgroup import MobilgroupSimulator
 from smsctl import metrics, overview, status
 from tests.conftest import REDIS_PREFIX, ROOT, app_env, insert_campaign, rows_by_id, started, wait_until
-from tests.test_workflow import due_now
+from tests.test_workflow import due_now, runtime, sim  # noqa: F401 - fixtures
 from workflow.campaigns import main_zone, optout_word, quiet_left_s, recipient_zone
 from workflow.reports import apply_report
 from workflow.routing import normalise
@@ -551,3 +551,35 @@ def test_quiet_holds_and_opt_outs_work_on_the_embedded_database_too(engine):
     assert store.refuse_waiting(engine, {campaign[2]: "opted out"}) == 1
     rows = rows_by_id(engine)
     assert (rows[campaign[2]]["status"], rows[campaign[2]]["error_msg"]) == ("failed", "opted out")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("why", ["quiet hours began", "the recipient opted out"])
+def test_a_campaign_row_whose_task_comes_late_is_not_sent_into_quiet_hours_or_to_an_opt_out(
+        runtime, sim, db, why):
+    """Released by day, its task reaches a worker only later (the worker for its queue was down, the broker
+    lost the task and the sweep enqueued it again): by then quiet hours began at the recipient's, or the
+    recipient replied STOP. The send gives the row back unsent; the next tick holds it, or ends it `failed`."""
+    moscow = datetime.now(ZoneInfo("Europe/Moscow"))
+    window = f"{moscow - timedelta(hours=1):%H:%M}-{moscow + timedelta(hours=1):%H:%M}"
+    day = runtime()
+    night = runtime(quiet_hours=window, quiet_hours_tz="Europe/Moscow")
+    rt = night if why == "quiet hours began" else day
+    campaign = insert_campaign(db, [number(i) for i in range(2)], "Sale")
+    queued: list[int] = []
+    workflow.dispatch_due(day, lambda ids, provider: queued.extend(ids))
+    assert sorted(queued) == campaign
+    store.set_zones(db, {i: "Europe/Moscow" for i in campaign})  # as a claim under SMS_QUIET_HOURS records
+    if why == "the recipient opted out":
+        store.add_optout(db, normalised(number(0)), "STOP")
+        store.add_optout(db, normalised(number(1)), "STOP")
+
+    assert [workflow.send_row(rt, row) for row in campaign] == ["handed back", "handed back"]
+    assert sim.events("send") == [], "a campaign message went out " + (
+        "at night" if why == "quiet hours began" else "to a number that replied STOP")
+    enqueued: list[int] = []
+    workflow.dispatch_due(rt, lambda ids, provider: enqueued.extend(ids))
+    rows = rows_by_id(db)
+    assert enqueued == []
+    expected = "quiet" if why == "quiet hours began" else None
+    assert {(rows[i]["wait_reason"] if expected else rows[i]["status"]) for i in campaign} == {expected or "failed"}

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -36,6 +37,7 @@ from providers.base import (
 from providers.smsc_text import COMMENT_SEPARATOR
 from workflow import logins
 from workflow.callbacks import callback_url
+from workflow.campaigns import quiet_left_s
 from workflow.runtime import Runtime
 from workflow.throttle import ThrottleUnavailable, identity_of
 from workflow.wording import duration
@@ -88,6 +90,8 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
     leased_at = time.monotonic()
     if rt.stopping.is_set():
         return _hand_back(rt, job, "the worker was stopping before it could send")
+    if (held := _campaign_held(rt, job)) is not None:
+        return _hand_back(rt, job, held)
     try:
         provider = rt.client(job.provider)
     except ValueError as exc:  # routed before the operator removed or broke this provider's settings
@@ -232,6 +236,19 @@ def _through_outage(write: Callable[[], object], row_id: int, what: str):
 
 WITHDRAWN = object()
 """`_wait_for_slot`'s answer when its `unless` held on waking: the slot was given back, nothing may be sent."""
+
+
+def _campaign_held(rt: Runtime, job: store.SendJob) -> str | None:
+    """Why a campaign row must not go now though it was released (its task came late: a worker for its
+    queue was down, the broker lost it), or None. The row goes back unsent; the next tick ends it (opted
+    out) or holds it (quiet hours), as it does every waiting row."""
+    if job.opted_out:
+        return "its recipient opted out while it waited in the broker"
+    window = rt.settings.quiet_window
+    if (job.campaign_zone and window is not None
+            and quiet_left_s(job.campaign_zone, window, datetime.now(timezone.utc)) is not None):
+        return f"quiet hours at its recipient's ({job.campaign_zone}) began while it waited in the broker"
+    return None
 
 
 def _wait_for_slot(rt: Runtime, provider: str, message: OutgoingMessage, parts: int, *,
