@@ -387,6 +387,27 @@ def test_campaign_rows_routed_by_another_tick_after_this_one_held_quiet_rows_are
 
 
 @pytest.mark.integration
+def test_a_campaign_row_released_by_another_tick_the_moment_it_is_routed_already_has_its_zone(
+        db, mariadb_url, redis_url, monkeypatch):
+    """Routing makes a row releasable: an overlapping tick may release it the next instant, and by then the
+    row must carry its recipient's zone, or the release cannot see its quiet hours."""
+    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
+    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    rt = Runtime(in_process(mariadb_url, redis_url, allowed_countries="RU,RO", quiet_hours=window))
+    assign, released = store.assign_routes, []
+
+    def then_another_tick_releases(engine, routes):
+        assign(engine, routes)
+        released.extend(store.release_waiting(engine, "mobilgroup", 10, 30,
+                                              quiet=workflow.dispatch.quiet_now(rt)))
+
+    monkeypatch.setattr(store, "assign_routes", then_another_tick_releases)
+    night = insert_campaign(db, ["+40 712 000 062", "+40 712 000 063"], "Sale")
+    workflow.dispatch_due(rt, lambda ids, provider: None)
+    assert released == [] and {rows_by_id(db)[i]["wait_reason"] for i in night} == {"quiet"}
+
+
+@pytest.mark.integration
 def test_a_campaign_row_held_for_quiet_hours_stays_held_when_its_provider_fails_over(db, mariadb_url, redis_url):
     """Quiet hours now at the recipient's (Bucharest); the campaign's provider becomes unavailable and its
     waiting rows move to the fallback. Quiet hours are the recipient's, whichever provider sends: the held

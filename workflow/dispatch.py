@@ -230,9 +230,10 @@ def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[i
             campaign[row.id] = recipient
     if refused:  # a backlog older than SMS_MAX_AGE_S, after an outage, ends a whole claim at once
         store.refuse_waiting(rt.engine, refused)
-    store.assign_routes(rt.engine, routes)
+    # Zones first: a routed row may be released at once (another tick), and its zone must be known by then.
     if campaign and s.quiet_window:
         store.set_zones(rt.engine, {row_id: recipient_zone(recipient, s) for row_id, recipient in campaign.items()})
+    store.assign_routes(rt.engine, routes)
     by_provider: dict[str, list[int]] = {}
     for row_id, (provider, _) in routes.items():
         by_provider.setdefault(provider, []).append(row_id)
