@@ -764,7 +764,8 @@ def wait_again(engine: Engine, row_id: int, token: int, delay_s: float, reason: 
 # --- delivery reports -----------------------------------------------------------------------------
 
 OPEN_TO_REPORTS = (S.ACCEPTED, S.SENDING, S.WAITING, S.QUEUED)
-"""States a delivery report may move a row out of (forward-only)."""
+"""States a delivery report may move a row out of (forward-only); and `error` with an unknown outcome
+(`_finalise`)."""
 
 
 @dataclass(frozen=True)
@@ -820,7 +821,9 @@ def _finalise(delivered: bool):
     return (
         update(d)
         .where(d.batchcontact_id == bindparam("row_id"), d.resends == bindparam("resends"),
-               or_(*(d.state == state for state in OPEN_TO_REPORTS)))
+               or_(*(d.state == state for state in OPEN_TO_REPORTS),
+                   # Ended `error` not knowing whether a request arrived: the report says it did.
+                   and_(d.state == S.ERROR, d.unknowns > 0)))
         .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
                 last_error=None if delivered else bindparam("last_error"),
                 # The cost goes as text: the server reads it exactly, and no driver conversion is involved.

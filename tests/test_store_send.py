@@ -115,6 +115,24 @@ def test_a_delivery_report_moves_the_row_forward_once(engine):
     assert (after["status"], after["error_msg"], after["state"]) == ("success", "", "delivered")
 
 
+@pytest.mark.parametrize("delivered", [True, False])
+def test_a_report_about_a_request_whose_answer_was_lost_finishes_the_row_ended_error(engine, delivered):
+    """The send's answer never came and the row ended `error` ("may or may not have this message": the
+    unknown-outcome policy, or its retry window spent); then the provider's report about that very request
+    comes. It says what happened, and asterCC must show it; an `error` row whose requests never reached the
+    provider is not the report's to move."""
+    row_id, never_reached = due_row(engine, "+7 916 100-00-01"), due_row(engine, "+7 916 100-00-02")
+    for row, unknown in ((row_id, True), (never_reached, False)):
+        job = store.begin_send(engine, row, LEASE_S)
+        assert store.finish_error(engine, row, "no answer", token=job.token, unknown=unknown)
+
+    assert store.apply_final_report(engine, row_id, delivered=delivered, reason="expired", resends=0)
+    after = state(engine, row_id)
+    assert (after["status"], after["state"]) == (("success", "delivered") if delivered else ("failed", "failed"))
+    assert not store.apply_final_report(engine, never_reached, delivered=delivered, reason="", resends=0)
+    assert state(engine, never_reached)["status"] == "error"
+
+
 def test_an_operator_s_resend_forgets_the_earlier_send_s_provider_ids(engine, monkeypatch):
     """smsc.ru's receipts name only its own message id, and may come late or twice: one about the send before
     an operator's resend must find no row, not finish the new send with the old outcome."""
