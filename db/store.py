@@ -135,6 +135,13 @@ def _resendable(d):
     return and_(d.c.state.in_(S.FINAL + (S.ACCEPTED,)), d.c.updated_at <= db_now_plus(-RESEND_AFTER_S))
 
 
+def _not_reset(status):
+    """Where asterCC's row (its `status` column) may take our outcome: not set back to `new` by an operator
+    since it was claimed. A reset row keeps `new`, and the claim takes it again as a resend once its record
+    is final (`_resendable`); were it overwritten, asterCC would show the resend done, and it never goes."""
+    return status != "new"
+
+
 def _errno(exc: OperationalError) -> int | None:
     args = getattr(exc.orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
@@ -328,7 +335,7 @@ def _end_error(conn, chosen: list[tuple[int, int]], still, reason: str, **values
     # Every chosen row was open when chosen (and is locked, on MariaDB): those `error` now are the ones ended.
     ended = list(conn.scalars(select(d.c.batchcontact_id).where(d.c.batchcontact_id.in_(ids), d.c.state == S.ERROR)))
     if ended:
-        conn.execute(update(BatchContact).where(BatchContact.id.in_(ended))
+        conn.execute(update(BatchContact).where(BatchContact.id.in_(ended), _not_reset(BatchContact.status))
                      .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
     return ended
 
@@ -665,7 +672,7 @@ def _contacted(after_error: bool):
     outcome) just the contact time."""
     bc = BatchContact
     took = changed_before() > 0
-    return (update(bc).where(bc.id == bindparam("row_id"))
+    return (update(bc).where(bc.id == bindparam("row_id"), _not_reset(bc.status))
             .values(contacttime=db_local_now(), status=case((took, "success"), else_=bc.status),
                     error_msg=case((took, ACCEPTED_AFTER_ERROR if after_error else ""), else_=bc.error_msg)))
 
@@ -737,7 +744,7 @@ def _finish(engine: Engine, row_id: int, state: str, status: str, reason: str, *
     with engine.begin() as conn:
         moved = conn.execute(update(d).where(*where).values(**values))
         if moved.rowcount:
-            conn.execute(update(BatchContact).where(BatchContact.id == row_id)
+            conn.execute(update(BatchContact).where(BatchContact.id == row_id, _not_reset(BatchContact.status))
                          .values(status=status, error_msg=_fit(reason, ERROR_MSG_MAX)))
     return bool(moved.rowcount)
 
@@ -840,7 +847,7 @@ def _outcome_to_astercc(delivered: bool):
     values = {"status": case((moved, "success" if delivered else "failed"), else_=bc.status)}
     if not delivered:
         values["error_msg"] = case((moved, bindparam("error_msg")), else_=bc.error_msg)
-    return update(bc).where(bc.id == bindparam("row_id")).values(**values)
+    return update(bc).where(bc.id == bindparam("row_id"), _not_reset(bc.status)).values(**values)
 
 
 @retry_lock_conflicts
@@ -935,7 +942,7 @@ def refuse_waiting(engine: Engine, reasons: dict[int, str]) -> int:
                                  wait_reason=None, updated_at=db_now()),
                          [{"row_id": i, "end_state": state, "reason": _fit(reason, 255)}
                           for i, state, _, reason in ends])
-            conn.execute(update(bc).where(bc.c.id == bindparam("row_id"))
+            conn.execute(update(bc).where(bc.c.id == bindparam("row_id"), _not_reset(bc.c.status))
                          .values(status=bindparam("end_status"), error_msg=bindparam("reason")),
                          [{"row_id": i, "end_status": status, "reason": _fit(reason, ERROR_MSG_MAX)}
                           for i, _, status, reason in ends])
@@ -1309,7 +1316,7 @@ def end_waiting(engine: Engine, provider: str, window_s: int, reason: str, limit
         if ids:
             conn.execute(update(d).where(d.c.batchcontact_id.in_(ids), old)
                          .values(state=S.ERROR, wait_reason=None, last_error=_fit(reason, 255), updated_at=db_now()))
-            conn.execute(update(BatchContact).where(BatchContact.id.in_(ids))
+            conn.execute(update(BatchContact).where(BatchContact.id.in_(ids), _not_reset(BatchContact.status))
                          .values(status="error", error_msg=_fit(reason, ERROR_MSG_MAX)))
     return len(ids)
 

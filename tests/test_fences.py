@@ -448,3 +448,37 @@ def test_the_status_request_confirming_an_error_7_waits_for_a_slot_of_the_accoun
     assert send["outcome"] == "duplicate"
     assert status["time"] - send["time"] >= 0.9, "the confirmation went without a slot of its own"
     assert rows_by_id(db)[row]["status"] == "success"
+
+
+@pytest.mark.parametrize("outcome", ["accepted", "report"])
+def test_an_operator_s_resend_asked_while_the_send_or_its_report_was_on_its_way_is_not_overwritten(
+        runtime, sim, db, monkeypatch, outcome):
+    """The operator sets a row back to `new` in asterCC while its send is in the provider call, or once it
+    was accepted but before its delivery report lands: our outcome must not overwrite that `new`, or asterCC
+    shows `success` as if the resend had gone, and it never goes. The row is claimed again once its record
+    is final, and sent again."""
+    monkeypatch.setattr(store, "RESEND_AFTER_S", 0)
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-36", "hello")])
+    assert claim(rt) == [row]
+
+    def reset():
+        with db.begin() as conn:
+            conn.execute(update(BatchContact).where(BatchContact.id == row).values(status="new"))
+
+    if outcome == "accepted":
+        sim.latency_s = 1.0
+        sending, result = in_thread(workflow.send_row, rt, row)
+        wait_until(lambda: rows_by_id(db)[row]["state"] == "sending", 5, 0.02, "the send's lease")
+        reset()
+        sending.join(10)
+        sim.latency_s = 0
+        assert result == ["accepted"]
+    else:
+        assert workflow.send_row(rt, row) == "accepted"
+        reset()
+        assert store.apply_final_report(db, row, delivered=True, reason="", resends=0)
+    assert rows_by_id(db)[row]["status"] == "new", "the operator's resend was overwritten"
+    assert claim(rt) == [row], "the resend was not claimed"
+    assert workflow.send_row(rt, row) == "accepted"
+    assert len(sim.events("send")) == 2 and rows_by_id(db)[row]["status"] == "success"
