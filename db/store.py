@@ -973,33 +973,42 @@ def claim_due_polls(engine: Engine, provider: str, limit: int, lease_s: int) -> 
     return ids
 
 
-def resends_of(engine: Engine, row_id: int) -> int:
-    """How often an operator sent the row again (0 for a row sent once)."""
+def poll_target(engine: Engine, provider: str, row_id: int) -> int | None:
+    """The send a claimed poll asks `provider` about: its count of operator resends (0 for a row sent once),
+    or None when the row no longer awaits `provider`'s status (resent since, and accepted elsewhere or not
+    yet; or finished by a report)."""
+    d = Dispatch
     with autocommit_twin(engine).connect() as conn:  # no ROLLBACK round trip after the read
-        return conn.scalar(select(Dispatch.resends).where(Dispatch.batchcontact_id == row_id)) or 0
+        return conn.scalar(select(d.resends).where(d.batchcontact_id == row_id, d.provider == provider,
+                                                   d.state == S.ACCEPTED, d.poll_at.is_not(None)))
+
+
+def _polled(row_id: int, resends: int):
+    """The accepted send a poll asked about: an operator's resend claimed since is another send."""
+    d = Dispatch
+    return and_(d.batchcontact_id == row_id, d.resends == resends, d.state == S.ACCEPTED)
 
 
 @retry_lock_conflicts
-def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int) -> bool:
-    """The status is still open: ask again after `after_s`, or stop at `max_polls` (the row keeps
-    `success`, marked unconfirmed). Returns True when another poll is scheduled."""
+def poll_again(engine: Engine, row_id: int, after_s: int, max_polls: int, *, resends: int) -> bool:
+    """The status of the send `resends` is still open: ask again after `after_s`, or stop at `max_polls`
+    (the row keeps `success`, marked unconfirmed). Returns True when another poll is scheduled."""
     d = Dispatch
     with engine.begin() as conn:
-        conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED)
-                     .values(polls=d.polls + 1, updated_at=db_now(), poll_at=db_now_plus(after_s)))
-        gave_up = conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED,
-                                               d.polls >= max_polls)
+        scheduled = conn.execute(update(d).where(_polled(row_id, resends))
+                                 .values(polls=d.polls + 1, updated_at=db_now(), poll_at=db_now_plus(after_s))).rowcount
+        gave_up = conn.execute(update(d).where(_polled(row_id, resends), d.polls >= max_polls)
                                .values(state=S.UNCONFIRMED, poll_at=None)).rowcount
-    return not gave_up
+    return bool(scheduled) and not gave_up
 
 
 @retry_lock_conflicts
-def stop_polling(engine: Engine, row_id: int, reason: str) -> None:
-    """The provider cannot tell what became of an accepted row: it keeps `success`, marked unconfirmed with
-    `reason`, and is not asked again."""
+def stop_polling(engine: Engine, row_id: int, reason: str, *, resends: int) -> None:
+    """The provider cannot tell what became of the accepted send `resends`: it keeps `success`, marked
+    unconfirmed with `reason`, and is not asked again."""
     d = Dispatch
     with engine.begin() as conn:
-        conn.execute(update(d).where(d.batchcontact_id == row_id, d.state == S.ACCEPTED)
+        conn.execute(update(d).where(_polled(row_id, resends))
                      .values(state=S.UNCONFIRMED, poll_at=None, last_error=_fit(reason, 255),
                              updated_at=db_now()))
 

@@ -482,3 +482,28 @@ def test_an_operator_s_resend_asked_while_the_send_or_its_report_was_on_its_way_
     assert claim(rt) == [row], "the resend was not claimed"
     assert workflow.send_row(rt, row) == "accepted"
     assert len(sim.events("send")) == 2 and rows_by_id(db)[row]["status"] == "success"
+
+
+def test_a_status_poll_of_a_send_the_operator_resent_elsewhere_leaves_the_resend_alone(runtime, sim, db):
+    """A Mobilgroup row's poll is claimed; meanwhile the operator sends it again and the resend is accepted
+    by another provider (failover, a route change). The poll, run late, must not ask Mobilgroup about a
+    request it never got and mark the resend unconfirmed; nor may an answer to the earlier send, on its way
+    as the resend is accepted, schedule polls on the resend that nothing would ever end."""
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-37", "hello")])
+    assert claim(rt) == [row] and workflow.send_row(rt, row) == "accepted"
+    with db.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(-1)))
+    assert workflow.claim_polls(rt) == [row]
+    with db.begin() as conn:  # the resend, claimed, moved to Accolades and accepted there
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row)
+                     .values(resends=1, provider="accolades", routed_provider="mobilgroup", poll_at=None))
+
+    assert workflow.poll_row(rt, row) == "skipped"
+    assert sim.events("status") == [], "Mobilgroup was asked about a request it never got"
+    assert not store.poll_again(db, row, 60, 5, resends=0), "the earlier send's answer scheduled a poll"
+    store.stop_polling(db, row, "status unknown", resends=0)
+    with db.connect() as conn:
+        state, poll_at = conn.execute(select(Dispatch.state, Dispatch.poll_at)
+                                      .where(Dispatch.batchcontact_id == row)).one()
+    assert (state, poll_at) == ("accepted", None)

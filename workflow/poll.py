@@ -47,10 +47,14 @@ def status_slot(rt: Runtime, provider: str) -> bool:
 
 def poll_row(rt: Runtime, row_id: int) -> str:
     """Ask Mobilgroup once for a row's status and apply the answer; an open status is asked again later
-    (`SMS_MOBILGROUP_POLL_RETRY_S`, at most `SMS_MOBILGROUP_POLL_MAX` times)."""
+    (`SMS_MOBILGROUP_POLL_RETRY_S`, at most `SMS_MOBILGROUP_POLL_MAX` times). Every write is about the send
+    asked for: an operator's resend claimed meanwhile is left alone, and a row that no longer awaits
+    Mobilgroup's status is `skipped`."""
     s = rt.settings
     client = rt.client(POLLED)
-    resends = store.resends_of(rt.engine, row_id)
+    resends = store.poll_target(rt.engine, POLLED, row_id)
+    if resends is None:  # sent again since the poll was claimed, or finished by a report
+        return "skipped"
     if not status_slot(rt, POLLED):  # asked again when the poll's lease ends (`POLL_LEASE_S`)
         return "throttled"
     try:
@@ -61,7 +65,7 @@ def poll_row(rt: Runtime, row_id: int) -> str:
         # The status request itself was refused (no request with this id, a request it cannot read): that
         # says nothing about delivery, so asterCC keeps `success`, and asking again would get the same.
         log.warning("status poll of row %d refused, no more polls: %s", row_id, exc)
-        store.stop_polling(rt.engine, row_id, f"status unknown: {exc}")
+        store.stop_polling(rt.engine, row_id, f"status unknown: {exc}", resends=resends)
         return "unconfirmed"
     except AccountError as exc:
         # Refused credentials: the sends' pace of refused logins and their fingerprint (`workflow.logins`).
@@ -73,14 +77,15 @@ def poll_row(rt: Runtime, row_id: int) -> str:
                 logins.alert_refused(POLLED, exc, pause, probe=False)
             else:
                 log.error("ALERT: %s account problem (status poll), paused for %.0f s: %s", POLLED, pause, exc)
-        store.poll_again(rt.engine, row_id, int(pause), s.mobilgroup_poll_max)
+        store.poll_again(rt.engine, row_id, int(pause), s.mobilgroup_poll_max, resends=resends)
         return "retry"
     except ProviderError as exc:
         log.warning("status poll of row %d failed, asking again later: %s", row_id, exc)
-        store.poll_again(rt.engine, row_id, int(min(s.mobilgroup_poll_retry_s, s.retry_max_s)), s.mobilgroup_poll_max)
+        store.poll_again(rt.engine, row_id, int(min(s.mobilgroup_poll_retry_s, s.retry_max_s)), s.mobilgroup_poll_max,
+                         resends=resends)
         return "retry"
     if report.outcome == "accepted":
-        more = store.poll_again(rt.engine, row_id, s.mobilgroup_poll_retry_s, s.mobilgroup_poll_max)
+        more = store.poll_again(rt.engine, row_id, s.mobilgroup_poll_retry_s, s.mobilgroup_poll_max, resends=resends)
         return "open" if more else "unconfirmed"
     return apply_report(rt.engine, POLLED, report)
 
