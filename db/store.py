@@ -780,6 +780,7 @@ class ReportTarget:
     id: int
     state: str
     resends: int
+    attempts: int
 
 
 def find_report_target(engine: Engine, provider: str, *, reference: int | None = None,
@@ -788,7 +789,7 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
     the one it recorded at sending, or it recorded none), else by the provider's id, else (replies) the
     latest message this provider sent to `recipient`."""
     d = Dispatch
-    query = select(d.batchcontact_id, d.state, d.resends).where(d.provider == provider)
+    query = select(d.batchcontact_id, d.state, d.resends, d.attempts).where(d.provider == provider)
     # A read of one row per report: on the autocommit twin it needs no ROLLBACK round trip afterwards.
     with autocommit_twin(engine).connect() as conn:
         if reference is not None:
@@ -805,32 +806,37 @@ def find_report_target(engine: Engine, provider: str, *, reference: int | None =
                                .order_by(d.accepted_at.desc(), d.batchcontact_id.desc()).limit(1)).first()
         else:
             row = None
-    return ReportTarget(row.batchcontact_id, row.state, row.resends) if row else None
+    return ReportTarget(row.batchcontact_id, row.state, row.resends, row.attempts) if row else None
 
 
 @retry_lock_conflicts
 def apply_final_report(engine: Engine, row_id: int, delivered: bool, reason: str, *, resends: int,
-                       cost: Decimal | None = None, parts: int | None = None) -> bool:
+                       attempt: int | None = None, cost: Decimal | None = None, parts: int | None = None) -> bool:
     """Move a row forward to `delivered` or `failed`, and asterCC's status with it, keeping the `cost` and
     `parts` the report gave (None keeps what the row has); False when it was already final (forward-only),
     or when it is no longer the send the report is about: `resends` is the row's count of operator resends
-    for that send, and a resend claimed since (the row waits to go out again) is left alone. One transaction
-    (one round trip on MariaDB: `_in_one_trip`)."""
-    (moved, _), _ = in_one_trip(engine, (_finalise(delivered), _outcome_to_astercc(delivered)), row_id=row_id,
-                                 resends=resends, last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
-                                 cost=None if cost is None else str(cost), parts_reported=parts)
+    for that send, and a resend claimed since (the row waits to go out again) is left alone. With `attempt`,
+    only while that attempt is the row's latest (an attempt leased since is another request). One
+    transaction (one round trip on MariaDB: `_in_one_trip`)."""
+    statements = (_finalise(delivered, attempt is not None), _outcome_to_astercc(delivered))
+    (moved, _), _ = in_one_trip(engine, statements, row_id=row_id, resends=resends, attempt=attempt,
+                                last_error=_fit(reason, 255), error_msg=_fit(reason, ERROR_MSG_MAX),
+                                cost=None if cost is None else str(cost), parts_reported=parts)
     return bool(moved)
 
 
 @functools.lru_cache(maxsize=None)
-def _finalise(delivered: bool):
+def _finalise(delivered: bool, of_attempt: bool = False):
     d = Dispatch
+    fence = [d.batchcontact_id == bindparam("row_id"), d.resends == bindparam("resends"),
+             or_(*(d.state == state for state in OPEN_TO_REPORTS),
+                 # Ended `error` not knowing whether a request arrived: the report says it did.
+                 and_(d.state == S.ERROR, d.unknowns > 0))]
+    if of_attempt:
+        fence.append(d.attempts == bindparam("attempt"))
     return (
         update(d)
-        .where(d.batchcontact_id == bindparam("row_id"), d.resends == bindparam("resends"),
-               or_(*(d.state == state for state in OPEN_TO_REPORTS),
-                   # Ended `error` not knowing whether a request arrived: the report says it did.
-                   and_(d.state == S.ERROR, d.unknowns > 0)))
+        .where(*fence)
         .values(state=S.DELIVERED if delivered else S.FAILED, lease_until=None, updated_at=db_now(),
                 last_error=None if delivered else bindparam("last_error"),
                 # The cost goes as text: the server reads it exactly, and no driver conversion is involved.

@@ -65,7 +65,9 @@ class DeliveryReport:
     Identify the message by `reference` (our row id) when the source carries it, else by
     `provider_message_id`. `resends` says which send of that row the report is about (the row's count of
     operator resends when it was sent), where the source tells (our signed callback URL, a status poll): a
-    report about a send that an operator has since sent again is stale. `outcome`: `delivered` (final,
+    report about a send that an operator has since sent again is stale. `attempt` says which attempt of
+    that send (its fencing token), where the source tells (our callback URL): an `undelivered` report about
+    an attempt other than the row's latest is stale (the latest may yet arrive). `outcome`: `delivered` (final,
     keeps `success`), `undelivered` (final, `failed` with `reason`), `accepted` (still on its way; changes
     no status). `reply_text` carries a recipient's reply (an MO message) for `responsenote`; a reply that
     names no message of ours is matched to the latest message sent to `recipient` (international digits,
@@ -75,6 +77,7 @@ class DeliveryReport:
     outcome: Outcome
     reference: int | None = None
     resends: int | None = None
+    attempt: int | None = None
     provider_message_id: str | None = None
     reason: str = ""
     reply_text: str | None = None

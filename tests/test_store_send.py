@@ -148,7 +148,7 @@ def test_an_operator_s_resend_forgets_the_earlier_send_s_provider_ids(engine, mo
 
     assert store.find_report_target(engine, "smsc", provider_message_id="first-1") is None
     assert store.find_report_target(engine, "smsc", provider_message_id="second-1") == \
-        store.ReportTarget(row_id, "accepted", 1)
+        store.ReportTarget(row_id, "accepted", 1, job.token)
 
 
 @pytest.mark.parametrize("give_up", [store.finish_error, store.finish_failed])

@@ -103,8 +103,8 @@ def state(engine, row_id: int) -> tuple:
     return (row.status, row.error_msg) + (tuple(dispatch) if dispatch else (None, None))
 
 
-def url_for(settings, provider: str, row_id: int, resends: int = 0) -> str:
-    return callback_url(settings, provider, row_id, resends)
+def url_for(settings, provider: str, row_id: int, resends: int = 0, attempt: int = 1) -> str:
+    return callback_url(settings, provider, row_id, resends, attempt=attempt)
 
 
 def accolades_report(row_id: int | str, status: str = "sent", **extra) -> dict:
@@ -116,15 +116,16 @@ def accolades_report(row_id: int | str, status: str = "sent", **extra) -> dict:
 # --- tokens ---------------------------------------------------------------------------------------
 
 def test_callback_url_is_none_without_public_url_or_secret(mariadb_url):
-    assert callback_url(load_settings(database_url=mariadb_url, webhook_secret=SECRET), "ozeki", 1, 0) is None
-    assert callback_url(load_settings(public_url="https://h.example"), "ozeki", 1, 0) is None
+    assert callback_url(load_settings(database_url=mariadb_url, webhook_secret=SECRET), "ozeki", 1, 0,
+                        attempt=1) is None
+    assert callback_url(load_settings(public_url="https://h.example"), "ozeki", 1, 0, attempt=1) is None
 
 
 def test_token_round_trip_and_binding(settings):
     url = url_for(settings, "accolades", 123, resends=2)
     assert url.startswith(settings.public_url.rstrip("/") + "/reports/accolades/")
     token = url.rsplit("/", 1)[1]
-    assert verify_token(settings, "accolades", token) == (123, 2)
+    assert verify_token(settings, "accolades", token) == (123, 2, 1)
     with pytest.raises(BadToken):
         verify_token(settings, "ozeki", token)
     other_key = load_settings(webhook_secret="another-secret-entirely-0123456789")
@@ -297,6 +298,24 @@ def test_a_report_about_the_send_before_an_operator_s_resend_changes_nothing(set
     assert state(db, row) == ("success", "", DispatchState.ACCEPTED, None)
     current = requests.post(url_for(settings, "accolades", row, resends=1), data=accolades_report(row), timeout=5)
     assert (current.status_code, current.text.strip()) == (200, "applied")
+    assert state(db, row) == ("success", "", DispatchState.DELIVERED, None)
+
+
+def test_an_earlier_attempt_s_failure_report_does_not_fail_the_attempt_that_went_through(settings, served, db):
+    """Attempt 1's answer was lost (a timeout after Accolades got it), so the row was sent again
+    (`SMS_ACCOLADES_ON_UNKNOWN=resend`) and attempt 2 was accepted. Attempt 1's `error` report must not end
+    the row `failed`: attempt 2 may well be delivered. A `delivered` report from any attempt stands: the
+    message arrived."""
+    row = insert_accepted(db, "accolades")
+    with db.begin() as conn:  # attempt 2 holds the row now
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(attempts=2))
+    first = requests.post(url_for(settings, "accolades", row, attempt=1),
+                          data=accolades_report(row, "error", errorMessage="absent"), timeout=5)
+    assert (first.status_code, first.text.strip()) == (200, "stale")
+    assert state(db, row) == ("success", "", DispatchState.ACCEPTED, None)
+    delivered = requests.post(url_for(settings, "accolades", row, attempt=1), data=accolades_report(row),
+                              timeout=5)
+    assert (delivered.status_code, delivered.text.strip()) == (200, "applied")
     assert state(db, row) == ("success", "", DispatchState.DELIVERED, None)
 
 

@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
         if request.method not in METHODS[provider]:  # HEAD above all: Flask would run this view for it
             return _answer(405, "method not allowed", Allow=", ".join(METHODS[provider]))
         try:
-            row, resends = verify_token(settings, provider, token)
+            row, resends, attempt = verify_token(settings, provider, token)
         except BadToken:
             log.warning("%s report refused: bad token", provider)
             return _answer(403, "bad token")
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None, *, apply_report: ApplyReport | 
             log.warning("%s report refused: it names another row than its URL (%d)", provider, row)
             return _answer(403, "the report names another message")
         try:
-            result = apply_report(provider, replace(parsed, reference=row, resends=resends))
+            result = apply_report(provider, replace(parsed, reference=row, resends=resends, attempt=attempt))
         except Exception as exc:  # noqa: BLE001 - the provider gets a retryable answer, never a crash
             log.error("%s report for row %d not applied: %s", provider, row, type(exc).__name__)
             return _answer(503, "try again later")

@@ -1,10 +1,11 @@
 """Signed callback URLs for the providers that report delivery by calling us back (Accolades, Ozeki).
 
-`callback_url` builds `{SMS_PUBLIC_URL}/reports/{provider}/{token}` for one send of a row; the token
-carries the row id, the row's resend count at that send, the time it was issued, and an HMAC-SHA256 over
+`callback_url` builds `{SMS_PUBLIC_URL}/reports/{provider}/{token}` for one attempt of one send of a row;
+the token carries the row id, the row's resend count at that send, the attempt (the send's fencing token,
+`sms_dispatch.attempts`), the time it was issued, and an HMAC-SHA256 over
 them keyed with the first key of `SMS_WEBHOOK_SECRET` and salted with the provider's name, so it cannot be
 forged, altered to name another row or send, or moved to another provider's route. `verify_token` gives
-row and send back, or raises `BadToken`.
+row, send and attempt back, or raises `BadToken`.
 
 Tokens expire `SMS_WEBHOOK_TOKEN_TTL_S` after they were issued (longer than the report timeout, after which
 nobody waits for the report). Every key of `SMS_WEBHOOK_SECRET` verifies, so a key is rotated by putting a
@@ -34,11 +35,13 @@ class BadToken(Exception):
 
 
 class CallbackFor(NamedTuple):
-    """What a verified token was issued for: a row, and which send of it (`resends`; None in tokens issued
-    before they carried it, which then stand for whichever send the row is on)."""
+    """What a verified token was issued for: a row, which send of it (`resends`) and which attempt of that
+    send (`attempt`); None in tokens issued before they carried it, which then stand for whichever send or
+    attempt the row is on."""
 
     row_id: int
     resends: int | None
+    attempt: int | None
 
 
 def _serializer(settings: Settings, provider: str, *, timed: bool = True):
@@ -52,21 +55,22 @@ def _serializer(settings: Settings, provider: str, *, timed: bool = True):
     return kind(keys, salt=f"sms-report:{provider}", signer_kwargs={"digest_method": hashlib.sha256})
 
 
-def callback_url(settings: Settings, provider: str, reference: int, resends: int) -> str | None:
-    """Where `provider` should report on row `reference`'s send after `resends` operator resends, or None
-    when `SMS_PUBLIC_URL` or `SMS_WEBHOOK_SECRET` is unset (the message is then sent without a callback)."""
+def callback_url(settings: Settings, provider: str, reference: int, resends: int, *, attempt: int) -> str | None:
+    """Where `provider` should report on attempt `attempt` of row `reference`'s send after `resends`
+    operator resends, or None when `SMS_PUBLIC_URL` or `SMS_WEBHOOK_SECRET` is unset (the message is then
+    sent without a callback)."""
     if provider not in WEBHOOK_PROVIDERS:
         raise ValueError(f"{provider!r} does not report delivery by HTTP callback")
     serializer = _serializer(settings, provider)
     if serializer is None or not settings.public_url:
         return None
-    token = serializer.dumps([int(reference), int(resends)])
+    token = serializer.dumps([int(reference), int(resends), int(attempt)])
     return f"{settings.public_url.rstrip('/')}/reports/{provider}/{token}"
 
 
 def verify_token(settings: Settings, provider: str, token: str) -> CallbackFor:
-    """The row and send that `token` was issued for on `provider`'s route; `BadToken` otherwise, and when it
-    was issued more than `SMS_WEBHOOK_TOKEN_TTL_S` ago."""
+    """The row, send and attempt that `token` was issued for on `provider`'s route; `BadToken` otherwise,
+    and when it was issued more than `SMS_WEBHOOK_TOKEN_TTL_S` ago."""
     serializer = _serializer(settings, provider)
     if serializer is None or provider not in WEBHOOK_PROVIDERS:
         raise BadToken("no webhook secret is configured, or no such provider route")
@@ -79,10 +83,12 @@ def verify_token(settings: Settings, provider: str, token: str) -> CallbackFor:
         # future": one from a worker whose clock runs a little ahead of this host's.
         if time.time() - issued.timestamp() > settings.token_ttl_s:
             raise BadToken("the token has expired")
-    reference, resends = payload if type(payload) is list and len(payload) == 2 else (payload, None)
-    if type(reference) is not int or reference <= 0 or not (resends is None or type(resends) is int):
+    fields = payload if type(payload) is list and len(payload) in (2, 3) else [payload]
+    reference, resends, attempt = fields + [None] * (3 - len(fields))
+    if (type(reference) is not int or reference <= 0
+            or not all(value is None or type(value) is int for value in (resends, attempt))):
         raise BadToken("the token does not name a row")
-    return CallbackFor(reference, resends)
+    return CallbackFor(reference, resends, attempt)
 
 
 def _untimed(settings: Settings, provider: str, token: str):

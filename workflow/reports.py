@@ -76,10 +76,17 @@ def apply_report(engine: Engine, provider: str, report: DeliveryReport, *,
     if report.outcome == "accepted":
         return "stale"
     delivered = report.outcome == "delivered"
+    # An attempt's failure is not the send's while a later attempt may yet arrive; a delivery is, whichever
+    # attempt it was.
+    attempt = None if delivered else report.attempt
+    if attempt is not None and attempt != target.attempts:
+        log.info("%s report on row %d ignored: attempt %d failed, attempt %d is the latest", provider, target.id,
+                 attempt, target.attempts)
+        return "stale"
     reason = report.reason or ("not delivered" if not delivered else "")
     # Fenced by the send the report is about: an operator's resend claimed after the row was found is left alone.
-    if store.apply_final_report(engine, target.id, delivered, reason, resends=target.resends, cost=report.cost,
-                                parts=report.parts):
+    if store.apply_final_report(engine, target.id, delivered, reason, resends=target.resends, attempt=attempt,
+                                cost=report.cost, parts=report.parts):
         log.info("%s report applied to row %d: %s", provider, target.id, report.outcome)
         return "applied"
     same = target.state == (DispatchState.DELIVERED if delivered else DispatchState.FAILED)

@@ -101,7 +101,8 @@ def send_row(rt: Runtime, row_id: int, owner: str | None = None) -> str | Retry:
         _finish_failed(rt, job, why)
         return "failed"
     entry = registry.entry(job.provider)
-    callback = callback_url(s, job.provider, row_id, job.resends) if entry.reports == "webhook" else None
+    callback = (callback_url(s, job.provider, row_id, job.resends, attempt=job.token)
+                if entry.reports == "webhook" else None)
     reference = entry.reference(s, row_id, job.resends)
     message = OutgoingMessage(reference=reference, recipient=job.recipient, text=job.text, callback_url=callback)
     try:
