@@ -965,13 +965,14 @@ def optout_count(engine: Engine) -> int:
 @retry_lock_conflicts
 def claim_due_polls(engine: Engine, provider: str, limit: int, lease_s: int) -> list[int]:
     """Rows of `provider` accepted and past their poll time; their poll time is pushed `lease_s` ahead so
-    that a second poller does not ask again meanwhile."""
+    that a second poller does not ask again meanwhile. The rows are locked as they are chosen, and those
+    another poller holds are skipped: each row goes to one poller only."""
     d = Dispatch
     with engine.begin() as conn:
         ids = list(conn.scalars(
             select(d.batchcontact_id)
             .where(d.provider == provider, d.state == S.ACCEPTED, d.poll_at <= db_now())
-            .order_by(d.poll_at).limit(limit)
+            .order_by(d.poll_at).limit(limit).with_for_update(skip_locked=True)
         ))
         if ids:
             conn.execute(update(d).where(d.batchcontact_id.in_(ids), d.poll_at <= db_now())

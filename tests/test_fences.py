@@ -507,3 +507,24 @@ def test_a_status_poll_of_a_send_the_operator_resent_elsewhere_leaves_the_resend
         state, poll_at = conn.execute(select(Dispatch.state, Dispatch.poll_at)
                                       .where(Dispatch.batchcontact_id == row)).one()
     assert (state, poll_at) == ("accepted", None)
+
+
+def test_two_pollers_at_once_never_both_ask_about_one_row(runtime, sim, db):
+    """Two beat ticks' poll claims overlap (two housekeeping threads, or two beats for a moment): the one
+    that did not push a row's poll time must not return it, or Mobilgroup is asked twice about one message,
+    where its document asks to be asked once."""
+    rt = runtime()
+    (row,) = insert_rows(db, [("+7 916 100-00-38", "hello")])
+    assert claim(rt) == [row] and workflow.send_row(rt, row) == "accepted"
+    with db.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(-1)))
+    first = db.connect()
+    first_claim = first.begin()  # the first poller has pushed the row's poll time, not yet committed
+    first.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(300)))
+    commits = threading.Timer(0.5, first_claim.commit)
+    commits.start()
+    try:
+        assert store.claim_due_polls(db, "mobilgroup", 10, 300) == []
+    finally:
+        commits.join()
+        first.close()
