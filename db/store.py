@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 from sqlalchemy import (
     Integer, String, and_, bindparam, case, delete, exists, func, insert, literal, literal_column, or_, select,
-    tuple_, update,
+    tuple_, union_all, update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -680,10 +680,14 @@ def _contacted(after_error: bool):
 @functools.lru_cache(maxsize=None)
 def _index_ids(count: int):
     """File `count` provider ids (`m0`, `m1`, …) under the row (`row_id`, `provider`), keeping an existing
-    entry."""
-    return _insert_ignore(MessageId).values([
-        {"provider": bindparam("provider"), "provider_message_id": bindparam(f"m{k}"),
-         "batchcontact_id": bindparam("row_id")} for k in range(count)])
+    entry; only while the send's lease `token` is the row's latest: a send that outlived its lease must not
+    file its request's ids under the row another send holds, or a receipt about that request would finish
+    the other send."""
+    d = Dispatch.__table__
+    ids = union_all(*(select(bindparam(f"m{k}", type_=String()).label("id")) for k in range(count))).subquery()
+    ours = (select(bindparam("provider", type_=String()), ids.c.id, d.c.batchcontact_id)
+            .where(d.c.batchcontact_id == bindparam("row_id"), d.c.attempts == bindparam("token")))
+    return _insert_ignore(MessageId).from_select(["provider", "provider_message_id", "batchcontact_id"], ours)
 
 
 @retry_lock_conflicts

@@ -189,7 +189,9 @@ def test_a_send_that_lost_its_lease_changes_nothing(engine):
     assert current.token == stale.token + 1 and current.unknowns == 1
 
     assert not store.record_accepted(engine, row_id, stale.token, ["old"], 1, None, provider="mobilgroup",
-                                     index_ids=False)
+                                     index_ids=True)
+    # Nor file its provider id under the row: a receipt about that request would finish the current send.
+    assert store.find_report_target(engine, "mobilgroup", provider_message_id="old") is None
     assert not store.finish_failed(engine, row_id, "stale refusal", token=stale.token)
     assert not store.wait_again(engine, row_id, stale.token, 60, "stale", "retry")
     assert state(engine, row_id)["state"] == "sending", "a stale holder moved the row"
