@@ -9,10 +9,10 @@ worker), and settles sends whose lease ran out (their outcome is unknown).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-import functools
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -245,9 +245,9 @@ def release(rt: Runtime, provider: str, enqueue: Enqueue, breaker: store.Breaker
     """One provider's part of a tick: settle sends whose lease ran out, enqueue again queued rows whose task
     was lost, and put waiting rows that are due in the broker, up to the provider's room, in fair turns
     between batches (`store.release_waiting`), but no campaign row in `quiet` hours or to an opted-out
-    number. While its account circuit is open, only its one probe goes,
-    once the pause is over; rows that waited through pauses longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end
-    `error`. Returns how many waiting rows it released from each batch."""
+    number. While its account circuit is open, only its one probe goes, once the pause is over; rows that
+    waited through pauses longer than `SMS_ACCOUNT_RETRY_WINDOW_S` end `error`. Returns how many waiting
+    rows it released from each batch."""
     s, engine = rt.settings, rt.engine
     room = s.max_inflight(provider)
     resent, ended = store.expire_leases(engine, provider, resend=s.resends_unknown(provider), limit=room)
