@@ -940,6 +940,8 @@ def refuse_waiting(engine: Engine, reasons: dict[int, str]) -> int:
     and be on its way to the provider: then the send's outcome stands. One transaction for all of them: a
     campaign to a list full of opt-outs ends a thousand rows a tick, a claim of rows expired during an outage
     all of its rows. Returns how many ended."""
+    if not reasons:
+        return 0
     d, bc = Dispatch.__table__, BatchContact.__table__
     with engine.begin() as conn:
         waiting = conn.execute(select(d.c.batchcontact_id, d.c.unknowns).where(

@@ -48,6 +48,12 @@ def number(i: int) -> str:
     return f"+7 916 {200 + i // 10_000:03d}-{(i // 100) % 100:02d}-{i % 100:02d}"
 
 
+def quiet_hours_now_in(zone: str) -> str:
+    """An `SMS_QUIET_HOURS` window from an hour ago to an hour from now on `zone`'s clocks."""
+    now = datetime.now(ZoneInfo(zone))
+    return f"{now - timedelta(hours=1):%H:%M}-{now + timedelta(hours=1):%H:%M}"
+
+
 def claim_and_route(engine, provider: str = "mobilgroup") -> list[store.Claimed]:
     """Claim every due row and route it to `provider`, as a dispatch tick does."""
     claimed = store.claim_due(engine, 1000)
@@ -301,8 +307,7 @@ def in_process(mariadb_url: str, redis_url: str, **overrides):
 @pytest.mark.integration
 def test_status_metrics_and_the_tick_show_quiet_rows_campaigns_and_opt_outs(db, mariadb_url, redis_url, caplog):
     """Quiet hours now in Bucharest (Romanian numbers), not in Vladivostok, the zone set for Russian mobiles."""
-    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
-    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    window = quiet_hours_now_in("Europe/Bucharest")
     settings = in_process(mariadb_url, redis_url, mobilgroup_rate=5, mobilgroup_max_inflight=4,
                           allowed_countries="RU,RO", quiet_hours=window, quiet_hours_tz="Asia/Vladivostok")
     store.add_optout(db, "79164000099", "STOP")
@@ -365,8 +370,7 @@ def test_campaign_rows_routed_by_another_tick_after_this_one_held_quiet_rows_are
     """Two ticks overlap (two housekeeping threads, a claim loop as long as the interval): this tick has held
     the quiet rows, then the other claims and routes a campaign to a recipient in quiet hours, and this tick
     releases. The release must know the quiet zones itself: the new rows wait for the next tick's hold."""
-    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
-    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    window = quiet_hours_now_in("Europe/Bucharest")
     rt = Runtime(in_process(mariadb_url, redis_url, allowed_countries="RU,RO", quiet_hours=window))
     hold = workflow.dispatch.hold_quiet
     late: list[int] = []
@@ -391,8 +395,7 @@ def test_a_campaign_row_released_by_another_tick_the_moment_it_is_routed_already
         db, mariadb_url, redis_url, monkeypatch):
     """Routing makes a row releasable: an overlapping tick may release it the next instant, and by then the
     row must carry its recipient's zone, or the release cannot see its quiet hours."""
-    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
-    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    window = quiet_hours_now_in("Europe/Bucharest")
     rt = Runtime(in_process(mariadb_url, redis_url, allowed_countries="RU,RO", quiet_hours=window))
     assign, released = store.assign_routes, []
 
@@ -412,8 +415,7 @@ def test_a_campaign_row_held_for_quiet_hours_stays_held_when_its_provider_fails_
     """Quiet hours now at the recipient's (Bucharest); the campaign's provider becomes unavailable and its
     waiting rows move to the fallback. Quiet hours are the recipient's, whichever provider sends: the held
     rows must not go out at night through the fallback, and they go there once the window ends."""
-    bucharest = datetime.now(ZoneInfo("Europe/Bucharest"))
-    window = f"{bucharest - timedelta(hours=1):%H:%M}-{bucharest + timedelta(hours=1):%H:%M}"
+    window = quiet_hours_now_in("Europe/Bucharest")
     settings = in_process(mariadb_url, redis_url, allowed_countries="RU,RO", quiet_hours=window,
                           failover="mobilgroup:accolades", accolades_url="http://127.0.0.1:9",
                           accolades_account="1000", accolades_password="demo")
@@ -581,8 +583,7 @@ def test_a_campaign_row_whose_task_comes_late_is_not_sent_into_quiet_hours_or_to
     """Released by day, its task reaches a worker only later (the worker for its queue was down, the broker
     lost the task and the sweep enqueued it again): by then quiet hours began at the recipient's, or the
     recipient replied STOP. The send gives the row back unsent; the next tick holds it, or ends it `failed`."""
-    moscow = datetime.now(ZoneInfo("Europe/Moscow"))
-    window = f"{moscow - timedelta(hours=1):%H:%M}-{moscow + timedelta(hours=1):%H:%M}"
+    window = quiet_hours_now_in("Europe/Moscow")
     day = runtime()
     night = runtime(quiet_hours=window, quiet_hours_tz="Europe/Moscow")
     rt = night if why == "quiet hours began" else day

@@ -484,16 +484,22 @@ def test_an_operator_s_resend_asked_while_the_send_or_its_report_was_on_its_way_
     assert len(sim.events("send")) == 2 and rows_by_id(db)[row]["status"] == "success"
 
 
+def accepted_and_due_for_polling(rt: Runtime, db, target: str) -> int:
+    """A row Mobilgroup accepted whose status poll is due now."""
+    (row,) = insert_rows(db, [(target, "hello")])
+    assert claim(rt) == [row] and workflow.send_row(rt, row) == "accepted"
+    with db.begin() as conn:
+        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(-1)))
+    return row
+
+
 def test_a_status_poll_of_a_send_the_operator_resent_elsewhere_leaves_the_resend_alone(runtime, sim, db):
     """A Mobilgroup row's poll is claimed; meanwhile the operator sends it again and the resend is accepted
     by another provider (failover, a route change). The poll, run late, must not ask Mobilgroup about a
     request it never got and mark the resend unconfirmed; nor may an answer to the earlier send, on its way
     as the resend is accepted, schedule polls on the resend that nothing would ever end."""
     rt = runtime()
-    (row,) = insert_rows(db, [("+7 916 100-00-37", "hello")])
-    assert claim(rt) == [row] and workflow.send_row(rt, row) == "accepted"
-    with db.begin() as conn:
-        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(-1)))
+    row = accepted_and_due_for_polling(rt, db, "+7 916 100-00-37")
     assert workflow.claim_polls(rt) == [row]
     with db.begin() as conn:  # the resend, claimed, moved to Accolades and accepted there
         conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row)
@@ -514,10 +520,7 @@ def test_two_pollers_at_once_never_both_ask_about_one_row(runtime, sim, db):
     that did not push a row's poll time must not return it, or Mobilgroup is asked twice about one message,
     where its document asks to be asked once."""
     rt = runtime()
-    (row,) = insert_rows(db, [("+7 916 100-00-38", "hello")])
-    assert claim(rt) == [row] and workflow.send_row(rt, row) == "accepted"
-    with db.begin() as conn:
-        conn.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(-1)))
+    row = accepted_and_due_for_polling(rt, db, "+7 916 100-00-38")
     first = db.connect()
     first_claim = first.begin()  # the first poller has pushed the row's poll time, not yet committed
     first.execute(update(Dispatch).where(Dispatch.batchcontact_id == row).values(poll_at=db_now_plus(300)))

@@ -102,7 +102,7 @@ def refuse_opted_out(rt: Runtime) -> int:
     Returns how many."""
     opted_out = store.opted_out_waiting(rt.engine, rt.settings.providers_in_use, OPTOUTS_PER_TICK)
     refused = store.refuse_waiting(rt.engine, {row_id: optout_reason(optout.word, optout.opted_at)
-                                               for row_id, optout in opted_out}) if opted_out else 0
+                                               for row_id, optout in opted_out})
     if refused:
         log.info("dispatch: %d campaign rows end failed: their recipients opted out", refused)
     return refused
@@ -228,8 +228,7 @@ def route_claimed(rt: Runtime, claimed: list[store.Claimed]) -> dict[str, list[i
         routes[row.id] = (route(recipient, s), recipient)
         if row.campaign:
             campaign[row.id] = recipient
-    if refused:  # a backlog older than SMS_MAX_AGE_S, after an outage, ends a whole claim at once
-        store.refuse_waiting(rt.engine, refused)
+    store.refuse_waiting(rt.engine, refused)  # after an outage longer than SMS_MAX_AGE_S: a whole claim
     # Zones first: a routed row may be released at once (another tick), and its zone must be known by then.
     if campaign and s.quiet_window:
         store.set_zones(rt.engine, {row_id: recipient_zone(recipient, s) for row_id, recipient in campaign.items()})
